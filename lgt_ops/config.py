@@ -1,0 +1,206 @@
+"""Typed settings: where data lives, which endpoints to call, and the method's knobs.
+
+One `Settings` object is built from the environment (CLI, compose) or from Airflow
+Connections (see `lgt_ops.airflow_adapter`); everything else in the library takes it as an
+argument. Method parameters live in `MethodParams`; they feed the stage fingerprints, so any
+change to them re-runs exactly the stages that depend on them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+ROLES: tuple[str, ...] = ("vlm", "llm", "reasoner")
+
+DEFAULT_MODELS: dict[str, str] = {
+    "vlm": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "llm": "Qwen/Qwen2.5-7B-Instruct",
+    "reasoner": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the setting."""
+
+
+class EndpointSettings(BaseModel):
+    """One OpenAI-compatible endpoint (a vLLM server, or the simulator in tests)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: str
+    base_url: str | None = None
+    model: str
+    api_key: SecretStr | None = None
+    max_inflight: int = Field(default=64, ge=1, le=4096)
+    min_inflight: int = Field(default=4, ge=1)
+    adaptive: bool = True
+    timeout_s: float = Field(default=300.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+    max_regenerations: int = Field(default=2, ge=0)
+    down_after_s: float = Field(default=120.0, gt=0)
+    supports_n: bool = True
+
+    def require_url(self) -> str:
+        if not self.base_url:
+            raise ConfigError(
+                f"no endpoint configured for role '{self.role}': set LGT_{self.role.upper()}"
+                "_BASE_URL (or the Airflow connection lgt_"
+                f"{self.role}), or run `lgt demo`, which starts the simulator"
+            )
+        return self.base_url.rstrip("/")
+
+
+class ImageSpec(BaseModel):
+    """How an image is prepared for a VLM request. Part of the request key."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_side: int = Field(default=1024, ge=64, le=8192)
+    format: Literal["JPEG", "PNG"] = "JPEG"
+    quality: int = Field(default=90, ge=50, le=100)
+    transport: Literal["data_url", "presigned_url"] = "data_url"
+
+
+class MethodParams(BaseModel):
+    """The method's knobs (METHOD.md). Defaults follow the LPT code where it is known."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # ingest
+    max_image_pixels: int = Field(default=64_000_000, ge=1)
+    # annotate
+    annotate_max_objects: int = Field(default=12, ge=1)
+    # stage 1
+    mcq_per_image: int = Field(default=8, ge=1, le=64)
+    mcq_options: int = Field(default=4, ge=2, le=8)
+    mcq_temperature: float = Field(default=0.7, ge=0, le=2)
+    mcq_max_tokens: int = Field(default=2048, ge=64)
+    mcq_dedup_threshold: float = Field(default=0.8, gt=0, le=1)
+    # stage 2
+    compose_per_image: int = Field(default=4, ge=0, le=64)
+    compose_per_parent: int = Field(default=2, ge=1, le=16)
+    compose_operators: tuple[str, ...] = ("chain", "compare", "count_over", "conjunction")
+    compose_temperature: float = Field(default=0.7, ge=0, le=2)
+    # simple CoT
+    cot_rollouts: int = Field(default=10, ge=1, le=64)
+    cot_temperature: float = Field(default=0.7, ge=0, le=2)
+    cot_top_p: float = Field(default=0.8, gt=0, le=1)
+    cot_max_tokens: int = Field(default=1024, ge=16)
+    # difficulty buckets over the pass rate
+    easy_at_least: float = Field(default=0.75, ge=0, le=1)
+    hard_at_most: float = Field(default=0.25, ge=0, le=1)
+    # expansion
+    expand_cues: tuple[str, ...] = ("Wait,", "Hmm,", "Alternatively,")
+    expand_per_rollout: int = Field(default=1, ge=1, le=8)
+    expand_rollouts_per_question: int = Field(default=4, ge=1, le=64)
+    expand_max_tokens: int = Field(default=1024, ge=16)
+    expand_temperature: float = Field(default=0.6, ge=0, le=2)
+    expand_top_p: float = Field(default=0.95, gt=0, le=1)
+    # filters
+    trace_min_chars: int = Field(default=80, ge=0)
+    trace_max_chars: int = Field(default=12_000, ge=100)
+    trace_dedup_threshold: float = Field(default=0.9, gt=0, le=1)
+    # preference pairs
+    pairs_per_question: int = Field(default=4, ge=1, le=64)
+    # release
+    embed_images: bool = False
+    rows_per_file: int = Field(default=50_000, ge=100)
+
+    seed: int = 1234
+
+    @field_validator("expand_cues", "compose_operators")
+    @classmethod
+    def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+class Settings(BaseModel):
+    """Everything a stage needs to know about its environment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    data_dir: Path
+    database_url: str
+    store_url: str
+    s3_endpoint_url: str | None = None
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_region: str | None = None
+    source_prefix: str = "sources/"
+    release_name: str = "lgt"
+    shard_size: int = Field(default=200, ge=1)
+    max_shards: int = Field(default=512, ge=1, le=1024)
+    endpoints: dict[str, EndpointSettings]
+    image_spec: ImageSpec = ImageSpec()
+    method: MethodParams = MethodParams()
+
+    def endpoint(self, role: str) -> EndpointSettings:
+        try:
+            return self.endpoints[role]
+        except KeyError as exc:
+            raise ConfigError(f"unknown endpoint role '{role}' (known: {ROLES})") from exc
+
+    def with_endpoint_urls(self, urls: Mapping[str, str]) -> Settings:
+        """A copy whose endpoints point at `urls` (role -> base URL), e.g. the simulator."""
+        eps = {
+            role: ep.model_copy(update={"base_url": urls.get(role, ep.base_url)})
+            for role, ep in self.endpoints.items()
+        }
+        return self.model_copy(update={"endpoints": eps})
+
+    def with_method(self, **overrides: object) -> Settings:
+        method = MethodParams.model_validate({**self.method.model_dump(), **overrides})
+        return self.model_copy(update={"method": method})
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def endpoint_from_env(role: str, env: Mapping[str, str]) -> EndpointSettings:
+    prefix = f"LGT_{role.upper()}_"
+    key = env.get(prefix + "API_KEY")
+    return EndpointSettings(
+        role=role,
+        base_url=env.get(prefix + "BASE_URL") or None,
+        model=env.get(prefix + "MODEL") or DEFAULT_MODELS[role],
+        api_key=SecretStr(key) if key else None,
+        max_inflight=_env_int(env, prefix + "MAX_INFLIGHT", 64),
+        adaptive=env.get(prefix + "ADAPTIVE", "1") not in ("0", "false", "False"),
+    )
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from LGT_* variables; with none set, the embedded defaults under ./.lgt."""
+    env = os.environ if env is None else env
+    data_dir = Path(env.get("LGT_DATA_DIR") or ".lgt").absolute()
+    access = env.get("AWS_ACCESS_KEY_ID")
+    secret = env.get("AWS_SECRET_ACCESS_KEY")
+    return Settings(
+        data_dir=data_dir,
+        database_url=env.get("LGT_DATABASE_URL") or f"sqlite:///{data_dir / 'lineage.db'}",
+        store_url=env.get("LGT_STORE_URL") or (data_dir / "store").as_uri(),
+        s3_endpoint_url=env.get("LGT_S3_ENDPOINT_URL") or None,
+        s3_access_key=SecretStr(access) if access else None,
+        s3_secret_key=SecretStr(secret) if secret else None,
+        s3_region=env.get("AWS_DEFAULT_REGION") or None,
+        source_prefix=env.get("LGT_SOURCE_PREFIX") or "sources/",
+        release_name=env.get("LGT_RELEASE_NAME") or "lgt",
+        shard_size=_env_int(env, "LGT_SHARD_SIZE", 200),
+        endpoints={role: endpoint_from_env(role, env) for role in ROLES},
+    )

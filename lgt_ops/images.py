@@ -1,0 +1,142 @@
+"""Decode, validate, normalise and hash images.
+
+Validation decodes every pixel (a header alone hides truncation), refuses images over an
+explicit pixel budget before decoding (decompression bombs), applies the EXIF orientation
+and normalises the mode to RGB. Failures raise `ImageRejected` with a reason code.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lgt_ops.config import ImageSpec
+from lgt_ops.ids import sha256_hex
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageRejected(ValueError):
+    """An image that cannot be used, with a machine-readable reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    image_id: str
+    width: int
+    height: int
+    format: str
+    mode: str
+    bytes: int
+    exif_orientation: int | None
+    phash: str
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageRejected("empty_file", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected("too_many_pixels", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageRejected("not_an_image", "Pillow cannot identify the file") from exc
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageRejected("too_many_pixels", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
+    if w < 1 or h < 1:
+        raise ImageRejected("empty_image", f"size {w}x{h}")
+    if im.format not in ALLOWED_FORMATS:
+        raise ImageRejected("unsupported_format", f"format {im.format}")
+    try:
+        im.load()
+    except OSError as exc:  # Pillow reports truncated and corrupt data as OSError
+        msg = str(exc)
+        reason = "truncated" if "truncated" in msg or "broken data stream" in msg else "corrupt"
+        raise ImageRejected(reason, msg) from exc
+    except (SyntaxError, ValueError) as exc:
+        raise ImageRejected("corrupt", str(exc)) from exc
+    return im
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode to RGB; transparency is composited on white, not dropped to black."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return im.point(lambda v: v / 256).convert("L").convert("RGB")
+    return im.convert("RGB")
+
+
+def dhash(im: Image.Image) -> str:
+    """64-bit difference hash: near-identical images differ in few bits."""
+    small = im.convert("L").resize((9, 8), Image.Resampling.LANCZOS)
+    px = list(small.getdata())
+    bits = 0
+    for row in range(8):
+        for col in range(8):
+            bits = (bits << 1) | (px[row * 9 + col] > px[row * 9 + col + 1])
+    return f"{bits:016x}"
+
+
+def inspect(data: bytes, *, max_pixels: int) -> ImageFacts:
+    """Validate `data` fully and describe it, or raise ImageRejected."""
+    im = _open(data, max_pixels)
+    orientation = im.getexif().get(_EXIF_ORIENTATION)
+    upright = to_rgb(ImageOps.exif_transpose(im))
+    return ImageFacts(
+        image_id=sha256_hex(data),
+        width=upright.width,
+        height=upright.height,
+        format=str(im.format),
+        mode=im.mode,
+        bytes=len(data),
+        exif_orientation=int(orientation) if orientation else None,
+        phash=dhash(upright),
+    )
+
+
+def normalised(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
+    """The upright RGB image the rest of the pipeline sees."""
+    return to_rgb(ImageOps.exif_transpose(_open(data, max_pixels)))
+
+
+def encode_for_request(data: bytes, spec: ImageSpec) -> bytes:
+    """The bytes sent to a VLM: upright, RGB, longest side <= spec.max_side."""
+    im = normalised(data)
+    if max(im.size) > spec.max_side:
+        im.thumbnail((spec.max_side, spec.max_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    if spec.format == "JPEG":
+        im.save(out, "JPEG", quality=spec.quality, optimize=False)
+    else:
+        im.save(out, "PNG")
+    return out.getvalue()
+
+
+def data_url(encoded: bytes, spec: ImageSpec) -> str:
+    mime = "image/jpeg" if spec.format == "JPEG" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(encoded).decode('ascii')}"
+
+
+def scale_factor(width: int, height: int, spec: ImageSpec) -> float:
+    """How much `encode_for_request` shrinks an image (boxes scale by the same factor)."""
+    longest = max(width, height)
+    return min(1.0, spec.max_side / longest)

@@ -1,0 +1,1 @@
+"""Calling OpenAI-compatible endpoints: request identity, the ledger, the request engine."""

@@ -1,0 +1,40 @@
+"""The simulator's knobs: service model, fault rates and the fake world's behaviour."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SimConfig(BaseModel):
+    model_config = ConfigDict(validate_assignment=True)
+
+    # Service model: `slots` requests are served at once, each for latency_ms (+ decoding
+    # time when tokens_per_s > 0); the rest queue, as in vLLM. Capacity = slots / latency.
+    slots: int = Field(default=64, ge=1)
+    latency_ms: float = Field(default=5.0, ge=0)
+    tokens_per_s: float = Field(default=0.0, ge=0)
+    # Fault injection: probability per HTTP request.
+    fault_429: float = Field(default=0.0, ge=0, le=1)
+    fault_500: float = Field(default=0.0, ge=0, le=1)
+    fault_timeout: float = Field(default=0.0, ge=0, le=1)
+    fault_drop: float = Field(default=0.0, ge=0, le=1)
+    fault_malformed: float = Field(default=0.0, ge=0, le=1)
+    fault_truncated: float = Field(default=0.0, ge=0, le=1)
+    fault_invalid_json: float = Field(default=0.0, ge=0, le=1)
+    timeout_sleep_s: float = Field(default=30.0, ge=0)
+    retry_after_s: float = Field(default=0.05, ge=0)
+    # Requests whose text contains this marker get vLLM's context-length 400.
+    context_too_long_marker: str | None = "[[lgt-sim:too-long]]"
+    # Every request answers 503 while true (an endpoint that is down for maintenance).
+    down: bool = False
+    # The fake world.
+    accuracy: float = Field(default=0.6, ge=0, le=1)  # mean chance a VLM rollout is right
+    expand_keep: float = Field(default=0.85, ge=0, le=1)  # right CoT stays right
+    expand_fix: float = Field(default=0.55, ge=0, le=1)  # wrong CoT gets corrected
+    leak_rate: float = Field(default=0.15, ge=0, le=1)  # expansions that cite the caption
+    degenerate_rate: float = Field(default=0.03, ge=0, le=1)
+    unparseable_rate: float = Field(default=0.03, ge=0, le=1)
+    bad_question_rate: float = Field(default=0.12, ge=0, le=1)
+    split_reasoning: bool = False  # answer with reasoning_content, like a reasoning parser
+    completion_chars: int = Field(default=64, ge=1)  # generic replies
+    seed: int = 0

@@ -1,0 +1,298 @@
+"""An OpenAI-compatible chat-completions server that stands in for vLLM in tests and demos.
+
+A test double: its replies carry `model: "lgt-simulator:<requested model>"` and a
+`system_fingerprint` starting with `lgt-simulator`, it logs that it is a simulator, and a
+release built from its output is marked simulated. It has a known capacity (slots x latency,
+queueing beyond that like vLLM), injects faults at configurable rates, and counts what it
+served so tests can assert exactly-once behaviour.
+
+Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, and for tests
+GET /sim/stats, POST /sim/reset, GET|POST /sim/config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+from lgt_ops.llm.simulator.config import SimConfig
+from lgt_ops.llm.simulator.world import World, text_of
+
+log = logging.getLogger("lgt.simulator")
+FINGERPRINT = "lgt-simulator-1"
+MODEL_PREFIX = "lgt-simulator:"
+CONTEXT_LIMIT = 32768
+
+
+class Simulator:
+    def __init__(self, cfg: SimConfig | None = None) -> None:
+        self.cfg = cfg or SimConfig()
+        self.world = World(self.cfg)
+        self._rng = random.Random(self.cfg.seed)
+        self._slots: asyncio.Semaphore | None = None
+        self._slot_count = self.cfg.slots
+        self.reset()
+
+    def reset(self) -> None:
+        self.received = 0
+        self.served = 0
+        self.outcomes: Counter[str] = Counter()
+        self.served_by_key: Counter[str] = Counter()
+        self.inflight = 0
+        self.max_inflight_seen = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "served": self.served,
+            "outcomes": dict(self.outcomes),
+            "served_by_key": dict(self.served_by_key),
+            "max_concurrent": self.max_inflight_seen,
+            "config": self.cfg.model_dump(),
+        }
+
+    def _slots_sem(self) -> asyncio.Semaphore:
+        if self._slots is None or self._slot_count != self.cfg.slots:
+            self._slots = asyncio.Semaphore(self.cfg.slots)
+            self._slot_count = self.cfg.slots
+        return self._slots
+
+    # -- HTTP handlers ------------------------------------------------------------------------
+    async def health(self, _req: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "simulator": True})
+
+    async def models(self, _req: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": "lgt-simulator", "object": "model", "owned_by": "lgt"}]}
+        )
+
+    async def get_stats(self, _req: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def post_reset(self, _req: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"reset": True})
+
+    async def config(self, req: web.Request) -> web.Response:
+        if req.method == "POST":
+            patch = await req.json()
+            for key, value in patch.items():
+                if key not in SimConfig.model_fields:
+                    return web.json_response({"error": f"unknown setting {key}"}, status=400)
+                setattr(self.cfg, key, value)
+        return web.json_response(self.cfg.model_dump())
+
+    async def chat(self, req: web.Request) -> web.StreamResponse:
+        self.received += 1
+        key = _request_key(req.headers.get("X-Request-Id", ""))
+        try:
+            body = await req.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return self._error(400, "request body is not JSON", "bad_request")
+        if not isinstance(body.get("messages"), list) or not body.get("model"):
+            return self._error(400, "'model' and 'messages' are required", "bad_request")
+        if self.cfg.down:
+            return self._error(503, "service unavailable", "overload")
+        fault = self._draw_fault()
+        if fault == "429":
+            self.outcomes["429"] += 1
+            return web.json_response(
+                {"error": {"message": "rate limited", "type": "overload"}},
+                status=429,
+                headers={"Retry-After": str(self.cfg.retry_after_s)},
+            )
+        if fault == "500":
+            return self._error(500, "internal error (injected)", "server_error")
+        if fault == "drop":
+            self.outcomes["drop"] += 1
+            if req.transport is not None:
+                req.transport.abort()
+            return web.Response(status=500)
+        marker = self.cfg.context_too_long_marker
+        if marker and marker in json.dumps(body.get("messages")):
+            return self._error(
+                400,
+                f"This model's maximum context length is {CONTEXT_LIMIT} tokens. However, you"
+                " requested more tokens in the messages.",
+                "BadRequestError",
+            )
+        sem = self._slots_sem()
+        async with sem:
+            self.inflight += 1
+            self.max_inflight_seen = max(self.max_inflight_seen, self.inflight)
+            try:
+                if fault == "timeout":
+                    self.outcomes["timeout"] += 1
+                    await asyncio.sleep(self.cfg.timeout_sleep_s)
+                payload = self._complete(body)
+                delay = self.cfg.latency_ms / 1000.0
+                if self.cfg.tokens_per_s > 0:
+                    delay += payload["usage"]["completion_tokens"] / self.cfg.tokens_per_s
+                await asyncio.sleep(delay)
+            finally:
+                self.inflight -= 1
+        if fault == "malformed":
+            self.outcomes["malformed"] += 1
+            return web.Response(text=json.dumps(payload)[:40], content_type="application/json")
+        if fault == "truncated":
+            self.outcomes["truncated"] += 1
+            for choice in payload["choices"]:
+                content = choice["message"]["content"] or ""
+                choice["message"]["content"] = content[: max(1, len(content) // 2)]
+                choice["finish_reason"] = "length"
+        elif fault == "invalid_json" and body.get("response_format"):
+            self.outcomes["invalid_json"] += 1
+            for choice in payload["choices"]:
+                choice["message"]["content"] = "Sure! Here are the questions you asked for."
+        self.served += 1
+        self.outcomes["200"] += 1
+        if key:
+            self.served_by_key[key] += 1
+        return web.json_response(payload)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _draw_fault(self) -> str | None:
+        c = self.cfg
+        u = self._rng.random()
+        for name, rate in (
+            ("429", c.fault_429),
+            ("500", c.fault_500),
+            ("timeout", c.fault_timeout),
+            ("drop", c.fault_drop),
+            ("malformed", c.fault_malformed),
+            ("truncated", c.fault_truncated),
+            ("invalid_json", c.fault_invalid_json),
+        ):
+            if u < rate:
+                return name
+            u -= rate
+        return None
+
+    def _error(self, status: int, message: str, kind: str) -> web.Response:
+        self.outcomes[str(status)] += 1
+        return web.json_response(
+            {"error": {"message": message, "type": kind, "code": status}, "object": "error"},
+            status=status,
+        )
+
+    def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        n = int(body.get("n") or 1)
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 4096)
+        prompt_chars = sum(len(text_of(m)) for m in body["messages"])
+        images = json.dumps(body["messages"]).count('"image_url"')
+        choices, completion_tokens = [], 0
+        for i in range(n):
+            content, reasoning = self.world.reply(body, i)
+            tokens = max(1, (len(content) + len(reasoning or "")) // 4)
+            finish = "stop"
+            if tokens > max_tokens:
+                content = content[: max_tokens * 4]
+                tokens, finish = max_tokens, "length"
+            completion_tokens += tokens
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
+        prompt_tokens = prompt_chars // 4 + 256 * images
+        return {
+            "id": f"chatcmpl-sim-{self.received}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": MODEL_PREFIX + str(body["model"]),
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/sim/stats", self.get_stats)
+        app.router.add_post("/sim/reset", self.post_reset)
+        app.router.add_route("*", "/sim/config", self.config)
+        return app
+
+
+def _request_key(header: str) -> str:
+    # The engine sends X-Request-Id: lgt-<first 32 hex of the request key>-<attempt>.
+    parts = header.split("-")
+    return parts[1] if len(parts) >= 3 and parts[0] == "lgt" else ""
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, cfg: SimConfig | None = None) -> None:
+    """Run the simulator in the foreground (`lgt sim serve`)."""
+    sim = Simulator(cfg)
+    log.warning(
+        "LGT SIMULATOR on http://%s:%d/v1 — a test double, not a model; its output must not "
+        "be published as model output", host, port
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(sim.app(), host=host, port=port, access_log=None, print=None)
+
+
+class BackgroundSimulator:
+    """The simulator on a free localhost port in a daemon thread (demo, tests, benchmarks)."""
+
+    def __init__(self, cfg: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.sim = Simulator(cfg)
+        self.host = host
+        self.port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="lgt-simulator", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def _main(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        self._runner = web.AppRunner(self.sim.app(), access_log=None)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, self.host, self.port)
+        self._loop.run_until_complete(site.start())
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        self.port = sock.getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.close()
+
+    def start(self) -> BackgroundSimulator:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("simulator did not start within 10s")
+        log.warning("LGT SIMULATOR (test double, not a model) at %s", self.base_url)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> BackgroundSimulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

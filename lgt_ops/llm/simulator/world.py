@@ -1,0 +1,441 @@
+"""The simulator's fake world: deterministic replies for each of the pipeline's prompts.
+
+This is a test double. It reads the same prompts a real model would, writes replies of the
+right shape, and remembers the correct answer of every question it helped write, so later
+stages (rollouts, expansions) are right with a configurable probability. Nothing here looks
+at pixels: annotations of unknown images are generic and say so.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from lgt_ops.ids import canonical_json, seeded_unit, sha256_hex
+from lgt_ops.llm.simulator.config import SimConfig
+
+VOCAB = (
+    "bicycle", "umbrella", "giraffe", "laptop", "teapot", "pineapple", "violin", "ladder",
+    "suitcase", "kite", "toaster", "lamp", "chair", "bottle", "clock", "dog", "horse", "boat",
+    "tree", "car", "book", "phone", "bench", "backpack",
+)
+COLOURS = (
+    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
+    "grey", "gray", "silver", "gold", "golden",
+)
+POSITIONS = ("on the left side", "in the middle", "on the right side", "along the top edge")
+LETTERS = "ABCDEFGH"
+
+_OBJ_LINE = re.compile(r"^(o\d+): (.+?) \[([\d.\-]+), ([\d.\-]+), ([\d.\-]+), ([\d.\-]+)\]$", re.M)
+_OPT_LINE = re.compile(r"^([A-H])\. (.*)$", re.M)
+
+
+@dataclass(frozen=True)
+class Obj:
+    id: str
+    label: str
+    box: tuple[float, float, float, float]
+
+    @property
+    def cx(self) -> float:
+        return (self.box[0] + self.box[2]) / 2
+
+    @property
+    def cy(self) -> float:
+        return (self.box[1] + self.box[3]) / 2
+
+    @property
+    def area(self) -> float:
+        return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
+
+
+def norm(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+def text_of(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def image_size(message: dict[str, Any]) -> tuple[int, int] | None:
+    """Size of the first data-URL image in a message (the only thing we 'see')."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return None
+    for part in content:
+        url = (part.get("image_url") or {}).get("url", "") if isinstance(part, dict) else ""
+        if url.startswith("data:") and "," in url:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
+                return im.size
+    return None
+
+
+def parse_options(text: str) -> list[tuple[str, str]]:
+    block = text.split("Options:", 1)[-1]
+    return [(m.group(1), m.group(2).strip()) for m in _OPT_LINE.finditer(block)]
+
+
+def parse_question(text: str) -> str:
+    m = re.search(r"^Question: (.*)$", text, re.M)
+    return m.group(1).strip() if m else ""
+
+
+class World:
+    """Replies per prompt kind. Thread-safe; state is the answer registry."""
+
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        self._answers: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -- answer registry -------------------------------------------------------------------
+    def remember(self, question: str, answer: str) -> None:
+        with self._lock:
+            self._answers[norm(question)] = answer
+
+    def answer_of(self, question: str) -> str | None:
+        with self._lock:
+            return self._answers.get(norm(question))
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def reply(self, body: dict[str, Any], index: int) -> tuple[str, str | None]:
+        """(content, reasoning_content) for choice `index` of a request."""
+        messages = body.get("messages") or []
+        schema_name = ((body.get("response_format") or {}).get("json_schema") or {}).get("name")
+        rng = random.Random(
+            sha256_hex(canonical_json([messages, body.get("seed"), index, schema_name]))
+        )
+        last = messages[-1] if messages else {}
+        prefill = text_of(last) if last.get("role") == "assistant" else ""
+        user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+        if schema_name == "mcq":
+            return canonical_json(self.mcq(text_of(user), rng)), None
+        if schema_name == "compose":
+            return canonical_json(self.compose(text_of(user), rng)), None
+        if schema_name == "annotate":
+            return canonical_json(self.annotate(user, rng)), None
+        if prefill.startswith("<think>") and "instead of the image" in text_of(user):
+            return self.expand(text_of(user), prefill, body, index, rng)
+        if prefill.startswith("<think>"):
+            return self.rollout(text_of(user), body, index, rng), None
+        return self.generic(rng), None
+
+    # -- stage 1 ----------------------------------------------------------------------------
+    def mcq(self, text: str, rng: random.Random) -> dict[str, Any]:
+        objs = [
+            Obj(m.group(1), m.group(2), tuple(float(m.group(i)) for i in range(3, 7)))  # type: ignore[arg-type]
+            for m in _OBJ_LINE.finditer(text)
+        ]
+        count = int(_search(r"Write (\d+) multiple-choice", text, "4"))
+        n_opt = int(_search(r"Give exactly (\d+) options", text, "4"))
+        width = float(_search(r"Image size: (\d+) x", text, "640"))
+        caption = text.split("Dense caption:", 1)[-1].split("Annotated objects", 1)[0]
+        makers = [_existence, _counting, _spatial, _size, _position, _colour]
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for attempt in range(count * 6):
+            if len(out) >= count or not objs:
+                break
+            maker = makers[(attempt + rng.randrange(len(makers))) % len(makers)]
+            q = maker(objs, rng, n_opt, width, caption)
+            if q is None or q["question"] in seen:
+                continue
+            seen.add(q["question"])
+            out.append(q)
+        questions = []
+        for q in out:
+            options = q["options"][:n_opt]
+            correct = options[0]
+            rng.shuffle(options)
+            item = {
+                "question": q["question"],
+                "options": options,
+                "answer": LETTERS[options.index(correct)],
+                "skill": q["skill"],
+                "grounding": q["grounding"],
+            }
+            self.remember(q["question"], correct)
+            if rng.random() < self.cfg.bad_question_rate:
+                item = _spoil(item, rng)
+            questions.append(item)
+        return {"questions": questions}
+
+    # -- stage 2 ----------------------------------------------------------------------------
+    def compose(self, text: str, rng: random.Random) -> dict[str, Any]:
+        operator = _search(r"Composition: (\w+)\.", text, "conjunction")
+        answer = _search(r'correct answer to the composed question is: "(.*)"', text, "")
+        suggested = _search(r"Suggested options \(the correct one included\): (.*)", text, "")
+        options = [s.strip() for s in suggested.split(" | ") if s.strip()]
+        parents = re.findall(r"^\d+\. (.*?) -> (.*)$", text, re.M)
+        question = _compose_stem(operator, parents, rng)
+        rng.shuffle(options)
+        letter = LETTERS[options.index(answer)] if answer in options else "A"
+        self.remember(question, answer)
+        return {"question": question, "options": options, "answer": letter}
+
+    # -- annotation -------------------------------------------------------------------------
+    def annotate(self, user: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        size = image_size(user) or (640, 480)
+        w, h = size
+        labels = rng.sample(VOCAB, k=rng.randint(3, 6))
+        objects = []
+        for i, label in enumerate(labels):
+            x0 = rng.uniform(0, w * 0.7)
+            y0 = rng.uniform(0, h * 0.7)
+            x1 = min(w, x0 + rng.uniform(w * 0.1, w * 0.3))
+            y1 = min(h, y0 + rng.uniform(h * 0.1, h * 0.3))
+            box = [round(x0), round(y0), round(x1), round(y1)]
+            if i == 0 and rng.random() < self.cfg.bad_question_rate:
+                box = [round(w * 0.8), round(h * 0.8), round(w * 1.3), round(h * 1.2)]
+            objects.append({"label": label, "box": box})
+        listed = ", ".join(f"a {o['label']}" for o in objects)
+        caption = (
+            f"[simulated annotation of a {w}x{h} image, not a model's description] "
+            f"The scene contains {listed}. "
+            + " ".join(
+                f"The {a['label']} is {'left of' if a['box'][0] < b['box'][0] else 'right of'}"
+                f" the {b['label']}."
+                for a, b in zip(objects, objects[1:], strict=False)
+            )
+        )
+        return {"caption": caption, "objects": objects}
+
+    # -- reasoning traces -------------------------------------------------------------------
+    def _truth(self, text: str) -> tuple[str, list[tuple[str, str]], str | None]:
+        question = parse_question(text)
+        options = parse_options(text)
+        answer = self.answer_of(question)
+        letter = next((ltr for ltr, opt in options if answer is not None and opt == answer), None)
+        return question, options, letter
+
+    def rollout(self, text: str, body: dict[str, Any], index: int, rng: random.Random) -> str:
+        question, options, truth = self._truth(text)
+        if not options:
+            return self.generic(rng)
+        # Each question has its own difficulty; each rollout its own draw against it.
+        p = min(1.0, max(0.0, self.cfg.accuracy + (seeded_unit("difficulty", question) - 0.5) * 1.4))
+        right = truth is not None and rng.random() < p
+        wrong = [ltr for ltr, _ in options if ltr != truth]
+        letter = truth if right else rng.choice(wrong or [options[0][0]])
+        chosen = dict(options)[letter]
+        steps = [
+            f"The question asks: {question}",
+            rng.choice(
+                [
+                    "I look at the relevant part of the image.",
+                    "Let me find the objects the question mentions in the image.",
+                    "I scan the image for the objects involved.",
+                ]
+            ),
+            f"Comparing the options, \"{chosen}\" fits what I see best.",
+            f"So the answer should be ({letter}).",
+        ]
+        thinking = "\n".join(steps)
+        if rng.random() < self.cfg.unparseable_rate:
+            return f"\n{thinking}\n</think>\n\nI am not sure."
+        return f"\n{thinking}\n</think>\n\nAnswer: {letter}"
+
+    def expand(
+        self, text: str, prefill: str, body: dict[str, Any], index: int, rng: random.Random
+    ) -> tuple[str, str | None]:
+        question, options, truth = self._truth(text)
+        prior = re.findall(r"\(([A-H])\)", prefill)
+        before = prior[-1] if prior else None
+        if truth is None:
+            letter = before or (options[0][0] if options else "A")
+        elif before == truth:
+            letter = truth if rng.random() < self.cfg.expand_keep else _other(options, truth, rng)
+        else:
+            letter = truth if rng.random() < self.cfg.expand_fix else (before or truth)
+        chosen = dict(options).get(letter, "")
+        moves = [
+            " let me double-check this before answering.",
+            f" I should verify the option \"{chosen}\" against the image again.",
+        ]
+        if before and before != letter:
+            moves.append(f" Actually, ({before}) does not look right; let me reconsider.")
+            moves.append(" First, I need to pin down which object the question refers to.")
+        if rng.random() < 0.4:
+            moves.append(" Working backwards from the options, I can rule out the others.")
+        if rng.random() < self.cfg.leak_rate:
+            moves.append(" According to the description, this is consistent.")
+        moves.append(f" Yes, the answer is ({letter}).")
+        thinking = "\n".join(moves)
+        if rng.random() < self.cfg.degenerate_rate:
+            thinking += "\n" + " ".join(["Let me check again."] * 40)
+        if rng.random() < self.cfg.unparseable_rate:
+            return thinking + "\n</think>\n\n", None
+        if self.cfg.split_reasoning:
+            return f"Answer: {letter}", thinking
+        return f"{thinking}\n</think>\n\nAnswer: {letter}", None
+
+    def generic(self, rng: random.Random) -> str:
+        words = ["simulated", "reply", "from", "the", "lgt", "test", "double"]
+        out = []
+        while sum(len(w) + 1 for w in out) < self.cfg.completion_chars:
+            out.append(rng.choice(words))
+        return " ".join(out)
+
+
+# -- question makers: the first option is the correct one ----------------------------------
+def _distinct_labels(objs: list[Obj]) -> list[str]:
+    return sorted({o.label for o in objs})
+
+
+def _absent(objs: list[Obj], rng: random.Random, k: int) -> list[str]:
+    present = {o.label for o in objs}
+    return rng.sample([v for v in VOCAB if v not in present], k)
+
+
+def _existence(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
+    obj = rng.choice(objs)
+    return {
+        "question": "Which of these objects can be seen in the image?",
+        "options": [obj.label, *_absent(objs, rng, n_opt - 1)],
+        "skill": "existence",
+        "grounding": [obj.id],
+    }
+
+
+def _counting(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
+    counts = Counter(o.label for o in objs)
+    label = rng.choice(sorted(counts))
+    n = counts[label]
+    options = [str(n)] + [str(v) for v in (n + 1, n + 2, n - 1 if n > 1 else n + 3)]
+    noun = label if label.endswith("s") else label + "s"
+    return {
+        "question": f"How many {noun} are visible in the image?",
+        "options": options[:n_opt],
+        "skill": "counting",
+        "grounding": [o.id for o in objs if o.label == label],
+    }
+
+
+def _spatial(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
+    counts = Counter(o.label for o in objs)
+    unique = [o for o in objs if counts[o.label] == 1]
+    pairs = [
+        (a, b) for a in unique for b in unique if a.label != b.label and a.box[2] < b.box[0]
+    ]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    left_of_b = {o.label for o in objs if o.cx < b.cx}
+    others = [o.label for o in unique if o.label not in left_of_b and o.label != b.label]
+    distractors = others + _absent(objs, rng, n_opt)
+    distractors = [d for d in dict.fromkeys(distractors) if d != a.label][: n_opt - 1]
+    return {
+        "question": f"Which object is to the left of the {b.label}?",
+        "options": [a.label, *distractors],
+        "skill": "spatial",
+        "grounding": [a.id, b.id],
+    }
+
+
+def _size(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
+    counts = Counter(o.label for o in objs)
+    unique = [o for o in objs if counts[o.label] == 1]
+    if len(unique) < n_opt:
+        return None
+    picked = sorted(rng.sample(unique, n_opt), key=lambda o: -o.area)
+    if picked[0].area < 1.2 * picked[1].area:
+        return None  # too close to call by eye
+    return {
+        "question": "Which of these takes up the most space in the image?",
+        "options": [o.label for o in picked],
+        "skill": "size",
+        "grounding": [o.id for o in picked],
+    }
+
+
+def _position(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
+    counts = Counter(o.label for o in objs)
+    unique = [o for o in objs if counts[o.label] == 1 and (o.box[2] - o.box[0]) < width / 3]
+    if not unique or n_opt != 4:
+        return None
+    o = rng.choice(unique)
+    third = min(2, int(3 * o.cx / width))
+    correct = POSITIONS[third]
+    return {
+        "question": f"Where in the image is the {o.label}?",
+        "options": [correct, *[p for p in POSITIONS if p != correct]],
+        "skill": "position",
+        "grounding": [o.id],
+    }
+
+
+def _colour(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
+    low = caption.lower()
+    found = []
+    for o in objs:
+        m = re.search(
+            r"\b(" + "|".join(COLOURS) + r")\s+(?:[a-z-]+\s+)?" + re.escape(o.label) + r"\b", low
+        )
+        if m:
+            found.append((o, m.group(1)))
+    if not found:
+        return None
+    o, colour = rng.choice(found)
+    others = [c for c in COLOURS if c not in (colour, "gray" if colour == "grey" else "grey")]
+    return {
+        "question": f"What colour is the {o.label}?",
+        "options": [colour, *rng.sample(others, n_opt - 1)],
+        "skill": "attribute",
+        "grounding": [o.id],
+    }
+
+
+def _spoil(item: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """A realistic model mistake, so validation paths run in every demo."""
+    kind = rng.choice(["duplicate_options", "unknown_grounding", "bad_letter", "giveaway"])
+    item = dict(item)
+    if kind == "duplicate_options":
+        item["options"] = [item["options"][0]] * 2 + item["options"][2:]
+    elif kind == "unknown_grounding":
+        item["grounding"] = ["o99"]
+    elif kind == "bad_letter":
+        item["answer"] = "Z"
+    else:
+        idx = LETTERS.index(item["answer"])
+        opts = list(item["options"])
+        opts[idx] = opts[idx] + ", which is clearly and unmistakably the right answer here"
+        item["options"] = opts
+    return item
+
+
+def _other(options: list[tuple[str, str]], truth: str, rng: random.Random) -> str:
+    wrong = [ltr for ltr, _ in options if ltr != truth]
+    return rng.choice(wrong) if wrong else truth
+
+
+def _compose_stem(operator: str, parents: list[tuple[str, str]], rng: random.Random) -> str:
+    qs = [q.rstrip("?") for q, _ in parents]
+    if operator == "count_over" and len(qs) >= 2:
+        nouns = [re.sub(r"^How many (.*) are visible in the image$", r"\1", q) for q in qs]
+        return f"How many {nouns[0]} and {nouns[1]} are visible in the image altogether?"
+    if operator == "compare" and len(qs) >= 2:
+        nouns = [re.sub(r"^How many (.*) are visible in the image$", r"\1", q) for q in qs]
+        return f"Are there more {nouns[0]} or more {nouns[1]} in the image?"
+    if operator == "chain" and len(qs) >= 2:
+        first = qs[0][0].lower() + qs[0][1:]
+        return f"Consider the answer to \"{first}\". {qs[1]}, for that object?"
+    lowered = [q[0].lower() + q[1:] for q in qs]
+    return "Which pair of answers is correct: " + "; and ".join(lowered) + "?"
+
+
+def _search(pattern: str, text: str, default: str) -> str:
+    m = re.search(pattern, text, re.M)
+    return m.group(1) if m else default

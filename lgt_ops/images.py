@@ -53,6 +53,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected("too_many_pixels", str(exc)) from exc
     except UnidentifiedImageError as exc:
         raise ImageRejected("not_an_image", "Pillow cannot identify the file") from exc
+    except OSError as exc:  # a header cut short
+        raise ImageRejected(_os_reason(exc), str(exc)) from exc
     w, h = im.size
     if w * h > max_pixels:
         raise ImageRejected("too_many_pixels", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
@@ -63,12 +65,15 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         im.load()
     except OSError as exc:  # Pillow reports truncated and corrupt data as OSError
-        msg = str(exc)
-        reason = "truncated" if "truncated" in msg or "broken data stream" in msg else "corrupt"
-        raise ImageRejected(reason, msg) from exc
+        raise ImageRejected(_os_reason(exc), str(exc)) from exc
     except (SyntaxError, ValueError) as exc:
         raise ImageRejected("corrupt", str(exc)) from exc
     return im
+
+
+def _os_reason(exc: OSError) -> str:
+    msg = str(exc).lower()
+    return "truncated" if "truncated" in msg or "broken data stream" in msg else "corrupt"
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -88,7 +93,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def dhash(im: Image.Image) -> str:
     """64-bit difference hash: near-identical images differ in few bits."""
     small = im.convert("L").resize((9, 8), Image.Resampling.LANCZOS)
-    px = list(small.getdata())
+    px = small.tobytes()
     bits = 0
     for row in range(8):
         for col in range(8):

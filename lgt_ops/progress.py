@@ -9,7 +9,9 @@ from typing import TextIO
 
 def _fmt_secs(s: float) -> str:
     s = int(max(s, 0))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    return (
+        f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )
 
 
 class Progress:
@@ -33,7 +35,8 @@ class Progress:
         self.interval = interval if interval is not None else (0.2 if self.tty else 15.0)
         self.enabled = enabled
         self.start = time.monotonic()
-        self._last = 0.0
+        # A terminal gets a line at once; a log gets its first line after one interval.
+        self._last = 0.0 if self.tty else self.start
 
     def update(self, n: int = 1, **fields: object) -> None:
         self.done += n
@@ -51,7 +54,9 @@ class Progress:
             pct = 100.0 * self.done / self.total
             width = 24
             filled = int(width * min(self.done, self.total) / self.total)
-            parts.append(f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {pct:5.1f}%")
+            parts.append(
+                f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {pct:5.1f}%"
+            )
             if rate > 0 and self.done < self.total:
                 parts.append(f"eta {_fmt_secs((self.total - self.done) / rate)}")
         else:

@@ -176,6 +176,7 @@ class S3Store:
 
         self.bucket = bucket
         self.root = root.strip("/")
+        self.page_size = 1000  # ListObjectsV2 page size (S3's maximum)
         self.url = f"s3://{bucket}/{self.root}".rstrip("/")
         self._client = boto3.client(
             "s3",
@@ -208,7 +209,10 @@ class S3Store:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         full_prefix = f"{self.root}/{prefix}" if self.root else prefix
         paginator = self._client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+        pages = paginator.paginate(
+            Bucket=self.bucket, Prefix=full_prefix, PaginationConfig={"PageSize": self.page_size}
+        )
+        for page in pages:
             for obj in page.get("Contents", []):
                 yield ObjectInfo(
                     key=self._rel(obj["Key"]), size=obj["Size"], etag=obj["ETag"].strip('"')
@@ -267,7 +271,9 @@ class S3Store:
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         return self._client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self._full(key)}, ExpiresIn=expires_s
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._full(key)},
+            ExpiresIn=expires_s,
         )
 
 

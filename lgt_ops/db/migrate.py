@@ -59,7 +59,9 @@ def discover(dialect: str, root: Path | None = None) -> list[Migration]:
     for path in sorted(folder.glob("*.sql")):
         m = _NAME.match(path.name)
         if not m:
-            raise MigrationError(f"migration file {path.name!r} is not named NNNN_name[.dialect].sql")
+            raise MigrationError(
+                f"migration file {path.name!r} is not named NNNN_name[.dialect].sql"
+            )
         version, name, only = m.groups()
         if only and only != dialect:
             continue

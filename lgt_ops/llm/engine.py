@@ -129,7 +129,9 @@ class RequestEngine:
         self.progress = progress
         self.stats = EngineStats()
         self.window = AdaptiveWindow(
-            limit=endpoint.max_inflight if not endpoint.adaptive else min(16, endpoint.max_inflight),
+            limit=endpoint.max_inflight
+            if not endpoint.adaptive
+            else min(16, endpoint.max_inflight),
             min_limit=min(endpoint.min_inflight, endpoint.max_inflight),
             max_limit=endpoint.max_inflight,
             adaptive=endpoint.adaptive,
@@ -235,7 +237,9 @@ class RequestEngine:
                     task.add_done_callback(on_done)
                 while completed:
                     outcome = completed.popleft()
-                    for twin in followers.pop(outcome.request.key, []) if not outcome.cached else []:
+                    for twin in (
+                        followers.pop(outcome.request.key, []) if not outcome.cached else []
+                    ):
                         completed.append(_replay(outcome, twin))
                     await self._emit(outcome, out)
                 if exhausted and not ready and not inflight and not completed:
@@ -253,7 +257,10 @@ class RequestEngine:
     async def _emit(self, outcome: Outcome, out: queue.Queue[Any]) -> None:
         if self.progress is not None:
             self.progress.update(
-                1, hits=self.stats.cache_hits, window=self.window.size, errors=dict(self.stats.errors)
+                1,
+                hits=self.stats.cache_hits,
+                window=self.window.size,
+                errors=dict(self.stats.errors),
             )
         try:
             out.put_nowait(outcome)
@@ -371,7 +378,9 @@ class RequestEngine:
                 return min(60.0, max(0.0, float(header))) * (1 + 0.2 * self._rng.random())
         return self._backoff(n)
 
-    def _check_output(self, req: ChatRequest, data: dict[str, Any]) -> tuple[FailureClass, str] | None:
+    def _check_output(
+        self, req: ChatRequest, data: dict[str, Any]
+    ) -> tuple[FailureClass, str] | None:
         choices = data.get("choices") or []
         if not choices:
             return FailureClass.INVALID_OUTPUT, "no choices in response"
@@ -449,4 +458,3 @@ def _loop_runner() -> asyncio.Runner:
 def run_all(engine: RequestEngine, requests: Iterable[ChatRequest]) -> list[Outcome]:
     """Convenience for small batches (tests, tools): every outcome, in completion order."""
     return list(engine.run(requests))
-

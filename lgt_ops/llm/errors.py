@@ -6,15 +6,15 @@ from enum import StrEnum
 
 
 class FailureClass(StrEnum):
-    OVERLOAD = "overload"              # 429 / 503: back off, not an error
-    TRANSIENT = "transient"            # 5xx, reset, timeout, garbled body: jittered retry
+    OVERLOAD = "overload"  # 429 / 503: back off, not an error
+    TRANSIENT = "transient"  # 5xx, reset, timeout, garbled body: jittered retry
     CONTEXT_TOO_LONG = "context_too_long"  # request-specific 4xx: record and skip
     BAD_IMAGE = "bad_image"
     BAD_REQUEST = "bad_request"
-    TRUNCATED = "truncated"            # finish_reason=length: bounded regenerate
+    TRUNCATED = "truncated"  # finish_reason=length: bounded regenerate
     INVALID_OUTPUT = "invalid_output"  # not JSON / not the schema: bounded regenerate
-    AUTH = "auth"                      # 401/403: configuration problem, fail the task
-    DOWN = "endpoint_down"             # no answer for longer than the limit: fail the task
+    AUTH = "auth"  # 401/403: configuration problem, fail the task
+    DOWN = "endpoint_down"  # no answer for longer than the limit: fail the task
 
 
 class EndpointDown(RuntimeError):

@@ -51,6 +51,9 @@ CREATE TABLE sources (
     status          TEXT NOT NULL,              -- ok | rejected | removed
     reason          TEXT,
     metadata        TEXT,                       -- JSON: the manifest row for this key
+    metadata_sha256 TEXT,
+    caption_annotation_id TEXT,                 -- current annotations from the metadata
+    objects_annotation_id TEXT,
     first_run_id    TEXT,
     last_run_id     TEXT,
     updated_at      TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
@@ -127,6 +130,7 @@ CREATE TABLE questions (
     image_id        TEXT NOT NULL REFERENCES images (image_id),
     stage           INTEGER NOT NULL,           -- 1 = scale, 2 = complexity
     fingerprint     TEXT NOT NULL,
+    item_id         TEXT NOT NULL,              -- the stage input that produced it
     skill           TEXT NOT NULL,
     question        TEXT NOT NULL,
     options         TEXT NOT NULL,              -- JSON list, in presented order

@@ -71,7 +71,10 @@ class Simulator:
 
     async def models(self, _req: web.Request) -> web.Response:
         return web.json_response(
-            {"object": "list", "data": [{"id": "lgt-simulator", "object": "model", "owned_by": "lgt"}]}
+            {
+                "object": "list",
+                "data": [{"id": "lgt-simulator", "object": "model", "owned_by": "lgt"}],
+            }
         )
 
     async def get_stats(self, _req: web.Request) -> web.Response:
@@ -200,7 +203,9 @@ class Simulator:
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if reasoning is not None:
                 message["reasoning_content"] = reasoning
-            choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
+            choices.append(
+                {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
+            )
         prompt_tokens = prompt_chars // 4 + 256 * images
         return {
             "id": f"chatcmpl-sim-{self.received}",
@@ -238,7 +243,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, cfg: SimConfig | None = Non
     sim = Simulator(cfg)
     log.warning(
         "LGT SIMULATOR on http://%s:%d/v1 — a test double, not a model; its output must not "
-        "be published as model output", host, port
+        "be published as model output",
+        host,
+        port,
     )
     try:
         import uvloop
@@ -252,7 +259,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, cfg: SimConfig | None = Non
 class BackgroundSimulator:
     """The simulator on a free localhost port in a daemon thread (demo, tests, benchmarks)."""
 
-    def __init__(self, cfg: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, cfg: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.sim = Simulator(cfg)
         self.host = host
         self.port = port

@@ -21,13 +21,47 @@ from lgt_ops.ids import canonical_json, seeded_unit, sha256_hex
 from lgt_ops.llm.simulator.config import SimConfig
 
 VOCAB = (
-    "bicycle", "umbrella", "giraffe", "laptop", "teapot", "pineapple", "violin", "ladder",
-    "suitcase", "kite", "toaster", "lamp", "chair", "bottle", "clock", "dog", "horse", "boat",
-    "tree", "car", "book", "phone", "bench", "backpack",
+    "bicycle",
+    "umbrella",
+    "giraffe",
+    "laptop",
+    "teapot",
+    "pineapple",
+    "violin",
+    "ladder",
+    "suitcase",
+    "kite",
+    "toaster",
+    "lamp",
+    "chair",
+    "bottle",
+    "clock",
+    "dog",
+    "horse",
+    "boat",
+    "tree",
+    "car",
+    "book",
+    "phone",
+    "bench",
+    "backpack",
 )
 COLOURS = (
-    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
-    "grey", "gray", "silver", "gold", "golden",
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+    "grey",
+    "gray",
+    "silver",
+    "gold",
+    "golden",
 )
 POSITIONS = ("on the left side", "in the middle", "on the right side", "along the top edge")
 LETTERS = "ABCDEFGH"
@@ -226,7 +260,9 @@ class World:
         if not options:
             return self.generic(rng)
         # Each question has its own difficulty; each rollout its own draw against it.
-        p = min(1.0, max(0.0, self.cfg.accuracy + (seeded_unit("difficulty", question) - 0.5) * 1.4))
+        p = min(
+            1.0, max(0.0, self.cfg.accuracy + (seeded_unit("difficulty", question) - 0.5) * 1.4)
+        )
         right = truth is not None and rng.random() < p
         wrong = [ltr for ltr, _ in options if ltr != truth]
         letter = truth if right else rng.choice(wrong or [options[0][0]])
@@ -240,7 +276,7 @@ class World:
                     "I scan the image for the objects involved.",
                 ]
             ),
-            f"Comparing the options, \"{chosen}\" fits what I see best.",
+            f'Comparing the options, "{chosen}" fits what I see best.',
             f"So the answer should be ({letter}).",
         ]
         thinking = "\n".join(steps)
@@ -263,7 +299,7 @@ class World:
         chosen = dict(options).get(letter, "")
         moves = [
             " let me double-check this before answering.",
-            f" I should verify the option \"{chosen}\" against the image again.",
+            f' I should verify the option "{chosen}" against the image again.',
         ]
         if before and before != letter:
             moves.append(f" Actually, ({before}) does not look right; let me reconsider.")
@@ -327,9 +363,7 @@ def _counting(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
 def _spatial(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
     counts = Counter(o.label for o in objs)
     unique = [o for o in objs if counts[o.label] == 1]
-    pairs = [
-        (a, b) for a in unique for b in unique if a.label != b.label and a.box[2] < b.box[0]
-    ]
+    pairs = [(a, b) for a in unique for b in unique if a.label != b.label and a.box[2] < b.box[0]]
     if not pairs:
         return None
     a, b = rng.choice(pairs)
@@ -431,7 +465,7 @@ def _compose_stem(operator: str, parents: list[tuple[str, str]], rng: random.Ran
         return f"Are there more {nouns[0]} or more {nouns[1]} in the image?"
     if operator == "chain" and len(qs) >= 2:
         first = qs[0][0].lower() + qs[0][1:]
-        return f"Consider the answer to \"{first}\". {qs[1]}, for that object?"
+        return f'Consider the answer to "{first}". {qs[1]}, for that object?'
     lowered = [q[0].lower() + q[1:] for q in qs]
     return "Which pair of answers is correct: " + "; and ".join(lowered) + "?"
 

@@ -1,0 +1,90 @@
+"""Where a run's images come from, and which images a run (or a shard of it) works on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from sqlalchemy import Connection, text
+
+from lgt_ops.stages.base import Shard, StageEnv
+from lgt_ops.storage import ObjectStore
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A prefix in a store: `sources/` in the main store, or `s3://other-bucket/prefix`."""
+
+    store_url: str
+    prefix: str
+
+    @property
+    def like(self) -> str:
+        escaped = self.prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return escaped + "%"
+
+
+def resolve_source(env: StageEnv, source: str | None) -> tuple[SourceSpec, ObjectStore]:
+    raw = source if source is not None else env.settings.source_prefix
+    parsed = urlparse(raw)
+    if parsed.scheme in ("s3", "file"):
+        if parsed.scheme == "s3":
+            store = env.store_for(f"s3://{parsed.netloc}")
+            prefix = parsed.path.lstrip("/")
+        else:
+            store = env.store_for(raw.rstrip("/"))
+            prefix = ""
+    else:
+        store, prefix = env.store, raw.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return SourceSpec(store.url, prefix), store
+
+
+_IMAGE_SET = (
+    "SELECT i.image_id, i.width, i.height, i.hbucket FROM images i"
+    " WHERE EXISTS (SELECT 1 FROM sources s WHERE s.image_id = i.image_id AND s.status = 'ok'"
+    "   AND s.bucket = :bucket AND s.key LIKE :like ESCAPE '\\')"
+)
+
+
+def image_set(
+    conn: Connection, spec: SourceSpec, shard: Shard | None = None, sample_size: int | None = None
+) -> list[Any]:
+    """Images with a live source under the spec; a sample is the same images every run
+    (smallest hbucket first), and a shard is a stable hash partition of that set."""
+    sql = _IMAGE_SET
+    params: dict[str, Any] = {"bucket": spec.store_url, "like": spec.like}
+    if sample_size:
+        sql = f"SELECT * FROM ({sql} ORDER BY i.hbucket, i.image_id LIMIT :sample) sampled"
+        params["sample"] = int(sample_size)
+    else:
+        sql = f"SELECT * FROM ({sql}) all_images"
+    if shard is not None and shard.count > 1:
+        sql += " WHERE hbucket % :count = :index"
+        params.update(count=shard.count, index=shard.index)
+    sql += " ORDER BY image_id"
+    return conn.execute(text(sql), params).all()
+
+
+def count_images(conn: Connection, spec: SourceSpec, sample_size: int | None = None) -> int:
+    sql = f"SELECT COUNT(*) FROM ({_IMAGE_SET}) x"
+    n = conn.execute(text(sql), {"bucket": spec.store_url, "like": spec.like}).scalar_one()
+    return min(n, sample_size) if sample_size else n
+
+
+def image_locations(conn: Connection, image_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """image_id -> (store url, key) of one live source (the first by key)."""
+    from lgt_ops.stages.base import select_in
+
+    rows = select_in(
+        conn,
+        "SELECT image_id, bucket, key FROM sources WHERE status = 'ok' AND image_id IN :ids"
+        " ORDER BY bucket, key",
+        image_ids,
+    )
+    out: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        out.setdefault(r.image_id, (r.bucket, r.key))
+    return out

@@ -1,0 +1,292 @@
+"""What every stage shares: its environment, shards, run records, skip lists and rejections.
+
+A stage takes a shard and a run context and (1) reads its inputs, (2) skips items already
+done under the same stage fingerprint, (3) calls endpoints only through the request engine
+and its ledger, (4) records every rejection with a reason, and (5) commits outputs, ledger
+rows and done-markers together with INSERT ... ON CONFLICT DO NOTHING. Killing it at any
+point and running it again converges to the same rows without repeating a paid call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, text
+
+from lgt_ops.config import Settings
+from lgt_ops.db.engine import make_engine
+from lgt_ops.db.migrate import upgrade
+from lgt_ops.db.repo import chunked, dumps, forget_schema, insert_ignore, utcnow
+from lgt_ops.ids import content_id
+from lgt_ops.runctx import RunContext
+from lgt_ops.storage import ObjectStore, open_store, store_from_settings
+
+
+@dataclass
+class StageEnv:
+    settings: Settings
+    db: Engine
+    store: ObjectStore
+    run: RunContext
+    show_progress: bool = True
+    _stores: dict[str, ObjectStore] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, settings: Settings, run: RunContext, *, migrate: bool = True) -> StageEnv:
+        db = make_engine(settings.database_url)
+        if migrate and upgrade(db):
+            forget_schema(db)
+        return cls(settings=settings, db=db, store=store_from_settings(settings), run=run)
+
+    def store_for(self, url: str) -> ObjectStore:
+        """The store a source row lives in (the main store, or another bucket)."""
+        if url == self.store.url:
+            return self.store
+        if url not in self._stores:
+            self._stores[url] = open_store(url, self.settings)
+        return self._stores[url]
+
+    def with_run(self, run: RunContext) -> StageEnv:
+        return StageEnv(self.settings, self.db, self.store, run, self.show_progress, self._stores)
+
+    def with_settings(self, settings: Settings) -> StageEnv:
+        """Same database and store, other method/endpoint settings (run parameters)."""
+        return StageEnv(settings, self.db, self.store, self.run, self.show_progress, self._stores)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Images whose hbucket % count == index. Stable across runs and cheap to filter."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index {self.index} out of range for {self.count} shards")
+
+    @classmethod
+    def parse(cls, value: Any) -> Shard:
+        if isinstance(value, Shard):
+            return value
+        if isinstance(value, dict):
+            return cls(int(value["index"]), int(value["count"]))
+        index, _, count = str(value).partition("/")
+        return cls(int(index), int(count or 1))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"index": self.index, "count": self.count}
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass
+class StageStats:
+    items_in: int = 0
+    items_skipped: int = 0
+    items_out: int = 0
+    items_rejected: int = 0
+    requests_sent: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: Counter = field(default_factory=Counter)
+    rejected_by_reason: Counter = field(default_factory=Counter)
+
+    def absorb(self, summary: dict[str, Any]) -> None:
+        """Add a request engine's counters."""
+        self.requests_sent += summary["sent"]
+        self.cache_hits += summary["cache_hits"]
+        self.prompt_tokens += summary["prompt_tokens"]
+        self.completion_tokens += summary["completion_tokens"]
+        self.errors.update(summary["errors"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "items_in": self.items_in,
+            "items_skipped": self.items_skipped,
+            "items_out": self.items_out,
+            "items_rejected": self.items_rejected,
+            "requests_sent": self.requests_sent,
+            "cache_hits": self.cache_hits,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "errors": dict(self.errors),
+            "rejected_by_reason": dict(self.rejected_by_reason),
+        }
+
+
+def ensure_pipeline_run(env: StageEnv, params: dict[str, Any] | None = None) -> None:
+    with env.db.begin() as conn:
+        insert_ignore(
+            conn,
+            "pipeline_runs",
+            [
+                {
+                    "run_id": env.run.run_id,
+                    "run_type": env.run.run_type,
+                    "dag_id": env.run.dag_id,
+                    "airflow_run_id": env.run.airflow_run_id,
+                    "params": dumps(params or {}),
+                    "status": "running",
+                }
+            ],
+        )
+
+
+def finish_pipeline_run(env: StageEnv, status: str) -> None:
+    with env.db.begin() as conn:
+        conn.execute(
+            text("UPDATE pipeline_runs SET status = :s, finished_at = :t WHERE run_id = :r"),
+            {"s": status, "t": utcnow(), "r": env.run.run_id},
+        )
+
+
+@contextmanager
+def recorded(env: StageEnv, stage: str, shard: Shard, fingerprint: str) -> Iterator[StageStats]:
+    """A stage_runs row for this attempt: running, then success or failed with counters."""
+    ensure_pipeline_run(env)
+    stats = StageStats()
+    started = time.monotonic()
+    with env.db.begin() as conn:
+        attempt = conn.execute(
+            text(
+                "SELECT COALESCE(MAX(attempt), 0) + 1 FROM stage_runs"
+                " WHERE run_id = :r AND stage = :s AND shard_index = :i"
+            ),
+            {"r": env.run.run_id, "s": stage, "i": shard.index},
+        ).scalar_one()
+        insert_ignore(
+            conn,
+            "stage_runs",
+            [
+                {
+                    "run_id": env.run.run_id,
+                    "stage": stage,
+                    "shard_index": shard.index,
+                    "num_shards": shard.count,
+                    "attempt": attempt,
+                    "fingerprint": fingerprint,
+                    "dag_id": env.run.dag_id,
+                    "task_id": env.run.task_id,
+                    "map_index": env.run.map_index,
+                    "status": "running",
+                }
+            ],
+        )
+    status, detail = "success", None
+    try:
+        yield stats
+    except BaseException as exc:
+        status = "failed"
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()[:4000]
+        raise
+    finally:
+        with env.db.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE stage_runs SET status = :status, finished_at = :t, wall_seconds = :w,"
+                    " items_in = :items_in, items_skipped = :items_skipped,"
+                    " items_out = :items_out, items_rejected = :items_rejected,"
+                    " requests_sent = :requests_sent, cache_hits = :cache_hits,"
+                    " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,"
+                    " errors = :errors, error_detail = :detail"
+                    " WHERE run_id = :r AND stage = :s AND shard_index = :i AND attempt = :a"
+                ),
+                {
+                    **{k: v for k, v in stats.as_dict().items() if k != "rejected_by_reason"},
+                    "errors": json.dumps(dict(stats.errors), sort_keys=True),
+                    "status": status,
+                    "t": utcnow(),
+                    "w": round(time.monotonic() - started, 3),
+                    "detail": detail,
+                    "r": env.run.run_id,
+                    "s": stage,
+                    "i": shard.index,
+                    "a": attempt,
+                },
+            )
+
+
+def rejection(
+    env: StageEnv,
+    stage: str,
+    fingerprint: str,
+    item_kind: str,
+    item_ref: str,
+    reason: str,
+    detail: str | None = None,
+    *,
+    image_id: str | None = None,
+    request_key: str | None = None,
+) -> dict[str, Any]:
+    """A rejections row; its id is stable, so re-running records the same rejection once."""
+    return {
+        "rejection_id": content_id("rejection", stage, fingerprint, item_kind, item_ref, reason),
+        "run_id": env.run.run_id,
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "item_kind": item_kind,
+        "item_ref": item_ref,
+        "image_id": image_id,
+        "reason": reason,
+        "detail": (detail or "")[:2000] or None,
+        "request_key": request_key,
+    }
+
+
+def done_marker(
+    env: StageEnv, stage: str, fingerprint: str, item_id: str, status: str, outputs: int
+) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "item_id": item_id,
+        "status": status,
+        "outputs": outputs,
+        "run_id": env.run.run_id,
+    }
+
+
+def already_done(
+    conn: Connection, stage: str, fingerprint: str, item_ids: Iterable[str]
+) -> set[str]:
+    stmt = text(
+        "SELECT item_id FROM stage_items WHERE stage = :s AND fingerprint = :f AND item_id IN :ids"
+    ).bindparams(bindparam("ids", expanding=True))
+    done: set[str] = set()
+    for ids in chunked(list(item_ids), 900):
+        done.update(
+            r[0] for r in conn.execute(stmt, {"s": stage, "f": fingerprint, "ids": list(ids)})
+        )
+    return done
+
+
+def select_in(conn: Connection, sql: str, ids: Sequence[str], **params: Any) -> list[Any]:
+    """Run `sql` (which has `IN :ids`) over `ids` in chunks; all rows."""
+    stmt = text(sql).bindparams(bindparam("ids", expanding=True))
+    rows: list[Any] = []
+    for chunk in chunked(list(ids), 900):
+        rows.extend(conn.execute(stmt, {**params, "ids": list(chunk)}).all())
+    return rows
+
+
+def commit(
+    env: StageEnv,
+    rows_by_table: dict[str, list[dict[str, Any]]],
+    ledger: Any | None = None,
+) -> None:
+    """One transaction: ledger rows first (outputs reference them), then outputs in order."""
+    with env.db.begin() as conn:
+        if ledger is not None:
+            ledger.flush(conn)
+        for table_name, rows in rows_by_table.items():
+            insert_ignore(conn, table_name, rows)

@@ -1,0 +1,193 @@
+"""The loop every model-calling stage shares.
+
+A stage turns its pending inputs into `WorkItem`s (each with one or more requests) and
+supplies `handle(item, outcomes) -> Rows`. The runner streams all requests through one
+`RequestEngine`, gathers each item's outcomes, and commits handled items in small batches:
+the ledger rows, the item's outputs and rejections, and its done-marker in one transaction.
+An item whose request failed for endpoint reasons gets no marker and stays pending; the
+stage then raises `StageIncomplete` so the orchestrator retries it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lgt_ops.images import data_url, encode_for_request
+from lgt_ops.llm.engine import RequestEngine
+from lgt_ops.llm.ledger import Ledger, Outcome
+from lgt_ops.llm.request import ChatRequest
+from lgt_ops.progress import Progress
+from lgt_ops.stages.base import StageEnv, StageStats, commit, done_marker, rejection
+from lgt_ops.storage import S3Store
+
+_COMMIT_ITEMS = 25
+_COMMIT_SECONDS = 2.0
+
+
+class StageIncomplete(RuntimeError):
+    """Some items could not be finished (endpoint failures); a retry resumes from them."""
+
+
+@dataclass
+class WorkItem:
+    item_id: str
+    image_id: str | None
+    requests: list[ChatRequest]
+    context: Any = None
+
+
+@dataclass
+class Rows:
+    """What handling one item produced: table -> rows, and how many outputs count."""
+
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    outputs: int = 0
+
+    def add(self, table: str, *rows: dict[str, Any]) -> None:
+        self.tables.setdefault(table, []).extend(rows)
+
+
+@dataclass
+class Plan:
+    """A stage's pending work on one shard, before any call is made."""
+
+    items: list[WorkItem] = field(default_factory=list)
+    considered: int = 0
+    skipped: int = 0  # done under this fingerprint already
+    early: Rows = field(default_factory=lambda: Rows())  # rejected without a call
+    images: StoreImageUrls | None = None
+
+    @property
+    def requests(self) -> int:
+        return sum(len(i.requests) for i in self.items)
+
+
+class StoreImageUrls:
+    """image_id -> what the VLM receives, per the settings' image spec."""
+
+    def __init__(self, env: StageEnv, locations: dict[str, tuple[str, str]]) -> None:
+        self.env = env
+        self.locations = locations
+        self.spec = env.settings.image_spec
+
+    def url_for(self, image_id: str) -> str:
+        store_url, key = self.locations[image_id]
+        store = self.env.store_for(store_url)
+        if self.spec.transport == "presigned_url" and isinstance(store, S3Store):
+            return store.presigned_url(key)
+        return data_url(encode_for_request(store.get(key), self.spec), self.spec)
+
+
+def run_model_stage(
+    env: StageEnv,
+    *,
+    stage: str,
+    fingerprint: str,
+    role: str,
+    items: Sequence[WorkItem],
+    handle: Callable[[WorkItem, list[Outcome]], Rows],
+    stats: StageStats,
+    images: StoreImageUrls | None = None,
+) -> None:
+    if not items:
+        return
+    endpoint = env.settings.endpoint(role)
+    ledger = Ledger(env.db, env.run, stage, env.store)
+    total = sum(len(i.requests) for i in items)
+    progress = Progress(f"{stage} [{role}]", total, enabled=env.show_progress)
+    engine = RequestEngine(
+        endpoint, ledger, images, progress=progress, seed=env.settings.method.seed
+    )
+    by_key: dict[str, list[WorkItem]] = {}
+    for item in items:
+        for req in item.requests:
+            by_key.setdefault(req.key, []).append(item)
+    waiting = {id(i): len(i.requests) for i in items}
+    got: dict[int, list[Outcome]] = {id(i): [] for i in items}
+    buffer: dict[str, list[dict[str, Any]]] = {}
+    buffered_items = 0
+    last_commit = time.monotonic()
+    failed: list[str] = []
+
+    def flush() -> None:
+        nonlocal buffer, buffered_items, last_commit
+        commit(env, buffer, ledger)
+        buffer, buffered_items, last_commit = {}, 0, time.monotonic()
+
+    def finish(item: WorkItem, outcomes: list[Outcome]) -> None:
+        nonlocal buffered_items
+        if any(o.status == "failed" for o in outcomes):
+            failed.append(item.item_id)
+            return
+        rows = handle(item, outcomes)
+        n_rejected = len(rows.tables.get("rejections", []))
+        stats.items_rejected += n_rejected
+        for r in rows.tables.get("rejections", []):
+            stats.rejected_by_reason[r["reason"]] += 1
+        stats.items_out += rows.outputs
+        status = "done" if rows.outputs else "rejected"
+        rows.add(
+            "stage_items", done_marker(env, stage, fingerprint, item.item_id, status, rows.outputs)
+        )
+        for table, table_rows in rows.tables.items():
+            buffer.setdefault(table, []).extend(table_rows)
+        buffered_items += 1
+
+    requests = (req for item in items for req in item.requests)
+    try:
+        for outcome in engine.run(requests):
+            for item in by_key.get(outcome.request.key, ()):
+                if outcome.request is not _match(item, outcome.request):
+                    continue
+                got[id(item)].append(outcome)
+                waiting[id(item)] -= 1
+                if waiting[id(item)] == 0:
+                    finish(item, got.pop(id(item)))
+            if buffered_items >= _COMMIT_ITEMS or time.monotonic() - last_commit > _COMMIT_SECONDS:
+                flush()
+    finally:
+        flush()  # keep what is finished, also when the endpoint went down mid-stage
+        progress.close()
+        stats.absorb(engine.summary())
+    if failed:
+        raise StageIncomplete(
+            f"{stage}: {len(failed)} item(s) not finished because of endpoint failures "
+            f"({dict(engine.stats.errors)}); re-run to resume (finished work is kept)"
+        )
+
+
+def _match(item: WorkItem, req: ChatRequest) -> ChatRequest | None:
+    """The item's own request object for this outcome (identity, not key, so two items
+    asking the same request each get their outcome)."""
+    return next((r for r in item.requests if r is req), None)
+
+
+def record_early(env: StageEnv, work: Plan, stats: StageStats) -> None:
+    """Commit rejections decided before any call (e.g. an input with nothing to work on)."""
+    rejected = work.early.tables.get("rejections", [])
+    if not rejected:
+        return
+    commit(env, work.early.tables)
+    stats.items_rejected += len(rejected)
+    for r in rejected:
+        stats.rejected_by_reason[r["reason"]] += 1
+
+
+def request_rejection(
+    env: StageEnv, stage: str, fp: str, item: WorkItem, outcome: Outcome
+) -> dict[str, Any]:
+    """A rejection row for a request that ended without usable output."""
+    return rejection(
+        env,
+        stage,
+        fp,
+        "request",
+        item.item_id,
+        outcome.error_class or outcome.status,
+        outcome.error_detail,
+        image_id=item.image_id,
+        request_key=outcome.request.key,
+    )

@@ -1,0 +1,190 @@
+"""Annotate: ask the VLM for a dense caption and object boxes where the metadata has none.
+
+Only what is missing is asked for and stored: a caption from the manifest is never replaced
+by a model's. Boxes come back in the pixel coordinates of the image as sent (it may have been
+shrunk to the image spec's max side); they are scaled back to the original upright image,
+validated, and recorded with the model and request that produced them.
+"""
+
+from __future__ import annotations
+
+from lgt_ops import boxes, prompts
+from lgt_ops.annotations import ImageContext, current
+from lgt_ops.ids import content_id, fingerprint
+from lgt_ops.images import scale_factor
+from lgt_ops.llm.ledger import Outcome
+from lgt_ops.llm.request import ChatRequest, image_part
+from lgt_ops.llm.schema import parse_json_reply
+from lgt_ops.sources import SourceSpec, image_locations, image_set
+from lgt_ops.stages.base import Shard, StageEnv, StageStats, already_done, recorded, rejection
+from lgt_ops.stages.ingest import annotation_row
+from lgt_ops.stages.runner import (
+    Plan,
+    Rows,
+    StoreImageUrls,
+    WorkItem,
+    request_rejection,
+    run_model_stage,
+)
+
+STAGE = "annotate"
+VERSION = 1
+TEMPLATE = "annotate"
+
+
+def stage_fingerprint(env: StageEnv) -> str:
+    return fingerprint(
+        {
+            "stage": STAGE,
+            "v": VERSION,
+            "template": prompts.load(TEMPLATE).ref,
+            "model": env.settings.endpoint("vlm").model,
+            "image_spec": env.settings.image_spec.model_dump(exclude={"transport"}),
+            "max_objects": env.settings.method.annotate_max_objects,
+            "seed": env.settings.method.seed,
+        }
+    )
+
+
+def item_id(ctx: ImageContext) -> str:
+    return content_id("annotate-input", ctx.image_id, ctx.caption_id, ctx.objects_id)
+
+
+def build_request(env: StageEnv, ctx: ImageContext) -> ChatRequest:
+    t = prompts.load(TEMPLATE)
+    scale = scale_factor(ctx.width, ctx.height, env.settings.image_spec)
+    messages = t.render(
+        width=round(ctx.width * scale),
+        height=round(ctx.height * scale),
+        max_objects=env.settings.method.annotate_max_objects,
+    )
+    user = messages[-1]
+    messages[-1] = {
+        "role": "user",
+        "content": [image_part(ctx.image_id), {"type": "text", "text": user["content"]}],
+    }
+    return ChatRequest(
+        role="vlm",
+        model=env.settings.endpoint("vlm").model,
+        template_id=t.id,
+        template_version=t.version,
+        messages=messages,
+        sampling={
+            "temperature": 0.2,
+            "max_tokens": 2048,
+            "seed": int(ctx.image_id[:8], 16) % (2**31),
+        },
+        response_schema=t.schema,
+        schema_name=t.id,
+        image_spec=env.settings.image_spec,
+    )
+
+
+def parse(env: StageEnv, fp: str, item: WorkItem, outcome: Outcome) -> Rows:
+    ctx: ImageContext = item.context
+    rows = Rows()
+    if not outcome.ok:
+        rows.add("rejections", request_rejection(env, STAGE, fp, item, outcome))
+        return rows
+    model = env.settings.endpoint("vlm").model
+    try:
+        reply = parse_json_reply(outcome.contents()[0])
+        caption, raw_objects = str(reply["caption"]).strip(), list(reply["objects"])
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        rows.add(
+            "rejections",
+            rejection(
+                env,
+                STAGE,
+                fp,
+                "request",
+                item.item_id,
+                "unparseable_reply",
+                str(exc),
+                image_id=ctx.image_id,
+                request_key=outcome.request.key,
+            ),
+        )
+        return rows
+    key = outcome.request.key
+    if ctx.caption is None and caption:
+        rows.add(
+            "annotations",
+            annotation_row(
+                env, ctx.image_id, "caption", "model", model, {"caption": caption}, fp, key
+            ),
+        )
+        rows.outputs += 1
+    if ctx.objects is None:
+        scale = scale_factor(ctx.width, ctx.height, env.settings.image_spec)
+        objects = []
+        for n, obj in enumerate(raw_objects[: env.settings.method.annotate_max_objects], start=1):
+            oid = f"m{n}"
+            try:
+                label = str(obj.get("label", "")).strip().lower()
+                if not label:
+                    raise boxes.BoxRejected("object_label_missing", f"object {obj!r}"[:200])
+                sent = boxes.to_xyxy(obj.get("box"), "xyxy", ctx.width, ctx.height)
+                box = boxes.validate([v / scale for v in sent], ctx.width, ctx.height)
+            except boxes.BoxRejected as exc:
+                rows.add(
+                    "rejections",
+                    rejection(
+                        env,
+                        STAGE,
+                        fp,
+                        "object",
+                        f"{item.item_id}#{oid}",
+                        exc.reason,
+                        exc.detail,
+                        image_id=ctx.image_id,
+                        request_key=key,
+                    ),
+                )
+                continue
+            objects.append({"id": oid, "label": label, "box": list(box)})
+        if objects:
+            content = {"objects": objects, "source_box_format": "xyxy", "scale": scale}
+            rows.add(
+                "annotations",
+                annotation_row(env, ctx.image_id, "objects", "model", model, content, fp, key),
+            )
+            rows.outputs += 1
+    return rows
+
+
+def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
+    fp = stage_fingerprint(env)
+    with env.db.connect() as conn:
+        images = image_set(conn, spec, shard, sample_size)
+        contexts = current(conn, images)  # metadata only: what is missing?
+        needy = [c for c in contexts.values() if c.caption is None or c.objects is None]
+        done = already_done(conn, STAGE, fp, [item_id(c) for c in needy])
+        locations = image_locations(conn, [c.image_id for c in needy])
+    out = Plan(considered=len(needy), images=StoreImageUrls(env, locations))
+    for ctx in needy:
+        if item_id(ctx) in done:
+            out.skipped += 1
+        else:
+            out.items.append(WorkItem(item_id(ctx), ctx.image_id, [build_request(env, ctx)], ctx))
+    return out
+
+
+def run(
+    env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
+) -> StageStats:
+    fp = stage_fingerprint(env)
+    with recorded(env, STAGE, shard, fp) as stats:
+        work = plan(env, spec, shard, sample_size)
+        stats.items_in, stats.items_skipped = work.considered, work.skipped
+        run_model_stage(
+            env,
+            stage=STAGE,
+            fingerprint=fp,
+            role="vlm",
+            items=work.items,
+            handle=lambda item, outs: parse(env, fp, item, outs[0]),
+            stats=stats,
+            images=work.images,
+        )
+    return stats

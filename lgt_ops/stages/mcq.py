@@ -1,0 +1,236 @@
+"""Stage 1, scale: grounded multiple-choice questions written from captions and boxes.
+
+A text LLM reads the image's dense caption and annotated objects (not the pixels) and writes
+questions grounded on specific objects. Every question is validated (see
+`lgt_ops.questions.check`), near-duplicates on the same image are dropped with a reason, and
+the options are shuffled with a seed derived from the question id so the correct letter is
+balanced and reproducible.
+"""
+
+from __future__ import annotations
+
+from lgt_ops import prompts
+from lgt_ops.annotations import ImageContext, current
+from lgt_ops.ids import fingerprint
+from lgt_ops.llm.ledger import Outcome
+from lgt_ops.llm.request import ChatRequest
+from lgt_ops.llm.schema import parse_json_reply
+from lgt_ops.questions import (
+    LETTERS,
+    SKILLS,
+    NearDuplicates,
+    QuestionRejected,
+    check,
+    make_question,
+    normalise_skill,
+    question_row,
+)
+from lgt_ops.sources import SourceSpec, image_set
+from lgt_ops.stages import annotate
+from lgt_ops.stages.base import (
+    Shard,
+    StageEnv,
+    StageStats,
+    already_done,
+    recorded,
+    rejection,
+)
+from lgt_ops.stages.runner import (
+    Plan,
+    Rows,
+    WorkItem,
+    record_early,
+    request_rejection,
+    run_model_stage,
+)
+
+STAGE = "mcq"
+VERSION = 1
+TEMPLATE = "mcq"
+
+
+def stage_fingerprint(env: StageEnv) -> str:
+    m = env.settings.method
+    t = prompts.load(TEMPLATE)
+    return fingerprint(
+        {
+            "stage": STAGE,
+            "v": VERSION,
+            "template": t.ref,
+            "model": env.settings.endpoint("llm").model,
+            "params": [
+                m.mcq_per_image,
+                m.mcq_options,
+                m.mcq_temperature,
+                m.mcq_max_tokens,
+                m.mcq_dedup_threshold,
+                m.seed,
+            ],
+            "annotate": annotate.stage_fingerprint(env),
+        }
+    )
+
+
+def image_seed(image_id: str, seed: int) -> int:
+    return (seed * 1_000_003 + int(image_id[:8], 16)) % (2**31)
+
+
+def build_request(env: StageEnv, ctx: ImageContext) -> ChatRequest:
+    m = env.settings.method
+    t = prompts.load(TEMPLATE)
+    messages = t.render(
+        width=ctx.width,
+        height=ctx.height,
+        caption=ctx.caption or "(no caption)",
+        objects=ctx.objects_text(),
+        count=m.mcq_per_image,
+        skills=", ".join(SKILLS),
+        n_options=m.mcq_options,
+        letters=", ".join(LETTERS[: m.mcq_options]),
+    )
+    return ChatRequest(
+        role="llm",
+        model=env.settings.endpoint("llm").model,
+        template_id=t.id,
+        template_version=t.version,
+        messages=messages,
+        sampling={
+            "temperature": m.mcq_temperature,
+            "max_tokens": m.mcq_max_tokens,
+            "seed": image_seed(ctx.image_id, m.seed),
+        },
+        response_schema=t.schema,
+        schema_name=t.id,
+    )
+
+
+def parse(env: StageEnv, fp: str, item: WorkItem, outcome: Outcome) -> Rows:
+    """Questions and rejections from one reply."""
+    ctx: ImageContext = item.context
+    rows = Rows()
+    if not outcome.ok:
+        rows.add("rejections", request_rejection(env, STAGE, fp, item, outcome))
+        return rows
+    try:
+        raw = parse_json_reply(outcome.contents()[0])["questions"]
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        rows.add(
+            "rejections",
+            rejection(
+                env,
+                STAGE,
+                fp,
+                "request",
+                item.item_id,
+                "unparseable_reply",
+                str(exc),
+                image_id=ctx.image_id,
+                request_key=outcome.request.key,
+            ),
+        )
+        return rows
+    n_opt = env.settings.method.mcq_options
+    dedup = NearDuplicates(env.settings.method.mcq_dedup_threshold)
+    for n, q in enumerate(raw):
+        ref = f"{item.item_id}#{n}"
+        try:
+            if not isinstance(q, dict):
+                raise QuestionRejected("malformed_question", f"{q!r}"[:200])
+            grounding = [str(g) for g in q.get("grounding") or []]
+            correct = check(
+                q.get("question", ""),
+                q.get("options") or [],
+                q.get("answer", ""),
+                n_options=n_opt,
+                grounding=grounding,
+                known_objects=ctx.object_ids(),
+            )
+            dedup.check(f"{q['question']} {correct}")
+        except QuestionRejected as exc:
+            rows.add(
+                "rejections",
+                rejection(
+                    env,
+                    STAGE,
+                    fp,
+                    "question",
+                    ref,
+                    exc.reason,
+                    exc.detail,
+                    image_id=ctx.image_id,
+                    request_key=outcome.request.key,
+                ),
+            )
+            continue
+        question = make_question(
+            image_id=ctx.image_id,
+            stage=1,
+            fingerprint=fp,
+            skill=normalise_skill(q.get("skill", "")),
+            question=q["question"],
+            correct=correct,
+            distractors=[str(o).strip() for o in q["options"] if str(o).strip() != correct],
+            grounding=sorted(set(grounding)),
+        )
+        rows.add(
+            "questions",
+            question_row(
+                question,
+                fingerprint=fp,
+                item_id=item.item_id,
+                request_key=outcome.request.key,
+                run_id=env.run.run_id,
+            ),
+        )
+        rows.outputs += 1
+    return rows
+
+
+def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
+    fp = stage_fingerprint(env)
+    with env.db.connect() as conn:
+        images = image_set(conn, spec, shard, sample_size)
+        contexts = current(conn, images, annotate.stage_fingerprint(env))
+        done = already_done(conn, STAGE, fp, [c.input_id for c in contexts.values()])
+    out = Plan(considered=len(contexts))
+    for ctx in contexts.values():
+        if ctx.input_id in done:
+            out.skipped += 1
+        elif not ctx.objects:
+            # Nothing to ground on: the annotate stage has not filled this image (yet).
+            out.early.add(
+                "rejections",
+                rejection(
+                    env,
+                    STAGE,
+                    fp,
+                    "image",
+                    ctx.input_id,
+                    "missing_objects",
+                    "no object annotations",
+                    image_id=ctx.image_id,
+                ),
+            )
+        else:
+            out.items.append(WorkItem(ctx.input_id, ctx.image_id, [build_request(env, ctx)], ctx))
+    return out
+
+
+def run(
+    env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
+) -> StageStats:
+    fp = stage_fingerprint(env)
+    with recorded(env, STAGE, shard, fp) as stats:
+        work = plan(env, spec, shard, sample_size)
+        stats.items_in, stats.items_skipped = work.considered, work.skipped
+        record_early(env, work, stats)
+        run_model_stage(
+            env,
+            stage=STAGE,
+            fingerprint=fp,
+            role="llm",
+            items=work.items,
+            handle=lambda item, outs: parse(env, fp, item, outs[0]),
+            stats=stats,
+        )
+    return stats

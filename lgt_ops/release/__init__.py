@@ -1,0 +1,1 @@
+"""Versioned, immutable dataset releases: Parquet splits, manifest, dataset card, report."""

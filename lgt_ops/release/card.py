@@ -1,0 +1,95 @@
+"""The dataset card (README.md with a Hugging Face YAML header), rendered from the manifest."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_SIMULATED = (
+    "> **SIMULATED DATA — NOT MODEL OUTPUT.** Every model reply behind this release came from "
+    "the LGT-ETL simulator, a test double. Use it to test pipelines and loaders only; never to "
+    "train or evaluate a model.\n"
+)
+
+
+def _yaml_list(items: list[str], indent: int) -> str:
+    pad = " " * indent
+    return "\n".join(f"{pad}- {json.dumps(i)}" for i in items)
+
+
+def render(manifest: dict[str, Any]) -> str:
+    configs = manifest["configs"]
+    header = [
+        "---",
+        "license: other",
+        "task_categories:",
+        "- visual-question-answering",
+        "- image-text-to-text",
+        "tags:",
+        "- reasoning",
+        "- chain-of-thought",
+        "- multiple-choice",
+        "- lgt-etl",
+    ]
+    if manifest.get("simulated"):
+        header.append("- simulated")
+    header.append("configs:")
+    for i, (name, globs) in enumerate(sorted(configs.items())):
+        header.append(f"- config_name: {name}")
+        if i == 0:
+            header.append("  default: true")
+        header.append("  data_files:")
+        header.append("  - split: train")
+        header.append("    path:")
+        header.append(_yaml_list(globs, 4))
+    header.append("---")
+    lines = [
+        "\n".join(header),
+        "",
+        f"# {manifest['name']} {manifest['version']}",
+        "",
+    ]
+    if manifest.get("simulated"):
+        lines += [_SIMULATED]
+    lines += [
+        "Grounded multiple-choice questions and long reasoning traces about images, built by "
+        'LGT-ETL following "Long Grounded Thoughts" (Acuna et al., 2025).',
+        "",
+        "## Splits",
+        "",
+        "| config | rows | files |",
+        "|---|---:|---:|",
+    ]
+    for name, split in sorted(manifest["splits"].items()):
+        lines.append(f"| {name} | {split['rows']} | {len(split['files'])} |")
+    counts = manifest.get("counts", {})
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"- release id: `{manifest['release_id']}`; parent: `{manifest.get('parent_release')}`",
+        f"- content sha256: `{manifest['content_sha256']}`",
+        f"- images: {counts.get('images', 0)} from `{manifest['source']['store']}`"
+        f" prefix `{manifest['source']['prefix']}`",
+        f"- pipeline run: `{manifest['run_id']}`",
+        "- models requested: "
+        + ", ".join(f"{r}=`{m}`" for r, m in manifest["models"]["requested"].items()),
+        "- models that answered: "
+        + (", ".join(f"`{m}`" for m in manifest["models"]["served"]) or "none"),
+        "- stage fingerprints: "
+        + ", ".join(f"{s}=`{f}`" for s, f in sorted(manifest["fingerprints"].items())),
+        "",
+        "Every row carries ids (question_id, image_id, request keys) that resolve in the "
+        "LGT-ETL lineage database; see the project's sql/queries/.",
+        "",
+        "## Rejected items by reason",
+        "",
+    ]
+    rejections = counts.get("rejections", {})
+    if not rejections:
+        lines.append("None.")
+    for stage, reasons in sorted(rejections.items()):
+        detail = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items()))
+        lines.append(f"- {stage}: {detail}")
+    lines.append("")
+    return "\n".join(lines)

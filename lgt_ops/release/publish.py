@@ -1,0 +1,347 @@
+"""Publish an immutable, versioned release.
+
+Order of events, each step safe to crash in:
+1. a `releases` row in state `staging` (a unique (name, version) claims the version);
+2. splits streamed into Parquet parts under `releases/<name>/.staging/<version>/`, members
+   recorded as they are written;
+3. every staged part verified (size and sha256 re-read), then copied to the final prefix;
+4. `manifest.json` written with a conditional create: the commit point in the store;
+5. the row set to `published` and the `latest` pointer moved (an object overwrite and a
+   row, both single atomic writes); staging removed.
+A crashed attempt leaves a `staging` row that the next attempt for the same version clears.
+A published version can never be written again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import text
+
+from lgt_ops.db.repo import dumps, insert_ignore, upsert, utcnow
+from lgt_ops.ids import sha256_hex
+from lgt_ops.llm.simulator.server import MODEL_PREFIX
+from lgt_ops.progress import Progress
+from lgt_ops.release import card, splits
+from lgt_ops.release.parquet import Part, encode_part, with_hf_features
+from lgt_ops.release.scope import iter_chunks, rejection_counts, source_rejection_counts
+from lgt_ops.sources import SourceSpec
+from lgt_ops.stages.base import StageEnv
+from lgt_ops.storage import ObjectExists
+
+SCHEMA_VERSION = 1
+
+
+class ReleaseError(RuntimeError):
+    pass
+
+
+class ReleaseExists(ReleaseError):
+    pass
+
+
+@dataclass
+class Published:
+    release_id: str
+    name: str
+    version: str
+    uri: str
+    content_sha256: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {k: v["rows"] for k, v in self.manifest["splits"].items()}
+
+
+def release_prefix(name: str, version: str) -> str:
+    return f"releases/{name}/{version}"
+
+
+def next_version(env: StageEnv, name: str) -> str:
+    """`YYYYMMDD.N`: a new N for each release of the day."""
+    day = datetime.now(UTC).strftime("%Y%m%d")
+    with env.db.connect() as conn:
+        taken = {
+            r[0]
+            for r in conn.execute(
+                text("SELECT version FROM releases WHERE name = :n AND version LIKE :p"),
+                {"n": name, "p": f"{day}.%"},
+            )
+        }
+    n = 1
+    while f"{day}.{n}" in taken:
+        n += 1
+    return f"{day}.{n}"
+
+
+def _claim(env: StageEnv, release_id: str, name: str, version: str, uri: str) -> None:
+    with env.db.begin() as conn:
+        row = conn.execute(
+            text("SELECT status FROM releases WHERE release_id = :r"), {"r": release_id}
+        ).first()
+        if row is not None and row.status == "published":
+            raise ReleaseExists(
+                f"release {release_id} is already published; versions are immutable"
+            )
+        if row is not None:  # a crashed attempt: start over
+            conn.execute(
+                text("DELETE FROM release_members WHERE release_id = :r"), {"r": release_id}
+            )
+            conn.execute(text("DELETE FROM releases WHERE release_id = :r"), {"r": release_id})
+        if env.store.head(f"{release_prefix(name, version)}/manifest.json") is not None:
+            raise ReleaseExists(f"{uri}/manifest.json already exists in the store")
+        insert_ignore(
+            conn,
+            "releases",
+            [
+                {
+                    "release_id": release_id,
+                    "name": name,
+                    "version": version,
+                    "status": "staging",
+                    "uri": uri,
+                    "manifest_sha256": "",
+                    "content_sha256": "",
+                    "run_id": env.run.run_id,
+                }
+            ],
+        )
+
+
+def _parent(env: StageEnv, name: str) -> str | None:
+    with env.db.connect() as conn:
+        row = conn.execute(
+            text("SELECT release_id FROM release_pointers WHERE name = :n"), {"n": name}
+        ).first()
+    return row[0] if row else None
+
+
+def publish(
+    env: StageEnv,
+    spec: SourceSpec,
+    *,
+    name: str,
+    version: str | None = None,
+    sample_size: int | None = None,
+    allow_simulated: bool = False,
+    only: Sequence[str] | None = None,
+) -> Published:
+    version = version or next_version(env, name)
+    if not version.replace(".", "").replace("-", "").replace("_", "").isalnum():
+        raise ReleaseError(f"version {version!r}: use letters, digits, '.', '-' and '_'")
+    release_id = f"{name}/{version}"
+    prefix = release_prefix(name, version)
+    uri = env.store.uri(prefix)
+    _claim(env, release_id, name, version, uri)
+    staging = f"releases/{name}/.staging/{version}"
+    builders = [b for b in splits.builders(env) if only is None or b.name in only]
+    fps = splits.fingerprints(env)
+    m = env.settings.method
+    parts: dict[str, list[Part]] = {}
+    writers = {
+        b.name: _SplitWriter(env, staging, b, m.rows_per_file, parts.setdefault(b.name, []))
+        for b in builders
+    }
+    counts: dict[str, Any] = {"images": 0, "rejections": {}}
+    served: set[str] = set()
+    progress = Progress(f"release {release_id}", None, enabled=env.show_progress)
+    for chunk in iter_chunks(env, spec, sample_size):
+        counts["images"] += len(chunk.rows)
+        members: list[dict[str, Any]] = []
+        with env.db.connect() as conn:
+            for b in builders:
+                for row, member in b.rows(env, conn, chunk):
+                    writers[b.name].add(row)
+                    members.append({"release_id": release_id, "split": b.name, **member})
+                served |= b.served_models(conn)
+            for stage, reasons in rejection_counts(conn, chunk.image_ids, fps).items():
+                merged = counts["rejections"].setdefault(stage, {})
+                for reason, n in reasons.items():
+                    merged[reason] = merged.get(reason, 0) + n
+        with env.db.begin() as conn:
+            insert_ignore(conn, "release_members", members)
+        progress.update(len(chunk.rows), rows=sum(w.rows for w in writers.values()))
+    for w in writers.values():
+        w.close()
+    progress.close()
+    with env.db.connect() as conn:
+        src = source_rejection_counts(conn, spec, fps["ingest"])
+    if src:
+        merged = counts["rejections"].setdefault("ingest", {})
+        for reason, n in src.items():
+            merged[reason] = merged.get(reason, 0) + n
+
+    simulated = any(s.startswith(MODEL_PREFIX) for s in served)
+    if simulated and not allow_simulated:
+        _abandon(env, release_id, staging, parts)
+        raise ReleaseError(
+            "the selected outputs were produced by the simulator (a test double); refusing to "
+            "publish them as a release. Point the endpoints at real models, or pass "
+            "allow_simulated for a demo/test release."
+        )
+    manifest = _manifest(
+        env, name, version, spec, sample_size, parts, fps, counts, served, simulated
+    )
+    _promote(env, staging, prefix, parts)
+    card_md = card.render(manifest)
+    env.store.put(f"{prefix}/README.md", card_md.encode("utf-8"))
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    try:
+        env.store.put(f"{prefix}/manifest.json", body, if_absent=True)
+    except ObjectExists as exc:
+        raise ReleaseExists(f"{uri}/manifest.json appeared while publishing") from exc
+    _mark_published(env, release_id, name, manifest, hashlib.sha256(body).hexdigest(), simulated)
+    _clear_staging(env, staging, parts)
+    return Published(release_id, name, version, uri, manifest["content_sha256"], manifest)
+
+
+class _SplitWriter:
+    """Buffers at most one part of rows, stages each part as soon as it is full."""
+
+    def __init__(
+        self, env: StageEnv, staging: str, builder: Any, rows_per_file: int, parts: list[Part]
+    ) -> None:
+        self.env = env
+        self.staging = staging
+        self.builder = builder
+        self.schema = with_hf_features(builder.schema, builder.image_columns)
+        self.rows_per_file = rows_per_file
+        self.parts = parts
+        self.rows = 0
+        self._buf: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._buf.append(row)
+        self.rows += 1
+        if len(self._buf) >= self.rows_per_file:
+            self._flush()
+
+    def _flush(self) -> None:
+        rows, self._buf = self._buf, []
+        part = encode_part(
+            rows, self.schema, f"{self.builder.path}/part-{len(self.parts):05d}.parquet"
+        )
+        self.env.store.put(f"{self.staging}/{part.path}", part.data)
+        self.parts.append(Part(part.path, part.rows, part.sha256, part.bytes, b""))
+
+    def close(self) -> None:
+        if self._buf or not self.parts:  # an empty split still gets a part with its schema
+            self._flush()
+
+
+def _manifest(
+    env: StageEnv,
+    name: str,
+    version: str,
+    spec: SourceSpec,
+    sample_size: int | None,
+    parts: dict[str, list[Part]],
+    fps: dict[str, str],
+    counts: dict[str, Any],
+    served: set[str],
+    simulated: bool,
+) -> dict[str, Any]:
+    files = {
+        split: {
+            "rows": sum(p.rows for p in ps),
+            "files": [
+                {"path": p.path, "rows": p.rows, "sha256": p.sha256, "bytes": p.bytes} for p in ps
+            ],
+        }
+        for split, ps in parts.items()
+    }
+    content = sha256_hex(
+        "\n".join(f"{f['path']} {f['sha256']}" for s in sorted(files) for f in files[s]["files"])
+    )
+    endpoints = env.settings.endpoints
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "version": version,
+        "release_id": f"{name}/{version}",
+        "parent_release": _parent(env, name),
+        "simulated": simulated,
+        "content_sha256": content,
+        "splits": files,
+        "configs": splits.configs(list(parts)),
+        "fingerprints": fps,
+        "models": {
+            "requested": {role: ep.model for role, ep in sorted(endpoints.items())},
+            "served": sorted(served),
+        },
+        "method": env.settings.method.model_dump(mode="json"),
+        "image_spec": env.settings.image_spec.model_dump(mode="json"),
+        "source": {"store": spec.store_url, "prefix": spec.prefix, "sample_size": sample_size},
+        "counts": counts,
+        "run_id": env.run.run_id,
+    }
+
+
+def _promote(env: StageEnv, staging: str, prefix: str, parts: dict[str, list[Part]]) -> None:
+    for ps in parts.values():
+        for p in ps:
+            src = f"{staging}/{p.path}"
+            data = env.store.get(src)
+            if len(data) != p.bytes or hashlib.sha256(data).hexdigest() != p.sha256:
+                raise ReleaseError(f"staged file {src} does not match what was written")
+            env.store.copy(src, f"{prefix}/{p.path}")
+
+
+def _clear_staging(env: StageEnv, staging: str, parts: dict[str, list[Part]]) -> None:
+    for ps in parts.values():
+        for p in ps:
+            env.store.delete(f"{staging}/{p.path}")
+
+
+def _abandon(env: StageEnv, release_id: str, staging: str, parts: dict[str, list[Part]]) -> None:
+    _clear_staging(env, staging, parts)
+    with env.db.begin() as conn:
+        conn.execute(text("DELETE FROM release_members WHERE release_id = :r"), {"r": release_id})
+        conn.execute(text("DELETE FROM releases WHERE release_id = :r"), {"r": release_id})
+
+
+def _mark_published(
+    env: StageEnv,
+    release_id: str,
+    name: str,
+    manifest: dict[str, Any],
+    manifest_sha: str,
+    simulated: bool,
+) -> None:
+    pointer = {
+        "release_id": release_id,
+        "manifest": f"{manifest['version']}/manifest.json",
+        "content_sha256": manifest["content_sha256"],
+    }
+    with env.db.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE releases SET status = 'published', manifest_sha256 = :m,"
+                " content_sha256 = :c, parent_release_id = :p, simulated = :s, counts = :n"
+                " WHERE release_id = :r"
+            ),
+            {
+                "m": manifest_sha,
+                "c": manifest["content_sha256"],
+                "p": manifest["parent_release"],
+                "s": simulated,
+                "n": dumps({k: v["rows"] for k, v in manifest["splits"].items()}),
+                "r": release_id,
+            },
+        )
+        upsert(
+            conn,
+            "release_pointers",
+            [{"name": name, "release_id": release_id, "updated_at": utcnow()}],
+            ["name"],
+            ["release_id", "updated_at"],
+        )
+    env.store.put(
+        f"releases/{name}/latest.json", json.dumps(pointer, sort_keys=True).encode("utf-8")
+    )

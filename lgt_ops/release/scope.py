@@ -1,0 +1,106 @@
+"""What a release contains: the current outputs for a run's image set, streamed in chunks.
+
+"Current" means produced under the stage fingerprints of the present configuration from
+the images' present annotations; older outputs stay in the lineage DB but are not released.
+Images are visited in image_id order, in chunks, so a release of any size is written with
+memory bounded by the chunk and the Parquet part size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from lgt_ops.annotations import ImageContext, current
+from lgt_ops.sources import SourceSpec, image_locations
+from lgt_ops.stages import annotate
+from lgt_ops.stages.base import StageEnv, select_in
+from lgt_ops.storage import LocalStore
+
+CHUNK = 500
+
+
+@dataclass
+class ImageChunk:
+    rows: list[Any]
+    contexts: dict[str, ImageContext]
+    locations: dict[str, tuple[str, str]]
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [r.image_id for r in self.rows]
+
+
+def iter_chunks(env: StageEnv, spec: SourceSpec, sample_size: int | None) -> Iterator[ImageChunk]:
+    """The run's images in image_id order, `CHUNK` at a time, with their context."""
+    from lgt_ops.sources import image_set
+
+    with env.db.connect() as conn:
+        all_rows = image_set(conn, spec, None, sample_size)  # ids and sizes only
+    for start in range(0, len(all_rows), CHUNK):
+        rows = all_rows[start : start + CHUNK]
+        with env.db.connect() as conn:
+            contexts = current(conn, rows, annotate.stage_fingerprint(env))
+            locations = image_locations(conn, [r.image_id for r in rows])
+        yield ImageChunk(rows, contexts, locations)
+
+
+def image_value(env: StageEnv, location: tuple[str, str], embed: bool) -> dict[str, Any]:
+    """The HF `Image` value: a path a loader can open, and the bytes when embedding."""
+    store = env.store_for(location[0])
+    if isinstance(store, LocalStore):
+        path = str(store.local_path(location[1]))
+    else:
+        path = store.uri(location[1])
+    return {"bytes": store.get(location[1]) if embed else None, "path": path}
+
+
+def questions_for(conn: Connection, item_ids: list[str], stage: int, fingerprint: str) -> list[Any]:
+    return select_in(
+        conn,
+        "SELECT * FROM questions WHERE stage = :stage AND fingerprint = :fp AND item_id IN :ids"
+        " ORDER BY image_id, question_id",
+        item_ids,
+        stage=stage,
+        fp=fingerprint,
+    )
+
+
+def served_models(conn: Connection, request_keys: list[str]) -> set[str]:
+    rows = select_in(
+        conn,
+        "SELECT DISTINCT served_model FROM model_requests WHERE request_key IN :ids",
+        sorted(set(request_keys)),
+    )
+    return {r[0] for r in rows if r[0]}
+
+
+def rejection_counts(
+    conn: Connection, image_ids: list[str], fingerprints: dict[str, str]
+) -> dict[str, dict[str, int]]:
+    rows = select_in(
+        conn,
+        "SELECT stage, fingerprint, reason, COUNT(*) AS n FROM rejections"
+        " WHERE image_id IN :ids GROUP BY stage, fingerprint, reason",
+        image_ids,
+    )
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        if fingerprints.get(r.stage) == r.fingerprint:
+            out.setdefault(r.stage, {})
+            out[r.stage][r.reason] = out[r.stage].get(r.reason, 0) + r.n
+    return out
+
+
+def source_rejection_counts(conn: Connection, spec: SourceSpec, fp: str) -> dict[str, int]:
+    rows = conn.execute(
+        text(
+            "SELECT reason, COUNT(*) FROM rejections WHERE stage = 'ingest' AND fingerprint = :fp"
+            " AND image_id IS NULL AND item_ref LIKE :like ESCAPE '\\' GROUP BY reason"
+        ),
+        {"fp": fp, "like": spec.like},
+    ).all()
+    return {r[0]: r[1] for r in rows}

@@ -1,0 +1,156 @@
+"""LGT-ETL synthesis: images in the bucket -> grounded questions, traces, pairs -> a release.
+
+Wiring only: every task calls one function of `lgt_ops.pipeline` (the same functions the
+`lgt` CLI calls). Heavy imports happen inside tasks, so parsing this file stays cheap.
+
+    start -> scan -> ingest[shard files] -> plan -> shard[annotate -> mcq -> ...] -> release
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, task, task_group
+
+from lgt_ops.params import PARAM_SCHEMA, SHARD_STAGES, STAGE_POOLS
+
+RELEASE_ASSET = Asset(name="lgt_release", uri="lgt://releases", group="lgt")
+SCHEDULE = os.environ.get("LGT_SCHEDULE", "0 2 * * *")  # nightly; "" disables the schedule
+
+DEFAULT_ARGS = {
+    "owner": "lgt-etl",
+    "retries": int(os.environ.get("LGT_TASK_RETRIES", "3")),
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=30),
+    "execution_timeout": timedelta(hours=6),
+}
+
+
+def _param(name: str) -> Param:
+    schema = dict(PARAM_SCHEMA[name])
+    default = schema.pop("default")
+    return Param(default, **schema)
+
+
+@dag(
+    dag_id="lgt_synthesis",
+    schedule=SCHEDULE or None,
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={name: _param(name) for name in PARAM_SCHEMA},
+    tags=["lgt", "synthesis"],
+    doc_md=__doc__,
+)
+def lgt_synthesis():
+    @task
+    def start() -> str:
+        from lgt_ops import airflow_adapter as af
+        from lgt_ops import pipeline
+
+        params = af.run_params()
+        env = af.task_env(params)
+        pipeline.start(env, params)
+        return env.run.run_id
+
+    @task
+    def scan() -> list[dict]:
+        from lgt_ops import airflow_adapter as af
+        from lgt_ops import pipeline
+
+        params = af.run_params()
+        env = af.task_env(params)
+        result = pipeline.scan(env, params)
+        af.report_lineage([pipeline.source_uri(env, params)], [])
+        n = len(result.shard_keys)
+        return [{"key": key, "index": i, "count": n} for i, key in enumerate(result.shard_keys)]
+
+    @task(max_active_tis_per_dag=8)
+    def ingest(shard: dict) -> dict:
+        from lgt_ops import airflow_adapter as af
+        from lgt_ops.stages import ingest as stage
+
+        env = af.task_env(af.run_params())
+        stats = stage.ingest_shard(env, shard["key"], shard["index"], shard["count"])
+        return {"out": stats.items_out, "rejected": stats.items_rejected}
+
+    @task(trigger_rule="none_failed")
+    def plan() -> list[dict]:
+        from lgt_ops import airflow_adapter as af
+        from lgt_ops import pipeline
+
+        params = af.run_params()
+        env = af.task_env(params)
+        if params.dry_run:
+            pipeline.log_dry_run(env, params)
+        return [shard.as_dict() for shard in pipeline.plan(env, params)]
+
+    def stage_task(stage: str):
+        @task(task_id=stage, pool=STAGE_POOLS.get(stage, "default_pool"))
+        def run_stage(shard: dict) -> dict:
+            from lgt_ops import airflow_adapter as af
+            from lgt_ops import pipeline
+            from lgt_ops.stages.base import Shard
+
+            params = af.run_params()
+            stats = pipeline.run_stage(af.task_env(params), stage, params, Shard.parse(shard))
+            return stats.as_dict() if stats is not None else {"skipped": True}
+
+        return run_stage
+
+    @task_group
+    def shard_stages(shard: dict):
+        previous = None
+        for stage in SHARD_STAGES:
+            current = stage_task(stage)(shard)
+            if previous is not None:
+                previous >> current
+            previous = current
+
+    @task(outlets=[RELEASE_ASSET], trigger_rule="none_failed")
+    def release(*, outlet_events=None) -> dict | None:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from lgt_ops import airflow_adapter as af
+        from lgt_ops import pipeline
+
+        params = af.run_params()
+        env = af.task_env(params)
+        published = pipeline.release(env, params)
+        if published is None:
+            raise AirflowSkipException("release stage not selected (or dry run)")
+        outlet_events[RELEASE_ASSET].extra = {
+            "release_id": published.release_id,
+            "uri": published.uri,
+            "content_sha256": published.content_sha256,
+            "rows": published.counts,
+            "simulated": published.manifest["simulated"],
+        }
+        af.report_lineage([pipeline.source_uri(env, params)], [published.uri])
+        return {"release_id": published.release_id, "uri": published.uri}
+
+    @task(trigger_rule="all_done")
+    def finish(pipeline_run: str) -> str:
+        from lgt_ops import airflow_adapter as af
+        from lgt_ops import pipeline
+
+        del pipeline_run  # an explicit edge from start(): finish always closes that run
+        return pipeline.finish(af.task_env())
+
+    pipeline_run = start()
+    shards = scan()
+    pipeline_run >> shards
+    ingested = ingest.expand(shard=shards)
+    planned = plan()
+    ingested >> planned
+    per_shard = shard_stages.expand(shard=planned)
+    published = release()
+    per_shard >> published
+    published >> finish(pipeline_run)
+
+
+lgt_synthesis()

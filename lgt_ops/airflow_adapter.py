@@ -1,0 +1,153 @@
+"""The one module of lgt_ops that knows Airflow: connections -> Settings, task context ->
+RunContext, and dataset-level lineage for OpenLineage. DAG files call only these helpers and
+`lgt_ops.pipeline`; the library itself runs without Airflow installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from pydantic import SecretStr
+
+from lgt_ops.config import ROLES, Settings, settings_from_env
+from lgt_ops.params import RunParams
+from lgt_ops.runctx import RunContext, airflow_run_id
+from lgt_ops.stages.base import StageEnv
+
+log = logging.getLogger(__name__)
+
+CONN_S3 = "lgt_s3"
+CONN_POSTGRES = "lgt_postgres"
+CONN_ENDPOINTS = {role: f"lgt_{role}" for role in ROLES}
+# libpq options a Postgres connection's extra may carry (TLS to a managed database).
+_PG_OPTIONS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout")
+
+
+def _connection(conn_id: str) -> Any | None:
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return Connection.get(conn_id)
+    except AirflowNotFoundException:
+        return None
+
+
+def _extra(conn: Any) -> dict[str, Any]:
+    extra = conn.extra_dejson if hasattr(conn, "extra_dejson") else {}
+    return extra or {}
+
+
+def settings_from_airflow(base: Settings | None = None) -> Settings:
+    """LGT_* environment settings, overridden by whichever lgt_* connections exist."""
+    s = base or settings_from_env()
+    update: dict[str, Any] = {}
+    s3 = _connection(CONN_S3)
+    if s3 is not None:
+        extra = _extra(s3)
+        bucket = extra.get("bucket") or extra.get("bucket_name")
+        if bucket:
+            update["store_url"] = f"s3://{bucket}"
+        update["s3_endpoint_url"] = extra.get("endpoint_url") or s.s3_endpoint_url
+        update["s3_region"] = extra.get("region_name") or s.s3_region
+        if s3.login:
+            update["s3_access_key"] = SecretStr(s3.login)
+        if s3.password:
+            update["s3_secret_key"] = SecretStr(s3.password)
+    pg = _connection(CONN_POSTGRES)
+    if pg is not None:
+        auth = quote(pg.login or "", safe="")
+        if pg.password:
+            auth += ":" + quote(pg.password, safe="")
+        host = f"{pg.host}:{pg.port or 5432}"
+        url = f"postgresql+psycopg2://{auth}@{host}/{pg.schema or 'lgt'}"
+        options = {k: _extra(pg)[k] for k in _PG_OPTIONS if _extra(pg).get(k)}
+        if options:
+            url += "?" + urlencode(options)
+        update["database_url"] = url
+    endpoints = dict(s.endpoints)
+    for role, conn_id in CONN_ENDPOINTS.items():
+        conn = _connection(conn_id)
+        if conn is None:
+            continue
+        extra = _extra(conn)
+        ep_update: dict[str, Any] = {}
+        if conn.host:
+            ep_update["base_url"] = _base_url(conn)
+        if conn.password:
+            ep_update["api_key"] = SecretStr(conn.password)
+        if extra.get("model"):
+            ep_update["model"] = extra["model"]
+        if extra.get("max_inflight"):
+            ep_update["max_inflight"] = int(extra["max_inflight"])
+        endpoints[role] = endpoints[role].model_copy(update=ep_update)
+    update["endpoints"] = endpoints
+    return s.model_copy(update=update)
+
+
+def _base_url(conn: Any) -> str:
+    host = str(conn.host)
+    if "://" in host:
+        return host.rstrip("/")
+    scheme = conn.schema if conn.schema in ("http", "https") else "http"
+    port = f":{conn.port}" if conn.port else ""
+    return f"{scheme}://{host}{port}/v1"
+
+
+def run_context(context: dict[str, Any]) -> RunContext:
+    dag_run = context["dag_run"]
+    ti = context["ti"]
+    run_type = str(getattr(dag_run, "run_type", "manual")).rsplit(".", 1)[-1].lower()
+    map_index = getattr(ti, "map_index", -1)
+    return RunContext(
+        run_id=airflow_run_id(dag_run.dag_id, dag_run.run_id),
+        run_type=run_type,
+        dag_id=dag_run.dag_id,
+        airflow_run_id=dag_run.run_id,
+        task_id=ti.task_id,
+        map_index=None if map_index is None or map_index < 0 else map_index,
+        try_number=int(getattr(ti, "try_number", 1) or 1),
+    )
+
+
+def task_env(params: RunParams | None = None) -> StageEnv:
+    """The stage environment for the running task, with the run's parameter overrides."""
+    from airflow.sdk import get_current_context
+
+    context = get_current_context()
+    settings = settings_from_airflow()
+    if params is not None:
+        settings = params.apply(settings)
+    env = StageEnv.open(settings, run_context(context))
+    env.show_progress = True  # lines go to the task log every 15 s
+    return env
+
+
+def run_params(context: dict[str, Any] | None = None) -> RunParams:
+    from airflow.sdk import get_current_context
+
+    context = context or get_current_context()
+    return RunParams.from_conf(dict(context["params"]))
+
+
+def report_lineage(inputs: list[str], outputs: list[str]) -> None:
+    """Dataset-level edges for OpenLineage (a no-op unless its provider is installed)."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.lineage import get_hook_lineage_collector
+
+    class LgtLineageHook(BaseHook):
+        """Names LGT-ETL as the producer of the collected lineage."""
+
+        hook_name = "LGT-ETL"
+
+        def get_conn(self) -> None:
+            return None
+
+    collector = get_hook_lineage_collector()
+    hook = LgtLineageHook()
+    for uri in inputs:
+        collector.add_input_asset(context=hook, uri=uri)
+    for uri in outputs:
+        collector.add_output_asset(context=hook, uri=uri)

@@ -1,0 +1,241 @@
+"""The `lgt` command: every pipeline step, the simulator, releases, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lgt_ops.config import ConfigError, Settings, settings_from_env
+from lgt_ops.params import PARAM_SCHEMA, STAGES, ParamsError, RunParams
+from lgt_ops.runctx import new_cli_run
+
+
+def _settings() -> Settings:
+    return settings_from_env()
+
+
+def _env(run_type: str = "cli"):  # noqa: ANN202 - StageEnv, imported lazily for a fast --help
+    from lgt_ops.stages.base import StageEnv
+
+    return StageEnv.open(_settings(), new_cli_run(run_type))
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# -- db / store ------------------------------------------------------------------------------
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from lgt_ops.db import make_engine, upgrade
+    from lgt_ops.db.migrate import current_version
+
+    engine = make_engine(_settings().database_url)
+    applied = upgrade(engine)
+    print(
+        f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''};"
+        f" schema version {current_version(engine)}"
+    )
+    return 0
+
+
+def cmd_store_init(args: argparse.Namespace) -> int:
+    from lgt_ops.storage import store_from_settings
+
+    store = store_from_settings(_settings())
+    store.ensure_bucket()
+    print(f"store ready: {store.url}")
+    return 0
+
+
+# -- simulator -------------------------------------------------------------------------------
+def cmd_sim_serve(args: argparse.Namespace) -> int:
+    from lgt_ops.llm.simulator import SimConfig, serve
+
+    overrides = {
+        k: v for k, v in vars(args).items() if k in SimConfig.model_fields and v is not None
+    }
+    serve(args.host, args.port, SimConfig(**overrides))
+    return 0
+
+
+# -- stages ----------------------------------------------------------------------------------
+def _params(args: argparse.Namespace) -> RunParams:
+    conf: dict[str, Any] = {}
+    for name in PARAM_SCHEMA:
+        value = getattr(args, name, None)
+        if value is not None:
+            conf[name] = value
+    return RunParams.from_conf(conf)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from lgt_ops.stages import ingest
+
+    env = _env()
+    result, stats = ingest.ingest_all(env, args.source)
+    _print({"scan": result.as_dict(), "ingest": stats.as_dict()})
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from lgt_ops.pipeline import run_stage
+    from lgt_ops.stages.base import Shard
+
+    params = _params(args)
+    env = _env()
+    env = env.with_settings(params.apply(env.settings))
+    stats = run_stage(
+        env,
+        args.stage,
+        params.model_copy(update={"stages": (args.stage,)}),
+        Shard.parse(args.shard),
+    )
+    _print(stats.as_dict() if stats else {})
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lgt_ops.pipeline import run_local
+    from lgt_ops.summary import print_summary
+
+    params = _params(args)
+    env = _env()
+    env = env.with_settings(params.apply(env.settings))
+    summary = run_local(env, params)
+    print_summary(env, params, summary)
+    return 0
+
+
+# -- releases --------------------------------------------------------------------------------
+def cmd_release_publish(args: argparse.Namespace) -> int:
+    from lgt_ops.pipeline import release
+
+    params = _params(args).model_copy(update={"stages": ("release",)})
+    env = _env()
+    published = release(env, params)
+    assert published is not None
+    _print(
+        {
+            "release": published.release_id,
+            "uri": published.uri,
+            "content_sha256": published.content_sha256,
+            "rows": published.counts,
+        }
+    )
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lgt_ops.demo import run_demo
+
+    return run_demo(reset=args.reset)
+
+
+# -- parser ----------------------------------------------------------------------------------
+def _add_run_params(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
+    p.add_argument("--source", help=PARAM_SCHEMA["source"]["description"])
+    p.add_argument("--sample-size", dest="sample_size", type=int)
+    p.add_argument("--k-rollouts", dest="k_rollouts", type=int)
+    p.add_argument("--mcq-per-image", dest="mcq_per_image", type=int)
+    for role in ("vlm", "llm", "reasoner"):
+        p.add_argument(f"--{role}-model", dest=f"{role}_model")
+        p.add_argument(f"--{role}-base-url", dest=f"{role}_base_url")
+    p.add_argument("--release-name", dest="release_name")
+    p.add_argument("--release-version", dest="release_version")
+    p.add_argument("--allow-simulated", dest="allow_simulated", action="store_true", default=None)
+    if stages:
+        p.add_argument(
+            "--stages",
+            type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+            help=f"comma-separated subset of: {','.join(STAGES)}",
+        )
+        p.add_argument("--dry-run", dest="dry_run", action="store_true", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lgt", description="LGT-ETL: grounded visual reasoning data"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="lineage database").add_subparsers(dest="db_cmd", required=True)
+    db.add_parser("upgrade", help="apply pending migrations").set_defaults(func=cmd_db_upgrade)
+
+    store = sub.add_parser("store", help="object store").add_subparsers(
+        dest="store_cmd", required=True
+    )
+    store.add_parser("init", help="create the bucket if missing").set_defaults(func=cmd_store_init)
+
+    sim = sub.add_parser("sim", help="the OpenAI-compatible simulator (a test double)")
+    simsub = sim.add_subparsers(dest="sim_cmd", required=True)
+    serve = simsub.add_parser("serve", help="serve /v1/chat/completions")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    from lgt_ops.llm.simulator.config import SimConfig
+
+    for name, field in SimConfig.model_fields.items():
+        kind = field.annotation if field.annotation in (int, float, bool) else str
+        if kind is bool:
+            serve.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                type=lambda s: s.lower() in ("1", "true", "yes"),
+            )
+        else:
+            serve.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
+    serve.set_defaults(func=cmd_sim_serve)
+
+    ing = sub.add_parser("ingest", help="scan a source prefix and ingest new or changed images")
+    ing.add_argument("--source")
+    ing.set_defaults(func=cmd_ingest)
+
+    from lgt_ops.pipeline import SHARD_STAGES
+
+    for stage in SHARD_STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage on one shard")
+        _add_run_params(p, stages=False)
+        p.add_argument("--shard", default="0/1", help="INDEX/COUNT (default 0/1: all images)")
+        p.set_defaults(func=cmd_stage, stage=stage)
+
+    run = sub.add_parser("run", help="run the pipeline end to end in this process")
+    _add_run_params(run)
+    run.set_defaults(func=cmd_run)
+
+    rel = sub.add_parser("release", help="publish and manage releases")
+    relsub = rel.add_subparsers(dest="release_cmd", required=True)
+    pub = relsub.add_parser("publish", help="publish the current outputs as a new version")
+    _add_run_params(pub, stages=False)
+    pub.set_defaults(func=cmd_release_publish)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the bundled sample, offline")
+    demo.add_argument("--reset", action="store_true", help="start from an empty demo directory")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ParamsError) as exc:
+        print(f"lgt: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Run parameters: one JSON schema for the Airflow trigger form, the CLI and validation.
+
+The DAG builds its `Param`s from `PARAM_SCHEMA` (so the form, its defaults and the CLI can
+never disagree) and `RunParams.from_conf` re-validates the whole set, including the checks
+that span fields, with messages that name the parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jsonschema import Draft7Validator
+from pydantic import BaseModel, ConfigDict
+
+from lgt_ops.config import Settings
+
+STAGES: tuple[str, ...] = (
+    "ingest",
+    "annotate",
+    "mcq",
+    "compose",
+    "cot",
+    "expand",
+    "filter",
+    "pairs",
+    "release",
+)
+# Stages that run per image shard, in dependency order (the rest run once per run).
+SHARD_STAGES: tuple[str, ...] = ("annotate", "mcq")
+# Airflow pool per model-calling stage: one pool per endpoint.
+STAGE_POOLS = {
+    "annotate": "lgt_vlm",
+    "cot": "lgt_vlm",
+    "mcq": "lgt_llm",
+    "compose": "lgt_llm",
+    "expand": "lgt_reasoner",
+}
+_NAME = "^[a-z0-9][a-z0-9_-]{0,63}$"
+_VERSION = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+PARAM_SCHEMA: dict[str, dict[str, Any]] = {
+    "source": {
+        "type": "string",
+        "minLength": 1,
+        "default": "sources/",
+        "title": "Source prefix",
+        "description": "Prefix in the lgt_s3 bucket (e.g. sources/docci/) or a full "
+        "s3://bucket/prefix holding images and their manifest (JSONL or COCO).",
+    },
+    "stages": {
+        "type": "array",
+        "items": {"type": "string", "enum": list(STAGES)},
+        "minItems": 1,
+        "uniqueItems": True,
+        "default": list(STAGES),
+        "title": "Stages to run",
+        "description": "Stages not listed are skipped; later stages reuse what earlier runs made.",
+    },
+    "sample_size": {
+        "type": ["null", "integer"],
+        "minimum": 1,
+        "default": None,
+        "title": "Sample size",
+        "description": "Work on this many images only (the same ones every run); empty = all.",
+    },
+    "k_rollouts": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 64,
+        "default": 10,
+        "title": "VLM rollouts per question (k)",
+    },
+    "mcq_per_image": {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 64,
+        "default": 8,
+        "title": "Stage-1 questions asked per image",
+    },
+    "vlm_model": {"type": ["null", "string"], "default": None, "title": "VLM model override"},
+    "llm_model": {
+        "type": ["null", "string"],
+        "default": None,
+        "title": "Question-writer model override",
+    },
+    "reasoner_model": {
+        "type": ["null", "string"],
+        "default": None,
+        "title": "Reasoner model override",
+    },
+    "vlm_base_url": {
+        "type": ["null", "string"],
+        "default": None,
+        "format": "uri",
+        "title": "VLM endpoint override (base URL ending in /v1)",
+    },
+    "llm_base_url": {
+        "type": ["null", "string"],
+        "default": None,
+        "format": "uri",
+        "title": "Question-writer endpoint override",
+    },
+    "reasoner_base_url": {
+        "type": ["null", "string"],
+        "default": None,
+        "format": "uri",
+        "title": "Reasoner endpoint override",
+    },
+    "release_name": {
+        "type": "string",
+        "pattern": _NAME,
+        "default": "lgt",
+        "title": "Release name",
+        "description": "Lower-case letters, digits, '-' and '_'.",
+    },
+    "release_version": {
+        "type": ["null", "string"],
+        "pattern": _VERSION,
+        "default": None,
+        "title": "Release version",
+        "description": "Empty = YYYYMMDD.N. An existing version is refused.",
+    },
+    "dry_run": {
+        "type": "boolean",
+        "default": False,
+        "title": "Dry run",
+        "description": "Plan only: count pending work per stage, call no model, publish nothing.",
+    },
+    "allow_simulated": {
+        "type": "boolean",
+        "default": False,
+        "title": "Allow simulator output in the release",
+        "description": "For demos and tests only: publish even when the simulator answered.",
+    },
+}
+
+
+class ParamsError(ValueError):
+    """Invalid run parameters; the message names each offending parameter."""
+
+
+class RunParams(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    source: str = "sources/"
+    stages: tuple[str, ...] = STAGES
+    sample_size: int | None = None
+    k_rollouts: int = 10
+    mcq_per_image: int = 8
+    vlm_model: str | None = None
+    llm_model: str | None = None
+    reasoner_model: str | None = None
+    vlm_base_url: str | None = None
+    llm_base_url: str | None = None
+    reasoner_base_url: str | None = None
+    release_name: str = "lgt"
+    release_version: str | None = None
+    dry_run: bool = False
+    allow_simulated: bool = False
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, Any] | None) -> RunParams:
+        """Validate a trigger's conf (unknown keys are errors; missing ones get defaults)."""
+        conf = dict(conf or {})
+        unknown = sorted(set(conf) - set(PARAM_SCHEMA))
+        problems = [f"unknown parameter '{k}'" for k in unknown]
+        for name, schema in PARAM_SCHEMA.items():
+            if name not in conf:
+                continue
+            for err in Draft7Validator(schema).iter_errors(conf[name]):
+                problems.append(f"parameter '{name}': {err.message}")
+        stages = conf.get("stages", list(STAGES))
+        if conf.get("release_version") and isinstance(stages, list) and "release" not in stages:
+            problems.append(
+                "parameter 'release_version': set, but the 'release' stage is not"
+                " selected in 'stages'"
+            )
+        if problems:
+            raise ParamsError("; ".join(problems))
+        values = {k: v for k, v in conf.items() if k in PARAM_SCHEMA}
+        if "stages" in values:
+            values["stages"] = tuple(s for s in STAGES if s in values["stages"])  # canonical order
+        return cls(**values)
+
+    def runs(self, stage: str) -> bool:
+        return stage in self.stages
+
+    def apply(self, settings: Settings) -> Settings:
+        """Settings with this run's model, endpoint and method overrides."""
+        endpoints = {}
+        for role, ep in settings.endpoints.items():
+            update = {}
+            if getattr(self, f"{role}_model"):
+                update["model"] = getattr(self, f"{role}_model")
+            if getattr(self, f"{role}_base_url"):
+                update["base_url"] = getattr(self, f"{role}_base_url")
+            endpoints[role] = ep.model_copy(update=update) if update else ep
+        return settings.model_copy(update={"endpoints": endpoints}).with_method(
+            cot_rollouts=self.k_rollouts, mcq_per_image=self.mcq_per_image
+        )

@@ -1,0 +1,178 @@
+"""The pipeline as plain functions: the Airflow DAG and the CLI call exactly these.
+
+    scan -> ingest[shard files] -> plan -> per image shard: annotate -> mcq -> ... -> release
+
+Per-shard stages are independent across shards (every stage works image by image), so the
+DAG maps them over shards and a shard can be in a later stage while another is earlier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from sqlalchemy import text
+
+from lgt_ops import params as run_params
+from lgt_ops.params import RunParams
+from lgt_ops.release.publish import Published, publish
+from lgt_ops.sources import count_images, resolve_source
+from lgt_ops.stages import annotate, ingest, mcq
+from lgt_ops.stages.base import (
+    Shard,
+    StageEnv,
+    StageStats,
+    ensure_pipeline_run,
+    finish_pipeline_run,
+)
+
+log = logging.getLogger(__name__)
+
+# Per-shard stages in dependency order; each module has plan() and run().
+_MODULES: dict[str, ModuleType] = {"annotate": annotate, "mcq": mcq}
+SHARD_STAGES: dict[str, ModuleType] = {name: _MODULES[name] for name in run_params.SHARD_STAGES}
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    scan: dict[str, Any]
+    stages: dict[str, dict[str, Any]]
+    release: Published | None
+
+
+def start(env: StageEnv, params: RunParams) -> None:
+    ensure_pipeline_run(env, params.model_dump(mode="json"))
+
+
+def scan(env: StageEnv, params: RunParams) -> ingest.ScanResult:
+    if not params.runs("ingest"):
+        return ingest.ScanResult()
+    return ingest.scan(env, params.source)
+
+
+def plan(env: StageEnv, params: RunParams) -> list[Shard]:
+    """Image shards for the per-shard stages: shard_size images each, at most max_shards."""
+    spec, _ = resolve_source(env, params.source)
+    with env.db.connect() as conn:
+        n = count_images(conn, spec, params.sample_size)
+    s = env.settings
+    count = max(1, min(s.max_shards, math.ceil(n / s.shard_size)))
+    return [Shard(i, count) for i in range(count)]
+
+
+def run_stage(env: StageEnv, stage: str, params: RunParams, shard: Shard) -> StageStats | None:
+    if not params.runs(stage) or params.dry_run:
+        return None
+    spec, _ = resolve_source(env, params.source)
+    return SHARD_STAGES[stage].run(env, spec, shard, params.sample_size)
+
+
+def source_uri(env: StageEnv, params: RunParams) -> str:
+    spec, _ = resolve_source(env, params.source)
+    return f"{spec.store_url}/{spec.prefix}"
+
+
+def dry_run_report(env: StageEnv, params: RunParams) -> dict[str, Any]:
+    """Pending work per stage as things stand, without calling anything."""
+    spec, store = resolve_source(env, params.source)
+    report: dict[str, Any] = {"source": source_uri(env, params), "stages": {}}
+    listed = sum(1 for _ in store.list(spec.prefix))
+    report["objects_listed"] = listed
+    shards = plan(env, params)
+    report["shards"] = len(shards)
+    for name, module in SHARD_STAGES.items():
+        if not params.runs(name):
+            continue
+        items = requests = 0
+        for shard in shards:
+            work = module.plan(env, spec, shard, params.sample_size)
+            items += len(work.items)
+            requests += work.requests
+        report["stages"][name] = {"pending_items": items, "requests_if_uncached": requests}
+    return report
+
+
+def log_dry_run(env: StageEnv, params: RunParams) -> dict[str, Any]:
+    report = dry_run_report(env, params)
+    log.warning("DRY RUN (nothing is called or published): %s", report)
+    return report
+
+
+def finish(env: StageEnv) -> str:
+    """Close the pipeline run: failed if any stage shard's last attempt failed."""
+    with env.db.connect() as conn:
+        failed = conn.execute(
+            text(
+                "SELECT COUNT(*) FROM stage_runs r WHERE r.run_id = :run AND r.status <> 'success'"
+                " AND r.attempt = (SELECT MAX(attempt) FROM stage_runs x WHERE x.run_id = r.run_id"
+                " AND x.stage = r.stage AND x.shard_index = r.shard_index)"
+            ),
+            {"run": env.run.run_id},
+        ).scalar_one()
+    status = "failed" if failed else "success"
+    finish_pipeline_run(env, status)
+    return status
+
+
+def release(env: StageEnv, params: RunParams) -> Published | None:
+    if not params.runs("release") or params.dry_run:
+        return None
+    spec, _ = resolve_source(env, params.source)
+    return publish(
+        env,
+        spec,
+        name=params.release_name,
+        version=params.release_version,
+        sample_size=params.sample_size,
+        allow_simulated=params.allow_simulated,
+    )
+
+
+def run_local(env: StageEnv, params: RunParams) -> RunSummary:
+    """Everything in this process, shard after shard (the CLI and the demo)."""
+    start(env, params)
+    status = "failed"
+    if params.dry_run:
+        report = log_dry_run(env, params)
+        finish_pipeline_run(env, "success")
+        return RunSummary(env.run.run_id, {}, {"dry_run": report}, None)
+    try:
+        result = scan(env, params)
+        for n, key in enumerate(result.shard_keys):
+            ingest.ingest_shard(env, key, n, len(result.shard_keys))
+        totals: dict[str, StageStats] = {}
+        for shard in plan(env, params):
+            for stage in SHARD_STAGES:
+                stats = run_stage(env, stage, params, shard)
+                if stats is not None:
+                    _add(totals.setdefault(stage, StageStats()), stats)
+        published = release(env, params)
+        status = "success"
+        return RunSummary(
+            env.run.run_id,
+            result.as_dict(),
+            {k: v.as_dict() for k, v in totals.items()},
+            published,
+        )
+    finally:
+        finish_pipeline_run(env, status)
+
+
+def _add(total: StageStats, s: StageStats) -> None:
+    for f in (
+        "items_in",
+        "items_skipped",
+        "items_out",
+        "items_rejected",
+        "requests_sent",
+        "cache_hits",
+        "prompt_tokens",
+        "completion_tokens",
+    ):
+        setattr(total, f, getattr(total, f) + getattr(s, f))
+    total.errors.update(s.errors)
+    total.rejected_by_reason.update(s.rejected_by_reason)

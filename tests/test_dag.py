@@ -1,0 +1,189 @@
+"""The Airflow DAG: parses cheaply and cleanly, and runs end to end with dag.test() against
+Postgres, the S3 server and the simulator, through the lgt_* Airflow connections."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import ROOT
+from tests.samples import upload_sample
+
+pytestmark = pytest.mark.airflow
+
+_PARSE_CHECK = r"""
+import json, sys, time
+from airflow.sdk import Connection
+def _no_lookups(*a, **k):
+    raise AssertionError("connection looked up at parse time")
+Connection.get = classmethod(_no_lookups)
+import sqlalchemy.engine
+_connect = sqlalchemy.engine.Engine.connect
+def _no_connect(self, *a, **k):
+    if "airflow" not in str(self.url):
+        raise AssertionError(f"database opened at parse time: {self.url}")
+    return _connect(self, *a, **k)
+sqlalchemy.engine.Engine.connect = _no_connect
+from airflow.dag_processing.dagbag import DagBag
+t = time.monotonic()
+bag = DagBag(dag_folder=sys.argv[1])
+heavy = [m for m in ("pyarrow", "openai", "aiohttp", "lgt_ops.pipeline", "lgt_ops.stages.base")
+         if m in sys.modules]
+print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
+                  "dags": sorted(bag.dag_ids), "seconds": time.monotonic() - t, "heavy": heavy}))
+"""
+
+
+def test_dag_folder_parses_cleanly_and_cheaply(airflow_db):
+    out = subprocess.run(
+        [sys.executable, "-c", _PARSE_CHECK, str(ROOT / "dags")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["errors"] == {}
+    assert "lgt_synthesis" in report["dags"]
+    assert report["heavy"] == []  # no pyarrow/openai/engine imports at parse time
+
+
+def _dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert not bag.import_errors
+    return bag.get_dag("lgt_synthesis")
+
+
+@pytest.fixture
+def connections(monkeypatch, pg_url, s3_url, s3_endpoint, sim):
+    """The lgt_* Airflow connections, as AIRFLOW_CONN_* variables (as in compose and Helm)."""
+    bucket = s3_url.removeprefix("s3://")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_LGT_S3",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {
+                    "endpoint_url": s3_endpoint,
+                    "region_name": "us-east-1",
+                    "bucket": bucket,
+                },
+            }
+        ),
+    )
+    user_host = pg_url.split("://", 1)[1]
+    user, hostdb = user_host.split("@", 1)
+    host, db = hostdb.split("/", 1)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_LGT_POSTGRES",
+        json.dumps(
+            {
+                "conn_type": "postgres",
+                "login": user,
+                "host": host.split(":")[0],
+                "port": int(host.split(":")[1]),
+                "schema": db,
+            }
+        ),
+    )
+    for role in ("vlm", "llm", "reasoner"):
+        monkeypatch.setenv(
+            f"AIRFLOW_CONN_LGT_{role.upper()}",
+            json.dumps(
+                {
+                    "conn_type": "openai",
+                    "host": sim.base_url,
+                    "password": "not-a-secret",
+                    "extra": {"model": f"test-{role}", "max_inflight": 16},
+                }
+            ),
+        )
+    for var in ("LGT_DATABASE_URL", "LGT_STORE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    from lgt_ops.storage import S3Store
+
+    store = S3Store(bucket, endpoint_url=s3_endpoint)
+    return {"store": store, "db": create_engine(pg_url), "sim": sim}
+
+
+def _counts(db) -> dict[str, int]:
+    with db.connect() as conn:
+        return {
+            t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
+            for t in ("images", "questions", "model_requests", "annotations", "rejections")
+        }
+
+
+def test_dag_runs_end_to_end_and_twice_is_free(airflow_db, connections):
+    store, db, sim = connections["store"], connections["db"], connections["sim"]
+    upload_sample(store, "sources/sample/")
+    dag = _dag()
+    conf = {
+        "source": "sources/sample/",
+        "release_name": "dagtest",
+        "allow_simulated": True,
+        "release_version": "r1",
+    }
+    run = dag.test(run_conf=conf)
+    assert str(run.state) in ("success", "DagRunState.SUCCESS"), run.state
+
+    first = _counts(db)
+    assert first["images"] == 10 and first["questions"] > 0
+    with db.connect() as conn:
+        ledger = conn.execute(
+            text("SELECT dag_id, run_id, task_id, served_model FROM model_requests")
+        ).all()
+        release = conn.execute(
+            text(
+                "SELECT content_sha256, status, simulated FROM releases"
+                " WHERE release_id = 'dagtest/r1'"
+            )
+        ).one()
+        stage_runs = {r[0] for r in conn.execute(text("SELECT DISTINCT stage FROM stage_runs"))}
+        run_status = conn.execute(text("SELECT status FROM pipeline_runs")).scalar_one()
+    assert {r.dag_id for r in ledger} == {"lgt_synthesis"}
+    assert {r.task_id for r in ledger} == {"shard_stages.annotate", "shard_stages.mcq"}
+    assert all(r.run_id.startswith("airflow:lgt_synthesis:") for r in ledger)
+    assert {r.served_model for r in ledger} == {"lgt-simulator:test-vlm", "lgt-simulator:test-llm"}
+    assert release.status == "published" and release.simulated
+    assert {"scan", "ingest", "annotate", "mcq"} <= stage_runs
+    assert run_status == "success"
+    manifest = json.loads(store.get("releases/dagtest/r1/manifest.json"))
+    part = manifest["splits"]["questions"]["files"][0]["path"]
+    rows = pq.read_table(io.BytesIO(store.get(f"releases/dagtest/r1/{part}"))).to_pylist()
+    assert len(rows) == first["questions"]
+    assert all(r["image"]["path"].startswith("s3://") for r in rows)
+
+    served = sim.sim.served
+    conf["release_version"] = "r2"
+    again = dag.test(run_conf=conf)
+    assert str(again.state) in ("success", "DagRunState.SUCCESS")
+    assert sim.sim.served == served  # no new model request
+    assert _counts(db) == first  # no duplicate rows
+    with db.connect() as conn:
+        hashes = (
+            conn.execute(
+                text("SELECT content_sha256 FROM releases WHERE name='dagtest' ORDER BY version")
+            )
+            .scalars()
+            .all()
+        )
+    assert hashes == [release.content_sha256] * 2
+
+
+def test_invalid_params_are_refused(airflow_db):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = _dag()
+    with pytest.raises(ParamValidationError, match="k_rollouts"):
+        dag.test(run_conf={"k_rollouts": 0})

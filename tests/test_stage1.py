@@ -1,0 +1,84 @@
+"""Stages on the simulator over HTTP: annotate fills gaps, mcq writes grounded questions,
+and re-runs make no requests."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import text
+
+from lgt_ops.sources import resolve_source
+from lgt_ops.stages import annotate, ingest, mcq
+from lgt_ops.stages.base import Shard
+from tests.samples import upload_sample
+
+
+def _prepared(env):
+    upload_sample(env.store, "sources/sample/")
+    ingest.ingest_all(env, "sources/sample/")
+    spec, _ = resolve_source(env, "sources/sample/")
+    return spec
+
+
+def test_annotate_fills_only_what_is_missing(local_env, sim):
+    env = local_env
+    spec = _prepared(env)
+    stats = annotate.run(env, spec, Shard())
+    assert stats.items_in == 4  # 2 images lack captions, 2 lack objects
+    with env.db.connect() as conn:
+        rows = conn.execute(
+            text("SELECT kind, source, request_key FROM annotations WHERE source = 'model'")
+        ).all()
+    assert sorted(r.kind for r in rows) == ["caption", "caption", "objects", "objects"]
+    assert all(r.request_key for r in rows)
+    assert sim.sim.served == 4
+
+
+def test_mcq_questions_are_grounded_and_rerun_is_free(local_env, sim):
+    env = local_env
+    spec = _prepared(env)
+    annotate.run(env, spec, Shard())
+    first = mcq.run(env, spec, Shard())
+    assert first.items_out > 0 and first.requests_sent == 10
+    served = sim.sim.served
+    with env.db.connect() as conn:
+        qs = conn.execute(
+            text(
+                "SELECT q.*, s.objects_annotation_id FROM questions q"
+                " JOIN sources s ON s.image_id = q.image_id"
+            )
+        ).all()
+        objects = {
+            r.image_id: {o["id"] for o in json.loads(r.content)["objects"]}
+            for r in conn.execute(
+                text("SELECT image_id, content FROM annotations WHERE kind = 'objects'")
+            )
+        }
+        reasons = {
+            r[0] for r in conn.execute(text("SELECT reason FROM rejections WHERE stage='mcq'"))
+        }
+    for q in qs:
+        options = json.loads(q.options)
+        assert options[" ABCD".index(q.answer_letter) - 1] == q.answer_text
+        assert set(json.loads(q.grounding)) <= objects[q.image_id]
+    # The simulator spoils some questions on purpose: they are rejected, with reasons.
+    assert reasons and reasons <= {
+        "duplicate_options",
+        "unknown_grounding",
+        "bad_answer_letter",
+        "answerable_from_options",
+        "near_duplicate",
+    }
+    again = mcq.run(env, spec, Shard())
+    assert again.items_skipped == 10 and again.items_out == 0 and again.requests_sent == 0
+    assert sim.sim.served == served
+
+
+def test_shards_partition_the_images(local_env, sim):
+    env = local_env
+    spec = _prepared(env)
+    annotate.run(env, spec, Shard())
+    seen = 0
+    for i in range(3):
+        seen += mcq.run(env, spec, Shard(i, 3)).items_in
+    assert seen == 10

@@ -1,0 +1,234 @@
+{{/* vim: set filetype=mustache: */}}
+
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "lgt-etl.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name: the release name, prefixed by the chart name unless it has it. */}}
+{{- define "lgt-etl.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "lgt-etl.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Common labels. Argument: the root context. */}}
+{{- define "lgt-etl.labels" -}}
+helm.sh/chart: {{ include "lgt-etl.chart" . }}
+app.kubernetes.io/name: {{ include "lgt-etl.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: lgt-etl
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels. Argument: (dict "root" $ "component" "name"). */}}
+{{- define "lgt-etl.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lgt-etl.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Image reference. Argument: an image block {repository, tag}. */}}
+{{- define "lgt-etl.imageRef" -}}
+{{- printf "%s:%s" .repository (toString .tag) }}
+{{- end }}
+
+{{- define "lgt-etl.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Names of the chart's components. */}}
+{{- define "lgt-etl.simName" -}}
+{{- printf "%s-sim" (include "lgt-etl.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lgt-etl.minioName" -}}
+{{- printf "%s-minio" (include "lgt-etl.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lgt-etl.lineageDbName" -}}
+{{- printf "%s-lineage-db" (include "lgt-etl.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Argument: (dict "root" $ "model" <vllm.models item>). */}}
+{{- define "lgt-etl.vllmName" -}}
+{{- printf "%s-vllm-%s" (include "lgt-etl.fullname" .root) .model.name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Served model name of a vllm.models item. Argument: the item. */}}
+{{- define "lgt-etl.vllmServedName" -}}
+{{- default .model .servedModelName }}
+{{- end }}
+
+{{/*
+The Secret with the AIRFLOW_CONN_LGT_* connections and the LGT_* env. Fixed pattern
+"<release>-lgt-connections" because airflow.extraEnvFrom (templated by the Airflow chart, which
+cannot call this chart's helpers) refers to it as '{{ .Release.Name }}-lgt-connections'.
+*/}}
+{{- define "lgt-etl.connectionsSecretName" -}}
+{{- if .Values.connections.existingSecret }}
+{{- .Values.connections.existingSecret }}
+{{- else }}
+{{- printf "%s-lgt-connections" .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret (key "connection") with the Airflow metadata DB URL, named as the Airflow chart names
+it: data.metadataSecretName if set; else "<release>-airflow-metadata", or, with the chart's
+useStandardNaming, "<airflow fullname>-metadata" (fullname = fullnameOverride, or the release
+name if it contains the chart name, else "<release>-airflow"). pools.metadataSecretName wins.
+*/}}
+{{- define "lgt-etl.airflowMetadataSecretName" -}}
+{{- $af := .Values.airflow | default dict }}
+{{- $fromData := dig "data" "metadataSecretName" "" $af }}
+{{- if .Values.pools.metadataSecretName }}
+{{- .Values.pools.metadataSecretName }}
+{{- else if $fromData }}
+{{- $fromData }}
+{{- else if dig "useStandardNaming" false $af }}
+{{- $afName := dig "nameOverride" "" $af | default "airflow" }}
+{{- $afFull := "" }}
+{{- if dig "fullnameOverride" "" $af }}
+{{- $afFull = dig "fullnameOverride" "" $af | trunc 63 | trimSuffix "-" }}
+{{- else if contains $afName .Release.Name }}
+{{- $afFull = .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $afFull = printf "%s-%s" .Release.Name $afName | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- printf "%s-metadata" $afFull }}
+{{- else }}
+{{- printf "%s-airflow-metadata" .Release.Name }}
+{{- end }}
+{{- end }}
+
+{{/* ---- lineage database ---- */}}
+{{- define "lgt-etl.lineageDbHost" -}}
+{{- if .Values.lineageDatabase.embedded.enabled }}
+{{- include "lgt-etl.lineageDbName" . }}
+{{- else }}
+{{- required "lineageDatabase.host is required when lineageDatabase.embedded.enabled=false" .Values.lineageDatabase.host }}
+{{- end }}
+{{- end }}
+
+{{/* SQLAlchemy URL (LGT_DATABASE_URL). Credentials are URL-encoded. */}}
+{{- define "lgt-etl.lineageDbUrl" -}}
+{{- $db := .Values.lineageDatabase }}
+{{- $url := printf "postgresql+psycopg2://%s:%s@%s:%d/%s" ($db.user | urlquery) ($db.password | urlquery) (include "lgt-etl.lineageDbHost" .) (int $db.port) $db.database }}
+{{- if and $db.sslmode (not $db.embedded.enabled) }}
+{{- $url = printf "%s?sslmode=%s" $url $db.sslmode }}
+{{- end }}
+{{- $url }}
+{{- end }}
+
+{{/* ---- object store ---- */}}
+{{/* S3 endpoint URL ("" = AWS default). */}}
+{{- define "lgt-etl.s3EndpointUrl" -}}
+{{- if .Values.objectStore.minio.enabled }}
+{{- printf "http://%s:9000" (include "lgt-etl.minioName" .) }}
+{{- else }}
+{{- .Values.objectStore.external.endpointUrl }}
+{{- end }}
+{{- end }}
+
+{{- define "lgt-etl.s3AccessKey" -}}
+{{- if .Values.objectStore.minio.enabled }}
+{{- .Values.objectStore.minio.rootUser }}
+{{- else }}
+{{- .Values.objectStore.external.accessKeyId }}
+{{- end }}
+{{- end }}
+
+{{- define "lgt-etl.s3SecretKey" -}}
+{{- if .Values.objectStore.minio.enabled }}
+{{- .Values.objectStore.minio.rootPassword }}
+{{- else }}
+{{- .Values.objectStore.external.secretAccessKey }}
+{{- end }}
+{{- end }}
+
+{{/* ---- model endpoints ---- */}}
+{{/*
+The enabled in-chart vLLM model serving a role, as JSON ("{}" if none).
+Argument: (dict "root" $ "role" "vlm").
+*/}}
+{{- define "lgt-etl.vllmModelForRole" -}}
+{{- $found := dict }}
+{{- if .root.Values.vllm.enabled }}
+{{- range .root.Values.vllm.models }}
+{{- if and (ne (toString .enabled) "false") (eq .role $.role) }}
+{{- $found = . }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toJson $found }}
+{{- end }}
+
+{{/* Base URL (…/v1) for a role. Argument: (dict "root" $ "role" "vlm"). */}}
+{{- define "lgt-etl.endpointBaseUrl" -}}
+{{- $ep := index .root.Values.connections.endpoints .role }}
+{{- $m := include "lgt-etl.vllmModelForRole" . | fromJson }}
+{{- if $ep.baseUrl }}
+{{- $ep.baseUrl }}
+{{- else if $m.name }}
+{{- printf "http://%s:%d/v1" (include "lgt-etl.vllmName" (dict "root" .root "model" $m)) (int .root.Values.vllm.service.port) }}
+{{- else if .root.Values.simulator.enabled }}
+{{- printf "http://%s:%d/v1" (include "lgt-etl.simName" .root) (int .root.Values.simulator.service.port) }}
+{{- else }}
+{{- fail (printf "no endpoint for role %q: set connections.endpoints.%s.baseUrl, enable a vllm model with role %q, or enable the simulator" .role .role .role) }}
+{{- end }}
+{{- end }}
+
+{{/* Model name sent by the client for a role. Argument: (dict "root" $ "role" "vlm"). */}}
+{{- define "lgt-etl.endpointModel" -}}
+{{- $ep := index .root.Values.connections.endpoints .role }}
+{{- $m := include "lgt-etl.vllmModelForRole" . | fromJson }}
+{{- if and (not $ep.baseUrl) $m.name }}
+{{- include "lgt-etl.vllmServedName" $m }}
+{{- else }}
+{{- $ep.model }}
+{{- end }}
+{{- end }}
+
+{{/* Checks that cannot be expressed in values.schema.json. Renders nothing. */}}
+{{- define "lgt-etl.validate" -}}
+{{- $seen := dict }}
+{{- $names := dict }}
+{{- range .Values.vllm.models }}
+{{- if hasKey $names .name }}
+{{- fail (printf "vllm.models: duplicate name %q" .name) }}
+{{- end }}
+{{- $_ := set $names .name true }}
+{{- if and $.Values.vllm.enabled (ne (toString .enabled) "false") }}
+{{- if hasKey $seen .role }}
+{{- fail (printf "vllm.models: two enabled models have role %q (%s, %s)" .role (get $seen .role) .name) }}
+{{- end }}
+{{- $_ := set $seen .role .name }}
+{{- end }}
+{{- end }}
+{{- $pools := dict }}
+{{- range .Values.pools.items }}
+{{- if hasKey $pools .name }}
+{{- fail (printf "pools.items: duplicate pool %q" .name) }}
+{{- end }}
+{{- $_ := set $pools .name true }}
+{{- end }}
+{{- end }}

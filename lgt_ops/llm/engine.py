@@ -140,6 +140,9 @@ class RequestEngine:
         self._schema = SchemaCheck()
         self._stop = threading.Event()
         self._last_answer = time.monotonic()
+        # Window slots taken: a request waiting out a backoff gives its slot back.
+        self._busy = 0
+        self._wake: asyncio.Event | None = None
         headers = {"Content-Type": "application/json"}
         if endpoint.api_key is not None:
             headers["Authorization"] = f"Bearer {endpoint.api_key.get_secret_value()}"
@@ -188,13 +191,15 @@ class RequestEngine:
         completed: deque[Outcome] = deque()
         followers: dict[str, list[ChatRequest]] = {}
         inflight: set[asyncio.Task[Outcome]] = set()
-        wake = asyncio.Event()
+        wake = self._wake = asyncio.Event()
+        self._busy = 0
         exhausted = False
         fatal: BaseException | None = None
 
         def on_done(task: asyncio.Task[Outcome]) -> None:
             nonlocal fatal
             inflight.discard(task)
+            self._busy -= 1
             if task.cancelled():
                 pass
             elif task.exception() is not None:
@@ -231,7 +236,11 @@ class RequestEngine:
                         else:
                             followers[req.key] = []
                             ready.append(req)
-                while ready and len(inflight) < self.window.size:
+                # Tasks asleep in a backoff do not count against the window, but the number
+                # of tasks stays bounded all the same.
+                cap = 2 * self.window.size + 16
+                while ready and self._busy < self.window.size and len(inflight) < cap:
+                    self._busy += 1
                     task = loop.create_task(self._execute(session, ready.popleft()))
                     inflight.add(task)
                     task.add_done_callback(on_done)
@@ -293,9 +302,16 @@ class RequestEngine:
                         f"{ep.role} endpoint {ep.base_url} unreachable for more than "
                         f"{ep.down_after_s:.0f}s (last error: {type(exc).__name__}: {exc})"
                     ) from exc
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    # Nobody is listening: the endpoint's problem, not this request's. Wait
+                    # (it may be restarting) until the down limit, without using up attempts.
+                    outcome.error_detail = f"{type(exc).__name__}: {exc}"
+                    self.stats.errors[FailureClass.TRANSIENT] += 1
+                    await self._pause(self._backoff(min(outcome.attempts, 5)))
+                    continue
                 if self._note_transient(outcome, f"{type(exc).__name__}: {exc}"):
                     return self._finish(outcome, "failed", FailureClass.TRANSIENT)
-                await asyncio.sleep(self._backoff(outcome.transient_errors))
+                await self._pause(self._backoff(outcome.transient_errors))
                 continue
             latency = time.monotonic() - started
             text_head = raw[:4000].decode("utf-8", "replace")
@@ -306,7 +322,7 @@ class RequestEngine:
                 self.window.on_overload()
                 if time.monotonic() - self._last_answer > ep.down_after_s:
                     raise EndpointDown(f"{ep.role} endpoint overloaded for > {ep.down_after_s}s")
-                await asyncio.sleep(self._retry_after(retry_after, outcome.overloads))
+                await self._pause(self._retry_after(retry_after, outcome.overloads))
                 continue
             if failure is FailureClass.AUTH:
                 raise EndpointAuthError(f"{ep.role} endpoint refused credentials (HTTP {status})")
@@ -319,7 +335,7 @@ class RequestEngine:
                 outcome.http_status = status
                 if self._note_transient(outcome, f"HTTP {status}: {text_head[:200]}"):
                     return self._finish(outcome, "failed", FailureClass.TRANSIENT)
-                await asyncio.sleep(self._backoff(outcome.transient_errors))
+                await self._pause(self._backoff(outcome.transient_errors))
                 continue
             self._last_answer = time.monotonic()
             try:
@@ -329,7 +345,7 @@ class RequestEngine:
             except ValueError as exc:  # garbled body: the transport, not the model
                 if self._note_transient(outcome, f"unparseable response body: {exc}"):
                     return self._finish(outcome, "failed", FailureClass.TRANSIENT)
-                await asyncio.sleep(self._backoff(outcome.transient_errors))
+                await self._pause(self._backoff(outcome.transient_errors))
                 continue
             outcome.http_status = status
             outcome.latency_ms = round(latency * 1000, 2)
@@ -350,6 +366,16 @@ class RequestEngine:
             self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
             return self._finish(outcome, "ok", None)
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep without holding a window slot."""
+        self._busy -= 1
+        if self._wake is not None:
+            self._wake.set()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._busy += 1
+
     def _finish(
         self, outcome: Outcome, status: str, failure: FailureClass | None, detail: str | None = None
     ) -> Outcome:
@@ -369,8 +395,9 @@ class RequestEngine:
         return outcome.transient_errors >= self.endpoint.max_attempts
 
     def _backoff(self, n: int) -> float:
-        base = min(30.0, 0.25 * (2 ** min(n, 8)))
-        return base * (0.5 + self._rng.random())  # full jitter around the base
+        """~0.1 s, 0.2 s, 0.4 s ... capped at 30 s, jittered so retries do not align."""
+        base = min(30.0, 0.05 * (2 ** min(n, 10)))
+        return base * (0.5 + self._rng.random())
 
     def _retry_after(self, header: str | None, n: int) -> float:
         if header:

@@ -25,6 +25,8 @@ class SimConfig(BaseModel):
     retry_after_s: float = Field(default=0.05, ge=0)
     # Requests whose text contains this marker get vLLM's context-length 400.
     context_too_long_marker: str | None = "[[lgt-sim:too-long]]"
+    # When set, requests must carry "Authorization: Bearer <api_key>" (401 otherwise).
+    api_key: str | None = None
     # Every request answers 503 while true (an endpoint that is down for maintenance).
     down: bool = False
     # The fake world.

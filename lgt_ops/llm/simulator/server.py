@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from lgt_ops.llm.simulator.config import SimConfig
-from lgt_ops.llm.simulator.world import World, text_of
+from lgt_ops.llm.simulator.world import World, image_size, text_of
 
 log = logging.getLogger("lgt.simulator")
 FINGERPRINT = "lgt-simulator-1"
@@ -48,6 +48,8 @@ class Simulator:
         self.served_by_key: Counter[str] = Counter()
         self.inflight = 0
         self.max_inflight_seen = 0
+        self.image_transports: Counter[str] = Counter()  # data | http(s)
+        self.max_image_side = 0
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -56,6 +58,8 @@ class Simulator:
             "outcomes": dict(self.outcomes),
             "served_by_key": dict(self.served_by_key),
             "max_concurrent": self.max_inflight_seen,
+            "image_transports": dict(self.image_transports),
+            "max_image_side": self.max_image_side,
             "config": self.cfg.model_dump(),
         }
 
@@ -102,8 +106,11 @@ class Simulator:
             return self._error(400, "request body is not JSON", "bad_request")
         if not isinstance(body.get("messages"), list) or not body.get("model"):
             return self._error(400, "'model' and 'messages' are required", "bad_request")
+        if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
+            return self._error(401, "invalid API key", "authentication_error")
         if self.cfg.down:
             return self._error(503, "service unavailable", "overload")
+        self._note_images(body)
         fault = self._draw_fault()
         if fault == "429":
             self.outcomes["429"] += 1
@@ -127,14 +134,14 @@ class Simulator:
                 " requested more tokens in the messages.",
                 "BadRequestError",
             )
+        if fault == "timeout":  # a stall on the way in: the client gives up first
+            self.outcomes["timeout"] += 1
+            await asyncio.sleep(self.cfg.timeout_sleep_s)
         sem = self._slots_sem()
         async with sem:
             self.inflight += 1
             self.max_inflight_seen = max(self.max_inflight_seen, self.inflight)
             try:
-                if fault == "timeout":
-                    self.outcomes["timeout"] += 1
-                    await asyncio.sleep(self.cfg.timeout_sleep_s)
                 payload = self._complete(body)
                 delay = self.cfg.latency_ms / 1000.0
                 if self.cfg.tokens_per_s > 0:
@@ -162,6 +169,19 @@ class Simulator:
         return web.json_response(payload)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _note_images(self, body: dict[str, Any]) -> None:
+        for msg in body["messages"]:
+            if not isinstance(msg.get("content"), list):
+                continue
+            for part in msg["content"]:
+                url = (part.get("image_url") or {}).get("url", "") if isinstance(part, dict) else ""
+                if not url:
+                    continue
+                self.image_transports[url.split(":", 1)[0]] += 1
+                size = image_size({"content": [part]})
+                if size:
+                    self.max_image_side = max(self.max_image_side, *size)
+
     def _draw_fault(self) -> str | None:
         c = self.cfg
         u = self._rng.random()

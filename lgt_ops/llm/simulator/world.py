@@ -320,9 +320,10 @@ class World:
 
     def generic(self, rng: random.Random) -> str:
         words = ["simulated", "reply", "from", "the", "lgt", "test", "double"]
-        out = []
-        while sum(len(w) + 1 for w in out) < self.cfg.completion_chars:
+        out, size = [], 0
+        while size < self.cfg.completion_chars:
             out.append(rng.choice(words))
+            size += len(out[-1]) + 1
         return " ".join(out)
 
 

@@ -44,6 +44,7 @@ class Simulator:
     def reset(self) -> None:
         self.received = 0
         self.served = 0
+        self.admitted = 0
         self.outcomes: Counter[str] = Counter()
         self.served_by_key: Counter[str] = Counter()
         self.inflight = 0
@@ -108,8 +109,10 @@ class Simulator:
             return self._error(400, "'model' and 'messages' are required", "bad_request")
         if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
             return self._error(401, "invalid API key", "authentication_error")
-        if self.cfg.down:
+        limit = self.cfg.down_after_served
+        if self.cfg.down or (limit is not None and self.admitted >= limit):
             return self._error(503, "service unavailable", "overload")
+        self.admitted += 1  # counted on admission, so a limit holds with requests in flight
         self._note_images(body)
         fault = self._draw_fault()
         if fault == "429":

@@ -110,6 +110,8 @@ class MethodParams(BaseModel):
     # preference pairs
     pairs_per_question: int = Field(default=4, ge=1, le=64)
     # release
+    sft_per_question: int = Field(default=2, ge=1, le=64)
+    rl_include_saturated: bool = False  # RL prompts with pass rate 0 or 1 carry no signal
     embed_images: bool = False
     rows_per_file: int = Field(default=50_000, ge=100)
 

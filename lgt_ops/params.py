@@ -26,7 +26,15 @@ STAGES: tuple[str, ...] = (
     "release",
 )
 # Stages that run per image shard, in dependency order (the rest run once per run).
-SHARD_STAGES: tuple[str, ...] = ("annotate", "mcq")
+SHARD_STAGES: tuple[str, ...] = (
+    "annotate",
+    "mcq",
+    "compose",
+    "cot",
+    "expand",
+    "filter",
+    "pairs",
+)
 # Airflow pool per model-calling stage: one pool per endpoint.
 STAGE_POOLS = {
     "annotate": "lgt_vlm",

@@ -1,6 +1,8 @@
 """The pipeline as plain functions: the Airflow DAG and the CLI call exactly these.
 
-    scan -> ingest[shard files] -> plan -> per image shard: annotate -> mcq -> ... -> release
+    scan -> ingest[shard files] -> plan
+         -> per image shard: annotate -> mcq -> compose -> cot -> expand -> filter -> pairs
+         -> release
 
 Per-shard stages are independent across shards (every stage works image by image), so the
 DAG maps them over shards and a shard can be in a later stage while another is earlier.
@@ -20,7 +22,8 @@ from lgt_ops import params as run_params
 from lgt_ops.params import RunParams
 from lgt_ops.release.publish import Published, publish
 from lgt_ops.sources import count_images, resolve_source
-from lgt_ops.stages import annotate, ingest, mcq
+from lgt_ops.stages import annotate, compose, cot, expand, ingest, mcq, pairs
+from lgt_ops.stages import filter as trace_filter
 from lgt_ops.stages.base import (
     Shard,
     StageEnv,
@@ -32,7 +35,15 @@ from lgt_ops.stages.base import (
 log = logging.getLogger(__name__)
 
 # Per-shard stages in dependency order; each module has plan() and run().
-_MODULES: dict[str, ModuleType] = {"annotate": annotate, "mcq": mcq}
+_MODULES: dict[str, ModuleType] = {
+    "annotate": annotate,
+    "mcq": mcq,
+    "compose": compose,
+    "cot": cot,
+    "expand": expand,
+    "filter": trace_filter,
+    "pairs": pairs,
+}
 SHARD_STAGES: dict[str, ModuleType] = {name: _MODULES[name] for name in run_params.SHARD_STAGES}
 
 
@@ -86,6 +97,9 @@ def dry_run_report(env: StageEnv, params: RunParams) -> dict[str, Any]:
     report["shards"] = len(shards)
     for name, module in SHARD_STAGES.items():
         if not params.runs(name):
+            continue
+        if not hasattr(module, "plan"):
+            report["stages"][name] = {"model_calls": 0}  # computed from what earlier stages made
             continue
         items = requests = 0
         for shard in shards:

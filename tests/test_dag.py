@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests import release_checks as checks
 from tests.conftest import ROOT
 from tests.samples import upload_sample
 
@@ -120,11 +121,12 @@ def _counts(db) -> dict[str, int]:
     with db.connect() as conn:
         return {
             t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
-            for t in ("images", "questions", "model_requests", "annotations", "rejections")
+            for t in ("images", "questions", "model_requests", "annotations", "rejections",
+                      "rollouts", "expansions", "trace_verdicts", "pairs", "question_parents")
         }
 
 
-def test_dag_runs_end_to_end_and_twice_is_free(airflow_db, connections):
+def test_dag_runs_end_to_end_and_twice_is_free(airflow_db, connections, tmp_path):
     store, db, sim = connections["store"], connections["db"], connections["sim"]
     upload_sample(store, "sources/sample/")
     dag = _dag()
@@ -152,17 +154,32 @@ def test_dag_runs_end_to_end_and_twice_is_free(airflow_db, connections):
         stage_runs = {r[0] for r in conn.execute(text("SELECT DISTINCT stage FROM stage_runs"))}
         run_status = conn.execute(text("SELECT status FROM pipeline_runs")).scalar_one()
     assert {r.dag_id for r in ledger} == {"lgt_synthesis"}
-    assert {r.task_id for r in ledger} == {"shard_stages.annotate", "shard_stages.mcq"}
+    model_stages = {"annotate", "mcq", "compose", "cot", "expand"}
+    assert {r.task_id for r in ledger} == {f"shard_stages.{s}" for s in model_stages}
     assert all(r.run_id.startswith("airflow:lgt_synthesis:") for r in ledger)
-    assert {r.served_model for r in ledger} == {"lgt-simulator:test-vlm", "lgt-simulator:test-llm"}
+    assert {r.served_model for r in ledger} == {
+        f"lgt-simulator:test-{role}" for role in ("vlm", "llm", "reasoner")
+    }
     assert release.status == "published" and release.simulated
-    assert {"scan", "ingest", "annotate", "mcq"} <= stage_runs
+    assert {"scan", "ingest", "filter", "pairs"} | model_stages <= stage_runs
     assert run_status == "success"
     manifest = json.loads(store.get("releases/dagtest/r1/manifest.json"))
     part = manifest["splits"]["questions"]["files"][0]["path"]
     rows = pq.read_table(io.BytesIO(store.get(f"releases/dagtest/r1/{part}"))).to_pylist()
     assert len(rows) == first["questions"]
     assert all(r["image"]["path"].startswith("s3://") for r in rows)
+
+    # The method's invariants, read back as a trainer and an auditor would.
+    local = checks.download(store, "releases/dagtest/r1", tmp_path / "r1")
+    splits = checks.load_splits(local)
+    checks.check_splits(splits)
+    checks.check_composition(db)
+    checks.check_rejections(db)
+    for name in ("sft_stage1", "sft_stage2"):
+        row = splits[name].remove_columns(["images"])[0]
+        checks.check_sft_lineage(db, "dagtest/r1", row)
+        hops = checks.walk_lineage(db, "dagtest/r1", row["row_id"])
+        assert hops["expansion"][0].task_id == "shard_stages.expand"
 
     served = sim.sim.served
     conf["release_version"] = "r2"

@@ -55,6 +55,10 @@ def insert_ignore(conn: Connection, name: str, rows: Sequence[Mapping[str, Any]]
     """INSERT ... ON CONFLICT DO NOTHING for many rows; returns rows actually inserted."""
     if not rows:
         return 0
+    keys = rows[0].keys()
+    if any(r.keys() != keys for r in rows):
+        # A batch insert takes its columns from the first row: a missing key would be lost.
+        raise ValueError(f"rows for {name!r} do not all have the same columns")
     tbl = table(conn, name)
     result = conn.execute(_insert(conn, tbl).on_conflict_do_nothing(), list(rows))
     return max(result.rowcount, 0)

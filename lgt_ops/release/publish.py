@@ -35,6 +35,8 @@ from lgt_ops.stages.base import StageEnv
 from lgt_ops.storage import ObjectExists
 
 SCHEMA_VERSION = 1
+# Every release_members row names all id columns (a batch insert takes the first row's keys).
+_NO_IDS = {"question_id": None, "image_id": None, "trace_id": None, "pair_id": None}
 
 
 class ReleaseError(RuntimeError):
@@ -155,10 +157,11 @@ def publish(
         counts["images"] += len(chunk.rows)
         members: list[dict[str, Any]] = []
         with env.db.connect() as conn:
+            outputs = splits.ChunkOutputs.load(env, conn, chunk)
             for b in builders:
-                for row, member in b.rows(env, conn, chunk):
+                for row, member in b.rows(env, chunk, outputs):
                     writers[b.name].add(row)
-                    members.append({"release_id": release_id, "split": b.name, **member})
+                    members.append({**_NO_IDS, "release_id": release_id, "split": b.name, **member})
                 served |= b.served_models(conn)
             for stage, reasons in rejection_counts(conn, chunk.image_ids, fps).items():
                 merged = counts["rejections"].setdefault(stage, {})
@@ -169,6 +172,7 @@ def publish(
         progress.update(len(chunk.rows), rows=sum(w.rows for w in writers.values()))
     for w in writers.values():
         w.close()
+    counts["splits"] = {b.name: b.summary() for b in builders}
     progress.close()
     with env.db.connect() as conn:
         src = source_rejection_counts(conn, spec, fps["ingest"])

@@ -138,6 +138,9 @@ def run_model_stage(
 
     requests = (req for item in items for req in item.requests)
     try:
+        for item in items:
+            if not item.requests:  # nothing to ask (e.g. no composable pair): done as is
+                finish(item, [])
         for outcome in engine.run(requests):
             for item in by_key.get(outcome.request.key, ()):
                 if outcome.request is not _match(item, outcome.request):

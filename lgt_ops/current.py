@@ -1,0 +1,145 @@
+"""Which outputs are current: the chain from an image's present annotations, through the
+stage fingerprints of the present configuration, to questions and their traces.
+
+Older outputs stay in the lineage DB (they are history, and their requests stay cached);
+stages and releases work on the current ones only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import Connection
+
+from lgt_ops.annotations import ImageContext
+from lgt_ops.ids import content_id
+from lgt_ops.stages.base import StageEnv, select_in
+
+
+def compose_input_id(image_id: str, stage1_ids: list[str]) -> str:
+    """Identity of what composition sees for an image: its current stage-1 questions."""
+    return content_id("compose-input", image_id, sorted(stage1_ids))
+
+
+def stage1(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
+    from lgt_ops.stages import mcq
+
+    return select_in(
+        conn,
+        "SELECT * FROM questions WHERE stage = 1 AND fingerprint = :fp AND item_id IN :ids"
+        " ORDER BY image_id, question_id",
+        [c.input_id for c in contexts.values()],
+        fp=mcq.stage_fingerprint(env),
+    )
+
+
+def by_image(rows: list[Any]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = defaultdict(list)
+    for r in rows:
+        out[r.image_id].append(r)
+    return out
+
+
+def questions(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
+    """Current stage-1 and stage-2 questions of these images, ordered by image."""
+    from lgt_ops.stages import compose
+
+    first = stage1(conn, env, contexts)
+    inputs = [
+        compose_input_id(img, [q.question_id for q in qs]) for img, qs in by_image(first).items()
+    ]
+    second = select_in(
+        conn,
+        "SELECT * FROM questions WHERE stage = 2 AND fingerprint = :fp AND item_id IN :ids"
+        " ORDER BY image_id, question_id",
+        inputs,
+        fp=compose.stage_fingerprint(env),
+    )
+    return sorted(first + second, key=lambda q: (q.image_id, q.stage, q.question_id))
+
+
+def rollouts(conn: Connection, env: StageEnv, question_ids: list[str]) -> list[Any]:
+    from lgt_ops.stages import cot
+
+    return select_in(
+        conn,
+        "SELECT * FROM rollouts WHERE fingerprint = :fp AND question_id IN :ids"
+        " ORDER BY question_id, sample_index",
+        question_ids,
+        fp=cot.stage_fingerprint(env),
+    )
+
+
+def expansions(conn: Connection, env: StageEnv, rollout_ids: list[str]) -> list[Any]:
+    from lgt_ops.stages import expand
+
+    return select_in(
+        conn,
+        "SELECT * FROM expansions WHERE fingerprint = :fp AND rollout_id IN :ids"
+        " ORDER BY question_id, rollout_id, expansion_id",
+        rollout_ids,
+        fp=expand.stage_fingerprint(env),
+    )
+
+
+def difficulty(conn: Connection, env: StageEnv, question_ids: list[str]) -> dict[str, Any]:
+    from lgt_ops.stages import cot
+
+    rows = select_in(
+        conn,
+        "SELECT * FROM difficulty WHERE fingerprint = :fp AND question_id IN :ids",
+        question_ids,
+        fp=cot.stage_fingerprint(env),
+    )
+    return {r.question_id: r for r in rows}
+
+
+def verdicts(conn: Connection, env: StageEnv, trace_ids: list[str]) -> dict[str, Any]:
+    from lgt_ops.stages import filter as trace_filter
+
+    rows = select_in(
+        conn,
+        "SELECT * FROM trace_verdicts WHERE fingerprint = :fp AND trace_id IN :ids",
+        trace_ids,
+        fp=trace_filter.stage_fingerprint(env),
+    )
+    return {r.trace_id: r for r in rows}
+
+
+def pairs(conn: Connection, env: StageEnv, question_ids: list[str]) -> list[Any]:
+    from lgt_ops.stages import pairs as pair_stage
+
+    return select_in(
+        conn,
+        "SELECT * FROM pairs WHERE fingerprint = :fp AND question_id IN :ids"
+        " ORDER BY question_id, pair_id",
+        question_ids,
+        fp=pair_stage.stage_fingerprint(env),
+    )
+
+
+def shard_questions(
+    conn: Connection, env: StageEnv, spec: Any, shard: Any, sample_size: int | None
+) -> tuple[dict[str, ImageContext], list[Any]]:
+    """The image contexts of a shard and their current questions (both stages)."""
+    from lgt_ops.annotations import current as image_contexts
+    from lgt_ops.sources import image_set
+    from lgt_ops.stages import annotate
+
+    images = image_set(conn, spec, shard, sample_size)
+    contexts = image_contexts(conn, images, annotate.stage_fingerprint(env))
+    return contexts, questions(conn, env, contexts)
+
+
+def traces_of(conn: Connection, env: StageEnv, question_ids: list[str]) -> dict[str, list[Any]]:
+    """question_id -> its current rollouts and their expansions, as `Trace`s, stable order."""
+    from lgt_ops.traces import Trace
+
+    out: dict[str, list[Any]] = defaultdict(list)
+    rolls = rollouts(conn, env, question_ids)
+    for r in rolls:
+        out[r.question_id].append(Trace.from_rollout(r))
+    for e in expansions(conn, env, [r.rollout_id for r in rolls]):
+        out[e.question_id].append(Trace.from_expansion(e))
+    return out

@@ -1,0 +1,226 @@
+"""Simple chains of thought: k VLM rollouts per question (both stages), and difficulty.
+
+The VLM sees the image and the question; its reply is pre-started with `<think>` (vLLM's
+`continue_final_message`), sampled k times in one request (`n=k`) so the server shares the
+image encoding and the prompt prefix across samples. Each rollout is parsed strictly;
+unparseable counts as wrong and keeps its reason. The pass rate over the k rollouts is the
+question's difficulty, committed with the rollouts (they are one fact).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lgt_ops import current, prompts, traces
+from lgt_ops.annotations import current as image_contexts
+from lgt_ops.config import MethodParams
+from lgt_ops.ids import content_id, fingerprint
+from lgt_ops.llm.ledger import Outcome
+from lgt_ops.llm.request import ChatRequest, image_part
+from lgt_ops.questions import Question, from_row
+from lgt_ops.sources import SourceSpec, image_locations, image_set
+from lgt_ops.stages import annotate
+from lgt_ops.stages.base import Shard, StageEnv, StageStats, already_done, recorded, rejection
+from lgt_ops.stages.runner import (
+    Plan,
+    Rows,
+    StoreImageUrls,
+    WorkItem,
+    request_rejection,
+    run_model_stage,
+)
+
+STAGE = "cot"
+VERSION = 1
+TEMPLATE = "cot"
+# vLLM: continue the pre-filled assistant message instead of opening a new one.
+CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}
+
+
+def stage_fingerprint(env: StageEnv) -> str:
+    m = env.settings.method
+    ep = env.settings.endpoint("vlm")
+    return fingerprint(
+        {
+            "stage": STAGE,
+            "v": VERSION,
+            "template": prompts.load(TEMPLATE).ref,
+            "model": ep.model,
+            "image_spec": env.settings.image_spec.model_dump(exclude={"transport"}),
+            "params": [
+                m.cot_rollouts,
+                m.cot_temperature,
+                m.cot_top_p,
+                m.cot_max_tokens,
+                m.seed,
+                ep.supports_n,
+            ],
+        }
+    )
+
+
+def bucket(pass_rate: float, m: MethodParams) -> str:
+    if pass_rate == 0:
+        return "unsolved"
+    if pass_rate <= m.hard_at_most:
+        return "hard"
+    if pass_rate >= m.easy_at_least:
+        return "easy"
+    return "medium"
+
+
+def messages(q: Question) -> list[dict[str, Any]]:
+    """The VLM prompt: system, image + question, and the `<think>` pre-fill."""
+    msgs = prompts.load(TEMPLATE).render(question=q.question, options=q.options_block())
+    user = msgs[1]
+    msgs[1] = {
+        "role": "user",
+        "content": [image_part(q.image_id), {"type": "text", "text": user["content"]}],
+    }
+    msgs[2] = {"role": "assistant", "content": msgs[2]["content"] + "\n"}
+    return msgs
+
+
+def build_requests(env: StageEnv, q: Question) -> list[ChatRequest]:
+    m = env.settings.method
+    ep = env.settings.endpoint("vlm")
+    t = prompts.load(TEMPLATE)
+    seed = (int(q.question_id[:8], 16) + m.seed) % (2**31)
+    base = {"temperature": m.cot_temperature, "top_p": m.cot_top_p, "max_tokens": m.cot_max_tokens}
+    if ep.supports_n:
+        samplings = [{**base, "n": m.cot_rollouts, "seed": seed}]
+    else:  # one sample per request, each with its own seed
+        samplings = [{**base, "seed": (seed + i) % (2**31)} for i in range(m.cot_rollouts)]
+    return [
+        ChatRequest(
+            role="vlm",
+            model=ep.model,
+            template_id=t.id,
+            template_version=t.version,
+            messages=messages(q),
+            sampling=s,
+            extra_body=dict(CONTINUE),
+            image_spec=env.settings.image_spec,
+            tag=q,
+        )
+        for s in samplings
+    ]
+
+
+def samples(outcomes: list[Outcome]) -> list[tuple[str, str | None, str]]:
+    """(reply text, finish_reason, request_key) per sample, in a stable order."""
+    out = []
+    for o in sorted(outcomes, key=lambda o: int(o.request.sampling.get("seed", 0))):
+        for c in sorted(o.choices, key=lambda c: c.get("index", 0)):
+            out.append(
+                (
+                    (c.get("message") or {}).get("content") or "",
+                    c.get("finish_reason"),
+                    o.request.key,
+                )
+            )
+    return out
+
+
+def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
+    q: Question = item.context
+    m = env.settings.method
+    rows = Rows()
+    bad = [o for o in outcomes if not o.ok]
+    for o in bad:
+        rows.add("rejections", request_rejection(env, STAGE, fp, item, o))
+    if bad:
+        return rows  # a question without its k samples gets no difficulty estimate
+    n_correct = n_parsed = 0
+    for index, (content, finish, key) in enumerate(samples(outcomes)):
+        text = "<think>\n" + content
+        parsed = traces.parse(text, len(q.options), truncated=finish == "length")
+        correct = parsed.letter == q.answer_letter
+        n_correct += correct
+        n_parsed += parsed.error is None
+        rid = content_id("rollout", q.question_id, fp, index, text)
+        rows.add(
+            "rollouts",
+            {
+                "rollout_id": rid,
+                "question_id": q.question_id,
+                "fingerprint": fp,
+                "sample_index": index,
+                "text": text,
+                "thinking": parsed.thinking,
+                "final_letter": parsed.letter,
+                "correct": correct,
+                "parse_error": parsed.error,
+                "finish_reason": finish,
+                "request_key": key,
+                "run_id": env.run.run_id,
+            },
+        )
+        if parsed.error:
+            rows.add(
+                "rejections",
+                rejection(
+                    env,
+                    STAGE,
+                    fp,
+                    "rollout",
+                    rid,
+                    parsed.error,
+                    "unparseable rollout counts as wrong",
+                    image_id=q.image_id,
+                    request_key=key,
+                ),
+            )
+        rows.outputs += 1
+    k = rows.outputs
+    rate = n_correct / k if k else 0.0
+    rows.add(
+        "difficulty",
+        {
+            "question_id": q.question_id,
+            "fingerprint": fp,
+            "k": k,
+            "n_correct": n_correct,
+            "n_parsed": n_parsed,
+            "pass_rate": rate,
+            "bucket": bucket(rate, m),
+        },
+    )
+    return rows
+
+
+def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
+    fp = stage_fingerprint(env)
+    with env.db.connect() as conn:
+        images = image_set(conn, spec, shard, sample_size)
+        contexts = image_contexts(conn, images, annotate.stage_fingerprint(env))
+        qs = [from_row(r) for r in current.questions(conn, env, contexts)]
+        done = already_done(conn, STAGE, fp, [q.question_id for q in qs])
+        locations = image_locations(conn, sorted({q.image_id for q in qs}))
+    out = Plan(considered=len(qs), images=StoreImageUrls(env, locations))
+    for q in qs:  # ordered by image: requests sharing an image travel together
+        if q.question_id in done:
+            out.skipped += 1
+        else:
+            out.items.append(WorkItem(q.question_id, q.image_id, build_requests(env, q), q))
+    return out
+
+
+def run(
+    env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
+) -> StageStats:
+    fp = stage_fingerprint(env)
+    with recorded(env, STAGE, shard, fp) as stats:
+        work = plan(env, spec, shard, sample_size)
+        stats.items_in, stats.items_skipped = work.considered, work.skipped
+        run_model_stage(
+            env,
+            stage=STAGE,
+            fingerprint=fp,
+            role="vlm",
+            items=work.items,
+            handle=lambda item, outs: handle(env, fp, item, outs),
+            stats=stats,
+            images=work.images,
+        )
+    return stats

@@ -1,0 +1,181 @@
+"""Trace filter: a verdict on every rollout and expansion, with a reason and behaviour counts.
+
+No model is called. Per question, each trace is checked in this order and the first rule it
+fails is its reason (a rejections row as well):
+
+    unparseable            no `</think>`, no answer line, conflicting answers, ...
+    too_short / too_long   outside [trace_min_chars, trace_max_chars]
+    leaks_metadata         cites the text-only context ("according to the description")
+    degenerate_repetition  one n-gram makes up a large share of the trace
+    wrong_answer           parsed, but not the verified answer
+    near_duplicate         word overlap with an earlier kept trace of the same question
+
+`well_formed` (the first four pass) decides whether a wrong trace may serve as a DPO
+"rejected"; `passed` (all pass) whether a trace may be an SFT target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lgt_ops import current, traces
+from lgt_ops.config import MethodParams
+from lgt_ops.ids import content_id, fingerprint
+from lgt_ops.questions import jaccard, tokens
+from lgt_ops.sources import SourceSpec
+from lgt_ops.stages import cot, expand
+from lgt_ops.stages.base import (
+    Shard,
+    StageEnv,
+    StageStats,
+    already_done,
+    commit,
+    done_marker,
+    recorded,
+    rejection,
+)
+from lgt_ops.traces import Trace
+
+STAGE = "filter"
+VERSION = 1
+TAGGER = "heuristic"
+
+
+def stage_fingerprint(env: StageEnv) -> str:
+    m = env.settings.method
+    return fingerprint(
+        {
+            "stage": STAGE,
+            "v": VERSION,
+            "tagger": TAGGER,
+            "params": [m.trace_min_chars, m.trace_max_chars, m.trace_dedup_threshold],
+            "cot": cot.stage_fingerprint(env),
+            "expand": expand.stage_fingerprint(env),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    trace: Trace
+    well_formed: bool
+    passed: bool
+    reason: str | None
+    detail: str | None
+    behaviours: dict[str, int]
+
+
+def _form_problem(t: Trace, m: MethodParams) -> tuple[str, str] | None:
+    if t.parse_error:
+        return "unparseable", t.parse_error
+    n = len(t.text)
+    if n < m.trace_min_chars:
+        return "too_short", f"{n} characters < {m.trace_min_chars}"
+    if n > m.trace_max_chars:
+        return "too_long", f"{n} characters > {m.trace_max_chars}"
+    leak = traces.leaks(t.text)
+    if leak:
+        return "leaks_metadata", f"mentions {leak!r}"
+    if traces.degenerate(t.text):
+        return "degenerate_repetition", "one phrase repeats through the trace"
+    return None
+
+
+def judge(question_traces: list[Trace], m: MethodParams) -> list[Verdict]:
+    """Verdicts for one question's traces, in the given (stable) order."""
+    kept: list[set[str]] = []
+    out: list[Verdict] = []
+    for t in question_traces:
+        problem = _form_problem(t, m)
+        well_formed = problem is None
+        if problem is None and not t.correct:
+            problem = ("wrong_answer", f"answered {t.letter}")
+        if problem is None:
+            words = tokens(t.text)
+            if any(jaccard(words, k) >= m.trace_dedup_threshold for k in kept):
+                problem = ("near_duplicate", "overlaps a kept trace of the same question")
+            else:
+                kept.append(words)
+        reason, detail = problem if problem else (None, None)
+        out.append(
+            Verdict(t, well_formed, problem is None, reason, detail, traces.behaviours(t.text))
+        )
+    return out
+
+
+def input_id(question_id: str, trace_ids: list[str]) -> str:
+    """What the filter saw for a question: its traces (new expansions mean new work)."""
+    return content_id("filter-input", question_id, sorted(trace_ids))
+
+
+def verdict_row(env: StageEnv, fp: str, v: Verdict) -> dict[str, Any]:
+    return {
+        "trace_id": v.trace.trace_id,
+        "fingerprint": fp,
+        "trace_kind": v.trace.kind,
+        "question_id": v.trace.question_id,
+        "correct": v.trace.correct,
+        "well_formed": v.well_formed,
+        "passed": v.passed,
+        "reason": v.reason,
+        "n_chars": len(v.trace.text),
+        **v.behaviours,  # verification, backtracking, subgoal, backward
+        "tagger": TAGGER,
+        "run_id": env.run.run_id,
+    }
+
+
+def run(
+    env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
+) -> StageStats:
+    fp = stage_fingerprint(env)
+    m = env.settings.method
+    with recorded(env, STAGE, shard, fp) as stats:
+        with env.db.connect() as conn:
+            _, qs = current.shard_questions(conn, env, spec, shard, sample_size)
+            by_question = current.traces_of(conn, env, [q.question_id for q in qs])
+            images = {q.question_id: q.image_id for q in qs}
+            inputs = {
+                qid: input_id(qid, [t.trace_id for t in ts]) for qid, ts in by_question.items()
+            }
+            done = already_done(conn, STAGE, fp, list(inputs.values()))
+        stats.items_in = len(inputs)
+        tables: dict[str, list[dict[str, Any]]] = {
+            "trace_verdicts": [],
+            "rejections": [],
+            "stage_items": [],
+        }
+        for qid, ts in by_question.items():
+            if inputs[qid] in done:
+                stats.items_skipped += 1
+                continue
+            verdicts = judge(ts, m)
+            for v in verdicts:
+                tables["trace_verdicts"].append(verdict_row(env, fp, v))
+                if v.reason:
+                    tables["rejections"].append(
+                        rejection(
+                            env,
+                            STAGE,
+                            fp,
+                            v.trace.kind,
+                            v.trace.trace_id,
+                            v.reason,
+                            v.detail,
+                            image_id=images[qid],
+                            request_key=v.trace.request_key,
+                        )
+                    )
+                    stats.rejected_by_reason[v.reason] += 1
+            kept = sum(v.passed for v in verdicts)
+            stats.items_out += kept
+            stats.items_rejected += len(verdicts) - kept
+            tables["stage_items"].append(
+                done_marker(env, STAGE, fp, inputs[qid], "done" if kept else "rejected", kept)
+            )
+            if len(tables["stage_items"]) >= 200:
+                commit(env, tables)
+                tables = {k: [] for k in tables}
+        commit(env, tables)
+    return stats

@@ -1,0 +1,189 @@
+"""The method after stage 1: trace parsing, the filter's rules, DPO pair rules, composition
+operators, and the whole chain on the simulator (re-runs free, changes re-run only what
+depends on them)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from lgt_ops import traces
+from lgt_ops.annotations import ImageContext
+from lgt_ops.config import MethodParams
+from lgt_ops.params import RunParams
+from lgt_ops.pipeline import run_local
+from lgt_ops.questions import Question
+from lgt_ops.release.splits import sft_choice
+from lgt_ops.runctx import RunContext
+from lgt_ops.stages import compose, pairs
+from lgt_ops.stages import filter as trace_filter
+from lgt_ops.traces import Trace
+from tests import release_checks as checks
+from tests.samples import upload_sample
+
+GOOD = "<think>\nThe question asks about the cup. I look at it closely and it is red.\n</think>\n\n"
+
+
+# -- parsing -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("reply", "letter", "error"),
+    [
+        (GOOD + "Answer: B", "B", None),
+        (GOOD + "Answer: (c).", "C", None),
+        (GOOD + "I think it is B.", None, "no_answer"),
+        (GOOD + "Answer: A\nAnswer: B", None, "conflicting_answers"),
+        (GOOD + "Answer: F", None, "answer_not_an_option"),
+        ("<think>\nstill thinking", None, "no_think_close"),
+        ("<think>\na</think>b</think>\nAnswer: A", None, "multiple_think_blocks"),
+    ],
+)
+def test_final_answers_are_parsed_strictly(reply, letter, error):
+    parsed = traces.parse(reply, 4)
+    assert (parsed.letter, parsed.error) == (letter, error)
+
+
+def test_truncated_replies_say_so():
+    assert traces.parse("<think>\ncut off mid", 4, truncated=True).error == "truncated"
+
+
+def test_behaviours_are_counted_in_the_thinking_only():
+    text = (
+        "<think>\nFirst, locate the cup. Wait, that is a bowl. Let me verify the colour."
+        " By elimination, B is out.\n</think>\n\nAnswer: A (verify)"
+    )
+    assert traces.behaviours(text) == {
+        "verification": 1, "backtracking": 1, "subgoal": 1, "backward": 1}
+
+
+# -- filter ------------------------------------------------------------------------------------
+def trace(tid, text, *, correct=True, kind="expansion", parent=None, error=None, letter="A"):
+    return Trace(tid, kind, "q1", text, letter, correct, error, parent, f"req-{tid}")
+
+
+def test_filter_gives_each_trace_its_first_failed_rule():
+    m = MethodParams(trace_min_chars=40, trace_max_chars=700)
+    body = "I compare the cup with the plate next to it and check the colour twice. "
+    ts = [
+        trace("ok", GOOD + "Answer: A"),
+        trace("dup", GOOD + "Answer: A"),
+        trace("wrong", GOOD.replace("red", "blue") + "Answer: B", correct=False, letter="B"),
+        trace("short", "<think>\nx\n</think>\n\nAnswer: A"),
+        trace("long", "<think>\n" + body * 12 + "\n</think>\n\nAnswer: A"),
+        trace("leak", GOOD.replace("I look", "According to the description, I look")
+              + "Answer: A"),
+        trace("loop", "<think>\n" + "let me check again " * 30 + "\n</think>\n\nAnswer: A"),
+        trace("bad", GOOD + "maybe A", correct=False, error="no_answer", letter=None),
+    ]
+    verdicts = {v.trace.trace_id: v for v in trace_filter.judge(ts, m)}
+    assert {k: v.reason for k, v in verdicts.items()} == {
+        "ok": None, "dup": "near_duplicate", "wrong": "wrong_answer", "short": "too_short",
+        "long": "too_long", "leak": "leaks_metadata", "loop": "degenerate_repetition",
+        "bad": "unparseable",
+    }
+    assert [k for k, v in verdicts.items() if v.passed] == ["ok"]
+    assert verdicts["wrong"].well_formed and not verdicts["bad"].well_formed
+
+
+# -- pairs -------------------------------------------------------------------------------------
+def test_pair_rules_follow_the_lpt_recipe():
+    r_ok = trace("r_ok", "right cot", kind="rollout")
+    r_bad = trace("r_bad", "wrong cot", kind="rollout", correct=False)
+    fixed = trace("fixed", "wrong cot, then fixed", parent="r_bad")
+    still = trace("still", "wrong cot, still wrong", parent="r_bad", correct=False)
+    broke = trace("broke", "right cot, then broken", parent="r_ok", correct=False)
+    garbled = trace("garbled", "right cot, garbled", parent="r_ok", correct=False)
+    ts = [r_ok, r_bad, fixed, still, broke, garbled]
+    passed = {"r_ok", "fixed"}
+    formed = passed | {"r_bad", "still", "broke"}  # `garbled` is not well formed
+    got = {(p.rule, p.chosen.trace_id, p.rejected.trace_id)
+           for p in pairs.candidates(ts, passed, formed)}
+    assert got == {
+        ("X->O>X", "fixed", "r_bad"),
+        ("X->O>X->X", "fixed", "still"),
+        ("O>O->X", "r_ok", "broke"),
+        ("O>X", "r_ok", "r_bad"),
+    }
+    capped = pairs.select(pairs.candidates(ts, passed, formed), 2, seed=1)
+    assert [p.rule for p in capped] == ["X->O>X", "X->O>X->X"]  # self-correction first
+
+
+def test_sft_mix_alternates_corrected_and_verified_longest_first():
+    ts = [trace(f"t{i}", "x" * (10 + i)) for i in range(5)]
+    origin = {"t0": "verified", "t1": "verified", "t2": "corrected", "t3": "corrected",
+              "t4": "verified"}
+    assert [t.trace_id for t in sft_choice(ts, origin, 3)] == ["t3", "t4", "t2"]
+
+
+# -- composition -------------------------------------------------------------------------------
+def q(qid, skill, question, answer, options, grounding):
+    return Question(qid, "img", 1, skill, question, tuple(options), "ABCD"[options.index(answer)],
+                    answer, tuple(grounding))
+
+
+def test_composition_operators_derive_answers_from_parents():
+    ctx = ImageContext(image_id="img", width=100, height=100, caption="c", caption_id=None,
+                       objects_id=None, objects=(
+        {"id": "o1", "label": "cup", "box": [0, 0, 10, 10]},
+        {"id": "o2", "label": "cup", "box": [20, 0, 30, 10]},
+        {"id": "o3", "label": "plate", "box": [40, 0, 60, 10]},
+        {"id": "o4", "label": "table", "box": [0, 20, 90, 90]},
+    ))
+    cups = q("a", "counting", "How many cups are there?", "2", ["1", "2", "3", "4"], ["o1", "o2"])
+    plates = q("b", "counting", "How many plates?", "1", ["1", "2", "3", "0"], ["o3"])
+    left = q("c", "spatial", "What is on the table's left side?", "cup",
+             ["cup", "plate", "fork", "spoon"], ["o1", "o4"])
+    colour = q("d", "attribute", "What colour is the cup?", "red",
+               ["red", "blue", "green", "white"], ["o1"])
+    found = {(c.operator, tuple(p.question_id for p in c.parents)): c.answer
+             for c in compose.candidates(ctx, [cups, plates, left, colour], 4, seed=0)}
+    assert found[("compare", ("a", "b"))] == "cup"
+    assert found[("count_over", ("a", "b"))] == "3"
+    assert found[("chain", ("c", "d"))] == "red"
+    assert found[("conjunction", ("c", "d"))] == "cup; red"
+    chosen = compose.select(compose.candidates(ctx, [cups, plates, left, colour], 4, seed=0),
+                            tuple(compose.DESCRIPTIONS), per_image=3, per_parent=1, n_options=4)
+    used = [p.question_id for c in chosen for p in c.parents]
+    assert len(used) == len(set(used))  # each parent feeds at most one composition
+
+
+# -- the chain on the simulator ---------------------------------------------------------------
+def _run(env, **params):
+    conf = {"source": "sources/sample/", "release_name": "method", "allow_simulated": True,
+            "k_rollouts": 4, **params}
+    p = RunParams.from_conf(conf)
+    return run_local(env.with_settings(p.apply(env.settings)), p)
+
+
+def _served_by_stage(env, run_id):
+    with env.db.connect() as conn:
+        return dict(conn.execute(text(
+            "SELECT stage, SUM(requests_sent) FROM stage_runs WHERE run_id = :r GROUP BY stage"),
+            {"r": run_id}).all())
+
+
+def test_whole_chain_on_postgres_and_s3_reruns_free_and_changes_rerun_dependents(
+        pg_s3_env, sim, tmp_path):
+    env = pg_s3_env
+    upload_sample(env.store, "sources/sample/")
+    first = _run(env, release_version="v1")
+    assert first.release is not None
+    local = checks.download(env.store, first.release.uri.split("/", 3)[3], tmp_path / "v1")
+    checks.check_splits(checks.load_splits(local))
+    checks.check_composition(env.db)
+    checks.check_rejections(env.db)
+    behaviours = first.release.manifest["counts"]["splits"]["sft_stage1"]
+    assert behaviours["rows"] > 0 and behaviours["with_verification"] > 0
+
+    served = sim.sim.served
+    again = _run(env.with_run(RunContext("rerun")), release_version="v2")
+    assert sim.sim.served == served  # nothing is asked twice
+    assert again.release.content_sha256 == first.release.content_sha256
+
+    # A new expansion setting re-runs expand, filter and pairs; questions and rollouts stay.
+    changed = env.with_settings(env.settings.with_method(expand_temperature=0.3))
+    third = _run(changed.with_run(RunContext("changed")), release_version="v3")
+    by_stage = _served_by_stage(env, "changed")
+    assert by_stage["expand"] > 0
+    assert by_stage["mcq"] == by_stage["compose"] == by_stage["cot"] == 0
+    assert third.stages["filter"]["items_skipped"] == 0
+    assert third.release.content_sha256 != first.release.content_sha256

@@ -109,6 +109,8 @@ class MethodParams(BaseModel):
     trace_dedup_threshold: float = Field(default=0.9, gt=0, le=1)
     # preference pairs
     pairs_per_question: int = Field(default=4, ge=1, le=64)
+    # cognitive behaviours: lexical heuristics always; "llm" adds the LLM tagger stage
+    behaviour_tagger: Literal["heuristic", "llm"] = "heuristic"
     # release
     sft_per_question: int = Field(default=2, ge=1, le=64)
     rl_include_saturated: bool = False  # RL prompts with pass rate 0 or 1 carry no signal

@@ -23,6 +23,7 @@ STAGES: tuple[str, ...] = (
     "expand",
     "filter",
     "pairs",
+    "tag",
     "release",
 )
 # Stages that run per image shard, in dependency order (the rest run once per run).
@@ -34,6 +35,7 @@ SHARD_STAGES: tuple[str, ...] = (
     "expand",
     "filter",
     "pairs",
+    "tag",
 )
 # Airflow pool per model-calling stage: one pool per endpoint.
 STAGE_POOLS = {
@@ -42,6 +44,7 @@ STAGE_POOLS = {
     "mcq": "lgt_llm",
     "compose": "lgt_llm",
     "expand": "lgt_reasoner",
+    "tag": "lgt_llm",
 }
 _NAME = "^[a-z0-9][a-z0-9_-]{0,63}$"
 _VERSION = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -84,6 +87,14 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "maximum": 64,
         "default": 8,
         "title": "Stage-1 questions asked per image",
+    },
+    "behaviour_tagger": {
+        "type": "string",
+        "enum": ["heuristic", "llm"],
+        "default": "heuristic",
+        "title": "Cognitive-behaviour tagger",
+        "description": "heuristic: lexical counts only; llm: also ask the LLM endpoint (the "
+        "tag stage) and report its counts.",
     },
     "vlm_model": {"type": ["null", "string"], "default": None, "title": "VLM model override"},
     "llm_model": {
@@ -155,6 +166,7 @@ class RunParams(BaseModel):
     sample_size: int | None = None
     k_rollouts: int = 10
     mcq_per_image: int = 8
+    behaviour_tagger: str = "heuristic"
     vlm_model: str | None = None
     llm_model: str | None = None
     reasoner_model: str | None = None
@@ -204,5 +216,7 @@ class RunParams(BaseModel):
                 update["base_url"] = getattr(self, f"{role}_base_url")
             endpoints[role] = ep.model_copy(update=update) if update else ep
         return settings.model_copy(update={"endpoints": endpoints}).with_method(
-            cot_rollouts=self.k_rollouts, mcq_per_image=self.mcq_per_image
+            cot_rollouts=self.k_rollouts,
+            mcq_per_image=self.mcq_per_image,
+            behaviour_tagger=self.behaviour_tagger,
         )

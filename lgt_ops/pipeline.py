@@ -2,6 +2,7 @@
 
     scan -> ingest[shard files] -> plan
          -> per image shard: annotate -> mcq -> compose -> cot -> expand -> filter -> pairs
+         -> tag (optional LLM behaviour tagger)
          -> release
 
 Per-shard stages are independent across shards (every stage works image by image), so the
@@ -22,7 +23,7 @@ from lgt_ops import params as run_params
 from lgt_ops.params import RunParams
 from lgt_ops.release.publish import Published, publish
 from lgt_ops.sources import count_images, resolve_source
-from lgt_ops.stages import annotate, compose, cot, expand, ingest, mcq, pairs
+from lgt_ops.stages import annotate, compose, cot, expand, ingest, mcq, pairs, tag
 from lgt_ops.stages import filter as trace_filter
 from lgt_ops.stages.base import (
     Shard,
@@ -43,6 +44,7 @@ _MODULES: dict[str, ModuleType] = {
     "expand": expand,
     "filter": trace_filter,
     "pairs": pairs,
+    "tag": tag,
 }
 SHARD_STAGES: dict[str, ModuleType] = {name: _MODULES[name] for name in run_params.SHARD_STAGES}
 

@@ -187,3 +187,27 @@ def test_whole_chain_on_postgres_and_s3_reruns_free_and_changes_rerun_dependents
     assert by_stage["mcq"] == by_stage["compose"] == by_stage["cot"] == 0
     assert third.stages["filter"]["items_skipped"] == 0
     assert third.release.content_sha256 != first.release.content_sha256
+
+
+def test_llm_behaviour_tagger_is_off_by_default_and_feeds_the_release_when_on(local_env, sim):
+    env = local_env
+    upload_sample(env.store, "sources/sample/")
+    off = _run(env, release_version="off")
+    assert off.stages["tag"]["requests_sent"] == 0
+    served = sim.sim.served
+
+    on = _run(env.with_run(RunContext("tagged")), release_version="on", behaviour_tagger="llm")
+    with env.db.connect() as conn:
+        tags = conn.execute(text("SELECT * FROM behaviour_tags")).all()
+        passed = conn.execute(text("SELECT COUNT(*) FROM trace_verdicts WHERE passed")).scalar()
+    # Only the tagger asked anything: one request per trace that passed the filter.
+    assert sim.sim.served - served == len(tags) == passed
+    assert {t.tagger for t in tags} == {f"llm:{env.settings.endpoint('llm').model}"}
+    assert on.release.manifest["fingerprints"]["tag"]
+    rows = checks.load_splits(checks.download(
+        env.store, "releases/method/on", env.settings.data_dir / "on"))["sft_stage1"]
+    by_trace = {t.trace_id: t for t in tags}
+    for row in rows.remove_columns(["images"]):
+        tagged = by_trace[row["trace_id"]]
+        assert [row[b] for b in traces.BEHAVIOURS] == [
+            getattr(tagged, b) for b in traces.BEHAVIOURS]

@@ -25,7 +25,7 @@ from lgt_ops import current
 from lgt_ops.questions import Question, from_row
 from lgt_ops.release.parquet import IMAGE, MESSAGES
 from lgt_ops.release.scope import ImageChunk, image_value, served_models
-from lgt_ops.stages import annotate, compose, cot, expand, ingest, mcq, pairs
+from lgt_ops.stages import annotate, compose, cot, expand, ingest, mcq, pairs, tag
 from lgt_ops.stages import filter as trace_filter
 from lgt_ops.stages.base import StageEnv, select_in
 from lgt_ops.traces import BEHAVIOURS, Trace
@@ -120,6 +120,7 @@ class ChunkOutputs:
     traces: dict[str, list[Trace]]
     verdicts: dict[str, Any]
     pairs: dict[str, list[Any]]
+    tags: dict[str, Any]  # LLM behaviour counts, when that tagger is on
 
     @classmethod
     def load(cls, env: StageEnv, conn: Connection, chunk: ImageChunk) -> ChunkOutputs:
@@ -146,6 +147,7 @@ class ChunkOutputs:
             traces,
             verdicts,
             by_q,
+            tag.current_tags(conn, env, list(verdicts)),
         )
 
     def question_fields(self, q: Question) -> dict[str, Any]:
@@ -266,7 +268,7 @@ class SftSplit(SplitBuilder):
                 t.trace_id: "verified" if t.parent_id in right else "corrected" for t in passed
             }
             for t in sft_choice(passed, origin, limit):
-                v = out.verdicts[t.trace_id]
+                v = out.tags.get(t.trace_id) or out.verdicts[t.trace_id]
                 self._used(t.request_key)
                 self.stats[origin[t.trace_id]] += 1
                 self.stats["rows"] += 1
@@ -378,6 +380,7 @@ def fingerprints(env: StageEnv) -> dict[str, str]:
         "expand": expand.stage_fingerprint(env),
         "filter": trace_filter.stage_fingerprint(env),
         "pairs": pairs.stage_fingerprint(env),
+        **({"tag": tag.stage_fingerprint(env)} if tag.enabled(env) else {}),
     }
 
 

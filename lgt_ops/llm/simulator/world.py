@@ -67,6 +67,12 @@ POSITIONS = ("on the left side", "in the middle", "on the right side", "along th
 LETTERS = "ABCDEFGH"
 
 _OBJ_LINE = re.compile(r"^(o\d+): (.+?) \[([\d.\-]+), ([\d.\-]+), ([\d.\-]+), ([\d.\-]+)\]$", re.M)
+_BEHAVIOUR_WORDS = {
+    "verification": ("double-check", "verify", "consistent"),
+    "backtracking": ("does not look right", "reconsider"),
+    "subgoal": ("pin down", "the question asks"),
+    "backward": ("working backwards", "rule out"),
+}
 _OPT_LINE = re.compile(r"^([A-H])\. (.*)$", re.M)
 
 
@@ -161,6 +167,8 @@ class World:
             return canonical_json(self.compose(text_of(user), rng)), None
         if schema_name == "annotate":
             return canonical_json(self.annotate(user, rng)), None
+        if schema_name == "behaviours":
+            return canonical_json(self.behaviours(text_of(user))), None
         if prefill.startswith("<think>") and "instead of the image" in text_of(user):
             return self.expand(text_of(user), prefill, body, index, rng)
         if prefill.startswith("<think>"):
@@ -317,6 +325,14 @@ class World:
         if self.cfg.split_reasoning:
             return f"Answer: {letter}", thinking
         return f"{thinking}\n</think>\n\nAnswer: {letter}", None
+
+    # -- behaviour tagging -------------------------------------------------------------------
+    def behaviours(self, text: str) -> dict[str, int]:
+        """Counts by the simulator's own keyword lists (a stand-in for a classifier)."""
+        thinking = text.split("</think>", 1)[0].lower()
+        return {
+            name: sum(thinking.count(w) for w in words) for name, words in _BEHAVIOUR_WORDS.items()
+        }
 
     def generic(self, rng: random.Random) -> str:
         words = ["simulated", "reply", "from", "the", "lgt", "test", "double"]

@@ -1,0 +1,182 @@
+"""Optional LLM tagger of cognitive behaviours (method param `behaviour_tagger = "llm"`).
+
+The filter always counts the four behaviours with lexical heuristics. With the flag on, this
+stage also asks the LLM endpoint to count them in every trace that passed the filter (the
+SFT candidates), and the release reports those counts instead. Off (the default), it does
+nothing and calls nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lgt_ops import current, prompts
+from lgt_ops.ids import fingerprint
+from lgt_ops.llm.ledger import Outcome
+from lgt_ops.llm.request import ChatRequest
+from lgt_ops.llm.schema import parse_json_reply
+from lgt_ops.sources import SourceSpec
+from lgt_ops.stages.base import (
+    Shard,
+    StageEnv,
+    StageStats,
+    already_done,
+    recorded,
+    rejection,
+    select_in,
+)
+from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, run_model_stage
+from lgt_ops.traces import BEHAVIOURS, Trace
+
+STAGE = "tag"
+VERSION = 1
+TEMPLATE = "behaviours"
+
+
+def enabled(env: StageEnv) -> bool:
+    return env.settings.method.behaviour_tagger == "llm"
+
+
+def tagger_name(env: StageEnv) -> str:
+    return f"llm:{env.settings.endpoint('llm').model}"
+
+
+def stage_fingerprint(env: StageEnv) -> str:
+    return fingerprint(
+        {
+            "stage": STAGE,
+            "v": VERSION,
+            "template": prompts.load(TEMPLATE).ref,
+            "model": env.settings.endpoint("llm").model,
+            "seed": env.settings.method.seed,
+        }
+    )
+
+
+def build_request(env: StageEnv, t: Trace) -> ChatRequest:
+    tpl = prompts.load(TEMPLATE)
+    return ChatRequest(
+        role="llm",
+        model=env.settings.endpoint("llm").model,
+        template_id=tpl.id,
+        template_version=tpl.version,
+        messages=tpl.render(trace=t.text),
+        sampling={"temperature": 0.0, "max_tokens": 128, "seed": env.settings.method.seed},
+        response_schema=tpl.schema,
+        schema_name=tpl.id,
+        tag=t,
+    )
+
+
+def counts(reply: str) -> dict[str, int]:
+    """The four counts from a reply, or ValueError naming what is wrong."""
+    data = parse_json_reply(reply)
+    out = {}
+    for name in BEHAVIOURS:
+        value = data.get(name) if isinstance(data, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}: expected a count, got {value!r}")
+        out[name] = value
+    return out
+
+
+def handle(env: StageEnv, fp: str, item: WorkItem, outcome: Outcome) -> Rows:
+    t: Trace = item.context
+    rows = Rows()
+    if not outcome.ok:
+        rows.add("rejections", request_rejection(env, STAGE, fp, item, outcome))
+        return rows
+    try:
+        found = counts(outcome.contents()[0])
+    except ValueError as exc:
+        rows.add(
+            "rejections",
+            rejection(
+                env,
+                STAGE,
+                fp,
+                t.kind,
+                t.trace_id,
+                "unparseable_reply",
+                str(exc),
+                image_id=item.image_id,
+                request_key=outcome.request.key,
+            ),
+        )
+        return rows
+    rows.add(
+        "behaviour_tags",
+        {
+            "trace_id": t.trace_id,
+            "fingerprint": fp,
+            "question_id": t.question_id,
+            **found,
+            "tagger": tagger_name(env),
+            "request_key": outcome.request.key,
+            "run_id": env.run.run_id,
+        },
+    )
+    rows.outputs = 1
+    return rows
+
+
+def passed_traces(conn: Any, env: StageEnv, qs: list[Any]) -> list[tuple[Trace, str]]:
+    """(trace, image_id) for every current trace that passed the filter."""
+    images = {q.question_id: q.image_id for q in qs}
+    by_question = current.traces_of(conn, env, list(images))
+    all_traces = [t for ts in by_question.values() for t in ts]
+    verdicts = current.verdicts(conn, env, [t.trace_id for t in all_traces])
+    return [
+        (t, images[t.question_id])
+        for t in all_traces
+        if (v := verdicts.get(t.trace_id)) is not None and v.passed
+    ]
+
+
+def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
+    if not enabled(env):
+        return Plan()
+    fp = stage_fingerprint(env)
+    with env.db.connect() as conn:
+        _, qs = current.shard_questions(conn, env, spec, shard, sample_size)
+        chosen = passed_traces(conn, env, qs)
+        done = already_done(conn, STAGE, fp, [t.trace_id for t, _ in chosen])
+    out = Plan(considered=len(chosen))
+    for t, image_id in chosen:
+        if t.trace_id in done:
+            out.skipped += 1
+        else:
+            out.items.append(WorkItem(t.trace_id, image_id, [build_request(env, t)], t))
+    return out
+
+
+def run(
+    env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
+) -> StageStats:
+    fp = stage_fingerprint(env)
+    with recorded(env, STAGE, shard, fp) as stats:
+        work = plan(env, spec, shard, sample_size)
+        stats.items_in, stats.items_skipped = work.considered, work.skipped
+        run_model_stage(
+            env,
+            stage=STAGE,
+            fingerprint=fp,
+            role="llm",
+            items=work.items,
+            handle=lambda item, outs: handle(env, fp, item, outs[0]),
+            stats=stats,
+        )
+    return stats
+
+
+def current_tags(conn: Any, env: StageEnv, trace_ids: list[str]) -> dict[str, Any]:
+    """trace_id -> LLM behaviour counts under the present configuration (empty when off)."""
+    if not enabled(env):
+        return {}
+    rows = select_in(
+        conn,
+        "SELECT * FROM behaviour_tags WHERE fingerprint = :fp AND trace_id IN :ids",
+        trace_ids,
+        fp=stage_fingerprint(env),
+    )
+    return {r.trace_id: r for r in rows}

@@ -173,6 +173,9 @@ def test_whole_chain_on_postgres_and_s3_reruns_free_and_changes_rerun_dependents
     checks.check_rejections(env.db)
     behaviours = first.release.manifest["counts"]["splits"]["sft_stage1"]
     assert behaviours["rows"] > 0 and behaviours["with_verification"] > 0
+    card = env.store.get("releases/method/v1/README.md").decode()
+    assert "## Cognitive behaviours" in card and "| sft_stage1 |" in card
+    assert "config_name: sft_stage2_merged" in card and "config_name: dpo_stage2" in card
 
     served = sim.sim.served
     again = _run(env.with_run(RunContext("rerun")), release_version="v2")

@@ -82,6 +82,9 @@ def render(manifest: dict[str, Any]) -> str:
         "Every row carries ids (question_id, image_id, request keys) that resolve in the "
         "LGT-ETL lineage database; see the project's sql/queries/.",
         "",
+    ]
+    lines += _method_sections(counts.get("splits", {}))
+    lines += [
         "## Rejected items by reason",
         "",
     ]
@@ -93,3 +96,36 @@ def render(manifest: dict[str, Any]) -> str:
         lines.append(f"- {stage}: {detail}")
     lines.append("")
     return "\n".join(lines)
+
+
+_BEHAVIOURS = ("verification", "backtracking", "subgoal", "backward")
+
+
+def _method_sections(splits: dict[str, dict[str, int]]) -> list[str]:
+    """Difficulty histogram, DPO pair rules and behaviour frequencies, when present."""
+    lines: list[str] = []
+    questions = splits.get("questions", {})
+    buckets = {k.split(":", 1)[1]: v for k, v in questions.items() if k.startswith("difficulty:")}
+    if buckets:
+        lines += ["## Difficulty (VLM pass rate)", "", "| bucket | questions |", "|---|---:|"]
+        lines += [f"| {b} | {n} |" for b, n in sorted(buckets.items())] + [""]
+    sft = {k: v for k, v in sorted(splits.items()) if k.startswith("sft_") and v.get("rows")}
+    if sft:
+        lines += [
+            "## Cognitive behaviours (share of SFT traces showing each)",
+            "",
+            "| config | traces | mean chars | " + " | ".join(_BEHAVIOURS) + " |",
+            "|---|---:|---:|" + "---:|" * len(_BEHAVIOURS),
+        ]
+        for name, c in sft.items():
+            shares = " | ".join(f"{c.get(f'with_{b}', 0) / c['rows']:.0%}" for b in _BEHAVIOURS)
+            lines.append(f"| {name} | {c['rows']} | {c.get('chars', 0) // c['rows']} | {shares} |")
+        lines.append("")
+    dpo = {k: v for k, v in sorted(splits.items()) if k.startswith("dpo_")}
+    if any(dpo.values()):
+        lines += ["## Preference pairs by rule", ""]
+        for name, rules in dpo.items():
+            detail = ", ".join(f"`{r}`: {n}" for r, n in sorted(rules.items())) or "none"
+            lines.append(f"- {name}: {detail}")
+        lines.append("")
+    return lines

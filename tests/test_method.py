@@ -214,3 +214,20 @@ def test_llm_behaviour_tagger_is_off_by_default_and_feeds_the_release_when_on(lo
         tagged = by_trace[row["trace_id"]]
         assert [row[b] for b in traces.BEHAVIOURS] == [
             getattr(tagged, b) for b in traces.BEHAVIOURS]
+
+
+def test_reasoning_content_is_kept_when_the_server_separates_it(local_env, sim):
+    env = local_env
+    upload_sample(env.store, "sources/sample/")
+    sim.sim.cfg.split_reasoning = True  # like vLLM with a reasoning parser
+    sim.sim.cfg.unparseable_rate = 0.0
+    _run(env, stages=["ingest", "annotate", "mcq", "cot", "expand"], k_rollouts=2)
+    with env.db.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT e.*, q.answer_letter FROM expansions e"
+            " JOIN questions q ON q.question_id = e.question_id")).all()
+    assert rows and all(r.reasoning_content for r in rows)
+    for r in rows:
+        thinking, _, tail = r.trace.partition("</think>")
+        assert r.reasoning_content.strip() in thinking  # the separated thinking, in the trace
+        assert tail.strip() == f"Answer: {r.final_letter}"

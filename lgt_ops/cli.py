@@ -12,6 +12,7 @@ from typing import Any
 
 from lgt_ops.config import ConfigError, Settings, settings_from_env
 from lgt_ops.params import PARAM_SCHEMA, STAGES, ParamsError, RunParams
+from lgt_ops.release.errors import ReleaseError
 from lgt_ops.runctx import new_cli_run
 
 
@@ -130,6 +131,62 @@ def cmd_release_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release_list(args: argparse.Namespace) -> int:
+    from lgt_ops.release.manage import list_releases
+
+    rows = list_releases(_env(), args.name)
+    if args.json:
+        _print(rows)
+        return 0
+    if not rows:
+        print("no published release" + (f" named {args.name}" if args.name else ""))
+    for r in rows:
+        flags = ("latest " if r["latest"] else "") + ("SIMULATED" if r["simulated"] else "")
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(r["counts"].items()))
+        print(f"{r['release_id']:<32} {r['created_at'][:19]}  {flags:<17} {counts}")
+    return 0
+
+
+def cmd_release_verify(args: argparse.Namespace) -> int:
+    from lgt_ops.release.manage import verify
+
+    result = verify(_env(), args.release_id)
+    for problem in result.problems:
+        print(f"FAIL {problem}")
+    state = "ok" if result.ok else f"{len(result.problems)} problem(s)"
+    print(
+        f"{args.release_id}: {result.files_checked} file(s) checked against the manifest: {state}"
+    )
+    return 0 if result.ok else 1
+
+
+def cmd_release_diff(args: argparse.Namespace) -> int:
+    from lgt_ops.release.manage import diff
+
+    d = diff(_env(), args.a, args.b).as_dict()
+    if not args.ids:
+        d.pop("added_ids")
+        d.pop("removed_ids")
+    if args.json:
+        _print(d)
+        return 0
+    print(f"{args.a} -> {args.b}")
+    print(f"{'split':<20}{'rows a':>8}{'rows b':>8}{'added':>8}{'removed':>9}")
+    for split, n in d["rows"].items():
+        print(f"{split:<20}{n['a']:>8}{n['b']:>8}{d['added'][split]:>8}{d['removed'][split]:>9}")
+    for kind, values in d["questions"].items():
+        changed = {v: n for v, n in values.items() if n["a"] != n["b"]}
+        detail = ", ".join(f"{v}: {n['a']} -> {n['b']}" for v, n in changed.items()) or "same"
+        print(f"questions by {kind}: {detail}")
+    for split, ids in d.get("added_ids", {}).items():
+        for row_id in ids:
+            print(f"+ {split} {row_id}")
+    for split, ids in d.get("removed_ids", {}).items():
+        for row_id in ids:
+            print(f"- {split} {row_id}")
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from lgt_ops.demo import run_demo
@@ -213,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     pub = relsub.add_parser("publish", help="publish the current outputs as a new version")
     _add_run_params(pub, stages=False)
     pub.set_defaults(func=cmd_release_publish)
+    lst = relsub.add_parser("list", help="published releases, newest first")
+    lst.add_argument("--name", help="only releases of this name")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_release_list)
+    ver = relsub.add_parser("verify", help="re-hash every file of a release against its manifest")
+    ver.add_argument("release_id", help="NAME/VERSION")
+    ver.set_defaults(func=cmd_release_verify)
+    dif = relsub.add_parser("diff", help="rows added/removed and question mix between releases")
+    dif.add_argument("a", help="NAME/VERSION (older)")
+    dif.add_argument("b", help="NAME/VERSION (newer)")
+    dif.add_argument("--ids", action="store_true", help="list every added/removed row id")
+    dif.add_argument("--json", action="store_true")
+    dif.set_defaults(func=cmd_release_diff)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the bundled sample, offline")
     demo.add_argument("--reset", action="store_true", help="start from an empty demo directory")
@@ -229,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ParamsError) as exc:
+    except (ConfigError, ParamsError, ReleaseError) as exc:
         print(f"lgt: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,6 +30,17 @@ COLUMNS = {
 _FINAL = re.compile(r"</think>\s*Answer:\s*([A-H])\s*$")
 
 
+def run_pipeline(env: Any, **params: Any) -> Any:
+    """The whole pipeline in this process on the sample prefix (a `RunSummary`)."""
+    from lgt_ops.params import RunParams
+    from lgt_ops.pipeline import run_local
+
+    conf = {"source": "sources/sample/", "release_name": "method", "allow_simulated": True,
+            "k_rollouts": 4, **params}
+    p = RunParams.from_conf(conf)
+    return run_local(env.with_settings(p.apply(env.settings)), p)
+
+
 def final_letter(trace: str) -> str | None:
     m = _FINAL.search(trace)
     return m.group(1) if m else None

@@ -26,3 +26,19 @@ def upload_sample(store, prefix: str = "sources/sample/") -> None:  # noqa: ANN0
     from lgt_ops.demo import upload_sample as upload
 
     upload(store, prefix)
+
+
+def new_photos(store, prefix: str, names: tuple[str, ...] = ("chelsea.jpg", "coffee.jpg")):  # noqa: ANN001, ANN201
+    """New images for a refresh: mirrored copies of sample photos, with no metadata (so the
+    annotate stage writes their caption and boxes). Returns their sha256 image ids."""
+    import hashlib
+
+    ids = set()
+    for name in names:
+        with Image.open(SAMPLE / "images" / name) as im:
+            buf = io.BytesIO()
+            im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, "JPEG", quality=92)
+        data = buf.getvalue()
+        store.put(f"{prefix}mirrored-{name}", data)
+        ids.add(hashlib.sha256(data).hexdigest())
+    return ids

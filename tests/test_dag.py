@@ -3,6 +3,7 @@ Postgres, the S3 server and the simulator, through the lgt_* Airflow connections
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests import release_checks as checks
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_settings
 from tests.samples import upload_sample
 
 pytestmark = pytest.mark.airflow
@@ -114,7 +115,8 @@ def connections(monkeypatch, pg_url, s3_url, s3_endpoint, sim):
     from lgt_ops.storage import S3Store
 
     store = S3Store(bucket, endpoint_url=s3_endpoint)
-    return {"store": store, "db": create_engine(pg_url), "sim": sim}
+    settings = make_settings(pg_url, s3_url, sim.base_url, s3_endpoint)
+    return {"store": store, "db": create_engine(pg_url), "sim": sim, "settings": settings}
 
 
 def _counts(db) -> dict[str, int]:
@@ -204,3 +206,115 @@ def test_invalid_params_are_refused(airflow_db):
     dag = _dag()
     with pytest.raises(ParamValidationError, match="k_rollouts"):
         dag.test(run_conf={"k_rollouts": 0})
+
+
+def _image_of_request(conn, key: str) -> set[str]:
+    """The images a ledger request worked for, through whatever it produced."""
+    sql = (
+        "SELECT image_id FROM annotations WHERE request_key = :k"
+        " UNION SELECT image_id FROM questions WHERE request_key = :k"
+        " UNION SELECT q.image_id FROM rollouts r JOIN questions q"
+        "   ON q.question_id = r.question_id WHERE r.request_key = :k"
+        " UNION SELECT q.image_id FROM expansions e JOIN questions q"
+        "   ON q.question_id = e.question_id WHERE e.request_key = :k"
+        " UNION SELECT image_id FROM rejections WHERE request_key = :k"
+    )
+    return {r[0] for r in conn.execute(text(sql), {"k": key}) if r[0]}
+
+
+def test_nightly_refresh_pays_only_for_new_images(airflow_db, connections):
+    from lgt_ops.release.manage import diff, verify
+    from lgt_ops.runctx import RunContext
+    from lgt_ops.stages.base import StageEnv
+    from tests.samples import new_photos
+
+    store, db, sim = connections["store"], connections["db"], connections["sim"]
+    upload_sample(store, "sources/sample/")
+    dag = _dag()
+    conf = {"source": "sources/sample/", "release_name": "nightly", "allow_simulated": True,
+            "release_version": "n1", "k_rollouts": 4}
+    assert str(dag.test(run_conf=conf).state).endswith(("success", "SUCCESS"))
+    with db.connect() as conn:
+        before = set(conn.execute(text("SELECT request_key FROM model_requests")).scalars())
+
+    new_ids = new_photos(store, "sources/sample/images/")
+    served = sim.sim.served
+    conf["release_version"] = "n2"
+    assert str(dag.test(run_conf=conf).state).endswith(("success", "SUCCESS"))
+    with db.connect() as conn:
+        after = set(conn.execute(text("SELECT request_key FROM model_requests")).scalars())
+        fresh = after - before
+        assert fresh and sim.sim.served - served == len(fresh)  # all new work, none repeated
+        for key in fresh:  # ... and every new call was for one of the two new images
+            assert _image_of_request(conn, key) <= new_ids, key
+            assert _image_of_request(conn, key), key
+
+    env = StageEnv.open(connections["settings"], RunContext("inspect"))
+    d = diff(env, "nightly/n1", "nightly/n2")
+    assert all(not ids for ids in d.removed.values())
+    with db.connect() as conn:
+        members = conn.execute(text(
+            "SELECT split, row_id, image_id FROM release_members WHERE release_id = 'nightly/n2'"
+        )).all()
+    expected: dict[str, set[str]] = {}
+    for m in members:
+        if m.image_id in new_ids:
+            expected.setdefault(m.split, set()).add(m.row_id)
+    assert expected.get("questions") and expected.get("sft_stage1")
+    assert {s: set(ids) for s, ids in d.added.items() if ids} == expected
+    assert verify(env, "nightly/n2").ok
+
+
+VALID_FORMS = [
+    {},
+    {"source": "s3://other-bucket/docci/", "stages": ["ingest", "mcq", "release"],
+     "sample_size": 500, "k_rollouts": 16, "release_name": "docci-v2", "dry_run": True},
+    {"vlm_model": "Qwen/Qwen2.5-VL-72B-Instruct", "vlm_base_url": "http://vllm-vlm:8000/v1",
+     "reasoner_model": "deepseek-ai/DeepSeek-R1", "behaviour_tagger": "llm",
+     "release_version": "2026.11.25-a"},
+]
+INVALID_FORMS = [
+    ({"k_rollouts": 0}, "k_rollouts"),
+    ({"sample_size": -5}, "sample_size"),
+    ({"stages": ["mcq", "train"]}, "stages"),
+    ({"stages": []}, "stages"),
+    ({"release_name": "Bad Name!"}, "release_name"),
+    ({"release_version": "../escape"}, "release_version"),
+    ({"dry_run": "yes"}, "dry_run"),
+    ({"behaviour_tagger": "gpt"}, "behaviour_tagger"),
+]
+
+
+@pytest.mark.parametrize("conf", VALID_FORMS)
+def test_trigger_form_accepts_valid_params(airflow_db, conf):
+    from lgt_ops.params import RunParams
+
+    params = copy.deepcopy(_dag().params)
+    for key, value in conf.items():
+        params[key] = value  # the form's own validation (Airflow Param + JSON schema)
+    params.validate()
+    run = RunParams.from_conf(conf)  # what the tasks re-validate
+    assert run.k_rollouts == conf.get("k_rollouts", 10)
+
+
+@pytest.mark.parametrize(("conf", "name"), INVALID_FORMS)
+def test_trigger_form_refuses_invalid_params_naming_them(airflow_db, conf, name):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from lgt_ops.params import ParamsError, RunParams
+
+    params = copy.deepcopy(_dag().params)
+    with pytest.raises(ParamValidationError, match=name):
+        for key, value in conf.items():
+            params[key] = value
+    with pytest.raises(ParamsError, match=f"parameter '{name}'"):
+        RunParams.from_conf(conf)
+
+
+def test_library_refuses_what_spans_fields_and_unknown_keys():
+    from lgt_ops.params import ParamsError, RunParams
+
+    with pytest.raises(ParamsError, match="'release' stage is not selected"):
+        RunParams.from_conf({"release_version": "v1", "stages": ["mcq"]})
+    with pytest.raises(ParamsError, match="unknown parameter 'k_rollout'"):
+        RunParams.from_conf({"k_rollout": 4})

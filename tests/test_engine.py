@@ -201,7 +201,9 @@ def test_schema_invalid_output_is_regenerated(sim, ledger):
     requests = [
         ChatRequest("llm", "m", "mcq", "1", msgs, {"seed": i}, schema, "mcq") for i in range(20)
     ]
-    outs = run(RequestEngine(endpoint(sim.base_url, max_regenerations=6), ledger), requests, ledger)
+    # Enough regenerations that a run of bad luck cannot exhaust them (0.5 ** 31 per request).
+    engine = RequestEngine(endpoint(sim.base_url, max_regenerations=30), ledger)
+    outs = run(engine, requests, ledger)
     assert all(o.ok for o in outs)
     assert sum(o.regenerations for o in outs) > 0
 

@@ -10,8 +10,6 @@ from sqlalchemy import text
 from lgt_ops import traces
 from lgt_ops.annotations import ImageContext
 from lgt_ops.config import MethodParams
-from lgt_ops.params import RunParams
-from lgt_ops.pipeline import run_local
 from lgt_ops.questions import Question
 from lgt_ops.release.splits import sft_choice
 from lgt_ops.runctx import RunContext
@@ -147,11 +145,7 @@ def test_composition_operators_derive_answers_from_parents():
 
 
 # -- the chain on the simulator ---------------------------------------------------------------
-def _run(env, **params):
-    conf = {"source": "sources/sample/", "release_name": "method", "allow_simulated": True,
-            "k_rollouts": 4, **params}
-    p = RunParams.from_conf(conf)
-    return run_local(env.with_settings(p.apply(env.settings)), p)
+_run = checks.run_pipeline
 
 
 def _served_by_stage(env, run_id):

@@ -27,7 +27,8 @@ from lgt_ops.db.repo import dumps, insert_ignore, upsert, utcnow
 from lgt_ops.ids import sha256_hex
 from lgt_ops.llm.simulator.server import MODEL_PREFIX
 from lgt_ops.progress import Progress
-from lgt_ops.release import card, splits
+from lgt_ops.release import card, report, splits
+from lgt_ops.release.errors import ReleaseError, ReleaseExists
 from lgt_ops.release.parquet import Part, encode_part, with_hf_features
 from lgt_ops.release.scope import iter_chunks, rejection_counts, source_rejection_counts
 from lgt_ops.sources import SourceSpec
@@ -37,14 +38,6 @@ from lgt_ops.storage import ObjectExists
 SCHEMA_VERSION = 1
 # Every release_members row names all id columns (a batch insert takes the first row's keys).
 _NO_IDS = {"question_id": None, "image_id": None, "trace_id": None, "pair_id": None}
-
-
-class ReleaseError(RuntimeError):
-    pass
-
-
-class ReleaseExists(ReleaseError):
-    pass
 
 
 @dataclass
@@ -193,8 +186,10 @@ def publish(
         env, name, version, spec, sample_size, parts, fps, counts, served, simulated
     )
     _promote(env, staging, prefix, parts)
-    card_md = card.render(manifest)
-    env.store.put(f"{prefix}/README.md", card_md.encode("utf-8"))
+    manifest["report"] = _write_report(env, prefix, manifest)
+    card_md = card.render(manifest).encode("utf-8")
+    env.store.put(f"{prefix}/README.md", card_md)
+    manifest["card_sha256"] = hashlib.sha256(card_md).hexdigest()
     body = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
     try:
         env.store.put(f"{prefix}/manifest.json", body, if_absent=True)
@@ -285,6 +280,21 @@ def _manifest(
         "counts": counts,
         "run_id": env.run.run_id,
     }
+
+
+def _write_report(env: StageEnv, prefix: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Report plots against the parent release; their hashes go into the manifest."""
+    parent = None
+    if manifest["parent_release"]:
+        name, _, version = manifest["parent_release"].partition("/")
+        key = f"{release_prefix(name, version)}/manifest.json"
+        if env.store.head(key) is not None:
+            parent = json.loads(env.store.get(key))
+    files = []
+    for path, data in sorted(report.render(manifest, parent).items()):
+        env.store.put(f"{prefix}/{path}", data)
+        files.append({"path": path, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    return files
 
 
 def _promote(env: StageEnv, staging: str, prefix: str, parts: dict[str, list[Part]]) -> None:

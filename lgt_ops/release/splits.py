@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 
 from lgt_ops import current
 from lgt_ops.questions import Question, from_row
+from lgt_ops.release import report
 from lgt_ops.release.parquet import IMAGE, MESSAGES
 from lgt_ops.release.scope import ImageChunk, image_value, served_models
 from lgt_ops.stages import annotate, compose, cot, expand, ingest, mcq, pairs, tag
@@ -209,6 +210,7 @@ class QuestionsSplit(SplitBuilder):
             fields = out.question_fields(q)
             self.stats[f"stage{q.stage}"] += 1
             self.stats[f"difficulty:{fields['difficulty']}"] += 1
+            self.stats[f"skill:{q.skill}"] += 1
             yield (
                 {
                     "row_id": q.question_id,
@@ -273,6 +275,7 @@ class SftSplit(SplitBuilder):
                 self.stats[origin[t.trace_id]] += 1
                 self.stats["rows"] += 1
                 self.stats["chars"] += len(t.text)
+                self.stats[f"len:{report.length_bucket(len(t.text))}"] += 1
                 for b in BEHAVIOURS:
                     self.stats[f"with_{b}"] += getattr(v, b) > 0
                 yield (

@@ -129,6 +129,22 @@ def parse(env: StageEnv, fp: str, item: WorkItem, outcome: Outcome) -> Rows:
             ),
         )
         return rows
+    if not raw:
+        rows.add(
+            "rejections",
+            rejection(
+                env,
+                STAGE,
+                fp,
+                "request",
+                item.item_id,
+                "no_questions",
+                "the reply holds no question",
+                image_id=ctx.image_id,
+                request_key=outcome.request.key,
+            ),
+        )
+        return rows
     n_opt = env.settings.method.mcq_options
     dedup = NearDuplicates(env.settings.method.mcq_dedup_threshold)
     for n, q in enumerate(raw):

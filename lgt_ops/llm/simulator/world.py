@@ -66,7 +66,9 @@ COLOURS = (
 POSITIONS = ("on the left side", "in the middle", "on the right side", "along the top edge")
 LETTERS = "ABCDEFGH"
 
-_OBJ_LINE = re.compile(r"^(o\d+): (.+?) \[([\d.\-]+), ([\d.\-]+), ([\d.\-]+), ([\d.\-]+)\]$", re.M)
+_OBJ_LINE = re.compile(
+    r"^([\w.\-]+): (.+?) \[([\d.\-]+), ([\d.\-]+), ([\d.\-]+), ([\d.\-]+)\]$", re.M
+)
 _BEHAVIOUR_WORDS = {
     "verification": ("double-check", "verify", "consistent"),
     "backtracking": ("does not look right", "reconsider"),

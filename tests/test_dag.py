@@ -318,3 +318,32 @@ def test_library_refuses_what_spans_fields_and_unknown_keys():
         RunParams.from_conf({"release_version": "v1", "stages": ["mcq"]})
     with pytest.raises(ParamsError, match="unknown parameter 'k_rollout'"):
         RunParams.from_conf({"k_rollout": 4})
+
+
+_LINEAGE_CHECK = r"""
+import json
+from airflow.sdk.lineage import get_hook_lineage_collector
+from lgt_ops.airflow_adapter import report_lineage
+report_lineage(["s3://bucket/sources/docci/"], ["s3://bucket/releases/lgt/v1"])
+got = get_hook_lineage_collector().collected_assets
+print(json.dumps({"in": [a.asset.uri for a in got.inputs],
+                  "out": [a.asset.uri for a in got.outputs]}))
+"""
+
+
+@pytest.mark.parametrize("configured", [True, False])
+def test_openlineage_edges_when_the_provider_is_configured(airflow_db, configured):
+    import os
+
+    env = dict(os.environ)
+    env.pop("AIRFLOW__OPENLINEAGE__TRANSPORT", None)
+    if configured:
+        env["AIRFLOW__OPENLINEAGE__TRANSPORT"] = json.dumps({"type": "console"})
+    out = subprocess.run([sys.executable, "-c", _LINEAGE_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+    edges = json.loads(out.stdout.strip().splitlines()[-1])
+    if configured:
+        assert edges == {"in": ["s3://bucket/sources/docci"],
+                         "out": ["s3://bucket/releases/lgt/v1"]}
+    else:  # no provider configuration: a no-op, never an error
+        assert edges == {"in": [], "out": []}

@@ -16,7 +16,7 @@ from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import ChatRequest, image_part
 from lgt_ops.llm.schema import parse_json_reply
 from lgt_ops.sources import SourceSpec, image_locations, image_set
-from lgt_ops.stages.base import Shard, StageEnv, StageStats, already_done, recorded, rejection
+from lgt_ops.stages.base import Shard, StageEnv, StageStats, already_done, rejection
 from lgt_ops.stages.ingest import annotation_row
 from lgt_ops.stages.runner import (
     Plan,
@@ -24,7 +24,7 @@ from lgt_ops.stages.runner import (
     StoreImageUrls,
     WorkItem,
     request_rejection,
-    run_model_stage,
+    run_planned,
 )
 
 STAGE = "annotate"
@@ -174,17 +174,12 @@ def run(
     env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
 ) -> StageStats:
     fp = stage_fingerprint(env)
-    with recorded(env, STAGE, shard, fp) as stats:
-        work = plan(env, spec, shard, sample_size)
-        stats.items_in, stats.items_skipped = work.considered, work.skipped
-        run_model_stage(
-            env,
-            stage=STAGE,
-            fingerprint=fp,
-            role="vlm",
-            items=work.items,
-            handle=lambda item, outs: parse(env, fp, item, outs[0]),
-            stats=stats,
-            images=work.images,
-        )
-    return stats
+    return run_planned(
+        env,
+        shard,
+        stage=STAGE,
+        fingerprint=fp,
+        role="vlm",
+        plan=lambda: plan(env, spec, shard, sample_size),
+        handle=lambda item, outs: parse(env, fp, item, outs[0]),
+    )

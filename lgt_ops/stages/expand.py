@@ -26,9 +26,9 @@ from lgt_ops.llm.request import ChatRequest
 from lgt_ops.questions import Question, from_row
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
-from lgt_ops.stages.base import Shard, StageEnv, StageStats, already_done, recorded, rejection
+from lgt_ops.stages.base import Shard, StageEnv, StageStats, already_done, rejection
 from lgt_ops.stages.cot import CONTINUE
-from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, run_model_stage
+from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, run_planned
 
 STAGE = "expand"
 VERSION = 1
@@ -207,16 +207,12 @@ def run(
     env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
 ) -> StageStats:
     fp = stage_fingerprint(env)
-    with recorded(env, STAGE, shard, fp) as stats:
-        work = plan(env, spec, shard, sample_size)
-        stats.items_in, stats.items_skipped = work.considered, work.skipped
-        run_model_stage(
-            env,
-            stage=STAGE,
-            fingerprint=fp,
-            role="reasoner",
-            items=work.items,
-            handle=lambda item, outs: handle(env, fp, item, outs),
-            stats=stats,
-        )
-    return stats
+    return run_planned(
+        env,
+        shard,
+        stage=STAGE,
+        fingerprint=fp,
+        role="reasoner",
+        plan=lambda: plan(env, spec, shard, sample_size),
+        handle=lambda item, outs: handle(env, fp, item, outs),
+    )

@@ -32,16 +32,14 @@ from lgt_ops.stages.base import (
     StageEnv,
     StageStats,
     already_done,
-    recorded,
     rejection,
 )
 from lgt_ops.stages.runner import (
     Plan,
     Rows,
     WorkItem,
-    record_early,
     request_rejection,
-    run_model_stage,
+    run_planned,
 )
 
 STAGE = "mcq"
@@ -236,17 +234,12 @@ def run(
     env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
 ) -> StageStats:
     fp = stage_fingerprint(env)
-    with recorded(env, STAGE, shard, fp) as stats:
-        work = plan(env, spec, shard, sample_size)
-        stats.items_in, stats.items_skipped = work.considered, work.skipped
-        record_early(env, work, stats)
-        run_model_stage(
-            env,
-            stage=STAGE,
-            fingerprint=fp,
-            role="llm",
-            items=work.items,
-            handle=lambda item, outs: parse(env, fp, item, outs[0]),
-            stats=stats,
-        )
-    return stats
+    return run_planned(
+        env,
+        shard,
+        stage=STAGE,
+        fingerprint=fp,
+        role="llm",
+        plan=lambda: plan(env, spec, shard, sample_size),
+        handle=lambda item, outs: parse(env, fp, item, outs[0]),
+    )

@@ -20,7 +20,15 @@ from lgt_ops.llm.engine import RequestEngine
 from lgt_ops.llm.ledger import Ledger, Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.progress import Progress
-from lgt_ops.stages.base import StageEnv, StageStats, commit, done_marker, rejection
+from lgt_ops.stages.base import (
+    Shard,
+    StageEnv,
+    StageStats,
+    commit,
+    done_marker,
+    recorded,
+    rejection,
+)
 from lgt_ops.storage import S3Store
 
 _COMMIT_ITEMS = 25
@@ -160,6 +168,34 @@ def run_model_stage(
             f"{stage}: {len(failed)} item(s) not finished because of endpoint failures "
             f"({dict(engine.stats.errors)}); re-run to resume (finished work is kept)"
         )
+
+
+def run_planned(
+    env: StageEnv,
+    shard: Shard,
+    *,
+    stage: str,
+    fingerprint: str,
+    role: str,
+    plan: Callable[[], Plan],
+    handle: Callable[[WorkItem, list[Outcome]], Rows],
+) -> StageStats:
+    """A model stage on one shard: record the attempt, plan, commit early rejections, call."""
+    with recorded(env, stage, shard, fingerprint) as stats:
+        work = plan()
+        stats.items_in, stats.items_skipped = work.considered, work.skipped
+        record_early(env, work, stats)
+        run_model_stage(
+            env,
+            stage=stage,
+            fingerprint=fingerprint,
+            role=role,
+            items=work.items,
+            handle=handle,
+            stats=stats,
+            images=work.images,
+        )
+    return stats
 
 
 def _match(item: WorkItem, req: ChatRequest) -> ChatRequest | None:

@@ -21,11 +21,10 @@ from lgt_ops.stages.base import (
     StageEnv,
     StageStats,
     already_done,
-    recorded,
     rejection,
     select_in,
 )
-from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, run_model_stage
+from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, run_planned
 from lgt_ops.traces import BEHAVIOURS, Trace
 
 STAGE = "tag"
@@ -154,19 +153,15 @@ def run(
     env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
 ) -> StageStats:
     fp = stage_fingerprint(env)
-    with recorded(env, STAGE, shard, fp) as stats:
-        work = plan(env, spec, shard, sample_size)
-        stats.items_in, stats.items_skipped = work.considered, work.skipped
-        run_model_stage(
-            env,
-            stage=STAGE,
-            fingerprint=fp,
-            role="llm",
-            items=work.items,
-            handle=lambda item, outs: handle(env, fp, item, outs[0]),
-            stats=stats,
-        )
-    return stats
+    return run_planned(
+        env,
+        shard,
+        stage=STAGE,
+        fingerprint=fp,
+        role="llm",
+        plan=lambda: plan(env, spec, shard, sample_size),
+        handle=lambda item, outs: handle(env, fp, item, outs[0]),
+    )
 
 
 def current_tags(conn: Any, env: StageEnv, trace_ids: list[str]) -> dict[str, Any]:

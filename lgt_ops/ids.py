@@ -29,7 +29,7 @@ def fingerprint(obj: Any) -> str:
 
 
 def hbucket(image_id: str) -> int:
-    """A stable integer in [0, 2**31) from an image id; shards are `hbucket % n`."""
+    """A stable integer in [0, 2**31) from an image id; shards are ranges of it."""
     return int(image_id[:8], 16) & 0x7FFFFFFF
 
 

@@ -53,17 +53,21 @@ def image_set(
     conn: Connection, spec: SourceSpec, shard: Shard | None = None, sample_size: int | None = None
 ) -> list[Any]:
     """Images with a live source under the spec; a sample is the same images every run
-    (smallest hbucket first), and a shard is a stable hash partition of that set."""
+    (smallest hbucket first), and a shard is a stable hash range of that set."""
     sql = _IMAGE_SET
     params: dict[str, Any] = {"bucket": spec.store_url, "like": spec.like}
+    sharded = shard is not None and shard.count > 1
+    if sharded:
+        params["lo"], params["hi"] = shard.bounds()
     if sample_size:
         sql = f"SELECT * FROM ({sql} ORDER BY i.hbucket, i.image_id LIMIT :sample) sampled"
         params["sample"] = int(sample_size)
-    else:
+        if sharded:
+            sql += " WHERE hbucket >= :lo AND hbucket < :hi"
+    else:  # the range goes inside, where the images_hbucket index serves it
+        if sharded:
+            sql += " AND i.hbucket >= :lo AND i.hbucket < :hi"
         sql = f"SELECT * FROM ({sql}) all_images"
-    if shard is not None and shard.count > 1:
-        sql += " WHERE hbucket % :count = :index"
-        params.update(count=shard.count, index=shard.index)
     sql += " ORDER BY image_id"
     return conn.execute(text(sql), params).all()
 

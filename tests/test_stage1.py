@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import text
 
-from lgt_ops.sources import resolve_source
+from lgt_ops.sources import image_set, resolve_source
 from lgt_ops.stages import annotate, ingest, mcq
-from lgt_ops.stages.base import Shard
+from lgt_ops.stages.base import HBUCKETS, Shard
 from tests.samples import upload_sample
 
 
@@ -82,3 +83,22 @@ def test_shards_partition_the_images(local_env, sim):
     for i in range(3):
         seen += mcq.run(env, spec, Shard(i, 3)).items_in
     assert seen == 10
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 512])
+def test_shard_ranges_cover_every_hbucket_exactly_once(count):
+    bounds = [Shard(i, count).bounds() for i in range(count)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == HBUCKETS
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(bounds, bounds[1:], strict=False))
+
+
+@pytest.mark.parametrize("sample_size", [None, 6])
+def test_shards_split_the_sample_and_the_whole_set_alike(pg_s3_env, sim, sample_size):
+    env = pg_s3_env
+    spec = _prepared(env)
+    with env.db.connect() as conn:
+        whole = [r.image_id for r in image_set(conn, spec, None, sample_size)]
+        parts = [[r.image_id for r in image_set(conn, spec, Shard(i, 4), sample_size)]
+                 for i in range(4)]
+    assert sorted(sum(parts, [])) == sorted(whole)
+    assert len(whole) == (sample_size or 10)

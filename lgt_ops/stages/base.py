@@ -61,9 +61,16 @@ class StageEnv:
         return StageEnv(settings, self.db, self.store, self.run, self.show_progress, self._stores)
 
 
+HBUCKETS = 2**31  # hbucket values are in [0, HBUCKETS), see lgt_ops.ids.hbucket
+
+
 @dataclass(frozen=True)
 class Shard:
-    """Images whose hbucket % count == index. Stable across runs and cheap to filter."""
+    """Images whose hbucket falls in the index-th of `count` equal ranges of [0, 2**31).
+
+    Stable across runs, and a range (not a modulo) so a shard is read through the hbucket
+    index: the cost of visiting one shard grows with the shard, not with the corpus.
+    """
 
     index: int = 0
     count: int = 1
@@ -80,6 +87,10 @@ class Shard:
             return cls(int(value["index"]), int(value["count"]))
         index, _, count = str(value).partition("/")
         return cls(int(index), int(count or 1))
+
+    def bounds(self) -> tuple[int, int]:
+        """[low, high) of the hbucket values in this shard."""
+        return self.index * HBUCKETS // self.count, (self.index + 1) * HBUCKETS // self.count
 
     def as_dict(self) -> dict[str, int]:
         return {"index": self.index, "count": self.count}

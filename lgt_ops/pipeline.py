@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import text
 
 from lgt_ops import params as run_params
+from lgt_ops.db.stats import refresh_statistics
 from lgt_ops.params import RunParams
 from lgt_ops.release.publish import Published, publish
 from lgt_ops.sources import count_images, resolve_source
@@ -70,6 +71,7 @@ def scan(env: StageEnv, params: RunParams) -> ingest.ScanResult:
 def plan(env: StageEnv, params: RunParams) -> list[Shard]:
     """Image shards for the per-shard stages: shard_size images each, at most max_shards."""
     spec, _ = resolve_source(env, params.source)
+    refresh_statistics(env.db)  # ingest may have changed most of the corpus
     with env.db.connect() as conn:
         n = count_images(conn, spec, params.sample_size)
     s = env.settings
@@ -138,6 +140,7 @@ def release(env: StageEnv, params: RunParams) -> Published | None:
     if not params.runs("release") or params.dry_run:
         return None
     spec, _ = resolve_source(env, params.source)
+    refresh_statistics(env.db)  # the stages may have added most of the rows it reads
     return publish(
         env,
         spec,

@@ -42,6 +42,9 @@ class Simulator:
         self.reset()
 
     def reset(self) -> None:
+        # Requests that began before a reset (e.g. a stalled "timeout" whose client gave up
+        # long ago) still get their answer, but no longer count.
+        self._generation = getattr(self, "_generation", 0) + 1
         self.received = 0
         self.served = 0
         self.admitted = 0
@@ -99,6 +102,7 @@ class Simulator:
         return web.json_response(self.cfg.model_dump())
 
     async def chat(self, req: web.Request) -> web.StreamResponse:
+        generation = self._generation
         self.received += 1
         key = _request_key(req.headers.get("X-Request-Id", ""))
         try:
@@ -165,10 +169,11 @@ class Simulator:
             self.outcomes["invalid_json"] += 1
             for choice in payload["choices"]:
                 choice["message"]["content"] = "Sure! Here are the questions you asked for."
-        self.served += 1
-        self.outcomes["200"] += 1
-        if key:
-            self.served_by_key[key] += 1
+        if generation == self._generation:
+            self.served += 1
+            self.outcomes["200"] += 1
+            if key:
+                self.served_by_key[key] += 1
         return web.json_response(payload)
 
     # -- helpers ------------------------------------------------------------------------------

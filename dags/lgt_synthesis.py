@@ -3,7 +3,9 @@
 Wiring only: every task calls one function of `lgt_ops.pipeline` (the same functions the
 `lgt` CLI calls). Heavy imports happen inside tasks, so parsing this file stays cheap.
 
-    start -> scan -> ingest[shard files] -> plan -> shard[annotate -> mcq -> ...] -> release
+    start -> scan -> ingest[shard files] -> plan
+          -> shard[annotate -> mcq -> compose -> cot -> expand -> filter -> pairs -> tag]
+          -> release (the lgt_release Asset) -> finish
 """
 
 from __future__ import annotations

@@ -301,3 +301,61 @@ def commit(
             ledger.flush(conn)
         for table_name, rows in rows_by_table.items():
             insert_ignore(conn, table_name, rows)
+
+
+@dataclass
+class Rows:
+    """What handling one item produced: table -> rows, and how many outputs count."""
+
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    outputs: int = 0
+
+    def add(self, table: str, *rows: dict[str, Any]) -> None:
+        self.tables.setdefault(table, []).extend(rows)
+
+
+def count_rejections(stats: StageStats, rejections: list[dict[str, Any]]) -> None:
+    stats.items_rejected += len(rejections)
+    for r in rejections:
+        stats.rejected_by_reason[r["reason"]] += 1
+
+
+class ItemCommitter:
+    """Finished items' rows and done-markers, counted into the stage's stats and committed
+    in small batches (after the ledger's rows, when the stage calls models)."""
+
+    EVERY_ITEMS = 25
+    EVERY_SECONDS = 2.0
+
+    def __init__(
+        self,
+        env: StageEnv,
+        stage: str,
+        fingerprint: str,
+        stats: StageStats,
+        ledger: Any | None = None,
+    ) -> None:
+        self.env, self.stage, self.fingerprint = env, stage, fingerprint
+        self.stats, self.ledger = stats, ledger
+        self._buffer: dict[str, list[dict[str, Any]]] = {}
+        self._items = 0
+        self._last = time.monotonic()
+
+    def finish(self, item_id: str, rows: Rows) -> None:
+        """Buffer one finished item: its rows, and a marker so a re-run skips it."""
+        count_rejections(self.stats, rows.tables.get("rejections", []))
+        self.stats.items_out += rows.outputs
+        status = "done" if rows.outputs else "rejected"
+        marker = done_marker(self.env, self.stage, self.fingerprint, item_id, status, rows.outputs)
+        rows.add("stage_items", marker)
+        for table, table_rows in rows.tables.items():
+            self._buffer.setdefault(table, []).extend(table_rows)
+        self._items += 1
+
+    def flush_if_due(self) -> None:
+        if self._items >= self.EVERY_ITEMS or time.monotonic() - self._last > self.EVERY_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        commit(self.env, self._buffer, self.ledger)
+        self._buffer, self._items, self._last = {}, 0, time.monotonic()

@@ -26,12 +26,12 @@ from lgt_ops.questions import jaccard, tokens
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages import cot, expand
 from lgt_ops.stages.base import (
+    ItemCommitter,
+    Rows,
     Shard,
     StageEnv,
     StageStats,
     already_done,
-    commit,
-    done_marker,
     recorded,
     rejection,
 )
@@ -141,20 +141,18 @@ def run(
             }
             done = already_done(conn, STAGE, fp, list(inputs.values()))
         stats.items_in = len(inputs)
-        tables: dict[str, list[dict[str, Any]]] = {
-            "trace_verdicts": [],
-            "rejections": [],
-            "stage_items": [],
-        }
+        committer = ItemCommitter(env, STAGE, fp, stats)
         for qid, ts in by_question.items():
             if inputs[qid] in done:
                 stats.items_skipped += 1
                 continue
-            verdicts = judge(ts, m)
-            for v in verdicts:
-                tables["trace_verdicts"].append(verdict_row(env, fp, v))
+            rows = Rows()
+            for v in judge(ts, m):
+                rows.add("trace_verdicts", verdict_row(env, fp, v))
+                rows.outputs += v.passed
                 if v.reason:
-                    tables["rejections"].append(
+                    rows.add(
+                        "rejections",
                         rejection(
                             env,
                             STAGE,
@@ -165,17 +163,9 @@ def run(
                             v.detail,
                             image_id=images[qid],
                             request_key=v.trace.request_key,
-                        )
+                        ),
                     )
-                    stats.rejected_by_reason[v.reason] += 1
-            kept = sum(v.passed for v in verdicts)
-            stats.items_out += kept
-            stats.items_rejected += len(verdicts) - kept
-            tables["stage_items"].append(
-                done_marker(env, STAGE, fp, inputs[qid], "done" if kept else "rejected", kept)
-            )
-            if len(tables["stage_items"]) >= 200:
-                commit(env, tables)
-                tables = {k: [] for k in tables}
-        commit(env, tables)
+            committer.finish(inputs[qid], rows)
+            committer.flush_if_due()
+        committer.flush()
     return stats

@@ -24,12 +24,12 @@ from lgt_ops.ids import content_id, fingerprint, sha256_hex
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages import filter as trace_filter
 from lgt_ops.stages.base import (
+    ItemCommitter,
+    Rows,
     Shard,
     StageEnv,
     StageStats,
     already_done,
-    commit,
-    done_marker,
     recorded,
 )
 from lgt_ops.traces import Trace
@@ -135,25 +135,19 @@ def run(
             }
             done = already_done(conn, STAGE, fp, list(inputs.values()))
         stats.items_in = len(inputs)
-        tables: dict[str, list[dict[str, Any]]] = {"pairs": [], "stage_items": []}
+        passed = {t for t, v in verdicts.items() if v.passed}
+        formed = {t for t, v in verdicts.items() if v.well_formed}
+        committer = ItemCommitter(env, STAGE, fp, stats)
         for qid, ts in by_question.items():
             if inputs[qid] in done:
                 stats.items_skipped += 1
                 continue
             if any(t.trace_id not in verdicts for t in ts):
                 continue  # not filtered yet (filter not run for these traces): stays pending
-            passed = {t for t, v in verdicts.items() if v.passed}
-            formed = {t for t, v in verdicts.items() if v.well_formed}
             chosen = select(candidates(ts, passed, formed), m.pairs_per_question, m.seed)
-            tables["pairs"] += [pair_row(env, fp, stage_of[qid], p) for p in chosen]
-            stats.items_out += len(chosen)
-            tables["stage_items"].append(
-                done_marker(
-                    env, STAGE, fp, inputs[qid], "done" if chosen else "rejected", len(chosen)
-                )
-            )
-            if len(tables["stage_items"]) >= 200:
-                commit(env, tables)
-                tables = {k: [] for k in tables}
-        commit(env, tables)
+            rows = Rows(outputs=len(chosen))
+            rows.add("pairs", *(pair_row(env, fp, stage_of[qid], p) for p in chosen))
+            committer.finish(inputs[qid], rows)
+            committer.flush_if_due()
+        committer.flush()
     return stats

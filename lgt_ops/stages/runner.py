@@ -10,7 +10,6 @@ stage then raises `StageIncomplete` so the orchestrator retries it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,18 +20,17 @@ from lgt_ops.llm.ledger import Ledger, Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.progress import Progress
 from lgt_ops.stages.base import (
+    ItemCommitter,
+    Rows,
     Shard,
     StageEnv,
     StageStats,
     commit,
-    done_marker,
+    count_rejections,
     recorded,
     rejection,
 )
 from lgt_ops.storage import S3Store
-
-_COMMIT_ITEMS = 25
-_COMMIT_SECONDS = 2.0
 
 
 class StageIncomplete(RuntimeError):
@@ -45,17 +43,6 @@ class WorkItem:
     image_id: str | None
     requests: list[ChatRequest]
     context: Any = None
-
-
-@dataclass
-class Rows:
-    """What handling one item produced: table -> rows, and how many outputs count."""
-
-    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    outputs: int = 0
-
-    def add(self, table: str, *rows: dict[str, Any]) -> None:
-        self.tables.setdefault(table, []).extend(rows)
 
 
 @dataclass
@@ -115,34 +102,14 @@ def run_model_stage(
             by_key.setdefault(req.key, []).append(item)
     waiting = {id(i): len(i.requests) for i in items}
     got: dict[int, list[Outcome]] = {id(i): [] for i in items}
-    buffer: dict[str, list[dict[str, Any]]] = {}
-    buffered_items = 0
-    last_commit = time.monotonic()
+    committer = ItemCommitter(env, stage, fingerprint, stats, ledger)
     failed: list[str] = []
 
-    def flush() -> None:
-        nonlocal buffer, buffered_items, last_commit
-        commit(env, buffer, ledger)
-        buffer, buffered_items, last_commit = {}, 0, time.monotonic()
-
     def finish(item: WorkItem, outcomes: list[Outcome]) -> None:
-        nonlocal buffered_items
         if any(o.status == "failed" for o in outcomes):
             failed.append(item.item_id)
             return
-        rows = handle(item, outcomes)
-        n_rejected = len(rows.tables.get("rejections", []))
-        stats.items_rejected += n_rejected
-        for r in rows.tables.get("rejections", []):
-            stats.rejected_by_reason[r["reason"]] += 1
-        stats.items_out += rows.outputs
-        status = "done" if rows.outputs else "rejected"
-        rows.add(
-            "stage_items", done_marker(env, stage, fingerprint, item.item_id, status, rows.outputs)
-        )
-        for table, table_rows in rows.tables.items():
-            buffer.setdefault(table, []).extend(table_rows)
-        buffered_items += 1
+        committer.finish(item.item_id, handle(item, outcomes))
 
     requests = (req for item in items for req in item.requests)
     try:
@@ -157,10 +124,9 @@ def run_model_stage(
                 waiting[id(item)] -= 1
                 if waiting[id(item)] == 0:
                     finish(item, got.pop(id(item)))
-            if buffered_items >= _COMMIT_ITEMS or time.monotonic() - last_commit > _COMMIT_SECONDS:
-                flush()
+            committer.flush_if_due()  # also commits answered requests of unfinished items
     finally:
-        flush()  # keep what is finished, also when the endpoint went down mid-stage
+        committer.flush()  # keep what is finished, also when the endpoint went down mid-stage
         progress.close()
         stats.absorb(engine.summary())
     if failed:
@@ -210,9 +176,7 @@ def record_early(env: StageEnv, work: Plan, stats: StageStats) -> None:
     if not rejected:
         return
     commit(env, work.early.tables)
-    stats.items_rejected += len(rejected)
-    for r in rejected:
-        stats.rejected_by_reason[r["reason"]] += 1
+    count_rejections(stats, rejected)
 
 
 def request_rejection(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lgt_ops.traces import BEHAVIOURS
+
 _SIMULATED = (
     "> **SIMULATED DATA — NOT MODEL OUTPUT.** Every model reply behind this release came from "
     "the LGT-ETL simulator, a test double. Use it to test pipelines and loaders only; never to "
@@ -98,9 +100,6 @@ def render(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_BEHAVIOURS = ("verification", "backtracking", "subgoal", "backward")
-
-
 def _method_sections(splits: dict[str, dict[str, int]]) -> list[str]:
     """Difficulty histogram, DPO pair rules and behaviour frequencies, when present."""
     lines: list[str] = []
@@ -114,11 +113,11 @@ def _method_sections(splits: dict[str, dict[str, int]]) -> list[str]:
         lines += [
             "## Cognitive behaviours (share of SFT traces showing each)",
             "",
-            "| config | traces | mean chars | " + " | ".join(_BEHAVIOURS) + " |",
-            "|---|---:|---:|" + "---:|" * len(_BEHAVIOURS),
+            "| config | traces | mean chars | " + " | ".join(BEHAVIOURS) + " |",
+            "|---|---:|---:|" + "---:|" * len(BEHAVIOURS),
         ]
         for name, c in sft.items():
-            shares = " | ".join(f"{c.get(f'with_{b}', 0) / c['rows']:.0%}" for b in _BEHAVIOURS)
+            shares = " | ".join(f"{c.get(f'with_{b}', 0) / c['rows']:.0%}" for b in BEHAVIOURS)
             lines.append(f"| {name} | {c['rows']} | {c.get('chars', 0) // c['rows']} | {shares} |")
         lines.append("")
     dpo = {k: v for k, v in sorted(splits.items()) if k.startswith("dpo_")}

@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from lgt_ops.ids import sha256_hex
 from lgt_ops.release.errors import ReleaseError
-from lgt_ops.release.publish import release_prefix
+from lgt_ops.release.publish import prefix_of
 from lgt_ops.stages.base import StageEnv
 
 
@@ -49,16 +49,8 @@ def list_releases(env: StageEnv, name: str | None = None) -> list[dict[str, Any]
     ]
 
 
-def _split_id(release_id: str) -> tuple[str, str]:
-    name, sep, version = release_id.partition("/")
-    if not sep or not name or not version:
-        raise ReleaseError(f"release id {release_id!r}: expected NAME/VERSION")
-    return name, version
-
-
 def load_manifest(env: StageEnv, release_id: str) -> dict[str, Any]:
-    name, version = _split_id(release_id)
-    key = f"{release_prefix(name, version)}/manifest.json"
+    key = f"{prefix_of(release_id)}/manifest.json"
     if env.store.head(key) is None:
         raise ReleaseError(f"release {release_id}: no manifest at {env.store.uri(key)}")
     return json.loads(env.store.get(key))
@@ -77,8 +69,7 @@ class Verification:
 
 def verify(env: StageEnv, release_id: str) -> Verification:
     """Re-hash every file of a release against its manifest (and the manifest against the DB)."""
-    name, version = _split_id(release_id)
-    prefix = release_prefix(name, version)
+    prefix = prefix_of(release_id)
     out = Verification(release_id)
     body = _get(env, f"{prefix}/manifest.json", out)
     if body is None:
@@ -170,7 +161,7 @@ def _members(env: StageEnv, release_id: str) -> dict[str, set[str]]:
 def _question_mix(env: StageEnv, release_id: str) -> dict[str, Counter[str]]:
     """stage / skill / difficulty counts over the release's questions split, from its files."""
     manifest = load_manifest(env, release_id)
-    prefix = release_prefix(*_split_id(release_id))
+    prefix = prefix_of(release_id)
     mix: dict[str, Counter[str]] = {"stage": Counter(), "skill": Counter(), "difficulty": Counter()}
     for f in manifest["splits"].get("questions", {}).get("files", []):
         table = pq.read_table(

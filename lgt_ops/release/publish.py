@@ -58,6 +58,14 @@ def release_prefix(name: str, version: str) -> str:
     return f"releases/{name}/{version}"
 
 
+def prefix_of(release_id: str) -> str:
+    """The store prefix of release `NAME/VERSION`."""
+    name, sep, version = release_id.partition("/")
+    if not sep or not name or not version:
+        raise ReleaseError(f"release id {release_id!r}: expected NAME/VERSION")
+    return release_prefix(name, version)
+
+
 def next_version(env: StageEnv, name: str) -> str:
     """`YYYYMMDD.N`: a new N for each release of the day."""
     day = datetime.now(UTC).strftime("%Y%m%d")
@@ -286,8 +294,7 @@ def _write_report(env: StageEnv, prefix: str, manifest: dict[str, Any]) -> list[
     """Report plots against the parent release; their hashes go into the manifest."""
     parent = None
     if manifest["parent_release"]:
-        name, _, version = manifest["parent_release"].partition("/")
-        key = f"{release_prefix(name, version)}/manifest.json"
+        key = f"{prefix_of(manifest['parent_release'])}/manifest.json"
         if env.store.head(key) is not None:
             parent = json.loads(env.store.get(key))
     files = []

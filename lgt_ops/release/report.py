@@ -15,7 +15,8 @@ import io
 from collections import Counter
 from typing import Any
 
-BEHAVIOURS = ("verification", "backtracking", "subgoal", "backward")
+from lgt_ops.traces import BEHAVIOURS
+
 LENGTH_BUCKET = 250  # characters per bar of the trace-length histogram
 
 

@@ -193,8 +193,11 @@ def test_dockerfile_base_image_and_install():
     assert user == "airflow", "pip must run as the airflow user (official image rules)"
     for needle in ("--no-cache-dir", "--constraint constraints/py311.txt", '".[openlineage]"'):
         assert needle in cmd, needle
-    # Airflow pinned to the base image's own version in the same install.
-    assert '"apache-airflow==${AIRFLOW_VERSION}"' in cmd
+    # Airflow pinned to the base image's own version in the same install, with the postgres
+    # extra (asyncpg/psycopg for the metadata DB).
+    assert '"apache-airflow[postgres]==${AIRFLOW_VERSION}"' in cmd
+    # The installed package (not the source tree) must find its prompts and migrations.
+    assert "cd / && python -c" in cmd and "discover('postgresql')" in cmd
     constraints = (ROOT / "constraints" / "py311.txt").read_text()
     assert re.search(r"^apache-airflow==3\.3\.2$", constraints, re.M), "constraints pin != image"
 
@@ -203,16 +206,18 @@ def test_dockerfile_copy_destinations():
     dests = {tuple(src): dst for src, dst in _copy_pairs()}
     assert dests[("dags/",)] == DAGS_FOLDER + "/"
     assert dests[("plugins/",)] == PLUGINS_FOLDER + "/"
-    assert dests[("sql/",)] == "/opt/lgt/sql/"
+    # sql/ is built into the package (setup.py): it sits beside lgt_ops/ in the build folder.
+    assert dests[("sql/",)] == "sql/"
     srcs = {s for src, _ in _copy_pairs() for s in src}
-    for needed in ("pyproject.toml", "README.md", "constraints/py311.txt", "lgt_ops/"):
+    for needed in ("pyproject.toml", "setup.py", "README.md", "constraints/py311.txt", "lgt_ops/"):
         assert needed in srcs, needed
     # The package is copied before it is installed, the DAGs after (layer caching).
     order = [op + " " + rest for op, rest in _dockerfile_instructions()]
     i_pip = next(i for i, s in enumerate(order) if "pip install" in s)
     i_ops = next(i for i, s in enumerate(order) if s.startswith("COPY") and "lgt_ops/" in s)
+    i_sql = next(i for i, s in enumerate(order) if s.startswith("COPY") and " sql/" in s)
     i_dags = next(i for i, s in enumerate(order) if s.startswith("COPY") and "dags/" in s)
-    assert i_ops < i_pip < i_dags
+    assert i_ops < i_pip < i_dags and i_sql < i_pip
 
 
 def test_dockerfile_copy_sources_exist():

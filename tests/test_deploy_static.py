@@ -952,7 +952,8 @@ def test_pods_restart_when_their_secret_changes(templates, values):
             assert 'checksum/connections: {{ include "lgt-etl.connectionsChecksum" $ }}' in text
     minio = next(d for n, d in _workloads(templates) if n == "minio.yaml")
     assert "checksum/secret" in minio["spec"]["template"]["metadata"]["annotations"]
-    assert "$mc.rootUser" in templates["minio.yaml"] and "$mc.rootPassword" in templates["minio.yaml"]
+    for field in ("$mc.rootUser", "$mc.rootPassword"):
+        assert field in templates["minio.yaml"], field
     # Airflow pods: the Airflow chart does not hash extraEnvFrom; its airflowPodAnnotations
     # (applied to every Airflow pod) carry the digest, documented and reminded by NOTES.
     assert values["airflow"]["airflowPodAnnotations"] == {}
@@ -1012,9 +1013,9 @@ def _hf_cache_problem(model: dict) -> str | None:
     """The chart's rule (vllm.yaml `fail`): replicas may share a cache only if it is RWX."""
     hf = model.get("hfCache") or {}
     replicas = model.get("replicas", 1)
-    if hf.get("enabled") and hf.get("existingClaim") and replicas > 1:
-        if hf.get("accessMode", "ReadWriteOnce") != "ReadWriteMany":
-            return f"{model['name']}: {replicas} replicas share a non-RWX claim"
+    shared = hf.get("enabled") and hf.get("existingClaim") and replicas > 1
+    if shared and hf.get("accessMode", "ReadWriteOnce") != "ReadWriteMany":
+        return f"{model['name']}: {replicas} replicas share a non-RWX claim"
     return None
 
 

@@ -76,15 +76,20 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     )
     (wheel,) = dist.glob("lgt_etl-*.whl")
     # 3. A fresh venv (no system site-packages), the wheel installed non-editable, pinned.
+    # The venv gets no pip of its own: this interpreter's pip installs into it (`--python`),
+    # which skips ensurepip; --no-compile skips byte-compiling the dependencies (~1 min less).
     venv = base / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], 120, env=env)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], 120, env=env)
     _run(
         [
-            str(venv / "bin" / "python"),
+            sys.executable,
             "-m",
             "pip",
+            "--python",
+            str(venv / "bin" / "python"),
             "install",
             "-q",
+            "--no-compile",
             "--constraint",
             str(clone / "constraints" / "py311.txt"),
             str(wheel),
@@ -93,6 +98,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         env=env,
         cwd=base,
     )
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
     return Installed(clone=clone, wheel=wheel, venv=venv)
 
 

@@ -6,6 +6,7 @@ RunContext, and dataset-level lineage for OpenLineage. DAG files call only these
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -40,11 +41,27 @@ def _extra(conn: Any) -> dict[str, Any]:
     return extra or {}
 
 
-def settings_from_airflow(base: Settings | None = None) -> Settings:
+def _server_connection(conn_id: str) -> Any | None:
+    """A connection as an Airflow server process sees it: environment, secrets backends and
+    the metadata DB. (`airflow.sdk.Connection.get` outside a task skips the metadata DB, so a
+    connection created in the UI would be invisible to the API server.)"""
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.models.connection import Connection
+
+    try:
+        return Connection.get_connection_from_secrets(conn_id)
+    except AirflowNotFoundException:
+        return None
+
+
+def settings_from_airflow(
+    base: Settings | None = None, lookup: Callable[[str], Any | None] | None = None
+) -> Settings:
     """LGT_* environment settings, overridden by whichever lgt_* connections exist."""
     s = base or settings_from_env()
+    get = lookup or _connection
     update: dict[str, Any] = {}
-    s3 = _connection(CONN_S3)
+    s3 = get(CONN_S3)
     if s3 is not None:
         extra = _extra(s3)
         bucket = extra.get("bucket") or extra.get("bucket_name")
@@ -56,7 +73,7 @@ def settings_from_airflow(base: Settings | None = None) -> Settings:
             update["s3_access_key"] = SecretStr(s3.login)
         if s3.password:
             update["s3_secret_key"] = SecretStr(s3.password)
-    pg = _connection(CONN_POSTGRES)
+    pg = get(CONN_POSTGRES)
     if pg is not None:
         auth = quote(pg.login or "", safe="")
         if pg.password:
@@ -69,7 +86,7 @@ def settings_from_airflow(base: Settings | None = None) -> Settings:
         update["database_url"] = url
     endpoints = dict(s.endpoints)
     for role, conn_id in CONN_ENDPOINTS.items():
-        conn = _connection(conn_id)
+        conn = get(conn_id)
         if conn is None:
             continue
         extra = _extra(conn)
@@ -85,6 +102,31 @@ def settings_from_airflow(base: Settings | None = None) -> Settings:
         endpoints[role] = endpoints[role].model_copy(update=ep_update)
     update["endpoints"] = endpoints
     return s.model_copy(update=update)
+
+
+def server_settings() -> Settings:
+    """Settings inside the API server (the releases page): the same lgt_* connections."""
+    return settings_from_airflow(lookup=_server_connection)
+
+
+def releases_page_guard() -> Callable[..., Any]:
+    """FastAPI dependency guarding the releases page with Airflow's own auth manager.
+
+    Airflow's `requires_access_asset("GET")` resolves the user from the `Authorization: Bearer`
+    header or the UI's `_token` cookie (401 without either) and asks the configured auth
+    manager whether that user may read assets (403 if not). Releases are what the DAG emits as
+    the `lgt_release` asset, so whoever may read assets may read them, under any auth manager.
+    """
+    from airflow.api_fastapi.core_api.security import requires_access_asset
+
+    return requires_access_asset("GET")
+
+
+def login_url(next_url: str) -> str:
+    """The auth manager's login page, coming back to `next_url` after a login."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return get_auth_manager().get_url_login(next_url=next_url)
 
 
 def _base_url(conn: Any) -> str:

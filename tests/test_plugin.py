@@ -32,11 +32,15 @@ def _login(next_url: str) -> str:
     return f"/auth/login?next={next_url}"
 
 
-def test_plugin_registers_guarded_app_and_nav_view():
+def load_plugin() -> type:
     spec = importlib.util.spec_from_file_location("lgt_plugin", ROOT / "plugins" / "lgt_plugin.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    plugin = module.LgtPlugin
+    return module.LgtPlugin
+
+
+def test_plugin_registers_guarded_app_and_nav_view():
+    plugin = load_plugin()
     assert plugin.fastapi_apps[0]["url_prefix"] == "/lgt"
     view = plugin.external_views[0]
     # A url_route makes the UI show the page in its frame; without one the nav entry is inert.
@@ -83,9 +87,11 @@ def test_release_pages_and_data(published):
     assert client.get("/releases/web/1/report/nope.png").status_code == 404
 
     ok = client.get("/api/releases/web/1/verify").json()
-    assert ok["ok"] and ok["files_checked"] == len(plots) + sum(
-        len(s["files"]) for s in one["manifest"]["splits"].values()
-    ) + 1
+    assert (
+        ok["ok"]
+        and ok["files_checked"]
+        == len(plots) + sum(len(s["files"]) for s in one["manifest"]["splits"].values()) + 1
+    )
 
 
 def test_verify_reports_a_changed_file(published):

@@ -41,27 +41,15 @@ def _extra(conn: Any) -> dict[str, Any]:
     return extra or {}
 
 
-def _server_connection(conn_id: str) -> Any | None:
-    """A connection as an Airflow server process sees it: environment, secrets backends and
-    the metadata DB. (`airflow.sdk.Connection.get` outside a task skips the metadata DB, so a
-    connection created in the UI would be invisible to the API server.)"""
-    from airflow.exceptions import AirflowNotFoundException
-    from airflow.models.connection import Connection
+def settings_from_airflow(base: Settings | None = None) -> Settings:
+    """LGT_* environment settings, overridden by whichever lgt_* connections exist.
 
-    try:
-        return Connection.get_connection_from_secrets(conn_id)
-    except AirflowNotFoundException:
-        return None
-
-
-def settings_from_airflow(
-    base: Settings | None = None, lookup: Callable[[str], Any | None] | None = None
-) -> Settings:
-    """LGT_* environment settings, overridden by whichever lgt_* connections exist."""
+    Works in tasks and in the API server (the releases page): there Airflow marks the process
+    as a server, so `Connection.get` also finds connections stored in the metadata DB.
+    """
     s = base or settings_from_env()
-    get = lookup or _connection
     update: dict[str, Any] = {}
-    s3 = get(CONN_S3)
+    s3 = _connection(CONN_S3)
     if s3 is not None:
         extra = _extra(s3)
         bucket = extra.get("bucket") or extra.get("bucket_name")
@@ -73,7 +61,7 @@ def settings_from_airflow(
             update["s3_access_key"] = SecretStr(s3.login)
         if s3.password:
             update["s3_secret_key"] = SecretStr(s3.password)
-    pg = get(CONN_POSTGRES)
+    pg = _connection(CONN_POSTGRES)
     if pg is not None:
         auth = quote(pg.login or "", safe="")
         if pg.password:
@@ -86,7 +74,7 @@ def settings_from_airflow(
         update["database_url"] = url
     endpoints = dict(s.endpoints)
     for role, conn_id in CONN_ENDPOINTS.items():
-        conn = get(conn_id)
+        conn = _connection(conn_id)
         if conn is None:
             continue
         extra = _extra(conn)
@@ -102,11 +90,6 @@ def settings_from_airflow(
         endpoints[role] = endpoints[role].model_copy(update=ep_update)
     update["endpoints"] = endpoints
     return s.model_copy(update=update)
-
-
-def server_settings() -> Settings:
-    """Settings inside the API server (the releases page): the same lgt_* connections."""
-    return settings_from_airflow(lookup=_server_connection)
 
 
 def releases_page_guard() -> Callable[..., Any]:

@@ -22,17 +22,19 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from lgt_ops.config import Settings
+from lgt_ops.config import ConfigError, Settings
 from lgt_ops.release.errors import ReleaseError
 from lgt_ops.release.manage import list_releases, load_manifest, verify
 from lgt_ops.release.publish import prefix_of
 from lgt_ops.runctx import new_cli_run
 from lgt_ops.stages.base import StageEnv
+from lgt_ops.storage import ObjectMissing
 
 EnvOpener = Callable[[], StageEnv]
 VERIFY_TTL_S = 300.0  # a release's bytes are immutable: re-hash at most every 5 min per process
@@ -113,11 +115,26 @@ def create_app(
             return RedirectResponse(login_url(_path_and_query(request)), status_code=303)
         return await http_exception_handler(request, exc)
 
+    @app.exception_handler(SQLAlchemyError)
+    async def _db_down(request: Request, exc: SQLAlchemyError) -> Response:
+        return _unavailable("lineage database (connection lgt_postgres)", exc)
+
+    @app.exception_handler(BotoCoreError)
+    @app.exception_handler(ClientError)
+    @app.exception_handler(OSError)
+    async def _store_down(request: Request, exc: Exception) -> Response:
+        return _unavailable("release store (connection lgt_s3)", exc)
+
+    @app.exception_handler(ObjectMissing)
+    async def _file_missing(request: Request, exc: ObjectMissing) -> Response:
+        return JSONResponse({"detail": f"missing in the store: {exc.args[0]}"}, status_code=404)
+
+    @app.exception_handler(ConfigError)
+    async def _misconfigured(request: Request, exc: ConfigError) -> Response:
+        return _unavailable("configuration", exc)
+
     def env() -> StageEnv:
-        try:
-            return open_env()
-        except (SQLAlchemyError, OSError, ValueError) as e:
-            raise HTTPException(503, f"lineage database / store not available: {e}") from e
+        return open_env()
 
     @app.get("/api/releases")
     def api_releases() -> list[dict[str, Any]]:
@@ -164,6 +181,11 @@ def create_app(
         return _page(title, _release_html(request, row, manifest, card))
 
     return app
+
+
+def _unavailable(what: str, exc: Exception) -> Response:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return JSONResponse({"detail": f"{what} not available: {first}"}, status_code=503)
 
 
 # -- data ------------------------------------------------------------------------------------

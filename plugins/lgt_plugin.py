@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from lgt_ops.airflow_adapter import login_url, releases_page_guard, server_settings
+from lgt_ops.airflow_adapter import login_url, releases_page_guard, settings_from_airflow
 from lgt_ops.webapp import create_app, env_opener
 
 PAGE_PREFIX = "/lgt"
@@ -22,7 +22,7 @@ class LgtPlugin(AirflowPlugin):
     name = "lgt_etl"
     fastapi_apps = [
         {
-            "app": create_app(env_opener(server_settings), releases_page_guard(), login_url),
+            "app": create_app(env_opener(settings_from_airflow), releases_page_guard(), login_url),
             "url_prefix": PAGE_PREFIX,
             "name": "LGT-ETL releases",
         }

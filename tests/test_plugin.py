@@ -110,3 +110,25 @@ def test_without_login_pages_redirect_and_data_is_refused(published):
     assert page.headers["location"] == "/auth/login?next=/releases/web/1?x=1"
     for path in ("/api/releases", "/api/releases/web/1/verify", "/releases/web/1/report/a.png"):
         assert client.get(path).status_code == 401, path
+
+
+def test_unreachable_lineage_db_is_a_clear_503(tmp_path):
+    from lgt_ops.runctx import new_cli_run
+    from lgt_ops.stages.base import StageEnv
+    from tests.conftest import free_port, make_settings
+
+    down = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/lgt"
+    env = StageEnv.open(make_settings(down, tmp_path.as_uri()), new_cli_run("t"), migrate=False)
+    client = TestClient(create_app(lambda: env, _signed_in), headers={"x-user": "alice"})
+    for path in ("/api/releases", "/releases"):
+        resp = client.get(path)
+        assert resp.status_code == 503, path
+        assert resp.json()["detail"].startswith("lineage database (connection lgt_postgres)")
+
+
+def test_a_deleted_plot_is_a_404_naming_it(published):
+    env, _ = published
+    env.store.delete("releases/web/1/report/skills.png")
+    client = TestClient(create_app(lambda: env, _signed_in), headers={"x-user": "alice"})
+    resp = client.get("/releases/web/1/report/skills.png")
+    assert resp.status_code == 404 and "releases/web/1/report/skills.png" in resp.text

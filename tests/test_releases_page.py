@@ -12,6 +12,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,18 +103,38 @@ def published(s3_endpoint: str, simulator_server: Any) -> Iterator[tuple[Release
         _admin(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
+@contextmanager
+def _metadata_connection(conn_id: str, uri: str) -> Iterator[None]:
+    """A connection stored in Airflow's metadata DB, as one created in the UI would be."""
+    from airflow.models.connection import Connection
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.add(Connection(conn_id=conn_id, uri=uri))
+    try:
+        yield
+    finally:
+        with create_session() as session:
+            session.query(Connection).filter(Connection.conn_id == conn_id).delete()
+
+
 @pytest.fixture(scope="module")
 def server(
     published: tuple[Release, dict], airflow_db: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ApiServer]:
     _, connections = published
     work = tmp_path_factory.mktemp("api-server")
-    # LGT_* point at an empty lineage DB and store: the page must read the connections.
+    # LGT_* point at an empty lineage DB and store: the page must read the connections,
+    # lgt_s3 from the environment and lgt_postgres from the metadata DB.
     decoy = {
         "LGT_DATABASE_URL": f"sqlite:///{work / 'decoy.db'}",
         "LGT_STORE_URL": (work / "decoy-store").as_uri(),
     }
-    with api_server(work, connections, decoy) as s:
+    env_conns = {"lgt_s3": connections["lgt_s3"]}
+    with (
+        _metadata_connection("lgt_postgres", connections["lgt_postgres"]),
+        api_server(work, env_conns, decoy) as s,
+    ):
         yield s
 
 

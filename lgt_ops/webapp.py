@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from html import escape
 from typing import Any
+from urllib.parse import quote
 
 from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -244,8 +245,10 @@ def _path_and_query(request: Request) -> str:
     return f"{request.url.path}{q}"
 
 
-def _url(request: Request, route: str, **params: str) -> str:
-    return escape(request.url_for(route, **params).path)
+def _url(request: Request, *parts: str) -> str:
+    """A path inside this app, wherever it is mounted (`root_path` is the mount point)."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    return escape("/".join([root, *(quote(p, safe="") for p in parts)]))
 
 
 def _rows_text(rows: dict[str, int]) -> str:
@@ -261,7 +264,7 @@ def _list_html(request: Request, rows: list[dict[str, Any]]) -> str:
     )
     body = []
     for r in rows:
-        href = _url(request, "release_page", name=r["name"], version=r["version"])
+        href = _url(request, "releases", r["name"], r["version"])
         body.append(
             f'<tr data-release="{escape(r["release_id"])}"><td>{escape(r["name"])}</td>'
             f'<td><a href="{href}">{escape(r["version"])}</a></td>'
@@ -289,18 +292,12 @@ def _release_html(
     )
     plots = "".join(
         f'<img alt="{escape(f["path"])}" src="'
-        + _url(
-            request,
-            "report_plot",
-            name=name,
-            version=version,
-            filename=f["path"].removeprefix("report/"),
-        )
+        + _url(request, "releases", name, version, "report", f["path"].removeprefix("report/"))
         + '">'
         for f in manifest.get("report", [])
     )
-    verify_url = _url(request, "api_verify", name=name, version=version)
-    back = _url(request, "releases_page")
+    verify_url = _url(request, "api", "releases", name, version, "verify")
+    back = _url(request, "releases")
     sha = escape(row["content_sha256"] or "")
     sim = (
         '<p class="tag sim">Simulated output (the simulator, a test double): not model output.</p>'

@@ -29,6 +29,9 @@ class ApiServer:
     password: str
     log: Path
 
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
     def token(self) -> str:
         """A JWT from the auth manager's own token endpoint (what the login page posts to)."""
         body = json.dumps({"username": self.username, "password": self.password}).encode()

@@ -7,6 +7,8 @@ tests/test_releases_page.py; here the guard is a plain FastAPI dependency.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 from fastapi import HTTPException, Request
@@ -45,8 +47,23 @@ def test_plugin_registers_guarded_app_and_nav_view():
     view = plugin.external_views[0]
     # A url_route makes the UI show the page in its frame; without one the nav entry is inert.
     assert view["href"] == "/lgt/releases" and view["url_route"] == "lgt-releases"
-    app = plugin.fastapi_apps[0]["app"]
+    app = plugin.fastapi_apps[0]["app"].build()
     assert app.router.dependencies, "every route of the page must depend on Airflow's auth"
+
+
+def test_importing_the_plugin_leaves_the_page_unbuilt():
+    """Every Airflow process imports plugins; only the API server needs the page's stack."""
+    plugin = str(ROOT / "plugins" / "lgt_plugin.py")
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('p', {plugin!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "heavy = ['lgt_ops.webapp', 'airflow.api_fastapi.core_api.security', 'fastapi']\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.fixture

@@ -144,7 +144,7 @@ def _page_urls(release: Release) -> list[str]:
 
     from tests.test_plugin import load_plugin
 
-    app = load_plugin().fastapi_apps[0]["app"]
+    app = load_plugin().fastapi_apps[0]["app"].build()
     values = {
         "name": NAME,
         "version": VERSION,
@@ -181,7 +181,7 @@ def test_every_page_endpoint_refuses_without_login_and_serves_with_it(server, pu
         ):
             for url in urls:
                 resp = http.get(url, **auth)
-                assert resp.status_code == 200, (url, resp.status_code, resp.text[:300])
+                assert resp.status_code == 200, (url, resp.status_code, server.log_tail())
     listed = httpx.get(
         f"{server.url}/lgt/api/releases", headers={"Authorization": f"Bearer {token}"}
     ).json()

@@ -69,28 +69,44 @@ def env_opener(settings: Callable[[], Settings]) -> EnvOpener:
 
 
 class _VerifyCache:
-    """Verification results per release for VERIFY_TTL_S (a page view must not re-hash GBs)."""
+    """Verification results per release for VERIFY_TTL_S (a page view must not re-hash GBs),
+    and one verification at a time per release (concurrent viewers wait for the same one)."""
 
     def __init__(self) -> None:
         self._done: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, env: StageEnv, release_id: str) -> dict[str, Any]:
-        now = time.monotonic()
         with self._lock:
+            one = self._locks.setdefault(release_id, threading.Lock())
+        with one:
             hit = self._done.get(release_id)
-        if hit and now - hit[0] < VERIFY_TTL_S:
-            return hit[1]
-        v = verify(env, release_id)
-        result = {
-            "release_id": release_id,
-            "ok": v.ok,
-            "files_checked": v.files_checked,
-            "problems": v.problems,
-        }
-        with self._lock:
-            self._done[release_id] = (now, result)
-        return result
+            if hit and time.monotonic() - hit[0] < VERIFY_TTL_S:
+                return hit[1]
+            v = verify(env, release_id)
+            result = {
+                "release_id": release_id,
+                "ok": v.ok,
+                "files_checked": v.files_checked,
+                "problems": v.problems,
+            }
+            self._done[release_id] = (time.monotonic(), result)
+            return result
+
+
+class _Manifests:
+    """Manifests by (release id, content hash): a published release's manifest never changes,
+    so the list page reads each one from the store once per process."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def get(self, env: StageEnv, row: dict[str, Any]) -> dict[str, Any]:
+        key = (row["release_id"], row["content_sha256"] or "")
+        if key not in self._by_key:
+            self._by_key[key] = load_manifest(env, row["release_id"])
+        return self._by_key[key]
 
 
 def create_app(
@@ -107,6 +123,22 @@ def create_app(
         dependencies=[Depends(guard)],
     )
     verified = _VerifyCache()
+    manifests = _Manifests()
+
+    def manifest(e: StageEnv, row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return manifests.get(e, row)
+        except ReleaseError as exc:
+            raise HTTPException(404, str(exc)) from exc
+
+    def with_rows(e: StageEnv, row: dict[str, Any]) -> dict[str, Any]:
+        """The listed release plus its rows per split, from its manifest (not a count query)."""
+        try:
+            splits = manifests.get(e, row)["splits"]
+            rows = {s: int(v["rows"]) for s, v in sorted(splits.items())}
+        except ReleaseError:
+            rows = {}  # listed in the DB but its manifest is gone: the release view says so
+        return {**row, "rows": rows}
 
     @app.exception_handler(HTTPException)
     async def _login_redirect(request: Request, exc: HTTPException) -> Response:
@@ -140,13 +172,13 @@ def create_app(
     @app.get("/api/releases")
     def api_releases() -> list[dict[str, Any]]:
         e = env()
-        return [_with_rows(e, r) for r in _listed(e)]
+        return [with_rows(e, r) for r in _listed(e)]
 
     @app.get("/api/releases/{name}/{version}")
     def api_release(name: str, version: str) -> dict[str, Any]:
         e = env()
         row = _release_row(e, name, version)
-        return {**row, "manifest": _manifest(e, row["release_id"])}
+        return {**row, "manifest": manifest(e, row)}
 
     @app.get("/api/releases/{name}/{version}/verify")
     def api_verify(name: str, version: str) -> dict[str, Any]:
@@ -158,7 +190,7 @@ def create_app(
     def report_plot(name: str, version: str, filename: str) -> Response:
         e = env()
         row = _release_row(e, name, version)
-        paths = {f["path"] for f in _manifest(e, row["release_id"]).get("report", [])}
+        paths = {f["path"] for f in manifest(e, row).get("report", [])}
         path = f"report/{filename}"
         if path not in paths:
             raise HTTPException(404, f"release {row['release_id']} has no plot {path}")
@@ -168,18 +200,18 @@ def create_app(
     @app.get("/releases", response_class=HTMLResponse)
     def releases_page(request: Request) -> str:
         e = env()
-        rows = [_with_rows(e, r) for r in _listed(e)]
+        rows = [with_rows(e, r) for r in _listed(e)]
         return _page("LGT-ETL releases", _list_html(request, rows))
 
     @app.get("/releases/{name}/{version}", response_class=HTMLResponse)
     def release_page(request: Request, name: str, version: str) -> str:
         e = env()
         row = _release_row(e, name, version)
-        manifest = _manifest(e, row["release_id"])
+        man = manifest(e, row)
         card_key = f"{prefix_of(row['release_id'])}/README.md"
         card = e.store.get(card_key).decode("utf-8", "replace") if e.store.head(card_key) else ""
         title = f"{row['release_id']} · LGT-ETL releases"
-        return _page(title, _release_html(request, row, manifest, card))
+        return _page(title, _release_html(request, row, man, card))
 
     return app
 
@@ -193,23 +225,6 @@ def _unavailable(what: str, exc: Exception) -> Response:
 def _listed(env: StageEnv) -> list[dict[str, Any]]:
     """By name; within a name newest first (the order list_releases gives, kept by sorted)."""
     return sorted(list_releases(env), key=lambda r: r["name"])
-
-
-def _manifest(env: StageEnv, release_id: str) -> dict[str, Any]:
-    try:
-        return load_manifest(env, release_id)
-    except ReleaseError as e:
-        raise HTTPException(404, str(e)) from e
-
-
-def _with_rows(env: StageEnv, row: dict[str, Any]) -> dict[str, Any]:
-    """The listed release plus its rows per split, from its manifest (not a count query)."""
-    try:
-        splits = load_manifest(env, row["release_id"])["splits"]
-        rows = {s: int(v["rows"]) for s, v in sorted(splits.items())}
-    except ReleaseError:
-        rows = {}  # listed in the DB but its manifest is gone: the release view says so
-    return {**row, "rows": rows}
 
 
 def _release_row(env: StageEnv, name: str, version: str) -> dict[str, Any]:

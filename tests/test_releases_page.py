@@ -200,6 +200,7 @@ def test_logged_in_user_opens_releases_from_the_nav(server, published):
         try:
             page = browser.new_page()
             page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)  # upper bounds on a busy machine, not timings
             page.goto(server.url + "/")
             # The UI sends an anonymous visitor to the auth manager's login page.
             page.wait_for_url(re.compile(r".*/auth/login.*"))

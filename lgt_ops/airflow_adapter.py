@@ -6,6 +6,7 @@ RunContext, and dataset-level lineage for OpenLineage. DAG files call only these
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -41,7 +42,11 @@ def _extra(conn: Any) -> dict[str, Any]:
 
 
 def settings_from_airflow(base: Settings | None = None) -> Settings:
-    """LGT_* environment settings, overridden by whichever lgt_* connections exist."""
+    """LGT_* environment settings, overridden by whichever lgt_* connections exist.
+
+    Works in tasks and in the API server (the releases page): there Airflow marks the process
+    as a server, so `Connection.get` also finds connections stored in the metadata DB.
+    """
     s = base or settings_from_env()
     update: dict[str, Any] = {}
     s3 = _connection(CONN_S3)
@@ -85,6 +90,26 @@ def settings_from_airflow(base: Settings | None = None) -> Settings:
         endpoints[role] = endpoints[role].model_copy(update=ep_update)
     update["endpoints"] = endpoints
     return s.model_copy(update=update)
+
+
+def releases_page_guard() -> Callable[..., Any]:
+    """FastAPI dependency guarding the releases page with Airflow's own auth manager.
+
+    Airflow's `requires_access_asset("GET")` resolves the user from the `Authorization: Bearer`
+    header or the UI's `_token` cookie (401 without either) and asks the configured auth
+    manager whether that user may read assets (403 if not). Releases are what the DAG emits as
+    the `lgt_release` asset, so whoever may read assets may read them, under any auth manager.
+    """
+    from airflow.api_fastapi.core_api.security import requires_access_asset
+
+    return requires_access_asset("GET")
+
+
+def login_url(next_url: str) -> str:
+    """The auth manager's login page, coming back to `next_url` after a login."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return get_auth_manager().get_url_login(next_url=next_url)
 
 
 def _base_url(conn: Any) -> str:

@@ -194,12 +194,17 @@ def _sort_out(
         elif reason in SKIPPED:
             result.skipped_keys[info.key] = reason
         else:
-            problems.append(Problem(info.key, reason, detail))
+            problems.append(Problem(printable(info.key), reason, detail))
     result.skipped = len(result.skipped_keys)
     if result.skipped:
         counts = Counter(result.skipped_keys.values())
         log.info("scan skipped %d keys that are not images: %s", result.skipped, dict(counts))
     return keep, problems
+
+
+def printable(key: str) -> str:
+    """The key as valid UTF-8 text: a local file name's undecodable bytes become `\\xNN`."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read_metadata(

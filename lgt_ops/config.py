@@ -138,8 +138,8 @@ class IngestLimits(BaseModel):
     max_objects_per_image: int = Field(default=500, ge=1)
     max_manifest_line_bytes: int = Field(default=1_000_000, ge=256)
     max_file_bytes: int = Field(default=512 * 2**20, ge=1)  # larger objects are not downloaded
-    # decoded pixels held at once across concurrent decodes (~11 bytes of RSS per pixel); an
-    # image larger than the budget is decoded alone
+    # decoded pixels held at once across concurrent decodes (~6 bytes of RSS per pixel,
+    # measured by bench/ingest_memory.py); an image larger than the budget is decoded alone
     decode_pixel_budget: int = Field(default=64_000_000, ge=1)
 
     def fingerprint_fields(self) -> dict[str, int]:

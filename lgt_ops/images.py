@@ -8,6 +8,8 @@ and normalises the mode to RGB. Failures raise `ImageRejected` with a reason cod
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import io
 import threading
 import warnings
@@ -67,6 +69,29 @@ class PixelBudget:
         return self._used
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_malloc_tuned = False
+
+
+def return_big_frees_to_os() -> None:
+    """Make blocks of 1 MiB or more come from mmap, so freeing them lowers RSS.
+
+    glibc raises its mmap threshold after big frees, so decoded image blocks end up in
+    per-thread heaps that keep them: under a budget of one image at a time, 8 decode threads
+    still held 1.4 GB (62 Mpx PNGs) instead of 0.43 GB. Setting a fixed threshold stops that
+    (once per process; a no-op where there is no glibc).
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass(frozen=True)
 class ImageFacts:
     image_id: str
@@ -87,6 +112,18 @@ def _open(data: bytes, max_pixels: int, budget: PixelBudget | None = None) -> Im
         with budget.hold(im.width * im.height):
             _load(im)
     return im
+
+
+def decode_cost(head: bytes, file_bytes: int) -> int:
+    """Pixels a decode will hold, from the first bytes of a file; the file size when the
+    header does not tell (not an image, or a header beyond `head`)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(head)) as im:
+                return max(1, im.width * im.height)
+    except Exception:  # noqa: BLE001 - any failure means "unknown"; inspect gives the reason
+        return max(1, file_bytes)
 
 
 def _open_header(data: bytes, max_pixels: int) -> Image.Image:

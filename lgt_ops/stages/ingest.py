@@ -28,7 +28,14 @@ from lgt_ops import boxes
 from lgt_ops.config import IngestLimits
 from lgt_ops.db.repo import chunked, dumps, insert_ignore, upsert, utcnow
 from lgt_ops.ids import content_id, fingerprint, hbucket, sha256_hex
-from lgt_ops.images import ImageFacts, ImageRejected, PixelBudget, inspect
+from lgt_ops.images import (
+    ImageFacts,
+    ImageRejected,
+    PixelBudget,
+    decode_cost,
+    inspect,
+    return_big_frees_to_os,
+)
 from lgt_ops.manifest import Metadata, Problem, is_metadata, merge, parse
 from lgt_ops.progress import Progress
 from lgt_ops.reasons import SKIPPED
@@ -43,6 +50,7 @@ STAGE = "ingest"
 VERSION = 1
 _COMMIT_EVERY = 50
 _DOWNLOAD_THREADS = 8
+_HEADER_BYTES = 256 * 1024  # JPEG size markers can follow up to 64 KB of EXIF and more
 
 
 def stage_fingerprint(env: StageEnv) -> str:
@@ -232,21 +240,27 @@ def _fetch(
     limits: IngestLimits,
     budget: PixelBudget,
 ) -> ImageFacts | ImageRejected:
-    """The facts of one image, or why not. The bytes are dropped on return, so a batch
-    holds at most one download per thread."""
-    if entry["size"] > limits.max_file_bytes:
-        detail = f"{entry['size']} bytes > limit {limits.max_file_bytes}; not downloaded"
-        return ImageRejected(R.FILE_TOO_LARGE, detail)
+    """The facts of one image, or why not.
+
+    Only the file's first bytes are read before the budget is taken (enough for the size in
+    the header), so threads waiting for their turn hold no download; the bytes are dropped
+    on return, so a batch never keeps them.
+    """
+    cap = limits.max_file_bytes
+    if entry["size"] > cap:
+        return ImageRejected(R.FILE_TOO_LARGE, f"{entry['size']} bytes > {cap}; not downloaded")
     try:
-        data = store.get(entry["key"])
+        with store.open(entry["key"]) as fh:
+            head = fh.read(_HEADER_BYTES)
+            with budget.hold(decode_cost(head, entry["size"])):
+                data = head + fh.read(cap + 1 - len(head))
+                if len(data) > cap:  # grew after the listing
+                    return ImageRejected(R.FILE_TOO_LARGE, f"more than {cap} bytes")
+                return inspect(data, max_pixels=max_pixels)
     except ObjectMissing:
         return ImageRejected(R.MISSING_OBJECT, "listed, then gone before it was read")
     except ObjectRefused as exc:  # became a link or a FIFO after the scan
         return ImageRejected(exc.reason, exc.detail)
-    if len(data) > limits.max_file_bytes:  # grew after the listing
-        return ImageRejected(R.FILE_TOO_LARGE, f"{len(data)} bytes > {limits.max_file_bytes}")
-    try:
-        return inspect(data, max_pixels=max_pixels, budget=budget)
     except ImageRejected as exc:
         return exc
 
@@ -256,6 +270,7 @@ def ingest_shard(
 ) -> StageStats:
     """Validate and record the images listed in one shard file."""
     fp = stage_fingerprint(env)
+    return_big_frees_to_os()  # else freed decode buffers stay in each thread's heap
     entries = _read_shard(env, shard_key)
     with recorded(env, STAGE, Shard(shard_index, shard_count), fp) as stats:
         stats.items_in = len(entries)

@@ -117,11 +117,14 @@ def main() -> None:
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         label = "none (8 decodes at once)" if budget >= 10**12 else f"{budget / 1e6:.0f} Mpx"
+        held = min(args.images * pixels, max(budget, pixels))  # a larger image runs alone
+        per_px = (r["peak_rss_mb"] - r["rss_before_mb"]) * 2**20 / held
         rejected = f", rejected {r['rejected']}" if r["rejected"] else ""
         print(
             f"budget {label:>26}: peak RSS {r['peak_rss_mb']:>5} MB"
             f" (before ingest {r['rss_before_mb']} MB), {r['images']} images"
-            f" in {r['seconds']} s{rejected}"
+            f" in {r['seconds']} s; {per_px:.1f} B of RSS per pixel the budget lets decode"
+            f" at once ({held / 1e6:.0f} Mpx){rejected}"
         )
 
 

@@ -56,18 +56,12 @@ def make_corpus(store, prefix: str, start: int, n: int) -> None:  # noqa: ANN001
         key = f"images/{i:07d}.jpg"
         store.put(prefix + key, buf.getvalue())
         a, b = rng.sample(LABELS, 2)
-        lines.append(
-            json.dumps(
-                {
-                    "key": key,
-                    "caption": f"A small synthetic picture with a {a} on the left and a {b} on the right.",
-                    "objects": [
-                        {"id": "o1", "label": a, "box": [2, 10, 20, 40]},
-                        {"id": "o2", "label": b, "box": [26, 8, 46, 44]},
-                    ],
-                }
-            )
-        )
+        lines.append(json.dumps({
+            "key": key,
+            "caption": f"A small synthetic picture with a {a} on the left and a {b} on the right.",
+            "objects": [{"id": "o1", "label": a, "box": [2, 10, 20, 40]},
+                        {"id": "o2", "label": b, "box": [26, 8, 46, 44]}],
+        }))
         if (i - start + 1) % 10_000 == 0:
             print(f"  corpus: {i - start + 1:,}/{n:,} images", file=sys.stderr)
     store.put(f"{prefix}manifest-{start:07d}.jsonl", ("\n".join(lines) + "\n").encode())
@@ -93,7 +87,8 @@ def timed_run(env, params) -> dict:  # noqa: ANN001
     step("ingest", lambda: [ingest.ingest_shard(env, k, i, len(keys)) for i, k in enumerate(keys)])
     shards = pipeline.plan(env, params)
     for stage in pipeline.SHARD_STAGES:
-        step(stage, lambda stage=stage: [pipeline.run_stage(env, stage, params, s) for s in shards])
+        step(stage, lambda stage=stage: [pipeline.run_stage(env, stage, params, s)
+                                         for s in shards])
     step("release", lambda: pipeline.release(env, params))
     pipeline.finish(env)
     return steps
@@ -104,16 +99,13 @@ def report(title: str, steps: dict) -> None:
     no_release = total - steps["release"]["seconds"]
     requests = sum(s["requests"] for s in steps.values())
     detail = "  ".join(f"{k} {v['seconds']:.1f}s" for k, v in steps.items())
-    print(
-        f"{title:<28} requests={requests:>8,}  all stages {no_release:7.1f}s  "
-        f"release {steps['release']['seconds']:6.1f}s  | {detail}"
-    )
+    print(f"{title:<28} requests={requests:>8,}  all stages {no_release:7.1f}s  "
+          f"release {steps['release']['seconds']:6.1f}s  | {detail}")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--new", type=int, default=100)
     args = parser.parse_args()
@@ -130,44 +122,30 @@ def main() -> int:
     sim = BackgroundSimulator(SimConfig(latency_ms=0, slots=256, bad_question_rate=0.0)).start()
     try:
         base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")
-        settings = settings_from_env(
-            {
-                "LGT_DATA_DIR": str(tmp),
-                "LGT_DATABASE_URL": f"{base}/{db_name}",
-                "LGT_STORE_URL": (tmp / "store").as_uri(),
-                "LGT_SHARD_SIZE": "500",
-            }
-        ).with_endpoint_urls({r: sim.base_url for r in ("vlm", "llm", "reasoner")})
-        settings = settings.with_method(
-            mcq_per_image=1, compose_per_image=0, expand_rollouts_per_question=1
-        )
-        params = RunParams(
-            source="sources/bench/",
-            k_rollouts=1,
-            mcq_per_image=1,
-            release_name="bench",
-            allow_simulated=True,
-        )
+        settings = settings_from_env({
+            "LGT_DATA_DIR": str(tmp), "LGT_DATABASE_URL": f"{base}/{db_name}",
+            "LGT_STORE_URL": (tmp / "store").as_uri(), "LGT_SHARD_SIZE": "500",
+        }).with_endpoint_urls({r: sim.base_url for r in ("vlm", "llm", "reasoner")})
+        settings = settings.with_method(mcq_per_image=1, compose_per_image=0,
+                                        expand_rollouts_per_question=1)
+        params = RunParams(source="sources/bench/", k_rollouts=1, mcq_per_image=1,
+                           release_name="bench", allow_simulated=True)
         settings = params.apply(settings)
         env = StageEnv.open(settings, RunContext("bench-1"))
         env.show_progress = False
         env.store.ensure_bucket()
         t = time.monotonic()
         make_corpus(env.store, "sources/bench/", 0, args.images)
-        print(
-            f"corpus of {args.images:,} images written in {time.monotonic() - t:.0f}s",
-            file=sys.stderr,
-        )
+        print(f"corpus of {args.images:,} images written in {time.monotonic() - t:.0f}s",
+              file=sys.stderr)
         report(f"first run ({args.images:,} images)", timed_run(env, params))
         sim.sim.reset()
         second = timed_run(env.with_run(RunContext("bench-2")), params)
         assert sim.sim.served == 0, f"the unchanged refresh sent {sim.sim.served} requests"
         report("refresh, corpus unchanged", second)
         make_corpus(env.store, "sources/bench/", args.images, args.new)
-        report(
-            f"refresh, {args.new} new images",
-            timed_run(env.with_run(RunContext("bench-3")), params),
-        )
+        report(f"refresh, {args.new} new images",
+               timed_run(env.with_run(RunContext("bench-3")), params))
     finally:
         sim.stop()
         _admin(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")

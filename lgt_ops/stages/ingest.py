@@ -218,6 +218,9 @@ def printable(key: str) -> str:
 def _read_metadata(
     store: ObjectStore, info: ObjectInfo, limits: IngestLimits
 ) -> tuple[list[Metadata], list[Problem]]:
+    if info.size > limits.max_file_bytes:
+        detail = f"{info.size} bytes > limit {limits.max_file_bytes}; not read"
+        return [], [Problem(info.key, R.FILE_TOO_LARGE, detail)]
     try:
         data = store.get(info.key)
     except ObjectMissing:

@@ -62,6 +62,7 @@ class ObjectStore(Protocol):
     def head(self, key: str) -> ObjectInfo | None: ...
     def get(self, key: str) -> bytes: ...
     def open(self, key: str) -> BinaryIO: ...
+    def read_prefix(self, key: str, n: int) -> bytes: ...
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...
     def copy(self, src_key: str, dst_key: str) -> None: ...
@@ -234,6 +235,11 @@ class LocalStore:
             raise ObjectRefused(key, IngestReason.SPECIAL_FILE, _file_kind(mode))
         return os.fdopen(fd, "rb")
 
+    def read_prefix(self, key: str, n: int) -> bytes:
+        """The first `n` bytes (all of them if the object is shorter)."""
+        with self.open(key) as fh:
+            return fh.read(n)
+
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -361,6 +367,24 @@ class S3Store:
                 raise ObjectMissing(key) from exc
             raise
         return r["Body"]
+
+    def read_prefix(self, key: str, n: int) -> bytes:
+        """The first `n` bytes (all of them if the object is shorter): one ranged GET."""
+        from botocore.exceptions import ClientError
+
+        try:
+            r = self._client.get_object(
+                Bucket=self.bucket, Key=self._full(key), Range=f"bytes=0-{n - 1}"
+            )
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise ObjectMissing(key) from exc
+            if code in ("InvalidRange", "416"):  # an empty object
+                return b""
+            raise
+        with r["Body"] as body:
+            return body.read()
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         from botocore.exceptions import ClientError

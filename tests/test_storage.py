@@ -120,3 +120,13 @@ def test_local_reads_refuse_special_files_and_links_out_of_the_root(tmp_path):
         assert exc.value.reason == reason
     with pytest.raises(ObjectMissing):
         s.get("in/none.txt")
+
+
+def test_read_prefix(store):
+    store.put("r/long", b"0123456789")
+    store.put("r/empty", b"")
+    assert store.read_prefix("r/long", 4) == b"0123"
+    assert store.read_prefix("r/long", 100) == b"0123456789"
+    assert store.read_prefix("r/empty", 4) == b""
+    with pytest.raises(ObjectMissing):
+        store.read_prefix("r/none", 4)

@@ -245,27 +245,31 @@ def _fetch(
 ) -> ImageFacts | ImageRejected:
     """The facts of one image, or why not.
 
-    Only the file's first bytes are read before the budget is taken (enough for the size in
-    the header), so threads waiting for their turn hold no download; the bytes are dropped
-    on return, so a batch never keeps them.
+    Only the file's first bytes (enough for the size in its header) are read before the
+    budget is taken, so threads waiting for their turn hold no download and no open stream;
+    the bytes are dropped on return, so a batch never keeps them.
     """
     cap = limits.max_file_bytes
     if entry["size"] > cap:
         return ImageRejected(R.FILE_TOO_LARGE, f"{entry['size']} bytes > {cap}; not downloaded")
     try:
-        with store.open(entry["key"]) as fh:
-            head = fh.read(_HEADER_BYTES)
-            with budget.hold(decode_cost(head, entry["size"])):
-                data = head + fh.read(cap + 1 - len(head))
-                if len(data) > cap:  # grew after the listing
-                    return ImageRejected(R.FILE_TOO_LARGE, f"more than {cap} bytes")
-                return inspect(data, max_pixels=max_pixels)
+        head = store.read_prefix(entry["key"], _HEADER_BYTES)
+        with budget.hold(decode_cost(head, entry["size"])):
+            data = head if len(head) < _HEADER_BYTES else _read_capped(store, entry["key"], cap)
+            if len(data) > cap:  # grew after the listing
+                return ImageRejected(R.FILE_TOO_LARGE, f"more than {cap} bytes")
+            return inspect(data, max_pixels=max_pixels)
     except ObjectMissing:
         return ImageRejected(R.MISSING_OBJECT, "listed, then gone before it was read")
     except ObjectRefused as exc:  # became a link or a FIFO after the scan
         return ImageRejected(exc.reason, exc.detail)
     except ImageRejected as exc:
         return exc
+
+
+def _read_capped(store: ObjectStore, key: str, cap: int) -> bytes:
+    with store.open(key) as fh:
+        return fh.read(cap + 1)
 
 
 def ingest_shard(

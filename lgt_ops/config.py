@@ -127,6 +127,45 @@ class MethodParams(BaseModel):
         return v
 
 
+# -- ingest limits (kept in one block) ----------------------------------------------------------
+class IngestLimits(BaseModel):
+    """What one key may cost ingest: a huge caption, a flood of objects or one giant image is
+    rejected with a reason (or waits its turn) instead of filling the lineage DB or memory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_caption_chars: int = Field(default=10_000, ge=1)
+    max_objects_per_image: int = Field(default=500, ge=1)
+    max_manifest_line_bytes: int = Field(default=1_000_000, ge=256)
+    max_file_bytes: int = Field(default=512 * 2**20, ge=1)  # larger objects are not downloaded
+    # decoded pixels held at once across concurrent decodes (~6 bytes of RSS per pixel,
+    # measured by bench/ingest_memory.py); an image larger than the budget is decoded alone
+    decode_pixel_budget: int = Field(default=64_000_000, ge=1)
+
+    def fingerprint_fields(self) -> dict[str, int]:
+        """The caps that change what ingest records (the decode budget does not)."""
+        return self.model_dump(exclude={"decode_pixel_budget"})
+
+
+_INGEST_ENV = {
+    "max_caption_chars": "LGT_INGEST_MAX_CAPTION_CHARS",
+    "max_objects_per_image": "LGT_INGEST_MAX_OBJECTS",
+    "max_manifest_line_bytes": "LGT_INGEST_MAX_LINE_BYTES",
+    "max_file_bytes": "LGT_INGEST_MAX_FILE_BYTES",
+    "decode_pixel_budget": "LGT_INGEST_PIXEL_BUDGET",
+}
+
+
+def ingest_limits_from_env(env: Mapping[str, str]) -> IngestLimits:
+    defaults = IngestLimits()
+    return IngestLimits(
+        **{f: _env_int(env, var, getattr(defaults, f)) for f, var in _INGEST_ENV.items()}
+    )
+
+
+# -- end of ingest limits -----------------------------------------------------------------------
+
+
 class Settings(BaseModel):
     """Everything a stage needs to know about its environment."""
 
@@ -146,6 +185,7 @@ class Settings(BaseModel):
     endpoints: dict[str, EndpointSettings]
     image_spec: ImageSpec = ImageSpec()
     method: MethodParams = MethodParams()
+    ingest: IngestLimits = IngestLimits()
 
     def endpoint(self, role: str) -> EndpointSettings:
         try:
@@ -207,4 +247,5 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         release_name=env.get("LGT_RELEASE_NAME") or "lgt",
         shard_size=_env_int(env, "LGT_SHARD_SIZE", 200),
         endpoints={role: endpoint_from_env(role, env) for role in ROLES},
+        ingest=ingest_limits_from_env(env),
     )

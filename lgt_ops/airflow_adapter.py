@@ -12,6 +12,7 @@ from urllib.parse import quote, urlencode
 from pydantic import SecretStr
 
 from lgt_ops.config import ROLES, Settings, settings_from_env
+from lgt_ops.fanout import DEFAULT_MAX_MAP_LENGTH
 from lgt_ops.params import RunParams
 from lgt_ops.runctx import RunContext, airflow_run_id
 from lgt_ops.stages.base import StageEnv
@@ -84,7 +85,15 @@ def settings_from_airflow(base: Settings | None = None) -> Settings:
             ep_update["max_inflight"] = int(extra["max_inflight"])
         endpoints[role] = endpoints[role].model_copy(update=ep_update)
     update["endpoints"] = endpoints
+    update["max_map_length"] = max_map_length()
     return s.model_copy(update=update)
+
+
+def max_map_length() -> int:
+    """Airflow's `[core] max_map_length`: the longest list a task may be mapped over."""
+    from airflow.sdk import conf
+
+    return conf.getint("core", "max_map_length", fallback=DEFAULT_MAX_MAP_LENGTH)
 
 
 def _base_url(conn: Any) -> str:

@@ -12,7 +12,6 @@ DAG maps them over shards and a shard can be in a later stage while another is e
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -20,7 +19,9 @@ from typing import Any
 from sqlalchemy import text
 
 from lgt_ops import params as run_params
+from lgt_ops.config import Settings
 from lgt_ops.db.stats import refresh_statistics
+from lgt_ops.fanout import fan_out
 from lgt_ops.params import RunParams
 from lgt_ops.release.publish import Published, publish
 from lgt_ops.sources import count_images, resolve_source
@@ -69,14 +70,19 @@ def scan(env: StageEnv, params: RunParams) -> ingest.ScanResult:
 
 
 def plan(env: StageEnv, params: RunParams) -> list[Shard]:
-    """Image shards for the per-shard stages: shard_size images each, at most max_shards."""
+    """Image shards for the per-shard stages: shard_size images each, at most max_shards
+    (and never more than Airflow maps: max_map_length)."""
     spec, _ = resolve_source(env, params.source)
     refresh_statistics(env.db)  # ingest may have changed most of the corpus
     with env.db.connect() as conn:
         n = count_images(conn, spec, params.sample_size)
-    s = env.settings
-    count = max(1, min(s.max_shards, math.ceil(n / s.shard_size)))
+    count = image_shard_count(n, env.settings)
     return [Shard(i, count) for i in range(count)]
+
+
+def image_shard_count(images: int, settings: Settings) -> int:
+    cap = min(settings.max_shards, settings.max_map_length)
+    return fan_out(images, settings.shard_size, cap, at_least_one=True).shards
 
 
 def run_stage(env: StageEnv, stage: str, params: RunParams, shard: Shard) -> StageStats | None:

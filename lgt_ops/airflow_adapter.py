@@ -6,7 +6,8 @@ RunContext, and dataset-level lineage for OpenLineage. DAG files call only these
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from pydantic import SecretStr
@@ -15,7 +16,9 @@ from lgt_ops.config import ROLES, Settings, settings_from_env
 from lgt_ops.fanout import DEFAULT_MAX_MAP_LENGTH
 from lgt_ops.params import RunParams
 from lgt_ops.runctx import RunContext, airflow_run_id
-from lgt_ops.stages.base import StageEnv
+
+if TYPE_CHECKING:  # the DAG imports this module at parse time: keep engines/boto3 out
+    from lgt_ops.stages.base import StageEnv
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,8 @@ def task_env(params: RunParams | None = None) -> StageEnv:
     """The stage environment for the running task, with the run's parameter overrides."""
     from airflow.sdk import get_current_context
 
+    from lgt_ops.stages.base import StageEnv
+
     context = get_current_context()
     settings = settings_from_airflow()
     if params is not None:
@@ -139,6 +144,25 @@ def run_params(context: dict[str, Any] | None = None) -> RunParams:
 
     context = context or get_current_context()
     return RunParams.from_conf(dict(context["params"]))
+
+
+def on_failure(context: Mapping[str, Any]) -> None:
+    """One summary line per failed task (or failed run): the hook point for alerting."""
+    ti = context.get("ti") or context.get("task_instance")
+    dag_run = context.get("dag_run")
+    error = context.get("exception") or context.get("reason") or "unknown"
+    if isinstance(error, BaseException):
+        error = f"{type(error).__name__}: {error}"
+    map_index = getattr(ti, "map_index", -1)
+    log.error(
+        "LGT task failed: dag=%s run=%s task=%s%s try=%s error=%s",
+        getattr(dag_run, "dag_id", None) or getattr(ti, "dag_id", "?"),
+        getattr(dag_run, "run_id", None) or getattr(ti, "run_id", "?"),
+        getattr(ti, "task_id", "-"),
+        f"[{map_index}]" if isinstance(map_index, int) and map_index >= 0 else "",
+        getattr(ti, "try_number", "-"),
+        " ".join(str(error).split())[:500],  # one line, whatever the message holds
+    )
 
 
 def report_lineage(inputs: list[str], outputs: list[str]) -> None:

@@ -46,6 +46,24 @@ STAGE_POOLS = {
     "expand": "lgt_reasoner",
     "tag": "lgt_llm",
 }
+# Per-task execution timeout in minutes (a model stage may work through ~20k images of a
+# shard; start/finish only touch the lineage DB). The runbook's task table lists the same.
+TASK_TIMEOUT_MINUTES = {
+    "start": 10,
+    "scan": 120,
+    "ingest": 240,
+    "plan": 30,
+    "annotate": 360,
+    "mcq": 360,
+    "compose": 360,
+    "cot": 360,
+    "expand": 360,
+    "filter": 120,
+    "pairs": 120,
+    "tag": 360,
+    "release": 240,
+    "finish": 10,
+}
 _NAME = "^[a-z0-9][a-z0-9_-]{0,63}$"
 _VERSION = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 

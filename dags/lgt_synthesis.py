@@ -80,17 +80,20 @@ def lgt_synthesis():
         params = af.run_params()
         env = af.task_env(params)
         result = pipeline.scan(env, params)
-        af.report_lineage([pipeline.source_uri(env, params)], [])
+        af.report_task_lineage("scan", env, pipeline.source_uri(env, params))
         n = len(result.shard_keys)
         return [{"key": key, "index": i, "count": n} for i, key in enumerate(result.shard_keys)]
 
     @task(max_active_tis_per_dag=8, execution_timeout=_timeout("ingest"))
     def ingest(shard: dict) -> dict:
         from lgt_ops import airflow_adapter as af
+        from lgt_ops import pipeline
         from lgt_ops.stages import ingest as stage
 
-        env = af.task_env(af.run_params())
+        params = af.run_params()
+        env = af.task_env(params)
         stats = stage.ingest_shard(env, shard["key"], shard["index"], shard["count"])
+        af.report_task_lineage("ingest", env, pipeline.source_uri(env, params))
         return {"out": stats.items_out, "rejected": stats.items_rejected}
 
     @task(trigger_rule="none_failed", execution_timeout=_timeout("plan"))
@@ -116,8 +119,12 @@ def lgt_synthesis():
             from lgt_ops.stages.base import Shard
 
             params = af.run_params()
-            stats = pipeline.run_stage(af.task_env(params), stage, params, Shard.parse(shard))
-            return stats.as_dict() if stats is not None else {"skipped": True}
+            env = af.task_env(params)
+            stats = pipeline.run_stage(env, stage, params, Shard.parse(shard))
+            if stats is None:
+                return {"skipped": True}
+            af.report_task_lineage(stage, env, pipeline.source_uri(env, params))
+            return stats.as_dict()
 
         return run_stage
 
@@ -151,7 +158,7 @@ def lgt_synthesis():
             "rows": published.counts,
             "simulated": published.manifest["simulated"],
         }
-        af.report_lineage([pipeline.source_uri(env, params)], [published.uri])
+        af.report_task_lineage("release", env, pipeline.source_uri(env, params), (published.uri,))
         return {"release_id": published.release_id, "uri": published.uri}
 
     @task(trigger_rule="all_done", execution_timeout=_timeout("finish"))

@@ -165,6 +165,16 @@ def on_failure(context: Mapping[str, Any]) -> None:
     )
 
 
+def report_task_lineage(
+    task: str, env: StageEnv, source_uri: str, outputs: tuple[str, ...] = ()
+) -> None:
+    """The task's dataset edges (source prefix, lineage DB tables, release) for OpenLineage."""
+    from lgt_ops.lineage_edges import task_edges
+
+    inputs, outs = task_edges(task, env.settings.database_url, source_uri, outputs)
+    report_lineage(inputs, outs)
+
+
 def report_lineage(inputs: list[str], outputs: list[str]) -> None:
     """Dataset-level edges for OpenLineage (a no-op unless its provider is installed)."""
     from airflow.sdk import BaseHook

@@ -47,8 +47,8 @@ def table_uri(database_url: str, table: str) -> str | None:
 
 def location_uri(uri: str) -> str:
     """A store location as an asset URI: s3://bucket/prefix or file:///path, no trailing /."""
-    stripped = uri.rstrip("/")
-    return stripped if stripped.split("://", 1)[-1] else uri  # keep file:/// as it is
+    scheme, sep, rest = uri.partition("://")
+    return f"{scheme}{sep}{rest.rstrip('/')}" if rest.strip("/") else uri  # file:/// stays
 
 
 def task_edges(

@@ -89,3 +89,22 @@ def test_events_name_the_source_prefix_tables_and_release(airflow_db, connection
     # no credentials in any dataset name
     datasets = [d for e in events for d in e.get("inputs", []) + e.get("outputs", [])]
     assert datasets and not any("@" in d["namespace"] for d in datasets)
+
+
+def test_dataset_names_carry_no_credentials_and_skip_sqlite():
+    from lgt_ops.lineage_edges import TASK_TABLES, location_uri, table_uri, task_edges
+
+    url = "postgresql+psycopg2://lgt:s3cret@db.internal:6543/lineage?sslmode=require"
+    assert table_uri(url, "questions") == "postgres://db.internal:6543/lineage/public/questions"
+    assert table_uri("postgresql://lgt@db/lineage", "pairs") == (
+        "postgres://db:5432/lineage/public/pairs"
+    )
+    assert table_uri("sqlite:////tmp/lineage.db", "questions") is None
+    assert location_uri("s3://bucket/sources/docci/") == "s3://bucket/sources/docci"
+    assert location_uri("file:///") == "file:///"
+    inputs, outputs = task_edges("expand", "sqlite:///x.db", "s3://b/sources/")
+    assert (inputs, outputs) == ([], [])  # no source read, no nameable table
+    inputs, outputs = task_edges("release", url, "s3://b/sources/", ("s3://b/releases/x/1",))
+    assert inputs[0] == "s3://b/sources" and outputs[0] == "s3://b/releases/x/1"
+    assert not any("s3cret" in u for u in inputs + outputs)
+    assert set(TASK_TABLES) >= {"scan", "ingest", "release", "annotate", "tag"}

@@ -3,11 +3,12 @@ API), the runbook, timeouts and the failure callback."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
 
-from lgt_ops.params import PARAM_SCHEMA, STAGES
+from lgt_ops.params import PARAM_SCHEMA, STAGES, TASK_TIMEOUT_MINUTES
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.airflow
@@ -51,6 +52,10 @@ def test_dag_has_runbook_description_and_timeouts(airflow_db):
     timeouts = {t.task_id: t.execution_timeout for t in dag.tasks}
     assert timeouts["start"] == timeouts["finish"] == timedelta(minutes=10)
     assert timeouts["shard_stages.expand"] == timedelta(hours=6)
+    # the runbook's task table states the same timeouts
+    rows = re.findall(r"^\| `(?:shard_stages\.)?(\w+)`.*\| (\d+) (min|h) \|$", dag.doc_md, re.M)
+    stated = {task: int(n) * (60 if unit == "h" else 1) for task, n, unit in rows}
+    assert stated == TASK_TIMEOUT_MINUTES
 
 
 def test_every_form_field_has_a_title_and_description_and_stages_is_a_multi_select(airflow_db):

@@ -119,6 +119,8 @@ def test_a_valid_trigger_passes_the_guard_untouched(api):
     answer = _trigger(api, conf)
     assert answer.status_code == 200, answer.text
     assert answer.json()["conf"] == conf and answer.json()["state"] == "queued"
+    run_id = answer.json()["dag_run_id"]
+    assert api.delete(f"/api/v2/dags/lgt_synthesis/dagRuns/{run_id}").status_code == 204
 
 
 def test_the_guard_leaves_authentication_to_airflow(api, monkeypatch):

@@ -6,16 +6,19 @@ RunContext, and dataset-level lineage for OpenLineage. DAG files call only these
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from pydantic import SecretStr
 
 from lgt_ops.config import ROLES, Settings, settings_from_env
+from lgt_ops.fanout import DEFAULT_MAX_MAP_LENGTH
 from lgt_ops.params import RunParams
 from lgt_ops.runctx import RunContext, airflow_run_id
-from lgt_ops.stages.base import StageEnv
+
+if TYPE_CHECKING:  # the DAG imports this module at parse time: keep engines/boto3 out
+    from lgt_ops.stages.base import StageEnv
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ def settings_from_airflow(base: Settings | None = None) -> Settings:
             ep_update["max_inflight"] = int(extra["max_inflight"])
         endpoints[role] = endpoints[role].model_copy(update=ep_update)
     update["endpoints"] = endpoints
+    update["max_map_length"] = max_map_length()
     return s.model_copy(update=update)
 
 
@@ -110,6 +114,13 @@ def login_url(next_url: str) -> str:
     from airflow.api_fastapi.app import get_auth_manager
 
     return get_auth_manager().get_url_login(next_url=next_url)
+
+
+def max_map_length() -> int:
+    """Airflow's `[core] max_map_length`: the longest list a task may be mapped over."""
+    from airflow.sdk import conf
+
+    return conf.getint("core", "max_map_length", fallback=DEFAULT_MAX_MAP_LENGTH)
 
 
 def _base_url(conn: Any) -> str:
@@ -141,6 +152,8 @@ def task_env(params: RunParams | None = None) -> StageEnv:
     """The stage environment for the running task, with the run's parameter overrides."""
     from airflow.sdk import get_current_context
 
+    from lgt_ops.stages.base import StageEnv
+
     context = get_current_context()
     settings = settings_from_airflow()
     if params is not None:
@@ -155,6 +168,35 @@ def run_params(context: dict[str, Any] | None = None) -> RunParams:
 
     context = context or get_current_context()
     return RunParams.from_conf(dict(context["params"]))
+
+
+def on_failure(context: Mapping[str, Any]) -> None:
+    """One summary line per failed task (or failed run): the hook point for alerting."""
+    ti = context.get("ti") or context.get("task_instance")
+    dag_run = context.get("dag_run")
+    error = context.get("exception") or context.get("reason") or "unknown"
+    if isinstance(error, BaseException):
+        error = f"{type(error).__name__}: {error}"
+    map_index = getattr(ti, "map_index", -1)
+    log.error(
+        "LGT task failed: dag=%s run=%s task=%s%s try=%s error=%s",
+        getattr(dag_run, "dag_id", None) or getattr(ti, "dag_id", "?"),
+        getattr(dag_run, "run_id", None) or getattr(ti, "run_id", "?"),
+        getattr(ti, "task_id", "-"),
+        f"[{map_index}]" if isinstance(map_index, int) and map_index >= 0 else "",
+        getattr(ti, "try_number", "-"),
+        " ".join(str(error).split())[:500],  # one line, whatever the message holds
+    )
+
+
+def report_task_lineage(
+    task: str, env: StageEnv, source_uri: str, outputs: tuple[str, ...] = ()
+) -> None:
+    """The task's dataset edges (source prefix, lineage DB tables, release) for OpenLineage."""
+    from lgt_ops.lineage_edges import task_edges
+
+    inputs, outs = task_edges(task, env.settings.database_url, source_uri, outputs)
+    report_lineage(inputs, outs)
 
 
 def report_lineage(inputs: list[str], outputs: list[str]) -> None:

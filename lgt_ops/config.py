@@ -182,6 +182,8 @@ class Settings(BaseModel):
     release_name: str = "lgt"
     shard_size: int = Field(default=200, ge=1)
     max_shards: int = Field(default=512, ge=1, le=1024)
+    # Airflow's [core] max_map_length: no mapped list (ingest files, image shards) is longer.
+    max_map_length: int = Field(default=1024, ge=1)
     endpoints: dict[str, EndpointSettings]
     image_spec: ImageSpec = ImageSpec()
     method: MethodParams = MethodParams()

@@ -12,15 +12,17 @@ DAG maps them over shards and a shard can be in a later stage while another is e
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from sqlalchemy import text
 
+from lgt_ops import dryrun
 from lgt_ops import params as run_params
+from lgt_ops.config import Settings
 from lgt_ops.db.stats import refresh_statistics
+from lgt_ops.fanout import fan_out
 from lgt_ops.params import RunParams
 from lgt_ops.release.publish import Published, publish
 from lgt_ops.sources import count_images, resolve_source
@@ -69,14 +71,19 @@ def scan(env: StageEnv, params: RunParams) -> ingest.ScanResult:
 
 
 def plan(env: StageEnv, params: RunParams) -> list[Shard]:
-    """Image shards for the per-shard stages: shard_size images each, at most max_shards."""
+    """Image shards for the per-shard stages: shard_size images each, at most max_shards
+    (and never more than Airflow maps: max_map_length)."""
     spec, _ = resolve_source(env, params.source)
     refresh_statistics(env.db)  # ingest may have changed most of the corpus
     with env.db.connect() as conn:
         n = count_images(conn, spec, params.sample_size)
-    s = env.settings
-    count = max(1, min(s.max_shards, math.ceil(n / s.shard_size)))
+    count = image_shard_count(n, env.settings)
     return [Shard(i, count) for i in range(count)]
+
+
+def image_shard_count(images: int, settings: Settings) -> int:
+    cap = min(settings.max_shards, settings.max_map_length)
+    return fan_out(images, settings.shard_size, cap, at_least_one=True).shards
 
 
 def run_stage(env: StageEnv, stage: str, params: RunParams, shard: Shard) -> StageStats | None:
@@ -92,25 +99,28 @@ def source_uri(env: StageEnv, params: RunParams) -> str:
 
 
 def dry_run_report(env: StageEnv, params: RunParams) -> dict[str, Any]:
-    """Pending work per stage as things stand, without calling anything."""
+    """Pending work per stage, including what waits on earlier stages (see lgt_ops.dryrun)."""
     spec, store = resolve_source(env, params.source)
     report: dict[str, Any] = {"source": source_uri(env, params), "stages": {}}
-    listed = sum(1 for _ in store.list(spec.prefix))
-    report["objects_listed"] = listed
+    report["objects_listed"] = sum(1 for _ in store.list(spec.prefix))
     shards = plan(env, params)
     report["shards"] = len(shards)
+    ready: dict[str, list[dryrun.Ready]] = {}
     for name, module in SHARD_STAGES.items():
         if not params.runs(name):
             continue
-        if not hasattr(module, "plan"):
-            report["stages"][name] = {"model_calls": 0}  # computed from what earlier stages made
+        if not hasattr(module, "plan"):  # filter, pairs: computed from earlier outputs
+            report["stages"][name] = {"model_calls": 0}
             continue
-        items = requests = 0
-        for shard in shards:
-            work = module.plan(env, spec, shard, params.sample_size)
-            items += len(work.items)
-            requests += work.requests
-        report["stages"][name] = {"pending_items": items, "requests_if_uncached": requests}
+        ready[name] = [
+            dryrun.Ready(item.image_id, len(item.requests))
+            for shard in shards
+            for item in module.plan(env, spec, shard, params.sample_size).items
+        ]
+    m = env.settings.method
+    fan = dryrun.fan_outs(m, env.settings.endpoint("vlm").supports_n, tag.enabled(env))
+    report["stages"].update(dryrun.estimate(ready, fan))
+    report["stages"] = {k: report["stages"][k] for k in SHARD_STAGES if k in report["stages"]}
     return report
 
 

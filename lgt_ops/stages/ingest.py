@@ -27,6 +27,7 @@ from sqlalchemy import text
 from lgt_ops import boxes
 from lgt_ops.config import IngestLimits
 from lgt_ops.db.repo import chunked, dumps, insert_ignore, upsert, utcnow
+from lgt_ops.fanout import fan_out
 from lgt_ops.ids import content_id, fingerprint, hbucket, sha256_hex
 from lgt_ops.images import (
     ImageFacts,
@@ -160,7 +161,8 @@ def _scan(
         if have is None or have[2] == "removed" or have[:2] != (info.etag, _metadata_sha(meta)):
             pending.append((info, meta))
     result.pending = len(pending)
-    size = shard_size or env.settings.shard_size
+    cap = env.settings.max_map_length
+    size = fan_out(len(pending), shard_size or env.settings.shard_size, cap).shard_size
     for n, chunk in enumerate(chunked(pending, size)):
         key = f"{_run_prefix(env)}/ingest/shard-{n:05d}.jsonl"
         lines = [

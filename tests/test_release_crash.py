@@ -145,8 +145,9 @@ def test_a_publish_killed_anywhere_converges_on_rerun(store, points, request):
     assert len(versions) == len(points) + ("published" in points)
 
 
-def test_a_live_publishers_claim_is_not_taken(local_env):
-    env = local_env
+@pytest.mark.parametrize("store", ["local_env", "pg_s3_env"])
+def test_a_live_publishers_claim_is_not_taken(store, request):
+    env = request.getfixturevalue(store)
     _stage1(env)
     with publisher_lock(env, "busy"):  # a live publisher of "busy", in this process
         blocked = _publish(env, "busy", LGT_RELEASE_LOCK_WAIT_S="1")
@@ -155,5 +156,31 @@ def test_a_live_publishers_claim_is_not_taken(local_env):
     assert "being published by another live publisher" in blocked.stderr
     assert _rows(env, "SELECT release_id FROM releases WHERE name = 'busy'") == []
     assert _ok(other)["release"].startswith("other/")
-    first = _ok(_publish(env, "busy"))  # the lock is free again
-    assert first["release"].startswith("busy/") and _staging(env, "busy") == []
+    # Two publishers at once: one waits for the other; two versions, nothing left staging.
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lgt_ops.cli",
+                "release",
+                "publish",
+                "--source",
+                "sources/sample/",
+                "--release-name",
+                "busy",
+                "--allow-simulated",
+            ],
+            env=_cli_env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    results = [json.loads(out) for out, _ in outs]
+    assert len({r["release"] for r in results}) == 2
+    assert len({r["content_sha256"] for r in results}) == 1
+    _assert_clean(env, "busy")

@@ -95,12 +95,10 @@ def _members(env, release_id: str) -> list:
     )
 
 
-@pytest.mark.postgres
-@pytest.mark.s3
 @pytest.mark.parametrize(
     ("store", "points"),
     [
-        ("pg_s3_env", KILL_POINTS),
+        pytest.param("pg_s3_env", KILL_POINTS, marks=[pytest.mark.postgres, pytest.mark.s3]),
         ("local_env", ("part_staged", "promoted", "committed")),
     ],
 )
@@ -145,7 +143,9 @@ def test_a_publish_killed_anywhere_converges_on_rerun(store, points, request):
     assert len(versions) == len(points) + ("published" in points)
 
 
-@pytest.mark.parametrize("store", ["local_env", "pg_s3_env"])
+@pytest.mark.parametrize(
+    "store", ["local_env", pytest.param("pg_s3_env", marks=[pytest.mark.postgres, pytest.mark.s3])]
+)
 def test_a_live_publishers_claim_is_not_taken(store, request):
     env = request.getfixturevalue(store)
     _stage1(env)

@@ -1,9 +1,11 @@
 """Operating published releases: list them, verify their bytes, compare two of them.
 
 `verify` trusts nothing but the manifest's hashes: it re-reads every file the manifest lists
-(splits and report plots) and the dataset card, and checks the manifest itself against the
-hash recorded in the lineage DB when publishing. `diff` compares the row ids two releases
-hold, split by split, and the question mix (stage, skill, difficulty) of their questions.
+(splits and report plots) and the dataset card, checks the manifest itself against the
+hash recorded in the lineage DB when publishing, and lists the release's prefix for files the
+manifest does not name (a dropped-in `part-99999.parquet` would be read by the loading globs).
+`diff` compares the row ids two releases hold, split by split, and the question mix (stage,
+skill, difficulty) of their questions.
 """
 
 from __future__ import annotations
@@ -98,7 +100,20 @@ def verify(env: StageEnv, release_id: str) -> Verification:
     )
     if content != manifest["content_sha256"]:
         out.problems.append("manifest.json: content_sha256 does not match its file list")
+    listed = {f["path"] for f in files} | {"README.md", "manifest.json"}
+    for path in unlisted_files(env, prefix, listed):
+        out.problems.append(f"{path}: not listed in the manifest")
     return out
+
+
+def unlisted_files(env: StageEnv, prefix: str, listed: set[str]) -> list[str]:
+    """Every object under the release prefix that is not one of `listed` (paths in it)."""
+    base = prefix.rstrip("/") + "/"
+    return [
+        info.key[len(base) :]
+        for info in env.store.list(base)
+        if info.key[len(base) :] not in listed
+    ]
 
 
 def _get(env: StageEnv, key: str, out: Verification) -> bytes | None:

@@ -16,6 +16,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, Param, dag, task, task_group
 
+from lgt_ops.airflow_adapter import fail_fast
 from lgt_ops.params import PARAM_SCHEMA, SHARD_STAGES, STAGE_POOLS
 
 RELEASE_ASSET = Asset(name="lgt_release", uri="lgt://releases", group="lgt")
@@ -50,6 +51,7 @@ def _param(name: str) -> Param:
 )
 def lgt_synthesis():
     @task
+    @fail_fast
     def start() -> str:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
@@ -60,6 +62,7 @@ def lgt_synthesis():
         return env.run.run_id
 
     @task
+    @fail_fast
     def scan() -> list[dict]:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
@@ -72,6 +75,7 @@ def lgt_synthesis():
         return [{"key": key, "index": i, "count": n} for i, key in enumerate(result.shard_keys)]
 
     @task(max_active_tis_per_dag=8)
+    @fail_fast
     def ingest(shard: dict) -> dict:
         from lgt_ops import airflow_adapter as af
         from lgt_ops.stages import ingest as stage
@@ -81,6 +85,7 @@ def lgt_synthesis():
         return {"out": stats.items_out, "rejected": stats.items_rejected}
 
     @task(trigger_rule="none_failed")
+    @fail_fast
     def plan() -> list[dict]:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
@@ -93,6 +98,7 @@ def lgt_synthesis():
 
     def stage_task(stage: str):
         @task(task_id=stage, pool=STAGE_POOLS.get(stage, "default_pool"))
+        @fail_fast
         def run_stage(shard: dict) -> dict:
             from lgt_ops import airflow_adapter as af
             from lgt_ops import pipeline
@@ -114,6 +120,7 @@ def lgt_synthesis():
             previous = current
 
     @task(outlets=[RELEASE_ASSET], trigger_rule="none_failed")
+    @fail_fast
     def release(*, outlet_events=None) -> dict | None:
         from airflow.sdk.exceptions import AirflowSkipException
 
@@ -136,12 +143,13 @@ def lgt_synthesis():
         return {"release_id": published.release_id, "uri": published.uri}
 
     @task(trigger_rule="all_done")
+    @fail_fast
     def finish(pipeline_run: str) -> str:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
 
         del pipeline_run  # an explicit edge from start(): finish always closes that run
-        return pipeline.finish(af.task_env())
+        return pipeline.finish(af.task_env(), af.failed_tasks())
 
     pipeline_run = start()
     shards = scan()

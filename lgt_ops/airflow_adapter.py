@@ -1,20 +1,27 @@
 """The one module of lgt_ops that knows Airflow: connections -> Settings, task context ->
-RunContext, and dataset-level lineage for OpenLineage. DAG files call only these helpers and
-`lgt_ops.pipeline`; the library itself runs without Airflow installed.
+RunContext, permanent failures -> AirflowFailException, and dataset-level lineage for
+OpenLineage. DAG files call only these helpers and `lgt_ops.pipeline`; the library itself
+runs without Airflow installed. Cheap to import (DAG files import it at parse time): the
+stage machinery is imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import quote, urlencode
 
 from pydantic import SecretStr
 
 from lgt_ops.config import ROLES, Settings, settings_from_env
+from lgt_ops.failures import describe
 from lgt_ops.params import RunParams
 from lgt_ops.runctx import RunContext, airflow_run_id
-from lgt_ops.stages.base import StageEnv
+
+if TYPE_CHECKING:
+    from lgt_ops.stages.base import StageEnv
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,8 @@ def settings_from_airflow(base: Settings | None = None) -> Settings:
             ep_update["model"] = extra["model"]
         if extra.get("max_inflight"):
             ep_update["max_inflight"] = int(extra["max_inflight"])
+        if extra.get("down_after_s"):
+            ep_update["down_after_s"] = float(extra["down_after_s"])
         endpoints[role] = endpoints[role].model_copy(update=ep_update)
     update["endpoints"] = endpoints
     return s.model_copy(update=update)
@@ -116,12 +125,14 @@ def task_env(params: RunParams | None = None) -> StageEnv:
     """The stage environment for the running task, with the run's parameter overrides."""
     from airflow.sdk import get_current_context
 
+    from lgt_ops.stages.base import StageEnv
+
     context = get_current_context()
     settings = settings_from_airflow()
     if params is not None:
         settings = params.apply(settings)
     env = StageEnv.open(settings, run_context(context))
-    env.show_progress = True  # lines go to the task log every 15 s
+    env.show_progress = True  # INFO lines in the task log every 15 s (lgt_ops.progress)
     return env
 
 
@@ -151,3 +162,42 @@ def report_lineage(inputs: list[str], outputs: list[str]) -> None:
         collector.add_input_asset(context=hook, uri=uri)
     for uri in outputs:
         collector.add_output_asset(context=hook, uri=uri)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def fail_fast(func: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a task body: a permanent failure (lgt_ops.failures) fails the task on this try,
+    without retries, as one line; anything else is raised as is (and retried)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:
+            failure = describe(exc)
+            if failure is None or not failure.permanent:
+                raise
+            from airflow.sdk.exceptions import AirflowFailException
+
+            log.error("%s (%s; not retried)", failure.line(), type(failure).__name__)
+            raise AirflowFailException(failure.line()) from exc
+
+    return wrapper
+
+
+_FAILED_STATES = ("failed", "upstream_failed")
+
+
+def failed_tasks(context: dict[str, Any] | None = None) -> list[str]:
+    """Tasks of this DAG run that failed (or could not run because an upstream one did)."""
+    from airflow.sdk import get_current_context
+
+    context = context or get_current_context()
+    dag_run, ti = context["dag_run"], context["ti"]
+    states = ti.get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id])
+    return sorted(
+        task for task, state in states.get(dag_run.run_id, {}).items() if state in _FAILED_STATES
+    )

@@ -20,8 +20,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, text
 
+from lgt_ops import liveness
 from lgt_ops.config import Settings
-from lgt_ops.db.engine import make_engine
+from lgt_ops.db.engine import make_engine, reaching
 from lgt_ops.db.migrate import upgrade
 from lgt_ops.db.repo import chunked, dumps, forget_schema, insert_ignore, utcnow
 from lgt_ops.ids import content_id
@@ -41,8 +42,9 @@ class StageEnv:
     @classmethod
     def open(cls, settings: Settings, run: RunContext, *, migrate: bool = True) -> StageEnv:
         db = make_engine(settings.database_url)
-        if migrate and upgrade(db):
-            forget_schema(db)
+        with reaching(db):
+            if migrate and upgrade(db):
+                forget_schema(db)
         return cls(settings=settings, db=db, store=store_from_settings(settings), run=run)
 
     def store_for(self, url: str) -> ObjectStore:
@@ -136,7 +138,11 @@ class StageStats:
 
 
 def ensure_pipeline_run(env: StageEnv, params: dict[str, Any] | None = None) -> None:
+    """The run's row, `running`. A run outside Airflow lives in this one process, so its row
+    records the process (a later run closes it as abandoned if the process was killed)."""
+    process = liveness.current().as_row() if env.run.dag_id is None else {}
     with env.db.begin() as conn:
+        close_abandoned_runs(conn)
         insert_ignore(
             conn,
             "pipeline_runs",
@@ -148,17 +154,130 @@ def ensure_pipeline_run(env: StageEnv, params: dict[str, Any] | None = None) -> 
                     "airflow_run_id": env.run.airflow_run_id,
                     "params": dumps(params or {}),
                     "status": "running",
+                    **process,
                 }
             ],
         )
 
 
-def finish_pipeline_run(env: StageEnv, status: str) -> None:
+def finish_pipeline_run(env: StageEnv, status: str, detail: str | None = None) -> None:
     with env.db.begin() as conn:
         conn.execute(
-            text("UPDATE pipeline_runs SET status = :s, finished_at = :t WHERE run_id = :r"),
-            {"s": status, "t": utcnow(), "r": env.run.run_id},
+            text(
+                "UPDATE pipeline_runs SET status = :s, finished_at = :t, error_detail = :d"
+                " WHERE run_id = :r"
+            ),
+            {"s": status, "t": utcnow(), "d": _clip(detail), "r": env.run.run_id},
         )
+
+
+def close_pipeline_run(env: StageEnv, status: str, detail: str | None = None) -> None:
+    """Close the run's row if it exists and is still `running` (a CLI command's run)."""
+    with env.db.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE pipeline_runs SET status = :s, finished_at = :t, error_detail = :d"
+                " WHERE run_id = :r AND status = 'running'"
+            ),
+            {"s": status, "t": utcnow(), "d": _clip(detail), "r": env.run.run_id},
+        )
+
+
+def _clip(detail: str | None) -> str | None:
+    return detail[:4000] if detail else None
+
+
+def error_line(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()[:4000]
+
+
+_ABANDON = (
+    "UPDATE {table} SET status = 'abandoned', finished_at = :t,"
+    " error_detail = COALESCE(error_detail, :why) WHERE status = 'running' AND {where}"
+)
+
+
+def close_abandoned_runs(conn: Connection) -> int:
+    """Rows of pipeline runs on this host whose process is gone -> abandoned (lgt_ops.liveness).
+    Only runs that live in one process record one (CLI, demo); Airflow's finish closes its own."""
+    rows = conn.execute(
+        text(
+            "SELECT run_id, pid, pid_started FROM pipeline_runs"
+            " WHERE status = 'running' AND host = :h AND pid IS NOT NULL"
+        ),
+        {"h": liveness.current().host},
+    ).all()
+    gone = [r for r in rows if liveness.is_gone(liveness.current().host, r.pid, r.pid_started)]
+    for r in gone:
+        conn.execute(
+            text(_ABANDON.format(table="pipeline_runs", where="run_id = :r")),
+            {
+                "t": utcnow(),
+                "why": f"process {liveness.current().host}/{r.pid} is gone",
+                "r": r.run_id,
+            },
+        )
+    return len(gone)
+
+
+def close_abandoned_stages(conn: Connection, run_id: str, stage: str, shard_index: int) -> int:
+    """Stage rows left `running` by a dead process -> abandoned: earlier attempts of this
+    run/stage/shard (superseded, any host), and rows of this host whose process is gone."""
+    closed = conn.execute(
+        text(
+            _ABANDON.format(
+                table="stage_runs", where="run_id = :r AND stage = :s AND shard_index = :i"
+            )
+        ),
+        {
+            "t": utcnow(),
+            "why": "superseded by a later attempt",
+            "r": run_id,
+            "s": stage,
+            "i": shard_index,
+        },
+    ).rowcount
+    host = liveness.current().host
+    rows = conn.execute(
+        text(
+            "SELECT run_id, stage, shard_index, attempt, pid, pid_started FROM stage_runs"
+            " WHERE status = 'running' AND host = :h AND pid IS NOT NULL"
+        ),
+        {"h": host},
+    ).all()
+    for r in rows:
+        if liveness.is_gone(host, r.pid, r.pid_started):
+            closed += conn.execute(
+                text(
+                    _ABANDON.format(
+                        table="stage_runs",
+                        where="run_id = :r AND stage = :s AND shard_index = :i AND attempt = :a",
+                    )
+                ),
+                {
+                    "t": utcnow(),
+                    "why": f"process {host}/{r.pid} is gone",
+                    "r": r.run_id,
+                    "s": r.stage,
+                    "i": r.shard_index,
+                    "a": r.attempt,
+                },
+            ).rowcount
+    return max(closed, 0)
+
+
+def close_leftover_stages(env: StageEnv) -> int:
+    """Every stage row of this run still `running` -> abandoned. Only for the DAG's last task:
+    by then every task that could write one has ended."""
+    with env.db.begin() as conn:
+        return conn.execute(
+            text(_ABANDON.format(table="stage_runs", where="run_id = :r")),
+            {
+                "t": utcnow(),
+                "why": "its task ended without closing it (killed?)",
+                "r": env.run.run_id,
+            },
+        ).rowcount
 
 
 @contextmanager
@@ -168,6 +287,7 @@ def recorded(env: StageEnv, stage: str, shard: Shard, fingerprint: str) -> Itera
     stats = StageStats()
     started = time.monotonic()
     with env.db.begin() as conn:
+        close_abandoned_stages(conn, env.run.run_id, stage, shard.index)
         attempt = conn.execute(
             text(
                 "SELECT COALESCE(MAX(attempt), 0) + 1 FROM stage_runs"
@@ -190,6 +310,7 @@ def recorded(env: StageEnv, stage: str, shard: Shard, fingerprint: str) -> Itera
                     "task_id": env.run.task_id,
                     "map_index": env.run.map_index,
                     "status": "running",
+                    **liveness.current().as_row(),
                 }
             ],
         )
@@ -198,7 +319,7 @@ def recorded(env: StageEnv, stage: str, shard: Shard, fingerprint: str) -> Itera
         yield stats
     except BaseException as exc:
         status = "failed"
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()[:4000]
+        detail = error_line(exc)
         raise
     finally:
         with env.db.begin() as conn:

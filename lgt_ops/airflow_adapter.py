@@ -188,16 +188,14 @@ def fail_fast(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-_FAILED_STATES = ("failed", "upstream_failed")
-
-
 def failed_tasks(context: dict[str, Any] | None = None) -> list[str]:
-    """Tasks of this DAG run that failed (or could not run because an upstream one did)."""
+    """Tasks of this DAG run that failed (those that could not run because of them are
+    named only when no task itself failed, e.g. one marked failed by hand)."""
     from airflow.sdk import get_current_context
 
     context = context or get_current_context()
     dag_run, ti = context["dag_run"], context["ti"]
     states = ti.get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id])
-    return sorted(
-        task for task, state in states.get(dag_run.run_id, {}).items() if state in _FAILED_STATES
-    )
+    by_task = states.get(dag_run.run_id, {})
+    failed = sorted(task for task, state in by_task.items() if state == "failed")
+    return failed or sorted(t for t, state in by_task.items() if state == "upstream_failed")

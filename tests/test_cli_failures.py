@@ -149,21 +149,23 @@ def test_endpoint_and_release_failures(cli_env, s3_url, s3_endpoint, pg_url, sim
         "t/v1 is already published",
     )
     one_line(lgt(cli_env, "release", "verify", "t/v9"), failures.EXIT_RELEASE, "t/v9", "manifest")
-    one_line(
-        lgt(cli_env, "release", "diff", "t/v1", "t/v9"), failures.EXIT_RELEASE, "t/v9"
-    )
+    one_line(lgt(cli_env, "release", "diff", "t/v1", "t/v9"), failures.EXIT_RELEASE, "t/v9")
 
     # Every CLI command that recorded a run closed it: nothing is left `running`.
     with create_engine(pg_url).connect() as conn:
         statuses = dict(
-            conn.execute(
-                text("SELECT status, COUNT(*) FROM pipeline_runs GROUP BY status")
-            ).all()
+            conn.execute(text("SELECT status, COUNT(*) FROM pipeline_runs GROUP BY status")).all()
         )
         stage_statuses = set(conn.execute(text("SELECT status FROM stage_runs")).scalars())
-        failed = conn.execute(
-            text("SELECT error_detail FROM stage_runs WHERE status = 'failed' AND stage = 'mcq'")
-        ).scalars().all()
+        failed = (
+            conn.execute(
+                text(
+                    "SELECT error_detail FROM stage_runs WHERE status = 'failed' AND stage = 'mcq'"
+                )
+            )
+            .scalars()
+            .all()
+        )
     assert "running" not in statuses and statuses.get("failed", 0) >= 2
     assert "running" not in stage_statuses
     assert any("unreachable" in d for d in failed) and any("credentials" in d for d in failed)

@@ -58,6 +58,7 @@ def lgt_synthesis():
 
         params = af.run_params()
         env = af.task_env(params)
+        af.close_ended_runs(env)
         pipeline.start(env, params)
         return env.run.run_id
 

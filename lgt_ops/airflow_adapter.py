@@ -199,3 +199,28 @@ def failed_tasks(context: dict[str, Any] | None = None) -> list[str]:
     by_task = states.get(dag_run.run_id, {})
     failed = sorted(task for task, state in by_task.items() if state == "failed")
     return failed or sorted(t for t, state in by_task.items() if state == "upstream_failed")
+
+
+_ENDED = ("success", "failed")
+
+
+def close_ended_runs(env: StageEnv, context: dict[str, Any] | None = None) -> list[str]:
+    """Close as abandoned this DAG's earlier pipeline runs that are still `running` although
+    Airflow ended their run (a dagrun timeout, a run marked failed by hand: their `finish`
+    never ran). Returns the run ids closed."""
+    from airflow.sdk import get_current_context
+
+    from lgt_ops.stages.base import abandon_run, running_runs
+
+    ti = (context or get_current_context())["ti"]
+    closed = []
+    for run_id, airflow_run in running_runs(env):
+        try:
+            state = str(ti.get_dagrun_state(dag_id=env.run.dag_id, run_id=airflow_run))
+        except Exception:  # noqa: BLE001 - a run deleted from Airflow's DB: cannot tell
+            log.debug("no Airflow state for %s", airflow_run, exc_info=True)
+            continue
+        if state.rsplit(".", 1)[-1].lower() in _ENDED:
+            abandon_run(env, run_id, f"its Airflow run ended ({state}) before its finish task")
+            closed.append(run_id)
+    return closed

@@ -111,3 +111,24 @@ def test_endpoint_down_is_retried_and_recorded(airflow_db, connections, monkeypa
     assert run_row.status == "failed"
     assert "shard_stages.mcq" in run_row.error_detail and "unreachable" in run_row.error_detail
     _no_running_rows(db)
+
+
+def test_a_run_that_ended_without_finish_is_closed_by_the_next(airflow_db, connections, monkeypatch):
+    store, db = connections["store"], connections["db"]
+    upload_sample(store, "sources/sample/")
+    dag = _dag_with_retries(monkeypatch, 0)
+    conf = {"source": "sources/sample/", "stages": ["ingest"]}
+    first = dag.test(run_conf=conf, mark_success_pattern="finish")  # as if finish never ran
+    with db.connect() as conn:
+        (left,) = conn.execute(text("SELECT run_id, status FROM pipeline_runs")).all()
+    assert left.status == "running" and left.run_id.endswith(first.run_id)
+
+    second = dag.test(run_conf=conf)
+    assert _state(second) == "success"
+    with db.connect() as conn:
+        rows = {r.run_id: r for r in conn.execute(
+            text("SELECT run_id, status, error_detail FROM pipeline_runs")).all()}
+    assert rows[left.run_id].status == "abandoned"
+    assert "Airflow run ended" in rows[left.run_id].error_detail
+    assert [r.status for k, r in rows.items() if k != left.run_id] == ["success"]
+    _no_running_rows(db)

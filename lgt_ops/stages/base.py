@@ -280,6 +280,29 @@ def close_leftover_stages(env: StageEnv) -> int:
         ).rowcount
 
 
+def running_runs(env: StageEnv) -> list[tuple[str, str]]:
+    """(run_id, airflow_run_id) of this DAG's other pipeline runs still `running`."""
+    with env.db.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT run_id, airflow_run_id FROM pipeline_runs WHERE status = 'running'"
+                " AND dag_id = :d AND run_id <> :r AND airflow_run_id IS NOT NULL"
+            ),
+            {"d": env.run.dag_id, "r": env.run.run_id},
+        ).all()
+    return [(r.run_id, r.airflow_run_id) for r in rows]
+
+
+def abandon_run(env: StageEnv, run_id: str, why: str) -> None:
+    """A run (and its stage rows) still `running` whose process or orchestrator run ended."""
+    with env.db.begin() as conn:
+        for table in ("stage_runs", "pipeline_runs"):
+            conn.execute(
+                text(_ABANDON.format(table=table, where="run_id = :r")),
+                {"t": utcnow(), "why": why, "r": run_id},
+            )
+
+
 @contextmanager
 def recorded(env: StageEnv, stage: str, shard: Shard, fingerprint: str) -> Iterator[StageStats]:
     """A stage_runs row for this attempt: running, then success or failed with counters."""

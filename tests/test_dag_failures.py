@@ -9,9 +9,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
+from tests import test_dag
 from tests.conftest import free_port
 from tests.samples import upload_sample
-from tests.test_dag import _dag, connections  # noqa: F401 - the fixture, shared
+from tests.test_dag import _dag
+
+connections = test_dag.connections  # the fixture, shared
 
 pytestmark = pytest.mark.airflow
 
@@ -113,7 +116,9 @@ def test_endpoint_down_is_retried_and_recorded(airflow_db, connections, monkeypa
     _no_running_rows(db)
 
 
-def test_a_run_that_ended_without_finish_is_closed_by_the_next(airflow_db, connections, monkeypatch):
+def test_a_run_that_ended_without_finish_is_closed_by_the_next(
+    airflow_db, connections, monkeypatch
+):
     store, db = connections["store"], connections["db"]
     upload_sample(store, "sources/sample/")
     dag = _dag_with_retries(monkeypatch, 0)

@@ -14,9 +14,12 @@ import time
 from sqlalchemy import create_engine, text
 
 from lgt_ops.storage import S3Store
+from tests import test_cli_failures
 from tests.conftest import ROOT
 from tests.samples import upload_sample
-from tests.test_cli_failures import cli_env, lgt  # noqa: F401 - the fixture, shared
+from tests.test_cli_failures import lgt
+
+cli_env = test_cli_failures.cli_env  # the fixture, shared
 
 SRC = ("--source", "sources/sample/")
 
@@ -43,7 +46,7 @@ def _wait_for_running(db, stage: str, proc: subprocess.Popen, timeout: float = 9
 
 
 def test_sigkilled_stage_is_abandoned_by_the_next_attempt(
-    cli_env,  # noqa: F811 - the fixture imported above
+    cli_env,
     s3_url,
     s3_endpoint,
     pg_url,

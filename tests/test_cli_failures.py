@@ -17,6 +17,8 @@ from lgt_ops.storage import S3Store
 from tests.conftest import ROOT, free_port
 from tests.samples import upload_sample
 
+pytestmark = [pytest.mark.postgres, pytest.mark.s3]
+
 
 @pytest.fixture
 def cli_env(tmp_path: Path, pg_url: str, s3_url: str, s3_endpoint: str, sim) -> dict[str, str]:

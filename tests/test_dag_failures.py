@@ -63,8 +63,9 @@ def _run_failed_on_first_try(run, db) -> None:
     assert _state(run) == "failed"
     assert tis["start"] == ("failed", 1)  # retries=2, yet one try: not retried
     assert tis["finish"][0] == "failed"  # the run is failed, not "success" via its last task
-    assert all(state == "upstream_failed" for t, (state, _) in tis.items()
-               if t not in ("start", "finish")), tis
+    assert all(
+        state == "upstream_failed" for t, (state, _) in tis.items() if t not in ("start", "finish")
+    ), tis
     with db.connect() as conn:
         row = conn.execute(text("SELECT status, error_detail FROM pipeline_runs")).one()
     assert row.status == "failed" and "start" in row.error_detail
@@ -93,8 +94,12 @@ def test_unknown_key_is_refused_or_fails_on_the_first_try(airflow_db, connection
 def test_endpoint_down_is_retried_and_recorded(airflow_db, connections, monkeypatch):
     store, db = connections["store"], connections["db"]
     upload_sample(store, "sources/sample/")
-    dead = {"conn_type": "openai", "host": f"http://127.0.0.1:{free_port()}/v1",
-            "password": "not-a-secret", "extra": {"down_after_s": 1}}
+    dead = {
+        "conn_type": "openai",
+        "host": f"http://127.0.0.1:{free_port()}/v1",
+        "password": "not-a-secret",
+        "extra": {"down_after_s": 1},
+    }
     monkeypatch.setenv("AIRFLOW_CONN_LGT_LLM", json.dumps(dead))
     dag = _dag_with_retries(monkeypatch, 1)
     run = dag.test(run_conf={"source": "sources/sample/", "stages": ["ingest", "mcq"]})
@@ -104,13 +109,17 @@ def test_endpoint_down_is_retried_and_recorded(airflow_db, connections, monkeypa
     assert tis["shard_stages.mcq[0]"] == ("failed", 2)  # transient: tried again
     assert tis["start"] == ("success", 1) and tis["finish"][0] == "failed"
     with db.connect() as conn:
-        attempts = conn.execute(text(
-            "SELECT attempt, status, error_detail FROM stage_runs WHERE stage = 'mcq'"
-            " ORDER BY attempt")).all()
+        attempts = conn.execute(
+            text(
+                "SELECT attempt, status, error_detail FROM stage_runs WHERE stage = 'mcq'"
+                " ORDER BY attempt"
+            )
+        ).all()
         run_row = conn.execute(text("SELECT status, error_detail FROM pipeline_runs")).one()
     assert [(a.attempt, a.status) for a in attempts] == [(1, "failed"), (2, "failed")]
-    assert all("llm endpoint" in a.error_detail and "unreachable" in a.error_detail
-               for a in attempts)
+    assert all(
+        "llm endpoint" in a.error_detail and "unreachable" in a.error_detail for a in attempts
+    )
     assert run_row.status == "failed"
     assert "shard_stages.mcq" in run_row.error_detail and "unreachable" in run_row.error_detail
     _no_running_rows(db)
@@ -131,8 +140,12 @@ def test_a_run_that_ended_without_finish_is_closed_by_the_next(
     second = dag.test(run_conf=conf)
     assert _state(second) == "success"
     with db.connect() as conn:
-        rows = {r.run_id: r for r in conn.execute(
-            text("SELECT run_id, status, error_detail FROM pipeline_runs")).all()}
+        rows = {
+            r.run_id: r
+            for r in conn.execute(
+                text("SELECT run_id, status, error_detail FROM pipeline_runs")
+            ).all()
+        }
     assert rows[left.run_id].status == "abandoned"
     assert "Airflow run ended" in rows[left.run_id].error_detail
     assert [r.status for k, r in rows.items() if k != left.run_id] == ["success"]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from lgt_ops.storage import S3Store
@@ -22,6 +23,9 @@ from tests.test_cli_failures import lgt
 cli_env = test_cli_failures.cli_env  # the fixture, shared
 
 SRC = ("--source", "sources/sample/")
+
+
+pytestmark = [pytest.mark.postgres, pytest.mark.s3]
 
 
 def _rows(db, table: str) -> list:

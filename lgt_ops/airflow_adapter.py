@@ -210,7 +210,7 @@ def close_ended_runs(env: StageEnv, context: dict[str, Any] | None = None) -> li
     never ran). Returns the run ids closed."""
     from airflow.sdk import get_current_context
 
-    from lgt_ops.stages.base import abandon_run, running_runs
+    from lgt_ops.stages.abandon import abandon_run, running_runs
 
     ti = (context or get_current_context())["ti"]
     closed = []

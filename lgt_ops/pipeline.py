@@ -28,11 +28,11 @@ from lgt_ops.release.publish import Published, publish
 from lgt_ops.sources import count_images, resolve_source
 from lgt_ops.stages import annotate, compose, cot, expand, ingest, mcq, pairs, tag
 from lgt_ops.stages import filter as trace_filter
+from lgt_ops.stages.abandon import close_leftover_stages
 from lgt_ops.stages.base import (
     Shard,
     StageEnv,
     StageStats,
-    close_leftover_stages,
     ensure_pipeline_run,
     error_line,
     finish_pipeline_run,

@@ -73,6 +73,17 @@ class RunFailed(PermanentFailure):
 
 
 _DB_HINT = "check LGT_DATABASE_URL (or the lgt_postgres connection) and that the database is up"
+_DB_CONNECTION_SIGNS = (
+    "could not connect",
+    "connection refused",
+    "connection to server",
+    "server closed the connection",
+    "could not translate host name",
+    "timeout expired",
+    "terminating connection",
+    "unable to open database file",
+    "connection already closed",
+)
 _STORE_HINT = (
     "check LGT_STORE_URL / LGT_S3_ENDPOINT_URL (or the lgt_s3 connection) and that the store is up"
 )
@@ -98,9 +109,12 @@ def _db_failure(exc: BaseException) -> Failure | None:
         from sqlalchemy.exc import InterfaceError, OperationalError
     except ImportError:  # pragma: no cover - sqlalchemy is a core dependency
         return None
-    if isinstance(exc, InterfaceError | OperationalError):
+    if not isinstance(exc, InterfaceError | OperationalError):
+        return None
+    text = str(exc).lower()
+    if exc.connection_invalidated or any(sign in text for sign in _DB_CONNECTION_SIGNS):
         return lineage_db_unreachable(exc)
-    return None
+    return None  # e.g. a deadlock or a cancelled statement: not a connection problem
 
 
 def _store_failure(exc: BaseException) -> Failure | None:

@@ -171,3 +171,19 @@ def test_endpoint_and_release_failures(cli_env, s3_url, s3_endpoint, pg_url, sim
     assert "running" not in statuses and statuses.get("failed", 0) >= 2
     assert "running" not in stage_statuses
     assert any("unreachable" in d for d in failed) and any("credentials" in d for d in failed)
+
+
+def test_only_connection_errors_count_as_an_unreachable_database(sqlite_url):
+    from sqlalchemy.exc import OperationalError
+
+    from lgt_ops.db.engine import make_engine
+
+    with pytest.raises(OperationalError) as bad_sql, make_engine(sqlite_url).connect() as conn:
+        conn.execute(text("SELECT * FROM no_such_table"))
+    assert failures.describe(bad_sql.value) is None  # a bug, not an outage
+
+    with pytest.raises(OperationalError) as down:
+        make_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/x").connect()
+    found = failures.describe(down.value)
+    assert isinstance(found, failures.LineageDbUnreachable) and not found.permanent
+    assert found.exit_code == failures.EXIT_LINEAGE_DB

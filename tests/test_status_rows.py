@@ -108,3 +108,75 @@ def test_sigkilled_stage_is_abandoned_by_the_next_attempt(
     assert failed_run.status == "failed" and "refused credentials" in failed_run.error_detail
     for table in ("stage_runs", "pipeline_runs"):
         assert not [r for r in _rows(db, table) if r.status == "running"], table
+
+
+_AIRFLOW_TRY = r"""
+import sys
+from lgt_ops.config import settings_from_env
+from lgt_ops.params import RunParams
+from lgt_ops.pipeline import run_stage
+from lgt_ops.runctx import RunContext
+from lgt_ops.stages.base import Shard, StageEnv
+
+run = RunContext(sys.argv[1], "manual", "lgt_synthesis", "r1", "shard_stages.mcq", 0, 1)
+env = StageEnv.open(settings_from_env(), run)
+env.show_progress = False
+run_stage(env, "mcq", RunParams.from_conf({"source": "sources/sample/"}), Shard(0, 1))
+"""
+
+
+def test_a_retry_on_another_host_supersedes_the_killed_try(
+    cli_env, s3_url, s3_endpoint, pg_url, sim, monkeypatch
+):
+    """Rule 1 alone: the killed try's host is not this one, so its pid cannot be checked;
+    another run leaves the row alone, the retry of the same task closes it."""
+    from lgt_ops import liveness
+    from lgt_ops.params import RunParams
+    from lgt_ops.pipeline import run_stage
+    from lgt_ops.runctx import RunContext
+    from lgt_ops.stages.base import Shard, StageEnv
+    from tests.conftest import make_settings
+
+    store = S3Store(s3_url.removeprefix("s3://"), endpoint_url=s3_endpoint)
+    upload_sample(store, "sources/sample/")
+    assert lgt(cli_env, "ingest", *SRC).returncode == 0
+    db = create_engine(pg_url)
+    sim.sim.cfg.slots, sim.sim.cfg.latency_ms = 1, 2000.0
+    killed_run = "airflow:lgt_synthesis:r1"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _AIRFLOW_TRY, killed_run],
+        env=cli_env,
+        cwd=str(ROOT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_running(db, "mcq", proc)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    sim.sim.cfg.slots, sim.sim.cfg.latency_ms = 64, 1.0
+
+    monkeypatch.setattr(liveness, "_host", lambda: "worker-2")  # the retry runs elsewhere
+    settings = make_settings(pg_url, s3_url, sim.base_url, s3_endpoint)
+    params = RunParams.from_conf({"source": "sources/sample/"})
+
+    def attempt(run_id: str, try_number: int):
+        run = RunContext(
+            run_id, "manual", "lgt_synthesis", run_id[-2:], "shard_stages.mcq", 0, try_number
+        )
+        env = StageEnv.open(settings, run)
+        env.show_progress = False
+        return run_stage(env, "mcq", params, Shard(0, 1))
+
+    attempt("airflow:lgt_synthesis:r2", 1)  # another run: cannot judge worker-1's pid
+    rows = {(r.run_id, r.attempt): r for r in _rows(db, "stage_runs") if r.stage == "mcq"}
+    assert rows[(killed_run, 1)].status == "running"
+    assert rows[("airflow:lgt_synthesis:r2", 1)].status == "success"
+
+    attempt(killed_run, 2)  # the retry of the killed task
+    rows = {(r.run_id, r.attempt): r for r in _rows(db, "stage_runs") if r.stage == "mcq"}
+    assert rows[(killed_run, 1)].status == "abandoned"
+    assert rows[(killed_run, 1)].error_detail == "superseded by a later attempt"
+    assert rows[(killed_run, 2)].status == "success" and rows[(killed_run, 2)].host == "worker-2"
+    assert not [r for r in rows.values() if r.status == "running"]

@@ -171,7 +171,7 @@ def cmd_release_verify(args: argparse.Namespace) -> int:
     print(
         f"{args.release_id}: {result.files_checked} file(s) checked against the manifest: {state}"
     )
-    return 0 if result.ok else 1
+    return failures.EXIT_OK if result.ok else failures.EXIT_VERIFY_FAILED
 
 
 def cmd_release_diff(args: argparse.Namespace) -> int:

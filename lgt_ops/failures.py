@@ -158,8 +158,3 @@ def describe(exc: BaseException) -> Failure | None:
             return found
         current = current.__cause__
     return None
-
-
-def is_permanent(exc: BaseException) -> bool:
-    failure = describe(exc)
-    return failure is not None and failure.permanent

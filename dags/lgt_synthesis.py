@@ -18,7 +18,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Asset, Param, dag, task, task_group
 
-from lgt_ops.airflow_adapter import on_failure
+from lgt_ops.airflow_adapter import fail_fast, on_failure
 from lgt_ops.params import PARAM_SCHEMA, SHARD_STAGES, STAGE_POOLS, TASK_TIMEOUT_MINUTES
 
 RELEASE_ASSET = Asset(name="lgt_release", uri="lgt://releases", group="lgt")
@@ -63,16 +63,19 @@ def _param(name: str) -> Param:
 )
 def lgt_synthesis():
     @task(execution_timeout=_timeout("start"))
+    @fail_fast
     def start() -> str:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
 
         params = af.run_params()
         env = af.task_env(params)
+        af.close_ended_runs(env)
         pipeline.start(env, params)
         return env.run.run_id
 
     @task(execution_timeout=_timeout("scan"))
+    @fail_fast
     def scan() -> list[dict]:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
@@ -85,6 +88,7 @@ def lgt_synthesis():
         return [{"key": key, "index": i, "count": n} for i, key in enumerate(result.shard_keys)]
 
     @task(max_active_tis_per_dag=8, execution_timeout=_timeout("ingest"))
+    @fail_fast
     def ingest(shard: dict) -> dict:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
@@ -97,6 +101,7 @@ def lgt_synthesis():
         return {"out": stats.items_out, "rejected": stats.items_rejected}
 
     @task(trigger_rule="none_failed", execution_timeout=_timeout("plan"))
+    @fail_fast
     def plan() -> list[dict]:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
@@ -113,6 +118,7 @@ def lgt_synthesis():
             pool=STAGE_POOLS.get(stage, "default_pool"),
             execution_timeout=_timeout(stage),
         )
+        @fail_fast
         def run_stage(shard: dict) -> dict:
             from lgt_ops import airflow_adapter as af
             from lgt_ops import pipeline
@@ -140,6 +146,7 @@ def lgt_synthesis():
     @task(
         outlets=[RELEASE_ASSET], trigger_rule="none_failed", execution_timeout=_timeout("release")
     )
+    @fail_fast
     def release(*, outlet_events=None) -> dict | None:
         from airflow.sdk.exceptions import AirflowSkipException
 
@@ -162,12 +169,13 @@ def lgt_synthesis():
         return {"release_id": published.release_id, "uri": published.uri}
 
     @task(trigger_rule="all_done", execution_timeout=_timeout("finish"))
+    @fail_fast
     def finish(pipeline_run: str) -> str:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
 
         del pipeline_run  # an explicit edge from start(): finish always closes that run
-        return pipeline.finish(af.task_env())
+        return pipeline.finish(af.task_env(), af.failed_tasks())
 
     pipeline_run = start()
     shards = scan()

@@ -1,18 +1,22 @@
 """The one module of lgt_ops that knows Airflow: connections -> Settings, task context ->
-RunContext, and dataset-level lineage for OpenLineage. DAG files call only these helpers and
-`lgt_ops.pipeline`; the library itself runs without Airflow installed.
+RunContext, permanent failures -> AirflowFailException, and dataset-level lineage for
+OpenLineage. DAG files call only these helpers and `lgt_ops.pipeline`; the library itself
+runs without Airflow installed. Cheap to import (DAG files import it at parse time): the
+stage machinery is imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import quote, urlencode
 
 from pydantic import SecretStr
 
 from lgt_ops.config import ROLES, Settings, settings_from_env
+from lgt_ops.failures import describe
 from lgt_ops.fanout import DEFAULT_MAX_MAP_LENGTH
 from lgt_ops.params import RunParams
 from lgt_ops.runctx import RunContext, airflow_run_id
@@ -90,6 +94,8 @@ def settings_from_airflow(base: Settings | None = None) -> Settings:
             ep_update["model"] = extra["model"]
         if extra.get("max_inflight"):
             ep_update["max_inflight"] = int(extra["max_inflight"])
+        if extra.get("down_after_s"):
+            ep_update["down_after_s"] = float(extra["down_after_s"])
         endpoints[role] = endpoints[role].model_copy(update=ep_update)
     update["endpoints"] = endpoints
     update["max_map_length"] = max_map_length()
@@ -159,7 +165,7 @@ def task_env(params: RunParams | None = None) -> StageEnv:
     if params is not None:
         settings = params.apply(settings)
     env = StageEnv.open(settings, run_context(context))
-    env.show_progress = True  # lines go to the task log every 15 s
+    env.show_progress = True  # INFO lines in the task log every 15 s (lgt_ops.progress)
     return env
 
 
@@ -218,3 +224,65 @@ def report_lineage(inputs: list[str], outputs: list[str]) -> None:
         collector.add_input_asset(context=hook, uri=uri)
     for uri in outputs:
         collector.add_output_asset(context=hook, uri=uri)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def fail_fast(func: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a task body: a permanent failure (lgt_ops.failures) fails the task on this try,
+    without retries, as one line; anything else is raised as is (and retried)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:
+            failure = describe(exc)
+            if failure is None or not failure.permanent:
+                raise
+            from airflow.sdk.exceptions import AirflowFailException
+
+            log.error("%s (%s; not retried)", failure.line(), type(failure).__name__)
+            raise AirflowFailException(failure.line()) from exc
+
+    return wrapper
+
+
+def failed_tasks(context: dict[str, Any] | None = None) -> list[str]:
+    """Tasks of this DAG run that failed (those that could not run because of them are
+    named only when no task itself failed, e.g. one marked failed by hand)."""
+    from airflow.sdk import get_current_context
+
+    context = context or get_current_context()
+    dag_run, ti = context["dag_run"], context["ti"]
+    states = ti.get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id])
+    by_task = states.get(dag_run.run_id, {})
+    failed = sorted(task for task, state in by_task.items() if state == "failed")
+    return failed or sorted(t for t, state in by_task.items() if state == "upstream_failed")
+
+
+_ENDED = ("success", "failed")
+
+
+def close_ended_runs(env: StageEnv, context: dict[str, Any] | None = None) -> list[str]:
+    """Close as abandoned this DAG's earlier pipeline runs that are still `running` although
+    Airflow ended their run (a dagrun timeout, a run marked failed by hand: their `finish`
+    never ran). Returns the run ids closed."""
+    from airflow.sdk import get_current_context
+
+    from lgt_ops.stages.abandon import abandon_run, running_runs
+
+    ti = (context or get_current_context())["ti"]
+    closed = []
+    for run_id, airflow_run in running_runs(env):
+        try:
+            state = str(ti.get_dagrun_state(dag_id=env.run.dag_id, run_id=airflow_run))
+        except Exception:  # noqa: BLE001 - a run deleted from Airflow's DB: cannot tell
+            log.debug("no Airflow state for %s", airflow_run, exc_info=True)
+            continue
+        if state.rsplit(".", 1)[-1].lower() in _ENDED:
+            abandon_run(env, run_id, f"its Airflow run ended ({state}) before its finish task")
+            closed.append(run_id)
+    return closed

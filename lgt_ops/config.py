@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from lgt_ops.failures import EXIT_USAGE, PermanentFailure
+
 ROLES: tuple[str, ...] = ("vlm", "llm", "reasoner")
 
 DEFAULT_MODELS: dict[str, str] = {
@@ -24,8 +26,10 @@ DEFAULT_MODELS: dict[str, str] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(PermanentFailure, ValueError):
     """A setting is missing or invalid; the message names the setting."""
+
+    exit_code = EXIT_USAGE
 
 
 class EndpointSettings(BaseModel):
@@ -218,6 +222,16 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+
+
 def endpoint_from_env(role: str, env: Mapping[str, str]) -> EndpointSettings:
     prefix = f"LGT_{role.upper()}_"
     key = env.get(prefix + "API_KEY")
@@ -227,6 +241,7 @@ def endpoint_from_env(role: str, env: Mapping[str, str]) -> EndpointSettings:
         model=env.get(prefix + "MODEL") or DEFAULT_MODELS[role],
         api_key=SecretStr(key) if key else None,
         max_inflight=_env_int(env, prefix + "MAX_INFLIGHT", 64),
+        down_after_s=_env_float(env, prefix + "DOWN_AFTER_S", 120.0),
         adaptive=env.get(prefix + "ADAPTIVE", "1") not in ("0", "false", "False"),
     )
 

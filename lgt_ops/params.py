@@ -13,6 +13,7 @@ from jsonschema import Draft7Validator
 from pydantic import BaseModel, ConfigDict
 
 from lgt_ops.config import Settings
+from lgt_ops.failures import EXIT_USAGE, PermanentFailure
 
 STAGES: tuple[str, ...] = (
     "ingest",
@@ -194,8 +195,10 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 
-class ParamsError(ValueError):
+class ParamsError(PermanentFailure, ValueError):
     """Invalid run parameters; the message names each offending parameter."""
+
+    exit_code = EXIT_USAGE
 
 
 class RunParams(BaseModel):

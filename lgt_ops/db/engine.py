@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from lgt_ops.failures import lineage_db_unreachable
 
 
 def make_engine(url: str) -> Engine:
@@ -34,3 +39,13 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+@contextmanager
+def reaching(engine: Engine) -> Iterator[None]:
+    """A connection failure inside becomes `LineageDbUnreachable`, naming the database."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        raise lineage_db_unreachable(exc, where) from exc

@@ -36,7 +36,7 @@ from lgt_ops.ids import sha256_hex
 from lgt_ops.llm.simulator.server import MODEL_PREFIX
 from lgt_ops.progress import Progress
 from lgt_ops.release import card, report, splits
-from lgt_ops.release.errors import ReleaseError, ReleaseExists
+from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
 from lgt_ops.release.parquet import Part, encode_part, with_hf_features
 from lgt_ops.release.recovery import publisher_lock, recover
 from lgt_ops.release.scope import iter_chunks, rejection_counts, source_rejection_counts
@@ -300,10 +300,10 @@ def _publish_locked(
     simulated = any(s.startswith(MODEL_PREFIX) for s in served)
     if simulated and not allow_simulated:
         _abandon(env, release_id, staging, parts)
-        raise ReleaseError(
-            "the selected outputs were produced by the simulator (a test double); refusing to "
-            "publish them as a release. Point the endpoints at real models, or pass "
-            "allow_simulated for a demo/test release."
+        raise SimulatedOutputRefused(
+            f"release {release_id}: the selected outputs were produced by the simulator (a"
+            " test double); refusing to publish them. Point the endpoints at real models, or"
+            " set allow_simulated (--allow-simulated) for a demo/test release."
         )
     manifest = _manifest(
         env, name, version, spec, sample_size, parts, fps, counts, served, simulated

@@ -182,6 +182,8 @@ def on_failure(context: Mapping[str, Any]) -> None:
     dag_run = context.get("dag_run")
     error = context.get("exception") or context.get("reason") or "unknown"
     if isinstance(error, BaseException):
+        # fail_fast wraps a permanent failure in AirflowFailException: name the library's error.
+        error = error.__cause__ or error
         error = f"{type(error).__name__}: {error}"
     map_index = getattr(ti, "map_index", -1)
     log.error(

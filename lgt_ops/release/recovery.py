@@ -49,7 +49,9 @@ _MEMORY_LOCKS: dict[str, threading.Lock] = {}
 
 
 class ReleaseBusy(ReleaseError):
-    """Another live publisher holds the release name."""
+    """Another live publisher holds the release name: retrying later can succeed."""
+
+    permanent = False
 
 
 def lock_key(name: str) -> int:

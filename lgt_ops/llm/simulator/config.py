@@ -31,7 +31,8 @@ class SimConfig(BaseModel):
     api_key: str | None = None
     # Every request answers 503 while true (an endpoint that is down for maintenance).
     down: bool = False
-    # Goes down (as above) once it has served this many requests: a fault at a known point.
+    # Goes down (as above) once it has served this many requests: a fault at a known point
+    # of the stages' traffic (preflight probes neither count nor are refused by it).
     down_after_served: int | None = Field(default=None, ge=0)
     # The fake world.
     accuracy: float = Field(default=0.6, ge=0, le=1)  # mean chance a VLM rollout is right

@@ -146,7 +146,7 @@ class Simulator:
         if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
             return self._error(401, "invalid API key", "authentication_error", tally)
         limit = self.cfg.down_after_served
-        if self.cfg.down or (limit is not None and self.admitted >= limit):
+        if self.cfg.down or (not probe and limit is not None and self.admitted >= limit):
             return self._error(503, "service unavailable", "overload", tally)
         refused = self._refusal(body, tally)
         if refused is not None:

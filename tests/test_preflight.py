@@ -15,10 +15,12 @@ from sqlalchemy import text
 
 from lgt_ops import failures
 from lgt_ops.llm.preflight import PreflightFailed
+from tests import test_dag
 from tests.conftest import ROOT, free_port
 from tests.release_checks import run_pipeline
 from tests.samples import upload_sample
-from tests.test_dag import connections  # noqa: F401  (the lgt_* Airflow connections)
+
+connections = test_dag.connections  # the lgt_* Airflow connections fixture, shared
 
 # mode (simulator settings) -> the role that fails and words of its one-line message
 MISCONFIGURED = {
@@ -107,6 +109,27 @@ def test_without_a_reasoning_parser_the_thinking_is_read_inline(sim):
     (row,) = report.checks
     assert report.ok and row.capabilities["thinking"] == "inline"
     assert sim.sim.received == 0 and sim.sim.probes == {"200": 1}
+
+
+@pytest.mark.s3
+def test_the_vlm_probe_sends_its_image_as_a_presigned_url_when_configured(
+    sim, s3_url, s3_endpoint
+):
+    from lgt_ops.config import ImageSpec
+    from lgt_ops.llm import preflight
+    from lgt_ops.storage import store_from_settings
+    from tests.conftest import make_settings
+
+    settings = make_settings("sqlite://", s3_url, sim.base_url, s3_endpoint)
+    settings = settings.model_copy(update={"image_spec": ImageSpec(transport="presigned_url")})
+    store = store_from_settings(settings)
+    report = preflight.check(settings, ["cot"], store)
+    assert report.ok and report.checks[0].capabilities["image"] == "presigned_url"
+    assert store.get(preflight.PROBE_IMAGE_KEY) == preflight.probe_png()
+
+    sim.sim.cfg.modality = "text"
+    line = preflight.check(settings, ["cot"], store).failure_line()
+    assert "does not take image input" in line and "presigned URLs reachable" in line
 
 
 def _lgt(sim_url: str, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -243,7 +243,7 @@ class ProbeImage:
     def url_for(self, image_id: str) -> str:
         png = probe_png()
         if self.spec.transport == "presigned_url" and isinstance(self.store, S3Store):
-            self.store.put(PROBE_IMAGE_KEY, png, if_absent=True)
+            self.store.put(PROBE_IMAGE_KEY, png)  # the same bytes every time
             return self.store.presigned_url(PROBE_IMAGE_KEY)
         return data_url(encode_for_request(png, self.spec), self.spec)
 
@@ -361,14 +361,25 @@ def _read_probe(
 ) -> list[str]:
     caps = row.capabilities
     detail = server_message(outcome.error_detail)
+    if outcome.status == "rejected" and outcome.http_status is None:  # never sent
+        return [
+            f"the probe image could not be prepared ({detail or outcome.error_class}); check"
+            " the store (LGT_STORE_URL, LGT_S3_ENDPOINT_URL) or send images as data URLs"
+        ]
     if outcome.status == "rejected":
         if need.image and "image" in detail.lower():
             caps["image"] = False
+            fetch = ""
+            if images is not None and images.transport == "presigned_url":
+                fetch = (
+                    ", or make the store's presigned URLs reachable from the model server"
+                    " (LGT_S3_ENDPOINT_URL) or send images as data URLs"
+                )
             return [
                 f"model '{ep.model}' does not take image input (HTTP {outcome.http_status}:"
                 f" {detail}); serve a vision-language model there (e.g."
                 f" Qwen/Qwen2.5-VL-7B-Instruct, with vLLM --limit-mm-per-prompt allowing one"
-                f" image) or set LGT_{ep.role.upper()}_MODEL / _BASE_URL to one"
+                f" image) or set LGT_{ep.role.upper()}_MODEL / _BASE_URL to one{fetch}"
             ]
         return [
             f"the probe request was refused (HTTP {outcome.http_status}: {detail}); check"

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from lgt_ops import failures
+from lgt_ops.llm.errors import EndpointAuthError
 from lgt_ops.llm.preflight import PreflightFailed
 from tests import test_dag
 from tests.conftest import ROOT, free_port
@@ -110,11 +111,13 @@ def test_without_a_reasoning_parser_the_thinking_is_read_inline(sim):
     assert report.ok and row.capabilities["thinking"] == "inline"
     assert sim.sim.received == 0 and sim.sim.probes == {"200": 1}
 
+    sim.sim.cfg.api_key = "the-right-key"  # credentials refused: permanent, exit 4
+    with pytest.raises(EndpointAuthError, match="reasoner endpoint .* refused credentials"):
+        preflight.check(settings, ["expand"]).raise_if_failed()
+
 
 @pytest.mark.s3
-def test_the_vlm_probe_sends_its_image_as_a_presigned_url_when_configured(
-    sim, s3_url, s3_endpoint
-):
+def test_the_vlm_probe_sends_its_image_as_a_presigned_url_when_configured(sim, s3_url, s3_endpoint):
     from lgt_ops.config import ImageSpec
     from lgt_ops.llm import preflight
     from lgt_ops.storage import store_from_settings
@@ -194,4 +197,3 @@ def test_a_dag_run_with_a_misconfigured_endpoint_fails_at_preflight_on_the_first
         run_row = conn.execute(text("SELECT run_id, status FROM pipeline_runs")).one()
     assert (row.role, row.status, row.run_id) == ("vlm", "failed", run_row.run_id)
     assert "does not take image input" in row.problem and run_row.status == "failed"
-

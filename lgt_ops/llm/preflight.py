@@ -77,14 +77,12 @@ class RoleCheck:
     needed_tokens: int | None = None  # the largest request of the selected stages
     capabilities: dict[str, Any] = field(default_factory=dict)
     latency_ms: float | None = None  # the probe request
-    status: str = "ok"  # ok | failed | unreachable
+    status: str = "ok"  # ok | failed | refused (credentials) | unreachable (retry can help)
     problem: str | None = None
-    transient: bool = False
 
-    def fail(self, problem: str, *, transient: bool = False) -> None:
-        self.status = "unreachable" if transient else "failed"
+    def fail(self, problem: str, status: str = "failed") -> None:
+        self.status = status
         self.problem = " ".join(problem.split())
-        self.transient = transient
 
 
 @dataclass
@@ -103,8 +101,11 @@ class PreflightReport:
         line = self.failure_line()
         if line is None:
             return
-        if all(c.transient for c in self.checks if c.status != "ok"):
+        statuses = {c.status for c in self.checks} - {"ok"}
+        if statuses == {"unreachable"}:
             raise EndpointDown(line)
+        if statuses == {"refused"}:
+            raise EndpointAuthError(line)
         raise PreflightFailed(line)
 
     def rows(self) -> list[dict[str, Any]]:
@@ -148,9 +149,12 @@ def check_role(
             listings[url] = _control_plane(ep)
         served, version = listings[url]
     except EndpointDown as exc:
-        row.fail(str(exc), transient=True)
+        row.fail(str(exc), "unreachable")
         return row
-    except (EndpointAuthError, PreflightFailed) as exc:
+    except EndpointAuthError as exc:
+        row.fail(str(exc), "refused")
+        return row
+    except PreflightFailed as exc:
         row.fail(str(exc))
         return row
     row.server_version = version

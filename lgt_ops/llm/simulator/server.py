@@ -99,7 +99,9 @@ class Simulator:
         raw = self.cfg.served_models
         return [m.strip() for m in raw.split(",") if m.strip()] if raw else None
 
-    async def models(self, _req: web.Request) -> web.Response:
+    async def models(self, req: web.Request) -> web.Response:
+        if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
+            return self._error(401, "invalid API key", "authentication_error", Counter())
         ids = self.served_models() or list(dict.fromkeys(DEFAULT_MODELS.values()))
         card = {
             "object": "model",

@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from lgt_ops import prompts
-from lgt_ops.config import EndpointSettings, Settings
+from lgt_ops.config import ROLES, EndpointSettings, Settings
 from lgt_ops.failures import EXIT_USAGE, PermanentFailure
 from lgt_ops.images import data_url, encode_for_request
 from lgt_ops.llm.engine import RequestEngine, run_all
@@ -560,8 +560,10 @@ def stored(db: Any, run_id: str) -> list[dict[str, Any]]:
         result = conn.execute(
             text(
                 f"SELECT {', '.join(_COLUMNS)}, checked_at FROM endpoint_preflight"
-                " WHERE run_id = :r ORDER BY role"
+                " WHERE run_id = :r"
             ),
             {"r": run_id},
         )
-        return [dict(r._mapping) for r in result]
+        rows = [dict(r._mapping) for r in result]
+    order = {role: n for n, role in enumerate(ROLES)}
+    return sorted(rows, key=lambda r: order.get(r["role"], len(order)))

@@ -26,6 +26,16 @@ def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
             out.write("  ".join("-" * w for w in widths) + "\n")
 
 
+def _preflight_section(env: StageEnv, run_id: str, out: TextIO) -> None:
+    """What the endpoint preflight found for this run (lgt_ops.llm.preflight)."""
+    from lgt_ops.llm import preflight
+
+    rows = preflight.stored(env.db, run_id)
+    if rows:
+        out.write("\nendpoints (preflight)\n\n")
+        out.write(preflight.format_table(rows) + "\n")
+
+
 def print_summary(
     env: StageEnv, params: RunParams, summary: RunSummary, out: TextIO | None = None
 ) -> None:
@@ -71,6 +81,7 @@ def print_summary(
     if reasons:
         out.write("\nrejected by reason (this run)\n\n")
         _table([("stage", "reason", "count")] + [(s, r, str(n)) for s, r, n in reasons], out)
+    _preflight_section(env, summary.run_id, out)
     rel = summary.release
     if rel is not None:
         flag = "  (SIMULATED: test data only)" if rel.manifest["simulated"] else ""

@@ -5,7 +5,9 @@ place of the pixels. The VLM's thinking is placed, unchanged (no re-casing), as 
 the reasoner's own thinking, followed by a reflection cue ("Wait,", "Hmm,", ...) sampled per
 expansion; the reasoner continues from there (vLLM `continue_final_message`). The trace is
 simple CoT + cue + continuation, closed with `</think>` and the answer. When the server
-separates `reasoning_content` (a reasoning parser), it is kept and used.
+separates the thinking (a reasoning parser: `reasoning_content`, or `reasoning` in newer
+vLLM), it is kept and used; without a parser it comes inline, before `</think>`. The
+preflight records which of the two the reasoner does (lgt_ops/llm/preflight.py).
 
 Which rollouts are expanded: per question up to `expand_rollouts_per_question`, alternating
 right and wrong ones (so both self-verification and self-correction traces exist), each
@@ -110,7 +112,7 @@ def continuation(outcome: Outcome) -> tuple[str, str | None, str | None]:
     choice = outcome.choices[0] if outcome.choices else {}
     msg = choice.get("message") or {}
     content = msg.get("content") or ""
-    reasoning = msg.get("reasoning_content")
+    reasoning = msg.get("reasoning_content") or msg.get("reasoning")  # vLLM names vary
     if reasoning:  # a reasoning parser split the thinking from the answer
         content = f"{reasoning.rstrip()}\n</think>\n\n{content.strip()}"
     return content, reasoning, choice.get("finish_reason")

@@ -178,6 +178,9 @@ class World:
             return canonical_json(self.annotate(user, rng)), None
         if schema_name == "behaviours":
             return canonical_json(self.behaviours(text_of(user))), None
+        if schema_name is not None:  # any other schema: its smallest valid instance
+            schema = body["response_format"]["json_schema"].get("schema") or {}
+            return canonical_json(schema_instance(schema)), None
         if prefill.startswith("<think>") and "instead of the image" in text_of(user):
             return self.expand(text_of(user), prefill, body, index, rng)
         if prefill.startswith("<think>"):
@@ -336,6 +339,8 @@ class World:
             moves.append(" According to the description, this is consistent.")
         moves.append(f" Yes, the answer is ({letter}).")
         thinking = "\n".join(moves)
+        if self.cfg.thinking == "none":  # not a reasoner: answers without closing its thinking
+            return f"The answer is ({letter}).", None
         if rng.random() < self.cfg.degenerate_rate:
             thinking += "\n" + " ".join(["Let me check again."] * 40)
         if rng.random() < self.cfg.unparseable_rate:
@@ -359,6 +364,21 @@ class World:
             out.append(rng.choice(words))
             size += len(out[-1]) + 1
         return " ".join(out)
+
+
+def schema_instance(schema: dict[str, Any]) -> Any:
+    """The smallest instance of a JSON schema (first enum value, required properties only)."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {k: schema_instance(props.get(k) or {}) for k in schema.get("required", [])}
+    if kind == "array":
+        return [schema_instance(schema.get("items") or {})] * int(schema.get("minItems", 0))
+    return {"boolean": True, "integer": 0, "number": 0, "string": "ok"}.get(str(kind))
 
 
 # -- the answer key: ground truth derivable from a question and its options ----------------

@@ -143,6 +143,11 @@ class Settings(BaseModel):
     release_name: str = "lgt"
     shard_size: int = Field(default=200, ge=1)
     max_shards: int = Field(default=512, ge=1, le=1024)
+    # The request journal: an answer is durable in the ledger at most this long after it
+    # arrived, or once this many answers are waiting, whichever comes first (a kill re-sends
+    # only requests in flight plus those few). Independent of the stages' output commits.
+    ledger_journal_seconds: float = Field(default=0.2, gt=0, le=1.0)
+    ledger_journal_answers: int = Field(default=32, ge=1, le=10_000)
     endpoints: dict[str, EndpointSettings]
     image_spec: ImageSpec = ImageSpec()
     method: MethodParams = MethodParams()
@@ -176,6 +181,16 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+
+
 def endpoint_from_env(role: str, env: Mapping[str, str]) -> EndpointSettings:
     prefix = f"LGT_{role.upper()}_"
     key = env.get(prefix + "API_KEY")
@@ -206,5 +221,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         source_prefix=env.get("LGT_SOURCE_PREFIX") or "sources/",
         release_name=env.get("LGT_RELEASE_NAME") or "lgt",
         shard_size=_env_int(env, "LGT_SHARD_SIZE", 200),
+        ledger_journal_seconds=_env_float(env, "LGT_LEDGER_JOURNAL_SECONDS", 0.2),
+        ledger_journal_answers=_env_int(env, "LGT_LEDGER_JOURNAL_ANSWERS", 32),
         endpoints={role: endpoint_from_env(role, env) for role in ROLES},
     )

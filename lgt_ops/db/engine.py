@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
+
+from lgt_ops.db.errors import LineageDBUnavailable, describe
 
 
 def make_engine(url: str) -> Engine:
@@ -33,4 +35,29 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    _raise_unavailable_on_disconnect(engine, url)
+    return engine
+
+
+def _raise_unavailable_on_disconnect(engine: Engine, url: str) -> None:
+    """A lost or refused connection surfaces as `LineageDBUnavailable` with a one-line
+    message (the driver's error stays chained as its cause); other errors are unchanged."""
+
+    @event.listens_for(engine, "handle_error")
+    def _unavailable(ctx: ExceptionContext) -> None:
+        if ctx.is_disconnect or _refused(ctx.original_exception):
+            raise LineageDBUnavailable(describe(url, ctx.original_exception)) from (
+                ctx.sqlalchemy_exception or ctx.original_exception
+            )
+
+
+def _refused(exc: BaseException) -> bool:
+    """A connection that could not be made or was cut (server down, restarting, terminated):
+    psycopg2 gives these no SQLSTATE, or one of class 08 (connection) / 57P (shutdown)."""
+    import psycopg2
+
+    if not isinstance(exc, psycopg2.OperationalError):
+        return False
+    code = getattr(exc, "pgcode", None)
+    return code is None or code.startswith(("08", "57P"))

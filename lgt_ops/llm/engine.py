@@ -4,8 +4,9 @@ Stages call `RequestEngine.run(requests)` from ordinary synchronous code and ite
 outcomes as they complete. Behind it an asyncio loop in a worker thread pulls requests lazily
 from the iterator (memory is O(window), not O(dataset)), answers what the ledger already
 holds without a call, sends the rest with aiohttp, and hands outcomes back through a bounded
-queue. The consumer records fresh outcomes in the ledger and commits them with its own
-outputs (see `Ledger.flush`).
+queue. Fresh outcomes are recorded in the ledger the moment they complete, in the loop, so
+its journal can make them durable within a bounded delay whatever the consumer is doing
+(see `Ledger`); the consumer's commits write what the journal has not yet.
 
 Why aiohttp and not `openai.AsyncClient`: on a 2-core machine the official client costs ~5 ms
 of CPU per call, which caps one process near 200 req/s; this loop stays well under 1 ms and
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from lgt_ops import chaos
 from lgt_ops.config import EndpointSettings
 from lgt_ops.llm.errors import (
     REQUEST_SPECIFIC,
@@ -164,8 +166,6 @@ class RequestEngine:
                     break
                 if isinstance(item, _Fatal):
                     raise item.exc
-                if self.ledger is not None:
-                    self.ledger.record(item)
                 yield item
         finally:
             self._stop.set()
@@ -214,6 +214,9 @@ class RequestEngine:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             while True:
+                if self.ledger is not None and self.ledger.journal_error is not None:
+                    # Answers can no longer be made durable: stop paying for more.
+                    fatal = fatal or self.ledger.journal_error
                 if self._stop.is_set() or fatal is not None:
                     break
                 while not exhausted and len(ready) < max(_LOOKUP_CHUNK, 2 * self.window.size):
@@ -246,6 +249,7 @@ class RequestEngine:
                     task.add_done_callback(on_done)
                 while completed:
                     outcome = completed.popleft()
+                    self._record(outcome, len(inflight), completed)
                     for twin in (
                         followers.pop(outcome.request.key, []) if not outcome.cached else []
                     ):
@@ -262,6 +266,20 @@ class RequestEngine:
                 await asyncio.gather(*inflight, return_exceptions=True)
         if fatal is not None:
             raise fatal
+
+    def _record(self, outcome: Outcome, inflight: int, completed: deque[Outcome]) -> None:
+        """Hand a fresh outcome to the ledger now (its journal makes it durable)."""
+        if self.ledger is None or outcome.cached:
+            return
+        self.ledger.record(outcome)
+        ledger = self.ledger
+        chaos.point(
+            ledger.stage,
+            lambda: {
+                "in_flight": inflight,
+                "unjournaled": ledger.pending + sum(not o.cached for o in completed),
+            },
+        )
 
     async def _emit(self, outcome: Outcome, out: queue.Queue[Any]) -> None:
         if self.progress is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from lgt_ops import boxes
+from lgt_ops import boxes, chaos
 from lgt_ops.db.repo import chunked, dumps, insert_ignore, upsert, utcnow
 from lgt_ops.ids import content_id, fingerprint, hbucket, sha256_hex
 from lgt_ops.images import ImageFacts, ImageRejected, inspect
@@ -195,6 +195,7 @@ def ingest_shard(
             rows = _ingest_batch(env, fp, batch, stats)
             with env.db.begin() as conn:
                 commit_tables(conn, rows)
+            chaos.point(STAGE)  # test-only crash point (no-op otherwise)
             progress.update(len(batch), rejected=stats.items_rejected)
         progress.close()
     return stats

@@ -42,7 +42,7 @@ def point(name: str, info: Callable[[], dict[str, Any]] | None = None) -> None:
     if not _ACTIVE:
         return
     _counts[name] += 1
-    if _TARGET is None or _TARGET != (name, _counts[name]):
+    if _TARGET is None or (name, _counts[name]) != _TARGET:
         return
     report = os.environ.get("LGT_CHAOS_REPORT")
     if report:

@@ -95,9 +95,7 @@ def run_model_stage(
     ledger = Ledger(env.db, env.run, stage, env.store, journal=policy)
     total = sum(len(i.requests) for i in items)
     progress = Progress(f"{stage} [{role}]", total, enabled=env.show_progress)
-    engine = RequestEngine(
-        endpoint, ledger, images, progress=progress, seed=s.method.seed
-    )
+    engine = RequestEngine(endpoint, ledger, images, progress=progress, seed=s.method.seed)
     by_key: dict[str, list[WorkItem]] = {}
     for item in items:
         for req in item.requests:

@@ -192,6 +192,8 @@ class RequestEngine:
         followers: dict[str, list[ChatRequest]] = {}
         inflight: set[asyncio.Task[Outcome]] = set()
         wake = self._wake = asyncio.Event()
+        if self.ledger is not None:  # a journal write (or failure) may unblock sending
+            self.ledger.on_journal = lambda: loop.call_soon_threadsafe(wake.set)
         self._busy = 0
         exhausted = False
         fatal: BaseException | None = None
@@ -205,6 +207,9 @@ class RequestEngine:
             elif task.exception() is not None:
                 fatal = fatal or task.exception()
             else:
+                # Recorded now, before the loop sends anything else: the journal's backlog
+                # must include this answer when the next send is decided.
+                self._record(task.result(), len(inflight))
                 completed.append(task.result())
             wake.set()
 
@@ -242,14 +247,18 @@ class RequestEngine:
                 # Tasks asleep in a backoff do not count against the window, but the number
                 # of tasks stays bounded all the same.
                 cap = 2 * self.window.size + 16
-                while ready and self._busy < self.window.size and len(inflight) < cap:
+                while (
+                    ready
+                    and self._busy < self.window.size
+                    and len(inflight) < cap
+                    and not (self.ledger is not None and self.ledger.backlogged())
+                ):
                     self._busy += 1
                     task = loop.create_task(self._execute(session, ready.popleft()))
                     inflight.add(task)
                     task.add_done_callback(on_done)
                 while completed:
                     outcome = completed.popleft()
-                    self._record(outcome, len(inflight), completed)
                     for twin in (
                         followers.pop(outcome.request.key, []) if not outcome.cached else []
                     ):
@@ -260,6 +269,8 @@ class RequestEngine:
                 if not completed:
                     await wake.wait()
                     wake.clear()
+            if self.ledger is not None:
+                self.ledger.on_journal = None
             for task in list(inflight):
                 task.cancel()
             if inflight:
@@ -267,19 +278,14 @@ class RequestEngine:
         if fatal is not None:
             raise fatal
 
-    def _record(self, outcome: Outcome, inflight: int, completed: deque[Outcome]) -> None:
-        """Hand a fresh outcome to the ledger now (its journal makes it durable)."""
-        if self.ledger is None or outcome.cached:
-            return
-        self.ledger.record(outcome)
+    def _record(self, outcome: Outcome, inflight: int) -> None:
+        """Hand a fresh outcome to the ledger the moment it completes (its journal makes it
+        durable); `inflight` is what is still on the wire."""
         ledger = self.ledger
-        chaos.point(
-            ledger.stage,
-            lambda: {
-                "in_flight": inflight,
-                "unjournaled": ledger.pending + sum(not o.cached for o in completed),
-            },
-        )
+        if ledger is None or outcome.cached:
+            return
+        ledger.record(outcome)
+        chaos.point(ledger.stage, lambda: {"in_flight": inflight, "unjournaled": ledger.pending})
 
     async def _emit(self, outcome: Outcome, out: queue.Queue[Any]) -> None:
         if self.progress is not None:

@@ -14,10 +14,11 @@ A terminal row is final: a later write for the same key never overwrites it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -103,6 +104,10 @@ class Ledger:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._last_batch = 0
+        self._writing = 0  # answers taken by a write that has not committed yet
+        # Called (from the writer thread) after each journal write or failure: the engine
+        # waits on it while the journal is behind.
+        self.on_journal: Callable[[], None] | None = None
 
     # -- reads ---------------------------------------------------------------------------
     def lookup(self, requests: Iterable[ChatRequest]) -> dict[str, Outcome]:
@@ -146,19 +151,27 @@ class Ledger:
         if outcome.cached:
             return
         with self._cond:
-            if not self._pending:
+            first = not self._pending
+            if first:
                 self._oldest = time.monotonic()
             self._pending.append((outcome, utcnow()))
             if self.policy is not None:
                 self._start_journal()
-                if len(self._pending) >= self.policy.answers:
+                # The writer sleeps without a deadline while nothing is pending: the first
+                # answer starts its clock, the answers-th one makes it write now.
+                if first or len(self._pending) >= self.policy.answers:
                     self._cond.notify()
 
     @property
     def pending(self) -> int:
-        """Answers received and not yet durable."""
+        """Answers received and not yet durable (buffered, or in a write not yet committed)."""
         with self._cond:
-            return len(self._pending)
+            return len(self._pending) + self._writing
+
+    def backlogged(self) -> bool:
+        """The journal is behind (`answers` or more waiting): send nothing new until it has
+        caught up, so sent-but-not-durable requests stay under window + answers."""
+        return self.policy is not None and self.pending >= self.policy.answers
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -175,11 +188,17 @@ class Ledger:
             except BaseException:
                 self._restore(batch)  # not committed: still pending
                 raise
+            finally:
+                with self._cond:
+                    self._writing = 0
+                self._notify()  # whoever wrote, an engine waiting on the backlog may go on
 
     def flush(self, conn: Connection) -> int:
         """Write buffered outcomes in the caller's transaction (callers without a journal)."""
         batch = self._take()
         self._write_rows(conn, batch)
+        with self._cond:
+            self._writing = 0
         return len(batch)
 
     def flush_now(self) -> int:
@@ -229,18 +248,25 @@ class Ledger:
             except Exception as exc:  # noqa: BLE001 - the engine stops on it, the stage raises it
                 # Left pending: the stage's own commit writes them if the database is back.
                 self.journal_error = exc
+                self._notify()
                 return
+
+    def _notify(self) -> None:
+        listener = self.on_journal
+        if listener is not None:
+            with contextlib.suppress(RuntimeError):  # the engine's loop has just closed
+                listener()
 
     def _take(self) -> list[tuple[Outcome, datetime]]:
         with self._cond:
             batch, self._pending = self._pending, []
+            self._writing = len(batch)
             return batch
 
     def _restore(self, batch: list[tuple[Outcome, datetime]]) -> None:
-        if not batch:
-            return
         with self._cond:
             self._pending[:0] = batch
+            self._writing = 0
             self._oldest = time.monotonic()
 
     def _write_rows(self, conn: Connection, batch: list[tuple[Outcome, datetime]]) -> None:

@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 #
-# LGT-ETL project image: the official Airflow image + the `lgt_ops` library, the DAGs,
-# the plugins and the lineage SQL. One image serves every role:
+# LGT-ETL project image: the official Airflow image + the `lgt_ops` package (installed as a
+# wheel, non-editable: it carries its prompts, sample and lineage SQL), the DAGs and the
+# plugins. One image serves every role:
 #   - Airflow components (api-server, scheduler, dag-processor, triggerer, workers),
 #   - the one-shot jobs (`lgt db upgrade`, `lgt store init`, `airflow pools set`),
 #   - the OpenAI-compatible simulator (`lgt sim serve`).
@@ -19,30 +20,34 @@ LABEL org.opencontainers.image.title="lgt-etl" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 USER root
-RUN mkdir -p /opt/lgt/src /opt/lgt/sql \
+RUN mkdir -p /opt/lgt/src \
     && chown -R airflow:0 /opt/lgt \
     && chmod -R g+rwX /opt/lgt
 USER airflow
 
-# Package metadata and the frozen constraints first: this layer only changes when the
-# dependencies do.
+# What the package is built from: metadata, constraints, the package and sql/ (setup.py copies
+# sql/ into the package as lgt_ops/sql, so the installed package finds its migrations).
 WORKDIR /opt/lgt/src
-COPY --chown=airflow:0 pyproject.toml README.md ./
+COPY --chown=airflow:0 pyproject.toml setup.py README.md ./
 COPY --chown=airflow:0 constraints/py311.txt constraints/py311.txt
 COPY --chown=airflow:0 lgt_ops/ lgt_ops/
+COPY --chown=airflow:0 sql/ sql/
 
 # ${AIRFLOW_VERSION} is set by the base image (3.3.2); the constraints file pins the same.
+# [postgres]: the metadata DB driver set (asyncpg, psycopg) Airflow needs on Postgres.
 # `pip check` fails the build if the project's pins broke a package the base image ships
-# (providers, FAB, ...) instead of letting that surface at run time.
+# (providers, FAB, ...) instead of letting that surface at run time. The last check imports
+# the installed package from outside the source tree: prompts and migrations must be in it.
 RUN pip install --no-cache-dir --constraint constraints/py311.txt \
-        "apache-airflow==${AIRFLOW_VERSION}" ".[openlineage]" \
+        "apache-airflow[postgres]==${AIRFLOW_VERSION}" ".[openlineage]" \
     && pip check \
-    && command -v lgt > /dev/null
+    && command -v lgt > /dev/null \
+    && cd / && python -c "from lgt_ops import prompts; from lgt_ops.db.migrate import discover; \
+assert prompts.all_templates() and discover('postgresql'), 'package data missing'"
 
-# DAGs, plugins and SQL last: they change most often.
+# DAGs and plugins last: they change most often.
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/
 COPY --chown=airflow:0 plugins/ /opt/airflow/plugins/
-COPY --chown=airflow:0 sql/ /opt/lgt/sql/
 
 WORKDIR /opt/airflow
 # ENTRYPOINT and CMD stay the official image's (/usr/bin/dumb-init -- /entrypoint).

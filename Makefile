@@ -7,7 +7,7 @@ EXTRAS ?= airflow,dev,openlineage
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints/py311.txt | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format services bench clean
+.PHONY: install demo test lint format services browser bench clean
 
 $(STAMP): pyproject.toml constraints/py311.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/lgt demo
 
 ## Start what the tests need, then run the whole suite.
-test: install services
+test: install services browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## PostgreSQL 15 on 127.0.0.1:5432 (the tests create and drop their own databases).
@@ -34,6 +34,15 @@ services:
 	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; \
 	  for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; }
 	@pg_isready -h 127.0.0.1 -p 5432
+
+## Debian's chromium for the releases page browser test (Playwright drives this binary and
+## never downloads a browser of its own).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+	@/usr/bin/chromium --version 2>/dev/null
 
 lint: install
 	$(BIN)/ruff check .

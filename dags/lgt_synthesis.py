@@ -1,7 +1,8 @@
 """LGT-ETL synthesis: images in the bucket -> grounded questions, traces, pairs -> a release.
 
 Wiring only: every task calls one function of `lgt_ops.pipeline` (the same functions the
-`lgt` CLI calls). Heavy imports happen inside tasks, so parsing this file stays cheap.
+`lgt` CLI calls). Heavy imports happen inside tasks, so parsing this file stays cheap. The
+on-call runbook (the DAG's doc_md) is lgt_synthesis.md beside this file.
 
     start -> scan -> ingest[shard files] -> plan
           -> shard[annotate -> mcq -> compose -> cot -> expand -> filter -> pairs -> tag]
@@ -12,14 +13,19 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, task, task_group
 
-from lgt_ops.params import PARAM_SCHEMA, SHARD_STAGES, STAGE_POOLS
+from lgt_ops.airflow_adapter import fail_fast, on_failure
+from lgt_ops.params import PARAM_SCHEMA, SHARD_STAGES, STAGE_POOLS, TASK_TIMEOUT_MINUTES
 
 RELEASE_ASSET = Asset(name="lgt_release", uri="lgt://releases", group="lgt")
 SCHEDULE = os.environ.get("LGT_SCHEDULE", "0 2 * * *")  # nightly; "" disables the schedule
+RUNBOOK = str(Path(__file__).with_name("lgt_synthesis.md"))  # Airflow reads a *.md doc_md path
+# A first run over millions of images takes days; a nightly refresh, hours.
+DAGRUN_TIMEOUT = timedelta(hours=int(os.environ.get("LGT_DAGRUN_TIMEOUT_HOURS", "72")))
 
 DEFAULT_ARGS = {
     "owner": "lgt-etl",
@@ -27,8 +33,12 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(minutes=1),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=30),
-    "execution_timeout": timedelta(hours=6),
+    "on_failure_callback": on_failure,
 }
+
+
+def _timeout(task_id: str) -> timedelta:
+    return timedelta(minutes=TASK_TIMEOUT_MINUTES[task_id])
 
 
 def _param(name: str) -> Param:
@@ -46,20 +56,26 @@ def _param(name: str) -> Param:
     default_args=DEFAULT_ARGS,
     params={name: _param(name) for name in PARAM_SCHEMA},
     tags=["lgt", "synthesis"],
-    doc_md=__doc__,
+    description="Images in the bucket -> grounded questions, reasoning traces, pairs -> a release",
+    dagrun_timeout=DAGRUN_TIMEOUT,
+    on_failure_callback=on_failure,
+    doc_md=RUNBOOK,
 )
 def lgt_synthesis():
-    @task
+    @task(execution_timeout=_timeout("start"))
+    @fail_fast
     def start() -> str:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
 
         params = af.run_params()
         env = af.task_env(params)
+        af.close_ended_runs(env)
         pipeline.start(env, params)
         return env.run.run_id
 
-    @task
+    @task(execution_timeout=_timeout("scan"))
+    @fail_fast
     def scan() -> list[dict]:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
@@ -67,20 +83,25 @@ def lgt_synthesis():
         params = af.run_params()
         env = af.task_env(params)
         result = pipeline.scan(env, params)
-        af.report_lineage([pipeline.source_uri(env, params)], [])
+        af.report_task_lineage("scan", env, pipeline.source_uri(env, params))
         n = len(result.shard_keys)
         return [{"key": key, "index": i, "count": n} for i, key in enumerate(result.shard_keys)]
 
-    @task(max_active_tis_per_dag=8)
+    @task(max_active_tis_per_dag=8, execution_timeout=_timeout("ingest"))
+    @fail_fast
     def ingest(shard: dict) -> dict:
         from lgt_ops import airflow_adapter as af
+        from lgt_ops import pipeline
         from lgt_ops.stages import ingest as stage
 
-        env = af.task_env(af.run_params())
+        params = af.run_params()
+        env = af.task_env(params)
         stats = stage.ingest_shard(env, shard["key"], shard["index"], shard["count"])
+        af.report_task_lineage("ingest", env, pipeline.source_uri(env, params))
         return {"out": stats.items_out, "rejected": stats.items_rejected}
 
-    @task(trigger_rule="none_failed")
+    @task(trigger_rule="none_failed", execution_timeout=_timeout("plan"))
+    @fail_fast
     def plan() -> list[dict]:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
@@ -92,15 +113,24 @@ def lgt_synthesis():
         return [shard.as_dict() for shard in pipeline.plan(env, params)]
 
     def stage_task(stage: str):
-        @task(task_id=stage, pool=STAGE_POOLS.get(stage, "default_pool"))
+        @task(
+            task_id=stage,
+            pool=STAGE_POOLS.get(stage, "default_pool"),
+            execution_timeout=_timeout(stage),
+        )
+        @fail_fast
         def run_stage(shard: dict) -> dict:
             from lgt_ops import airflow_adapter as af
             from lgt_ops import pipeline
             from lgt_ops.stages.base import Shard
 
             params = af.run_params()
-            stats = pipeline.run_stage(af.task_env(params), stage, params, Shard.parse(shard))
-            return stats.as_dict() if stats is not None else {"skipped": True}
+            env = af.task_env(params)
+            stats = pipeline.run_stage(env, stage, params, Shard.parse(shard))
+            if stats is None:
+                return {"skipped": True}
+            af.report_task_lineage(stage, env, pipeline.source_uri(env, params))
+            return stats.as_dict()
 
         return run_stage
 
@@ -113,7 +143,10 @@ def lgt_synthesis():
                 previous >> current
             previous = current
 
-    @task(outlets=[RELEASE_ASSET], trigger_rule="none_failed")
+    @task(
+        outlets=[RELEASE_ASSET], trigger_rule="none_failed", execution_timeout=_timeout("release")
+    )
+    @fail_fast
     def release(*, outlet_events=None) -> dict | None:
         from airflow.sdk.exceptions import AirflowSkipException
 
@@ -132,16 +165,17 @@ def lgt_synthesis():
             "rows": published.counts,
             "simulated": published.manifest["simulated"],
         }
-        af.report_lineage([pipeline.source_uri(env, params)], [published.uri])
+        af.report_task_lineage("release", env, pipeline.source_uri(env, params), (published.uri,))
         return {"release_id": published.release_id, "uri": published.uri}
 
-    @task(trigger_rule="all_done")
+    @task(trigger_rule="all_done", execution_timeout=_timeout("finish"))
+    @fail_fast
     def finish(pipeline_run: str) -> str:
         from lgt_ops import airflow_adapter as af
         from lgt_ops import pipeline
 
         del pipeline_run  # an explicit edge from start(): finish always closes that run
-        return pipeline.finish(af.task_env())
+        return pipeline.finish(af.task_env(), af.failed_tasks())
 
     pipeline_run = start()
     shards = scan()

@@ -1,20 +1,28 @@
 """The one module of lgt_ops that knows Airflow: connections -> Settings, task context ->
-RunContext, and dataset-level lineage for OpenLineage. DAG files call only these helpers and
-`lgt_ops.pipeline`; the library itself runs without Airflow installed.
+RunContext, permanent failures -> AirflowFailException, and dataset-level lineage for
+OpenLineage. DAG files call only these helpers and `lgt_ops.pipeline`; the library itself
+runs without Airflow installed. Cheap to import (DAG files import it at parse time): the
+stage machinery is imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import quote, urlencode
 
 from pydantic import SecretStr
 
 from lgt_ops.config import ROLES, Settings, settings_from_env
+from lgt_ops.failures import describe
+from lgt_ops.fanout import DEFAULT_MAX_MAP_LENGTH
 from lgt_ops.params import RunParams
 from lgt_ops.runctx import RunContext, airflow_run_id
-from lgt_ops.stages.base import StageEnv
+
+if TYPE_CHECKING:  # the DAG imports this module at parse time: keep engines/boto3 out
+    from lgt_ops.stages.base import StageEnv
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +49,11 @@ def _extra(conn: Any) -> dict[str, Any]:
 
 
 def settings_from_airflow(base: Settings | None = None) -> Settings:
-    """LGT_* environment settings, overridden by whichever lgt_* connections exist."""
+    """LGT_* environment settings, overridden by whichever lgt_* connections exist.
+
+    Works in tasks and in the API server (the releases page): there Airflow marks the process
+    as a server, so `Connection.get` also finds connections stored in the metadata DB.
+    """
     s = base or settings_from_env()
     update: dict[str, Any] = {}
     s3 = _connection(CONN_S3)
@@ -82,9 +94,39 @@ def settings_from_airflow(base: Settings | None = None) -> Settings:
             ep_update["model"] = extra["model"]
         if extra.get("max_inflight"):
             ep_update["max_inflight"] = int(extra["max_inflight"])
+        if extra.get("down_after_s"):
+            ep_update["down_after_s"] = float(extra["down_after_s"])
         endpoints[role] = endpoints[role].model_copy(update=ep_update)
     update["endpoints"] = endpoints
+    update["max_map_length"] = max_map_length()
     return s.model_copy(update=update)
+
+
+def releases_page_guard() -> Callable[..., Any]:
+    """FastAPI dependency guarding the releases page with Airflow's own auth manager.
+
+    Airflow's `requires_access_asset("GET")` resolves the user from the `Authorization: Bearer`
+    header or the UI's `_token` cookie (401 without either) and asks the configured auth
+    manager whether that user may read assets (403 if not). Releases are what the DAG emits as
+    the `lgt_release` asset, so whoever may read assets may read them, under any auth manager.
+    """
+    from airflow.api_fastapi.core_api.security import requires_access_asset
+
+    return requires_access_asset("GET")
+
+
+def login_url(next_url: str) -> str:
+    """The auth manager's login page, coming back to `next_url` after a login."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return get_auth_manager().get_url_login(next_url=next_url)
+
+
+def max_map_length() -> int:
+    """Airflow's `[core] max_map_length`: the longest list a task may be mapped over."""
+    from airflow.sdk import conf
+
+    return conf.getint("core", "max_map_length", fallback=DEFAULT_MAX_MAP_LENGTH)
 
 
 def _base_url(conn: Any) -> str:
@@ -116,12 +158,14 @@ def task_env(params: RunParams | None = None) -> StageEnv:
     """The stage environment for the running task, with the run's parameter overrides."""
     from airflow.sdk import get_current_context
 
+    from lgt_ops.stages.base import StageEnv
+
     context = get_current_context()
     settings = settings_from_airflow()
     if params is not None:
         settings = params.apply(settings)
     env = StageEnv.open(settings, run_context(context))
-    env.show_progress = True  # lines go to the task log every 15 s
+    env.show_progress = True  # INFO lines in the task log every 15 s (lgt_ops.progress)
     return env
 
 
@@ -130,6 +174,37 @@ def run_params(context: dict[str, Any] | None = None) -> RunParams:
 
     context = context or get_current_context()
     return RunParams.from_conf(dict(context["params"]))
+
+
+def on_failure(context: Mapping[str, Any]) -> None:
+    """One summary line per failed task (or failed run): the hook point for alerting."""
+    ti = context.get("ti") or context.get("task_instance")
+    dag_run = context.get("dag_run")
+    error = context.get("exception") or context.get("reason") or "unknown"
+    if isinstance(error, BaseException):
+        # fail_fast wraps a permanent failure in AirflowFailException: name the library's error.
+        error = error.__cause__ or error
+        error = f"{type(error).__name__}: {error}"
+    map_index = getattr(ti, "map_index", -1)
+    log.error(
+        "LGT task failed: dag=%s run=%s task=%s%s try=%s error=%s",
+        getattr(dag_run, "dag_id", None) or getattr(ti, "dag_id", "?"),
+        getattr(dag_run, "run_id", None) or getattr(ti, "run_id", "?"),
+        getattr(ti, "task_id", "-"),
+        f"[{map_index}]" if isinstance(map_index, int) and map_index >= 0 else "",
+        getattr(ti, "try_number", "-"),
+        " ".join(str(error).split())[:500],  # one line, whatever the message holds
+    )
+
+
+def report_task_lineage(
+    task: str, env: StageEnv, source_uri: str, outputs: tuple[str, ...] = ()
+) -> None:
+    """The task's dataset edges (source prefix, lineage DB tables, release) for OpenLineage."""
+    from lgt_ops.lineage_edges import task_edges
+
+    inputs, outs = task_edges(task, env.settings.database_url, source_uri, outputs)
+    report_lineage(inputs, outs)
 
 
 def report_lineage(inputs: list[str], outputs: list[str]) -> None:
@@ -151,3 +226,65 @@ def report_lineage(inputs: list[str], outputs: list[str]) -> None:
         collector.add_input_asset(context=hook, uri=uri)
     for uri in outputs:
         collector.add_output_asset(context=hook, uri=uri)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def fail_fast(func: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a task body: a permanent failure (lgt_ops.failures) fails the task on this try,
+    without retries, as one line; anything else is raised as is (and retried)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:
+            failure = describe(exc)
+            if failure is None or not failure.permanent:
+                raise
+            from airflow.sdk.exceptions import AirflowFailException
+
+            log.error("%s (%s; not retried)", failure.line(), type(failure).__name__)
+            raise AirflowFailException(failure.line()) from exc
+
+    return wrapper
+
+
+def failed_tasks(context: dict[str, Any] | None = None) -> list[str]:
+    """Tasks of this DAG run that failed (those that could not run because of them are
+    named only when no task itself failed, e.g. one marked failed by hand)."""
+    from airflow.sdk import get_current_context
+
+    context = context or get_current_context()
+    dag_run, ti = context["dag_run"], context["ti"]
+    states = ti.get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id])
+    by_task = states.get(dag_run.run_id, {})
+    failed = sorted(task for task, state in by_task.items() if state == "failed")
+    return failed or sorted(t for t, state in by_task.items() if state == "upstream_failed")
+
+
+_ENDED = ("success", "failed")
+
+
+def close_ended_runs(env: StageEnv, context: dict[str, Any] | None = None) -> list[str]:
+    """Close as abandoned this DAG's earlier pipeline runs that are still `running` although
+    Airflow ended their run (a dagrun timeout, a run marked failed by hand: their `finish`
+    never ran). Returns the run ids closed."""
+    from airflow.sdk import get_current_context
+
+    from lgt_ops.stages.abandon import abandon_run, running_runs
+
+    ti = (context or get_current_context())["ti"]
+    closed = []
+    for run_id, airflow_run in running_runs(env):
+        try:
+            state = str(ti.get_dagrun_state(dag_id=env.run.dag_id, run_id=airflow_run))
+        except Exception:  # noqa: BLE001 - a run deleted from Airflow's DB: cannot tell
+            log.debug("no Airflow state for %s", airflow_run, exc_info=True)
+            continue
+        if state.rsplit(".", 1)[-1].lower() in _ENDED:
+            abandon_run(env, run_id, f"its Airflow run ended ({state}) before its finish task")
+            closed.append(run_id)
+    return closed

@@ -1,4 +1,9 @@
-"""The `lgt` command: every pipeline step, the simulator, releases, and the demo."""
+"""The `lgt` command: every pipeline step, the simulator, releases, and the demo.
+
+An expected failure (lgt_ops.failures) prints one line, `lgt: <what failed, which
+item/endpoint, what to do>`, and exits with its code (README "Failures and exit codes");
+tracebacks only with -v.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,17 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from lgt_ops.config import ConfigError, Settings, settings_from_env
-from lgt_ops.params import PARAM_SCHEMA, STAGES, ParamsError, RunParams
-from lgt_ops.release.errors import ReleaseError
+from lgt_ops import failures
+from lgt_ops.config import Settings, settings_from_env
+from lgt_ops.params import PARAM_SCHEMA, STAGES, RunParams
 from lgt_ops.runctx import new_cli_run
+
+log = logging.getLogger("lgt_ops.cli")
+_OPENED: list[Any] = []  # StageEnvs this command opened; their pipeline runs close at exit
 
 
 def _settings() -> Settings:
@@ -23,7 +32,9 @@ def _settings() -> Settings:
 def _env(run_type: str = "cli"):  # noqa: ANN202 - StageEnv, imported lazily for a fast --help
     from lgt_ops.stages.base import StageEnv
 
-    return StageEnv.open(_settings(), new_cli_run(run_type))
+    env = StageEnv.open(_settings(), new_cli_run(run_type))
+    _OPENED.append(env)
+    return env
 
 
 def _print(obj: Any) -> None:
@@ -33,13 +44,16 @@ def _print(obj: Any) -> None:
 # -- db / store ------------------------------------------------------------------------------
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from lgt_ops.db import make_engine, upgrade
+    from lgt_ops.db.engine import reaching
     from lgt_ops.db.migrate import current_version
 
     engine = make_engine(_settings().database_url)
-    applied = upgrade(engine)
+    with reaching(engine):
+        applied = upgrade(engine)
+        version = current_version(engine)
     print(
         f"applied {len(applied)} migration(s){': ' + ', '.join(applied) if applied else ''};"
-        f" schema version {current_version(engine)}"
+        f" schema version {version}"
     )
     return 0
 
@@ -157,7 +171,7 @@ def cmd_release_verify(args: argparse.Namespace) -> int:
     print(
         f"{args.release_id}: {result.files_checked} file(s) checked against the manifest: {state}"
     )
-    return 0 if result.ok else 1
+    return failures.EXIT_OK if result.ok else failures.EXIT_VERIFY_FAILED
 
 
 def cmd_release_diff(args: argparse.Namespace) -> int:
@@ -290,6 +304,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_runs(status: str, detail: str | None = None) -> None:
+    """Close the pipeline run this command opened, if it made one and left it running."""
+    from lgt_ops.stages.base import close_pipeline_run
+
+    for env in _OPENED:
+        try:
+            close_pipeline_run(env, status, detail)
+        except Exception:  # noqa: BLE001 - e.g. the lineage DB is what failed
+            log.debug("could not close run %s", env.run.run_id, exc_info=True)
+    _OPENED.clear()
+
+
+def _report(exc: BaseException, verbose: bool) -> int:
+    """One line on stderr for `exc` (a traceback too with -v); the exit code."""
+    if verbose:
+        traceback.print_exception(exc)
+    failure = failures.describe(exc)
+    if failure is None:
+        what = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+        print(f"lgt: unexpected error: {what}; run with -v for the traceback", file=sys.stderr)
+        return failures.EXIT_INTERNAL
+    print(f"lgt: {failure.line()}", file=sys.stderr)
+    return failure.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -297,13 +336,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # Progress lines off a terminal are INFO records (lgt_ops.progress): keep them.
+        logging.getLogger("lgt_ops.progress").setLevel(logging.INFO)
     try:
-        return int(args.func(args) or 0)
-    except (ConfigError, ParamsError, ReleaseError) as exc:
-        print(f"lgt: {exc}", file=sys.stderr)
-        return 2
+        code = int(args.func(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        _close_runs("failed", "interrupted")
+        return failures.EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - every error ends as one line and an exit code
+        _close_runs("failed", " ".join(str(exc).split())[:4000] or type(exc).__name__)
+        return _report(exc, args.verbose)
+    _close_runs("success" if code == 0 else "failed")
+    return code
 
 
 if __name__ == "__main__":

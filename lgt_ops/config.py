@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from lgt_ops.failures import EXIT_USAGE, PermanentFailure
+
 ROLES: tuple[str, ...] = ("vlm", "llm", "reasoner")
 
 DEFAULT_MODELS: dict[str, str] = {
@@ -24,8 +26,10 @@ DEFAULT_MODELS: dict[str, str] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(PermanentFailure, ValueError):
     """A setting is missing or invalid; the message names the setting."""
+
+    exit_code = EXIT_USAGE
 
 
 class EndpointSettings(BaseModel):
@@ -127,6 +131,45 @@ class MethodParams(BaseModel):
         return v
 
 
+# -- ingest limits (kept in one block) ----------------------------------------------------------
+class IngestLimits(BaseModel):
+    """What one key may cost ingest: a huge caption, a flood of objects or one giant image is
+    rejected with a reason (or waits its turn) instead of filling the lineage DB or memory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_caption_chars: int = Field(default=10_000, ge=1)
+    max_objects_per_image: int = Field(default=500, ge=1)
+    max_manifest_line_bytes: int = Field(default=1_000_000, ge=256)
+    max_file_bytes: int = Field(default=512 * 2**20, ge=1)  # larger objects are not downloaded
+    # decoded pixels held at once across concurrent decodes (~6 bytes of RSS per pixel,
+    # measured by bench/ingest_memory.py); an image larger than the budget is decoded alone
+    decode_pixel_budget: int = Field(default=64_000_000, ge=1)
+
+    def fingerprint_fields(self) -> dict[str, int]:
+        """The caps that change what ingest records (the decode budget does not)."""
+        return self.model_dump(exclude={"decode_pixel_budget"})
+
+
+_INGEST_ENV = {
+    "max_caption_chars": "LGT_INGEST_MAX_CAPTION_CHARS",
+    "max_objects_per_image": "LGT_INGEST_MAX_OBJECTS",
+    "max_manifest_line_bytes": "LGT_INGEST_MAX_LINE_BYTES",
+    "max_file_bytes": "LGT_INGEST_MAX_FILE_BYTES",
+    "decode_pixel_budget": "LGT_INGEST_PIXEL_BUDGET",
+}
+
+
+def ingest_limits_from_env(env: Mapping[str, str]) -> IngestLimits:
+    defaults = IngestLimits()
+    return IngestLimits(
+        **{f: _env_int(env, var, getattr(defaults, f)) for f, var in _INGEST_ENV.items()}
+    )
+
+
+# -- end of ingest limits -----------------------------------------------------------------------
+
+
 class Settings(BaseModel):
     """Everything a stage needs to know about its environment."""
 
@@ -148,9 +191,12 @@ class Settings(BaseModel):
     # only requests in flight plus those few). Independent of the stages' output commits.
     ledger_journal_seconds: float = Field(default=0.2, gt=0, le=1.0)
     ledger_journal_answers: int = Field(default=32, ge=1, le=10_000)
+    # Airflow's [core] max_map_length: no mapped list (ingest files, image shards) is longer.
+    max_map_length: int = Field(default=1024, ge=1)
     endpoints: dict[str, EndpointSettings]
     image_spec: ImageSpec = ImageSpec()
     method: MethodParams = MethodParams()
+    ingest: IngestLimits = IngestLimits()
 
     def endpoint(self, role: str) -> EndpointSettings:
         try:
@@ -200,6 +246,7 @@ def endpoint_from_env(role: str, env: Mapping[str, str]) -> EndpointSettings:
         model=env.get(prefix + "MODEL") or DEFAULT_MODELS[role],
         api_key=SecretStr(key) if key else None,
         max_inflight=_env_int(env, prefix + "MAX_INFLIGHT", 64),
+        down_after_s=_env_float(env, prefix + "DOWN_AFTER_S", 120.0),
         adaptive=env.get(prefix + "ADAPTIVE", "1") not in ("0", "false", "False"),
     )
 
@@ -224,4 +271,5 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         ledger_journal_seconds=_env_float(env, "LGT_LEDGER_JOURNAL_SECONDS", 0.2),
         ledger_journal_answers=_env_int(env, "LGT_LEDGER_JOURNAL_ANSWERS", 32),
         endpoints={role: endpoint_from_env(role, env) for role in ROLES},
+        ingest=ingest_limits_from_env(env),
     )

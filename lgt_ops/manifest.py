@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from lgt_ops.boxes import BOX_FORMATS
+from lgt_ops.config import IngestLimits
+from lgt_ops.reasons import IngestReason as R
 
 METADATA_SUFFIXES = (".jsonl", ".json")
 
@@ -26,7 +29,7 @@ def is_metadata(key: str) -> bool:
 @dataclass(frozen=True)
 class Problem:
     item_ref: str
-    reason: str
+    reason: R
     detail: str
 
 
@@ -54,107 +57,174 @@ class Metadata:
 
 
 def _resolve(meta_key: str, rel: str) -> str | None:
-    """The key `rel` names, relative to the metadata file's folder; None if it leaves it."""
+    """The key `rel` names, relative to the metadata file's folder; None if it leaves it
+    (or holds control characters, which no key of ours has)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        return None
     base = posixpath.dirname(meta_key)
     full = posixpath.normpath(posixpath.join(base, rel.lstrip("/")))
     inside = not base or full.startswith(base + "/")
     return full if inside and not full.startswith("..") and full != "." else None
 
 
-def parse_jsonl(meta_key: str, data: bytes) -> tuple[list[Metadata], list[Problem]]:
+def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines of a JSONL file, split on LF only (JSON strings may hold U+2028)."""
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+        data = data[3:]
+    for lineno, line in enumerate(data.split(b"\n"), start=1):
+        yield lineno, line.rstrip(b"\r")
+
+
+def parse_jsonl(
+    meta_key: str, data: bytes, limits: IngestLimits | None = None
+) -> tuple[list[Metadata], list[Problem]]:
+    """One Metadata per good line; each bad line costs that line only."""
+    limits = limits or IngestLimits()
     out: list[Metadata] = []
     problems: list[Problem] = []
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return [], [Problem(meta_key, "manifest_not_utf8", str(exc))]
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, raw in _lines(data):
         ref = f"{meta_key}:{lineno}"
-        if not line.strip():
+        if len(raw) > limits.max_manifest_line_bytes:  # checked before parsing it
+            detail = f"{len(raw)} bytes > limit {limits.max_manifest_line_bytes}"
+            problems.append(Problem(ref, R.MANIFEST_LINE_TOO_LONG, detail))
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(Problem(ref, "manifest_malformed", f"not JSON: {exc}"))
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(ref, R.MANIFEST_NOT_UTF8, str(exc)))
             continue
-        if not isinstance(row, dict) or not isinstance(row.get("key"), str) or not row["key"]:
-            problems.append(Problem(ref, "manifest_malformed", "a line needs a string 'key'"))
+        if not line.strip():
             continue
-        key = _resolve(meta_key, row["key"])
-        if key is None:
-            problems.append(
-                Problem(ref, "manifest_bad_key", f"key {row['key']!r} escapes the prefix")
-            )
-            continue
-        caption = row.get("caption")
-        objects = row.get("objects")
-        fmt = row.get("box_format", "xyxy")
-        if caption is not None and not isinstance(caption, str):
-            problems.append(Problem(ref, "manifest_malformed", "'caption' must be a string"))
-            caption = None
-        if objects is not None and not isinstance(objects, list):
-            problems.append(Problem(ref, "manifest_malformed", "'objects' must be a list"))
-            objects = None
-        if fmt not in BOX_FORMATS:
-            problems.append(Problem(ref, "box_format_unknown", f"box_format {fmt!r}"))
-            objects = None
-        extra = {
-            k: v for k, v in row.items() if k not in ("key", "caption", "objects", "box_format")
-        }
-        out.append(
-            Metadata(
-                key=key,
-                caption=caption.strip() if caption and caption.strip() else None,
-                objects=objects,
-                box_format=fmt,
-                objects_source="manifest" if objects is not None else None,
-                origin={"manifest": ref},
-                extra=extra,
-            )
-        )
+        meta, found = _parse_line(meta_key, ref, line, limits)
+        problems += found
+        if meta is not None:
+            out.append(meta)
     return out, problems
 
 
-def parse_coco(meta_key: str, data: bytes) -> tuple[list[Metadata], list[Problem]]:
+def _parse_line(
+    meta_key: str, ref: str, line: str, limits: IngestLimits
+) -> tuple[Metadata | None, list[Problem]]:
+    problems: list[Problem] = []
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        return None, [Problem(ref, R.MANIFEST_MALFORMED, f"not JSON: {exc}"[:300])]
+    if not isinstance(row, dict) or not isinstance(row.get("key"), str) or not row["key"]:
+        return None, [Problem(ref, R.MANIFEST_MALFORMED, "a line needs a string 'key'")]
+    key = _resolve(meta_key, row["key"])
+    if key is None:
+        detail = f"key {row['key']!r} escapes the prefix or holds control characters"
+        return None, [Problem(ref, R.MANIFEST_BAD_KEY, detail[:300])]
+    caption = row.get("caption")
+    objects = row.get("objects")
+    fmt = row.get("box_format", "xyxy")
+    if caption is not None and not isinstance(caption, str):
+        problems.append(Problem(ref, R.MANIFEST_MALFORMED, "'caption' must be a string"))
+        caption = None
+    if caption is not None and len(caption) > limits.max_caption_chars:
+        detail = f"{len(caption)} characters > limit {limits.max_caption_chars}"
+        problems.append(Problem(ref, R.CAPTION_TOO_LONG, detail))
+        caption = None
+    if objects is not None and not isinstance(objects, list):
+        problems.append(Problem(ref, R.MANIFEST_MALFORMED, "'objects' must be a list"))
+        objects = None
+    objects = _capped(ref, objects, limits, problems)
+    if not isinstance(fmt, str) or fmt not in BOX_FORMATS:
+        problems.append(Problem(ref, R.BOX_FORMAT_UNKNOWN, f"box_format {fmt!r}"[:200]))
+        objects, fmt = None, "xyxy"
+    extra = {k: v for k, v in row.items() if k not in ("key", "caption", "objects", "box_format")}
+    meta = Metadata(
+        key=key,
+        caption=caption.strip() if caption and caption.strip() else None,
+        objects=objects,
+        box_format=fmt,
+        objects_source="manifest" if objects is not None else None,
+        origin={"manifest": ref},
+        extra=extra,
+    )
+    return meta, problems
+
+
+def _capped(
+    ref: str, objects: list[Any] | None, limits: IngestLimits, problems: list[Problem]
+) -> list[Any] | None:
+    """The objects, or None when there are more than the cap (a prefix would be arbitrary)."""
+    if objects is not None and len(objects) > limits.max_objects_per_image:
+        detail = f"{len(objects)} objects > limit {limits.max_objects_per_image}"
+        problems.append(Problem(ref, R.TOO_MANY_OBJECTS, detail))
+        return None
+    return objects
+
+
+def _hashable_id(v: Any) -> bool:
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
+def parse_coco(
+    meta_key: str, data: bytes, limits: IngestLimits | None = None
+) -> tuple[list[Metadata], list[Problem]]:
+    """Objects per image from a COCO detection file; bad entries cost that entry only."""
+    limits = limits or IngestLimits()
     try:
         doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return [], [Problem(meta_key, "coco_malformed", f"not JSON: {exc}")]
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return [], [Problem(meta_key, R.COCO_MALFORMED, f"not JSON: {exc}"[:300])]
     if not isinstance(doc, dict) or not {"images", "annotations"} <= doc.keys():
-        return [], [Problem(meta_key, "coco_malformed", "needs 'images' and 'annotations'")]
-    cats = {c.get("id"): c.get("name") for c in doc.get("categories", []) if isinstance(c, dict)}
+        return [], [Problem(meta_key, R.COCO_MALFORMED, "needs 'images' and 'annotations'")]
+    categories = doc.get("categories", [])
+    if not all(isinstance(doc[k], list) for k in ("images", "annotations")) or not isinstance(
+        categories, list
+    ):
+        detail = "'images', 'annotations' and 'categories' must be lists"
+        return [], [Problem(meta_key, R.COCO_MALFORMED, detail)]
+    cats = {
+        c.get("id"): c.get("name")
+        for c in categories
+        if isinstance(c, dict) and _hashable_id(c.get("id")) and isinstance(c.get("name"), str)
+    }
     by_image: dict[Any, Metadata] = {}
     problems: list[Problem] = []
     for img in doc["images"]:
-        key = _resolve(meta_key, str(img.get("file_name", ""))) if isinstance(img, dict) else None
+        ok = isinstance(img, dict) and _hashable_id(img.get("id"))
+        name = img.get("file_name") if ok else None
+        key = _resolve(meta_key, name) if isinstance(name, str) and name else None
         if key is None:
-            problems.append(Problem(meta_key, "coco_malformed", f"bad image entry {img!r}"[:200]))
+            problems.append(Problem(meta_key, R.COCO_MALFORMED, f"bad image entry {img!r}"[:200]))
             continue
-        by_image[img.get("id")] = Metadata(
+        by_image[img["id"]] = Metadata(
             key=key, objects=[], box_format="xywh", objects_source="coco", origin={"coco": meta_key}
         )
     for ann in doc["annotations"]:
-        meta = by_image.get(ann.get("image_id")) if isinstance(ann, dict) else None
+        ok = isinstance(ann, dict) and _hashable_id(ann.get("image_id"))
+        meta = by_image.get(ann["image_id"]) if ok else None
         if meta is None:
             problems.append(
-                Problem(meta_key, "coco_malformed", f"annotation for unknown image {ann!r}"[:200])
+                Problem(meta_key, R.COCO_MALFORMED, f"annotation for unknown image {ann!r}"[:200])
             )
             continue
-        label = cats.get(ann.get("category_id"))
+        cat = ann.get("category_id")
+        label = cats.get(cat) if _hashable_id(cat) else None
         if not label:
             problems.append(
-                Problem(f"{meta_key}#{ann.get('id')}", "coco_malformed", "unknown category_id")
+                Problem(f"{meta_key}#{ann.get('id')}", R.COCO_MALFORMED, "unknown category_id")
             )
             continue
         assert meta.objects is not None
         meta.objects.append({"id": f"c{ann.get('id')}", "label": label, "box": ann.get("bbox")})
+    for meta in by_image.values():
+        meta.objects = _capped(f"{meta_key}#{meta.key}", meta.objects, limits, problems)
+        if meta.objects is None:
+            meta.objects_source = None
     return list(by_image.values()), problems
 
 
-def parse(meta_key: str, data: bytes) -> tuple[list[Metadata], list[Problem]]:
+def parse(
+    meta_key: str, data: bytes, limits: IngestLimits | None = None
+) -> tuple[list[Metadata], list[Problem]]:
     if meta_key.lower().endswith(".jsonl"):
-        return parse_jsonl(meta_key, data)
-    return parse_coco(meta_key, data)
+        return parse_jsonl(meta_key, data, limits)
+    return parse_coco(meta_key, data, limits)
 
 
 def merge(parsed: list[Metadata]) -> tuple[dict[str, Metadata], list[Problem]]:
@@ -174,7 +244,7 @@ def merge(parsed: list[Metadata]) -> tuple[dict[str, Metadata], list[Problem]]:
             problems.append(
                 Problem(
                     meta.origin["manifest"],
-                    "manifest_duplicate_key",
+                    R.MANIFEST_DUPLICATE_KEY,
                     f"{meta.key} already described at {have.origin['manifest']}",
                 )
             )

@@ -13,6 +13,7 @@ from jsonschema import Draft7Validator
 from pydantic import BaseModel, ConfigDict
 
 from lgt_ops.config import Settings
+from lgt_ops.failures import EXIT_USAGE, PermanentFailure
 
 STAGES: tuple[str, ...] = (
     "ingest",
@@ -46,6 +47,24 @@ STAGE_POOLS = {
     "expand": "lgt_reasoner",
     "tag": "lgt_llm",
 }
+# Per-task execution timeout in minutes (a model stage may work through ~20k images of a
+# shard; start/finish only touch the lineage DB). The runbook's task table lists the same.
+TASK_TIMEOUT_MINUTES = {
+    "start": 10,
+    "scan": 120,
+    "ingest": 240,
+    "plan": 30,
+    "annotate": 360,
+    "mcq": 360,
+    "compose": 360,
+    "cot": 360,
+    "expand": 360,
+    "filter": 120,
+    "pairs": 120,
+    "tag": 360,
+    "release": 240,
+    "finish": 10,
+}
 _NAME = "^[a-z0-9][a-z0-9_-]{0,63}$"
 _VERSION = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -61,11 +80,14 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
     "stages": {
         "type": "array",
         "items": {"type": "string", "enum": list(STAGES)},
+        # Airflow's form draws an array with top-level `examples` as a multi-select of them.
+        "examples": list(STAGES),
         "minItems": 1,
         "uniqueItems": True,
         "default": list(STAGES),
         "title": "Stages to run",
-        "description": "Stages not listed are skipped; later stages reuse what earlier runs made.",
+        "description": "Pick one or more; stages not picked are skipped and later stages reuse "
+        "what earlier runs made.",
     },
     "sample_size": {
         "type": ["null", "integer"],
@@ -80,6 +102,8 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "maximum": 64,
         "default": 10,
         "title": "VLM rollouts per question (k)",
+        "description": "Simple chain-of-thought samples per question (1-64); the pass rate over "
+        "them sets the question's difficulty.",
     },
     "mcq_per_image": {
         "type": "integer",
@@ -87,6 +111,8 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "maximum": 64,
         "default": 8,
         "title": "Stage-1 questions asked per image",
+        "description": "Multiple-choice questions requested per image (1-64), before "
+        "de-duplication and checks.",
     },
     "behaviour_tagger": {
         "type": "string",
@@ -96,48 +122,63 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
         "description": "heuristic: lexical counts only; llm: also ask the LLM endpoint (the "
         "tag stage) and report its counts.",
     },
-    "vlm_model": {"type": ["null", "string"], "default": None, "title": "VLM model override"},
+    "vlm_model": {
+        "type": ["null", "string"],
+        "default": None,
+        "title": "VLM model override",
+        "description": "Model name served by the VLM endpoint (annotate, cot); empty = the "
+        "lgt_vlm connection's model.",
+    },
     "llm_model": {
         "type": ["null", "string"],
         "default": None,
         "title": "Question-writer model override",
+        "description": "Model name for mcq, compose and the LLM tagger; empty = the lgt_llm "
+        "connection's model.",
     },
     "reasoner_model": {
         "type": ["null", "string"],
         "default": None,
         "title": "Reasoner model override",
+        "description": "Model name for expand; empty = the lgt_reasoner connection's model.",
     },
     "vlm_base_url": {
         "type": ["null", "string"],
         "default": None,
         "format": "uri",
-        "title": "VLM endpoint override (base URL ending in /v1)",
+        "title": "VLM endpoint override",
+        "description": "OpenAI-compatible base URL ending in /v1 (e.g. http://vllm-vlm:8000/v1);"
+        " empty = the lgt_vlm connection.",
     },
     "llm_base_url": {
         "type": ["null", "string"],
         "default": None,
         "format": "uri",
         "title": "Question-writer endpoint override",
+        "description": "Base URL ending in /v1; empty = the lgt_llm connection.",
     },
     "reasoner_base_url": {
         "type": ["null", "string"],
         "default": None,
         "format": "uri",
         "title": "Reasoner endpoint override",
+        "description": "Base URL ending in /v1; empty = the lgt_reasoner connection.",
     },
     "release_name": {
         "type": "string",
         "pattern": _NAME,
         "default": "lgt",
         "title": "Release name",
-        "description": "Lower-case letters, digits, '-' and '_'.",
+        "description": "Lower-case letters, digits, '-' and '_' (up to 64); the release is "
+        "published as releases/NAME/VERSION.",
     },
     "release_version": {
         "type": ["null", "string"],
         "pattern": _VERSION,
         "default": None,
         "title": "Release version",
-        "description": "Empty = YYYYMMDD.N. An existing version is refused.",
+        "description": "Letters, digits, '.', '-', '_'. Empty = YYYYMMDD.N. An existing "
+        "version is refused; needs the release stage.",
     },
     "dry_run": {
         "type": "boolean",
@@ -154,8 +195,10 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 
-class ParamsError(ValueError):
+class ParamsError(PermanentFailure, ValueError):
     """Invalid run parameters; the message names each offending parameter."""
+
+    exit_code = EXIT_USAGE
 
 
 class RunParams(BaseModel):

@@ -12,25 +12,31 @@ DAG maps them over shards and a shard can be in a later stage while another is e
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from sqlalchemy import text
 
+from lgt_ops import dryrun
 from lgt_ops import params as run_params
+from lgt_ops.config import Settings
 from lgt_ops.db.stats import refresh_statistics
+from lgt_ops.failures import RunFailed
+from lgt_ops.fanout import fan_out
 from lgt_ops.params import RunParams
 from lgt_ops.release.publish import Published, publish
 from lgt_ops.sources import count_images, resolve_source
 from lgt_ops.stages import annotate, compose, cot, expand, ingest, mcq, pairs, tag
 from lgt_ops.stages import filter as trace_filter
+from lgt_ops.stages.abandon import close_leftover_stages
 from lgt_ops.stages.base import (
     Shard,
     StageEnv,
     StageStats,
     ensure_pipeline_run,
+    error_line,
     finish_pipeline_run,
 )
 
@@ -69,14 +75,19 @@ def scan(env: StageEnv, params: RunParams) -> ingest.ScanResult:
 
 
 def plan(env: StageEnv, params: RunParams) -> list[Shard]:
-    """Image shards for the per-shard stages: shard_size images each, at most max_shards."""
+    """Image shards for the per-shard stages: shard_size images each, at most max_shards
+    (and never more than Airflow maps: max_map_length)."""
     spec, _ = resolve_source(env, params.source)
     refresh_statistics(env.db)  # ingest may have changed most of the corpus
     with env.db.connect() as conn:
         n = count_images(conn, spec, params.sample_size)
-    s = env.settings
-    count = max(1, min(s.max_shards, math.ceil(n / s.shard_size)))
+    count = image_shard_count(n, env.settings)
     return [Shard(i, count) for i in range(count)]
+
+
+def image_shard_count(images: int, settings: Settings) -> int:
+    cap = min(settings.max_shards, settings.max_map_length)
+    return fan_out(images, settings.shard_size, cap, at_least_one=True).shards
 
 
 def run_stage(env: StageEnv, stage: str, params: RunParams, shard: Shard) -> StageStats | None:
@@ -92,25 +103,28 @@ def source_uri(env: StageEnv, params: RunParams) -> str:
 
 
 def dry_run_report(env: StageEnv, params: RunParams) -> dict[str, Any]:
-    """Pending work per stage as things stand, without calling anything."""
+    """Pending work per stage, including what waits on earlier stages (see lgt_ops.dryrun)."""
     spec, store = resolve_source(env, params.source)
     report: dict[str, Any] = {"source": source_uri(env, params), "stages": {}}
-    listed = sum(1 for _ in store.list(spec.prefix))
-    report["objects_listed"] = listed
+    report["objects_listed"] = sum(1 for _ in store.list(spec.prefix))
     shards = plan(env, params)
     report["shards"] = len(shards)
+    ready: dict[str, list[dryrun.Ready]] = {}
     for name, module in SHARD_STAGES.items():
         if not params.runs(name):
             continue
-        if not hasattr(module, "plan"):
-            report["stages"][name] = {"model_calls": 0}  # computed from what earlier stages made
+        if not hasattr(module, "plan"):  # filter, pairs: computed from earlier outputs
+            report["stages"][name] = {"model_calls": 0}
             continue
-        items = requests = 0
-        for shard in shards:
-            work = module.plan(env, spec, shard, params.sample_size)
-            items += len(work.items)
-            requests += work.requests
-        report["stages"][name] = {"pending_items": items, "requests_if_uncached": requests}
+        ready[name] = [
+            dryrun.Ready(item.image_id, len(item.requests))
+            for shard in shards
+            for item in module.plan(env, spec, shard, params.sample_size).items
+        ]
+    m = env.settings.method
+    fan = dryrun.fan_outs(m, env.settings.endpoint("vlm").supports_n, tag.enabled(env))
+    report["stages"].update(dryrun.estimate(ready, fan))
+    report["stages"] = {k: report["stages"][k] for k in SHARD_STAGES if k in report["stages"]}
     return report
 
 
@@ -120,20 +134,42 @@ def log_dry_run(env: StageEnv, params: RunParams) -> dict[str, Any]:
     return report
 
 
-def finish(env: StageEnv) -> str:
-    """Close the pipeline run: failed if any stage shard's last attempt failed."""
+def finish(env: StageEnv, failed_tasks: Sequence[str] = ()) -> str:
+    """Close the pipeline run (the DAG's last task, run whatever happened upstream).
+
+    Stage rows still `running` are closed as abandoned (every task before this one has
+    ended). The run is failed if an upstream task failed (`failed_tasks`, from the
+    orchestrator) or a stage shard's last attempt did not succeed; then this raises
+    `RunFailed`, so the orchestrator's run is failed too, with the reason in one line.
+    """
+    close_leftover_stages(env)
     with env.db.connect() as conn:
         failed = conn.execute(
             text(
-                "SELECT COUNT(*) FROM stage_runs r WHERE r.run_id = :run AND r.status <> 'success'"
-                " AND r.attempt = (SELECT MAX(attempt) FROM stage_runs x WHERE x.run_id = r.run_id"
-                " AND x.stage = r.stage AND x.shard_index = r.shard_index)"
+                "SELECT r.stage, r.shard_index, r.status, r.error_detail FROM stage_runs r"
+                " WHERE r.run_id = :run AND r.status <> 'success'"
+                " AND r.attempt = (SELECT MAX(attempt) FROM stage_runs x WHERE x.run_id ="
+                " r.run_id AND x.stage = r.stage AND x.shard_index = r.shard_index)"
+                " ORDER BY r.stage, r.shard_index"
             ),
             {"run": env.run.run_id},
-        ).scalar_one()
-    status = "failed" if failed else "success"
-    finish_pipeline_run(env, status)
-    return status
+        ).all()
+    if not failed and not failed_tasks:
+        finish_pipeline_run(env, "success")
+        return "success"
+    parts = [f"failed tasks: {', '.join(failed_tasks)}"] if failed_tasks else []
+    parts += [
+        f"{r.stage} shard {r.shard_index} {r.status}: {_first_line(r.error_detail)}"
+        for r in failed[:5]
+    ]
+    detail = "; ".join(parts)
+    ensure_pipeline_run(env)  # a run whose start task failed has no row yet
+    finish_pipeline_run(env, "failed", detail)
+    raise RunFailed(f"pipeline run {env.run.run_id} failed: {detail}")
+
+
+def _first_line(detail: str | None) -> str:
+    return (detail or "no error recorded").strip().splitlines()[0][:300]
 
 
 def release(env: StageEnv, params: RunParams) -> Published | None:
@@ -154,7 +190,7 @@ def release(env: StageEnv, params: RunParams) -> Published | None:
 def run_local(env: StageEnv, params: RunParams) -> RunSummary:
     """Everything in this process, shard after shard (the CLI and the demo)."""
     start(env, params)
-    status = "failed"
+    status, detail = "failed", None
     if params.dry_run:
         report = log_dry_run(env, params)
         finish_pipeline_run(env, "success")
@@ -177,8 +213,11 @@ def run_local(env: StageEnv, params: RunParams) -> RunSummary:
             {k: v.as_dict() for k, v in totals.items()},
             published,
         )
+    except BaseException as exc:
+        detail = error_line(exc)
+        raise
     finally:
-        finish_pipeline_run(env, status)
+        finish_pipeline_run(env, status, detail)
 
 
 def _add(total: StageStats, s: StageStats) -> None:

@@ -1,10 +1,18 @@
-"""Progress for long work: a live line on a terminal, a periodic log line elsewhere."""
+"""Progress for long work: a live line on a terminal, a periodic INFO log record elsewhere.
+
+Inside Airflow a task's stderr is shown as ERROR lines, so off a terminal progress goes
+through `logging` (logger `lgt_ops.progress`, level INFO): the task log shows it as INFO, and
+the CLI routes that logger to stderr (see `lgt_ops.cli.main`).
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TextIO
+
+log = logging.getLogger(__name__)
 
 
 def _fmt_secs(s: float) -> str:
@@ -70,9 +78,9 @@ class Progress:
         if self.tty:
             end = "\n" if final else ""
             self.stream.write(f"\r\x1b[2K{text}{end}")
+            self.stream.flush()
         else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+            log.info("%s", text)
 
     def close(self) -> None:
         if self.enabled:

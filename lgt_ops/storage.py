@@ -8,9 +8,11 @@ fails with `ObjectExists` instead of overwriting (S3 conditional write `If-None-
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from urllib.parse import urlparse
 
 from lgt_ops import chaos
 from lgt_ops.config import ConfigError, Settings
+from lgt_ops.reasons import IngestReason
 
 
 class ObjectExists(Exception):
@@ -30,11 +33,26 @@ class ObjectMissing(KeyError):
     """The key does not exist in the store."""
 
 
+class ObjectRefused(ValueError):
+    """The key names something the store will not read (a link out of the root, a FIFO...)."""
+
+    def __init__(self, key: str, reason: IngestReason, detail: str) -> None:
+        super().__init__(f"{key}: {reason}: {detail}")
+        self.key = key
+        self.reason = reason
+        self.detail = detail
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
+    """A listed key. `problem` is set when the key cannot be read as an object (an S3 folder
+    marker, a `//` key, a symlink loop, a FIFO...): listing reports it instead of failing."""
+
     key: str
     size: int
     etag: str
+    problem: IngestReason | None = None
+    detail: str = ""
 
 
 class ObjectStore(Protocol):
@@ -45,6 +63,7 @@ class ObjectStore(Protocol):
     def head(self, key: str) -> ObjectInfo | None: ...
     def get(self, key: str) -> bytes: ...
     def open(self, key: str) -> BinaryIO: ...
+    def read_prefix(self, key: str, n: int) -> bytes: ...
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...
     def copy(self, src_key: str, dst_key: str) -> None: ...
@@ -58,6 +77,43 @@ def _clean_key(key: str) -> str:
     if not key or any(part in ("", ".", "..") for part in key.split("/")):
         raise ValueError(f"invalid object key {key!r}")
     return key
+
+
+def key_problem(key: str, size: int) -> tuple[IngestReason, str] | None:
+    """Why a listed key cannot be addressed as an object, or None if it can."""
+    if key.endswith("/") and size == 0:
+        return IngestReason.FOLDER_MARKER, "a zero-byte folder marker"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # a local file name that is not UTF-8 arrives as surrogates
+        return IngestReason.INVALID_KEY, f"key {key!r} is not valid UTF-8"
+    try:
+        _clean_key(key)
+    except ValueError:
+        return IngestReason.INVALID_KEY, f"key {key!r} has an empty, '.' or '..' part"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return IngestReason.INVALID_KEY, f"key {key!r} contains control characters"
+    return None
+
+
+def _listed(key: str, size: int, etag: str) -> ObjectInfo:
+    found = key_problem(key, size)
+    if found is None:
+        return ObjectInfo(key=key, size=size, etag=etag)
+    return ObjectInfo(key=key, size=size, etag=etag, problem=found[0], detail=found[1])
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 class LocalStore:
@@ -78,42 +134,112 @@ class LocalStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Files under the prefix in key order. Nothing is opened and no link is followed out
+        of the root: links, loops and special files are listed with a `problem`."""
         base = self.root / prefix if prefix and prefix.endswith("/") else self.root
-        if not base.exists():
+        if not base.is_dir() or not self._inside(os.path.realpath(base)):
             return
-        found = []
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".lgt-tmp")]
-            for name in filenames:
-                if name.startswith(".lgt-tmp"):
-                    continue
-                full = Path(dirpath) / name
-                key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    found.append(key)
-        for key in sorted(found):  # S3 lists in key order; so do we
-            info = self.head(key)
-            if info is not None:
-                yield info
+        found: list[ObjectInfo] = []
+        self._walk(str(base), prefix, found)
+        yield from sorted(found, key=lambda o: o.key)  # S3 lists in key order; so do we
+
+    def _walk(self, folder: str, prefix: str, found: list[ObjectInfo]) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):  # removed while listing
+            return
+        cut = len(str(self.root)) + 1
+        for entry in entries:
+            if entry.name.startswith(".lgt-tmp"):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):  # a real folder (links to folders are not entered)
+                self._walk(entry.path, prefix, found)
+                continue
+            key = entry.path[cut:].replace(os.sep, "/")
+            if key.startswith(prefix):
+                found.append(self._entry_info(key, entry.path, st))
+
+    def _entry_info(self, key: str, path: str, st: os.stat_result) -> ObjectInfo:
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                _real, st = self._resolve(key, path)
+            except ObjectRefused as exc:
+                return ObjectInfo(key, 0, "", exc.reason, exc.detail)
+            if stat.S_ISDIR(st.st_mode):
+                detail = "a link to a folder in the store (its files are listed where they are)"
+                return ObjectInfo(key, 0, "", IngestReason.LINKED_DIRECTORY, detail)
+        if not stat.S_ISREG(st.st_mode):
+            return ObjectInfo(key, 0, "", IngestReason.SPECIAL_FILE, _file_kind(st.st_mode))
+        return _listed(key, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")
+
+    def _inside(self, real: str) -> bool:
+        root = os.path.realpath(self.root)
+        return real == root or real.startswith(root + os.sep)
+
+    def _resolve(self, key: str, path: str) -> tuple[str, os.stat_result]:
+        """The real path (links followed, never out of the root) and its stat."""
+        try:
+            real = os.path.realpath(path, strict=True)
+        except FileNotFoundError as exc:
+            if os.path.lexists(path):
+                detail = "the link's target is gone"
+                raise ObjectRefused(key, IngestReason.BROKEN_LINK, detail) from exc
+            raise ObjectMissing(key) from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ObjectRefused(key, IngestReason.SYMLINK_LOOP, str(exc)) from exc
+            raise
+        if not self._inside(real):
+            raise ObjectRefused(
+                key, IngestReason.LINK_OUTSIDE_ROOT, "links to a path outside the store root"
+            )
+        return real, os.stat(real)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            st = self._path(key).stat()
-        except FileNotFoundError:
+            _real, st = self._resolve(key, str(self._path(key)))
+        except ObjectMissing:
             return None
+        if stat.S_ISDIR(st.st_mode):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise ObjectRefused(key, IngestReason.SPECIAL_FILE, _file_kind(st.st_mode))
         return ObjectInfo(key=key, size=st.st_size, etag=f"{st.st_size}-{st.st_mtime_ns}")
 
     def get(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError as exc:
-            raise ObjectMissing(key) from exc
+        with self.open(key) as fh:
+            return fh.read()
 
     def open(self, key: str) -> BinaryIO:
+        """Open a regular file under the root. O_NONBLOCK keeps a FIFO swapped in after the
+        check from hanging the open; fstat then refuses anything that is not a regular file."""
+        real, _st = self._resolve(key, str(self._path(key)))
         try:
-            return self._path(key).open("rb")
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except FileNotFoundError as exc:
             raise ObjectMissing(key) from exc
+        except IsADirectoryError as exc:
+            raise ObjectMissing(key) from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # the final part became a link after the check
+                raise ObjectRefused(key, IngestReason.SYMLINK_LOOP, str(exc)) from exc
+            raise
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            if stat.S_ISDIR(mode):
+                raise ObjectMissing(key)
+            raise ObjectRefused(key, IngestReason.SPECIAL_FILE, _file_kind(mode))
+        return os.fdopen(fd, "rb")
+
+    def read_prefix(self, key: str, n: int) -> bytes:
+        """The first `n` bytes (all of them if the object is shorter)."""
+        with self.open(key) as fh:
+            return fh.read(n)
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         path = self._path(key)
@@ -217,9 +343,7 @@ class S3Store:
         )
         for page in pages:
             for obj in page.get("Contents", []):
-                yield ObjectInfo(
-                    key=self._rel(obj["Key"]), size=obj["Size"], etag=obj["ETag"].strip('"')
-                )
+                yield _listed(self._rel(obj["Key"]), obj["Size"], obj["ETag"].strip('"'))
 
     def head(self, key: str) -> ObjectInfo | None:
         from botocore.exceptions import ClientError
@@ -246,6 +370,24 @@ class S3Store:
                 raise ObjectMissing(key) from exc
             raise
         return r["Body"]
+
+    def read_prefix(self, key: str, n: int) -> bytes:
+        """The first `n` bytes (all of them if the object is shorter): one ranged GET."""
+        from botocore.exceptions import ClientError
+
+        try:
+            r = self._client.get_object(
+                Bucket=self.bucket, Key=self._full(key), Range=f"bytes=0-{n - 1}"
+            )
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise ObjectMissing(key) from exc
+            if code in ("InvalidRange", "416"):  # an empty object
+                return b""
+            raise
+        with r["Body"] as body:
+            return body.read()
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         from botocore.exceptions import ClientError

@@ -193,8 +193,11 @@ def test_dockerfile_base_image_and_install():
     assert user == "airflow", "pip must run as the airflow user (official image rules)"
     for needle in ("--no-cache-dir", "--constraint constraints/py311.txt", '".[openlineage]"'):
         assert needle in cmd, needle
-    # Airflow pinned to the base image's own version in the same install.
-    assert '"apache-airflow==${AIRFLOW_VERSION}"' in cmd
+    # Airflow pinned to the base image's own version in the same install, with the postgres
+    # extra (asyncpg/psycopg for the metadata DB).
+    assert '"apache-airflow[postgres]==${AIRFLOW_VERSION}"' in cmd
+    # The installed package (not the source tree) must find its prompts and migrations.
+    assert "cd / && python -c" in cmd and "discover('postgresql')" in cmd
     constraints = (ROOT / "constraints" / "py311.txt").read_text()
     assert re.search(r"^apache-airflow==3\.3\.2$", constraints, re.M), "constraints pin != image"
 
@@ -203,16 +206,18 @@ def test_dockerfile_copy_destinations():
     dests = {tuple(src): dst for src, dst in _copy_pairs()}
     assert dests[("dags/",)] == DAGS_FOLDER + "/"
     assert dests[("plugins/",)] == PLUGINS_FOLDER + "/"
-    assert dests[("sql/",)] == "/opt/lgt/sql/"
+    # sql/ is built into the package (setup.py): it sits beside lgt_ops/ in the build folder.
+    assert dests[("sql/",)] == "sql/"
     srcs = {s for src, _ in _copy_pairs() for s in src}
-    for needed in ("pyproject.toml", "README.md", "constraints/py311.txt", "lgt_ops/"):
+    for needed in ("pyproject.toml", "setup.py", "README.md", "constraints/py311.txt", "lgt_ops/"):
         assert needed in srcs, needed
     # The package is copied before it is installed, the DAGs after (layer caching).
     order = [op + " " + rest for op, rest in _dockerfile_instructions()]
     i_pip = next(i for i, s in enumerate(order) if "pip install" in s)
     i_ops = next(i for i, s in enumerate(order) if s.startswith("COPY") and "lgt_ops/" in s)
+    i_sql = next(i for i, s in enumerate(order) if s.startswith("COPY") and " sql/" in s)
     i_dags = next(i for i, s in enumerate(order) if s.startswith("COPY") and "dags/" in s)
-    assert i_ops < i_pip < i_dags
+    assert i_ops < i_pip < i_dags and i_sql < i_pip
 
 
 def test_dockerfile_copy_sources_exist():
@@ -364,9 +369,24 @@ def test_compose_gpu_services_only_in_gpu_profile(services):
     assert gpu_services == {"vllm-vlm", "vllm-reasoner"}
     for name, svc in services.items():
         if name not in gpu_services:
-            assert not set(svc.get("depends_on") or {}) & gpu_services, (
-                f"{name} depends on a gpu service"
-            )
+            deps = svc.get("depends_on") or {}
+            for target in set(deps) & gpu_services:
+                # Without the gpu profile the target does not exist: only a soft dependency
+                # (required: false, Compose >= 2.20) keeps `docker compose up` valid.
+                assert deps[target].get("required") is False, f"{name} -> {target}"
+
+
+def test_compose_task_runners_wait_for_healthy_vllm(services):
+    """With --profile gpu, the scheduler (LocalExecutor: it runs the tasks) starts only once
+    both vLLM servers answer /health."""
+    deps = services["airflow-scheduler"]["depends_on"]
+    for target in ("vllm-vlm", "vllm-reasoner"):
+        assert deps[target] == {"condition": "service_healthy", "required": False}, target
+        assert "localhost:8000/health" in " ".join(services[target]["healthcheck"]["test"])
+    assert (
+        services["airflow-scheduler"].get("environment", {}).get("AIRFLOW__CORE__EXECUTOR")
+        in (None, "LocalExecutor")
+    )
 
 
 def test_compose_vllm_args(services):
@@ -384,6 +404,20 @@ def test_compose_vllm_args(services):
         c.startswith("--limit-mm-per-prompt") for c in _as_list(services["vllm-vlm"]["command"])
     )
     assert "--reasoning-parser" in _as_list(services["vllm-reasoner"]["command"])
+
+
+def test_compose_reasoner_tensor_parallel(services, env_example):
+    """The 32B reasoner needs tensor parallelism: the TP size is a setting (default 1, the 7B
+    default model) and the reasoner's GPU list is a setting too, documented together."""
+    raw = _as_list(services["vllm-reasoner"]["command"])
+    tp = raw[raw.index("--tensor-parallel-size") + 1]
+    assert tp == "${VLLM_REASONER_TENSOR_PARALLEL_SIZE:-1}", tp
+    assert env_example["VLLM_REASONER_TENSOR_PARALLEL_SIZE"] == "1"
+    devices = services["vllm-reasoner"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["device_ids"] == ["${VLLM_REASONER_GPU:-1}"]
+    gpu_text = (DEPLOY / "env.gpu.example").read_text()
+    assert "# VLLM_REASONER_TENSOR_PARALLEL_SIZE=2" in gpu_text
+    assert "# VLLM_REASONER_GPU=1,2" in gpu_text
 
 
 def test_compose_airflow_services_share_the_anchor(compose, compose_raw, services):
@@ -750,7 +784,7 @@ def _yaml_skeleton(text: str) -> list[dict]:
 EXPECTED_KINDS = {
     "connections-secret.yaml": ["Secret"],
     "simulator.yaml": ["Deployment", "Service"],
-    "vllm.yaml": ["PersistentVolumeClaim", "Deployment", "Service"],
+    "vllm.yaml": ["StatefulSet", "Service"],
     "minio.yaml": ["Secret", "PersistentVolumeClaim", "Deployment", "Service"],
     "minio-bucket-job.yaml": ["Job"],
     "lineage-db.yaml": ["Secret", "PersistentVolumeClaim", "Deployment", "Service"],
@@ -795,7 +829,7 @@ def test_helm_lgt_commands_are_real(templates):
 
 def test_vllm_and_simulator_templates(templates):
     docs = {d["kind"]: d for d in _yaml_skeleton(templates["vllm.yaml"])}
-    spec = docs["Deployment"]["spec"]["template"]["spec"]
+    spec = docs["StatefulSet"]["spec"]["template"]["spec"]
     (c,) = spec["containers"]
     assert c["command"] == ["vllm", "serve"]
     assert "--served-model-name" in c["args"] and "--tensor-parallel-size" in c["args"]
@@ -807,7 +841,11 @@ def test_vllm_and_simulator_templates(templates):
         assert c[probe]["httpGet"]["path"] == "/health", probe
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert {"/root/.cache/huggingface", "/dev/shm"} <= mounts
-    assert docs["Deployment"]["spec"]["strategy"]["type"] == "Recreate"
+    sts = docs["StatefulSet"]["spec"]
+    # Replicas load weights in parallel; a rolling update frees a pod's GPUs before its
+    # successor starts (no Recreate for StatefulSets, and none needed).
+    assert sts["podManagementPolicy"] == "Parallel"
+    assert sts["updateStrategy"]["type"] == "RollingUpdate"
     sim = {d["kind"]: d for d in _yaml_skeleton(templates["simulator.yaml"])}
     (sc,) = sim["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert sc["command"] == ["lgt", "sim", "serve"]
@@ -877,5 +915,147 @@ def test_deploy_docs_cover_the_procedures():
         "airflow pools",
         "baseUrl",
         "AIRFLOW_CONN_LGT_",
+    ):
+        assert needle in text, needle
+
+
+# ------------------------------------------------------------------------------------------
+# Helm: restarts on Secret changes, security contexts, paused DAG, per-replica caches
+# ------------------------------------------------------------------------------------------
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
+
+
+def _workloads(templates) -> list[tuple[str, dict]]:
+    return [
+        (name, d)
+        for name, text in templates.items()
+        if name.endswith(".yaml")
+        for d in _yaml_skeleton(text)
+        if d["kind"] in WORKLOAD_KINDS
+    ]
+
+
+def test_pods_restart_when_their_secret_changes(templates, values):
+    helpers = templates["_helpers.tpl"]
+    body = helpers.split('define "lgt-etl.connectionsChecksum"', 1)[1].split("{{- end }}\n\n", 1)[0]
+    # The chart's own Secret as rendered, and a Secret you manage as read from the cluster.
+    assert 'print .Template.BasePath "/connections-secret.yaml"' in body
+    assert 'lookup "v1" "Secret" .Release.Namespace .Values.connections.existingSecret' in body
+    assert "sha256sum" in body
+    for name, doc in _workloads(templates):
+        if doc["kind"] == "Job":
+            continue  # hook Jobs are re-created on every upgrade
+        text = _strip_comments(templates[name])
+        ann = doc["spec"]["template"]["metadata"].get("annotations") or {}
+        if "lgt-etl.connectionsSecretName" in text:
+            assert "checksum/connections" in ann, f"{name}: no checksum of the connections Secret"
+            assert 'checksum/connections: {{ include "lgt-etl.connectionsChecksum" $ }}' in text
+    minio = next(d for n, d in _workloads(templates) if n == "minio.yaml")
+    assert "checksum/secret" in minio["spec"]["template"]["metadata"]["annotations"]
+    for field in ("$mc.rootUser", "$mc.rootPassword"):
+        assert field in templates["minio.yaml"], field
+    # Airflow pods: the Airflow chart does not hash extraEnvFrom; its airflowPodAnnotations
+    # (applied to every Airflow pod) carry the digest, documented and reminded by NOTES.
+    assert values["airflow"]["airflowPodAnnotations"] == {}
+    assert "airflow.airflowPodAnnotations.checksum/lgt-connections" in templates["NOTES.txt"]
+    assert "airflow.airflowPodAnnotations.checksum/lgt-connections" in DOCS.read_text()
+
+
+def test_chart_pods_have_security_contexts(templates, values):
+    for name, doc in _workloads(templates):
+        pod = doc["spec"]["template"]["spec"]
+        assert "securityContext" in pod, f"{name}: pod securityContext"
+        for c in pod["containers"]:
+            assert "securityContext" in c, f"{name}: container {c['name']} securityContext"
+    # What those contexts are, per image.
+    for ctx in (
+        values["securityContext"],
+        values["objectStore"]["minio"]["securityContext"],
+        values["lineageDatabase"]["embedded"]["securityContext"],
+    ):
+        assert ctx["pod"]["runAsNonRoot"] is True and ctx["pod"]["runAsUser"] > 0
+        assert ctx["pod"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert ctx["container"]["allowPrivilegeEscalation"] is False
+        assert ctx["container"]["capabilities"]["drop"] == ["ALL"]
+    assert values["securityContext"]["pod"]["runAsUser"] == 50000, "the Airflow image's user"
+    assert values["lineageDatabase"]["embedded"]["securityContext"]["pod"]["runAsUser"] == 999
+    # vLLM: documented exception (root in the image), but no privilege escalation.
+    vctx = values["vllm"]["securityContext"]
+    assert vctx["container"]["allowPrivilegeEscalation"] is False
+    assert vctx["pod"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    raw_values = (CHART / "values.yaml").read_text()
+    assert "Documented exception" in raw_values and "runs as root" in raw_values
+    # Which context each template uses.
+    uses = {
+        "simulator.yaml": ".Values.securityContext.pod",
+        "db-upgrade-job.yaml": ".Values.securityContext.pod",
+        "pools-job.yaml": ".Values.securityContext.pod",
+        "minio.yaml": "$mc.securityContext.pod",
+        "minio-bucket-job.yaml": "$mc.securityContext.pod",
+        "lineage-db.yaml": "$db.embedded.securityContext.pod",
+        "vllm.yaml": "$.Values.vllm.securityContext.pod",
+    }
+    for name, ref in uses.items():
+        assert ref in templates[name], (name, ref)
+        assert ref.replace(".pod", ".container") in templates[name], name
+
+
+def test_dag_starts_paused_and_notes_say_how_to_unpause(values, templates):
+    env = {e["name"]: e["value"] for e in values["airflow"]["env"]}
+    assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "True"
+    notes = templates["NOTES.txt"]
+    assert "starts PAUSED" in notes
+    assert "airflow dags unpause lgt_synthesis" in notes
+    assert "component=scheduler,release={{ .Release.Name }}" in notes
+
+
+def _hf_cache_problem(model: dict) -> str | None:
+    """The chart's rule (vllm.yaml `fail`): replicas may share a cache only if it is RWX."""
+    hf = model.get("hfCache") or {}
+    replicas = model.get("replicas", 1)
+    shared = hf.get("enabled") and hf.get("existingClaim") and replicas > 1
+    if shared and hf.get("accessMode", "ReadWriteOnce") != "ReadWriteMany":
+        return f"{model['name']}: {replicas} replicas share a non-RWX claim"
+    return None
+
+
+def test_vllm_replicas_never_share_a_read_write_once_cache(templates, values):
+    (sts,) = [d for d in _yaml_skeleton(templates["vllm.yaml"]) if d["kind"] == "StatefulSet"]
+    spec = sts["spec"]
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "hf-cache"
+    assert "storage" in claim["spec"]["resources"]["requests"]
+    mounts = {m["name"] for m in spec["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert "hf-cache" in mounts
+    # Pod-level hf-cache volumes exist only for the shared claim and the emptyDir cases.
+    text = templates["vllm.yaml"]
+    assert "{{- if and $hf.enabled $hf.existingClaim }}" in text
+    assert "{{- if and $hf.enabled (not $hf.existingClaim) }}" in text
+    assert "{{- fail" in text and "ReadWriteMany" in text
+    assert "kind: PersistentVolumeClaim" not in text, "one PVC for all replicas is the bug"
+    # The defaults and every example obey the rule the template enforces.
+    for name in ["values.yaml"] + sorted(p.name for p in (CHART / "examples").glob("*.yaml")):
+        override = yaml.safe_load(
+            (CHART / name if name == "values.yaml" else CHART / "examples" / name).read_text()
+        )
+        merged = _helm_merge(values, override)
+        for m in merged["vllm"]["models"]:
+            assert _hf_cache_problem(m) is None, (name, _hf_cache_problem(m))
+    broken = {"name": "x", "replicas": 2, "hfCache": {"enabled": True, "existingClaim": "c"}}
+    assert _hf_cache_problem(broken)
+
+
+def test_deploy_docs_cover_the_changes():
+    text = DOCS.read_text()
+    for needle in (
+        "VLLM_REASONER_TENSOR_PARALLEL_SIZE",
+        "required: false",
+        "volumeClaimTemplates",
+        "ReadWriteMany",
+        "securityContext",
+        "airflow dags unpause lgt_synthesis",
+        "checksum/connections",
+        "lgt_ops/sql",
+        "apache-airflow[postgres]",
     ):
         assert needle in text, needle

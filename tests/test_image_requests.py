@@ -50,7 +50,7 @@ def test_presigned_urls_from_s3(pg_s3_env, sim, caplog):
 
 
 def test_stage_runs_carry_request_metrics(local_env, sim, caplog):
-    sim.sim.cfg.fault_429 = 0.5
+    sim.sim.cfg.fault_429 = 0.8  # drawn per (request, attempt): most first attempts get a 429
     sim.sim.cfg.retry_after_s = 0.01
     stats = _annotate(local_env, caplog)
     with local_env.db.connect() as conn:

@@ -115,3 +115,106 @@ def test_coco_and_manifest_merge():
     assert meta.caption == "c" and meta.objects_source == "coco" and meta.box_format == "xywh"
     assert meta.objects == [{"id": "c3", "label": "cup", "box": [1, 2, 3, 4]}]
     assert not dup
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        [1, 1, float("nan"), 5],
+        [1, 1, float("inf"), 5],
+        [1, float("-inf"), 10, 5],
+        [1, "1", 10, 5],
+        [True, 1, 10, 5],
+        [1, 1, 10**400, 5],
+        [1, 1, None, 5],
+        [1, 1, 10],
+        "1,1,10,5",
+        None,
+    ],
+)
+def test_non_finite_or_non_numeric_boxes_are_malformed(box):
+    """NaN used to pass every comparison and be clipped to the image width."""
+    with pytest.raises(boxes.BoxRejected) as exc:
+        boxes.to_xyxy(box, "xyxy", 32, 32, field="bbox")
+    assert exc.value.reason == "box_malformed"
+    assert "'bbox' must be 4 finite numbers [x0, y0, x1, y1]" in exc.value.detail
+
+
+def test_a_normalised_box_that_overflows_is_malformed():
+    with pytest.raises(boxes.BoxRejected) as exc:
+        boxes.validate(boxes.to_xyxy([0, 0, 1e308, 1], "xyxy_norm", 10**4, 10), 10**4, 10)
+    assert exc.value.reason == "box_malformed"
+
+
+def test_manifest_caps_and_bad_bytes_cost_one_line():
+    from lgt_ops.config import IngestLimits
+
+    limits = IngestLimits(
+        max_caption_chars=10, max_objects_per_image=2, max_manifest_line_bytes=300
+    )
+    lines = [
+        b'{"key": "a.jpg", "caption": "short"}',
+        b'{"key": "b.jpg", "caption": "' + b"x" * 11 + b'"}',
+        b'{"key": "c.jpg", "objects": [{}, {}, {}]}',
+        b'{"key": "d.jpg", "pad": "' + b"y" * 300 + b'"}',
+        b'{"key": "e.jpg", "caption": "caf\xe9"}',
+        b'{"key": "f.jpg", "caption": "a\xe2\x80\xa8b"}',  # U+2028 inside a string
+    ]
+    entries, problems = parse_jsonl("m.jsonl", b"\xef\xbb\xbf" + b"\r\n".join(lines), limits)
+    assert [(e.key, e.caption, e.objects) for e in entries] == [
+        ("a.jpg", "short", None),
+        ("b.jpg", None, None),
+        ("c.jpg", None, None),
+        ("f.jpg", "a\u2028b", None),
+    ]
+    assert [(p.item_ref, p.reason) for p in problems] == [
+        ("m.jsonl:2", "caption_too_long"),
+        ("m.jsonl:3", "too_many_objects"),
+        ("m.jsonl:4", "manifest_line_too_long"),
+        ("m.jsonl:5", "manifest_not_utf8"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"images": {"1": "a.jpg"}, "annotations": []},
+        {"images": [], "annotations": [], "categories": 5},
+        {"images": [{"id": [1], "file_name": "a.jpg"}], "annotations": []},
+        {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": {}}]},
+        [1, 2],
+    ],
+)
+def test_malformed_coco_is_a_problem_not_a_crash(doc):
+    _entries, problems = parse_coco("c.json", json.dumps(doc).encode())
+    assert problems and {p.reason for p in problems} == {"coco_malformed"}
+
+
+def test_pixel_budget_bounds_pixels_held_at_once():
+    import threading
+
+    from lgt_ops.images import PixelBudget
+
+    budget = PixelBudget(100)
+    peak, lock = [0], threading.Lock()
+
+    def work(pixels: int) -> None:
+        with budget.hold(pixels), lock:
+            peak[0] = max(peak[0], budget.used)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in [30] * 12 + [250, 70]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)  # an image over the budget still runs
+    assert 0 < peak[0] <= 100 and budget.used == 0
+
+
+def test_inspect_under_a_budget_gives_the_same_facts():
+    from lgt_ops.images import PixelBudget
+
+    data = (SAMPLE / "images" / "chelsea.jpg").read_bytes()
+    assert inspect(data, max_pixels=10**8, budget=PixelBudget(1000)) == inspect(
+        data, max_pixels=10**8
+    )

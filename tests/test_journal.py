@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import text
 
 from lgt_ops.db import make_engine, upgrade
-from lgt_ops.db.errors import LineageDBUnavailable
+from lgt_ops.failures import LineageDbUnreachable
 from lgt_ops.llm.ledger import JournalPolicy, Ledger, Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.runctx import RunContext, new_cli_run
@@ -279,9 +279,9 @@ def test_lineage_db_lost_mid_stage_is_one_error_and_the_retry_converges(
             r[0][:32] for r in conn.execute(text("SELECT request_key FROM model_requests"))
         }
     assert not worker.is_alive()
-    assert len(errors) == 1 and isinstance(errors[0], LineageDBUnavailable), errors
+    assert len(errors) == 1 and isinstance(errors[0], LineageDbUnreachable), errors
     message = str(errors[0])
-    assert "\n" not in message and _db_name(pg_url) in message and "re-run" in message
+    assert "\n" not in message and _db_name(pg_url) in message and "database is up" in message
 
     assert _wait(lambda: sim.sim.inflight == 0)
     sim.sim.cfg.latency_ms = 1

@@ -97,3 +97,34 @@ def test_report_plots_compare_with_the_previous_release(two_releases):
     assert sum(now["trace_length"].values()) == manifest["counts"]["splits"]["sft_stage1"][
         "rows"] + manifest["counts"]["splits"]["sft_stage2"]["rows"]
     assert 0 < now["behaviours"]["verification"] <= 1
+
+
+@pytest.mark.parametrize("store", ["local_env", "pg_s3_env"])
+def test_verify_reports_every_file_the_manifest_does_not_list(store, request, capsys, monkeypatch):
+    """A dropped-in part would be read by the card's loading glob: verify must fail on it."""
+    from lgt_ops.release.publish import publish
+    from tests.test_release import _stage1
+
+    env = request.getfixturevalue(store)
+    spec = _stage1(env)
+    publish(env, spec, name="t", version="v1", allow_simulated=True)
+    prefix = "releases/t/v1"
+    assert verify(env, "t/v1").ok
+    part = env.store.get(f"{prefix}/questions/part-00000.parquet")
+    env.store.put(f"{prefix}/dpo/stage1/part-99999.parquet", part)  # a valid Parquet file
+    env.store.put(f"{prefix}/report/extra.png", b"not listed")
+    env.store.put(f"{prefix}/notes.txt", b"hello")
+    env.store.put("releases/t/v10/stray.parquet", b"x")  # another version's prefix: not ours
+    assert sorted(verify(env, "t/v1").problems) == [
+        "dpo/stage1/part-99999.parquet: not listed in the manifest",
+        "notes.txt: not listed in the manifest",
+        "report/extra.png: not listed in the manifest",
+    ]
+    monkeypatch.setenv("LGT_DATABASE_URL", env.settings.database_url)
+    monkeypatch.setenv("LGT_STORE_URL", env.settings.store_url)
+    if env.settings.s3_endpoint_url:
+        monkeypatch.setenv("LGT_S3_ENDPOINT_URL", env.settings.s3_endpoint_url)
+    assert main(["release", "verify", "t/v1"]) == 1
+    assert (
+        "FAIL dpo/stage1/part-99999.parquet: not listed in the manifest" in capsys.readouterr().out
+    )

@@ -74,3 +74,59 @@ def test_open_store_by_url(tmp_path):
     assert isinstance(open_store((tmp_path / "d").as_uri()), LocalStore)
     with pytest.raises(ValueError):
         open_store("ftp://nowhere/x")
+
+
+def test_unaddressable_keys_are_listed_with_a_problem_not_raised(s3_url, s3_endpoint):
+    """One folder marker or `//` key used to fail the whole listing's consumer."""
+    import boto3
+
+    bucket = s3_url.removeprefix("s3://")
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    for key, body in (("p/dir/", b""), ("p/a//b.jpg", b"x"), ("p/ok.jpg", b"x")):
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    listed = {o.key: o.problem for o in S3Store(bucket, endpoint_url=s3_endpoint).list("p/")}
+    assert listed == {"p/dir/": "folder_marker", "p/a//b.jpg": "invalid_key", "p/ok.jpg": None}
+
+
+@pytest.mark.timeout(60)
+def test_local_reads_refuse_special_files_and_links_out_of_the_root(tmp_path):
+    import os
+
+    from lgt_ops.storage import ObjectRefused
+
+    s = LocalStore(tmp_path / "bucket")
+    s.put("in/real.txt", b"inside")
+    (tmp_path / "outside.txt").write_bytes(b"secret")
+    os.mkfifo(s.root / "in" / "pipe.png")
+    os.symlink(tmp_path / "outside.txt", s.root / "in" / "out.txt")
+    os.symlink("real.txt", s.root / "in" / "link.txt")
+    os.symlink("loop", s.root / "in" / "loop")
+    listed = {o.key: o.problem for o in s.list("in/")}
+    assert listed == {
+        "in/link.txt": None,
+        "in/loop": "symlink_loop",
+        "in/out.txt": "link_outside_root",
+        "in/pipe.png": "special_file",
+        "in/real.txt": None,
+    }
+    assert s.get("in/link.txt") == b"inside"  # a link inside the root is followed
+    for key, reason in (
+        ("in/pipe.png", "special_file"),  # refused without blocking on the FIFO
+        ("in/out.txt", "link_outside_root"),
+        ("in/loop", "symlink_loop"),
+    ):
+        with pytest.raises(ObjectRefused) as exc:
+            s.get(key)
+        assert exc.value.reason == reason
+    with pytest.raises(ObjectMissing):
+        s.get("in/none.txt")
+
+
+def test_read_prefix(store):
+    store.put("r/long", b"0123456789")
+    store.put("r/empty", b"")
+    assert store.read_prefix("r/long", 4) == b"0123"
+    assert store.read_prefix("r/long", 100) == b"0123456789"
+    assert store.read_prefix("r/empty", 4) == b""
+    with pytest.raises(ObjectMissing):
+        store.read_prefix("r/none", 4)

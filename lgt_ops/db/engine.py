@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from lgt_ops.db.errors import LineageDBUnavailable, describe
+from lgt_ops.failures import lineage_db_unreachable
 
 
 def make_engine(url: str) -> Engine:
@@ -36,18 +39,20 @@ def make_engine(url: str) -> Engine:
 
         return engine
     engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-    _raise_unavailable_on_disconnect(engine, url)
+    _unreachable_on_disconnect(engine)
     return engine
 
 
-def _raise_unavailable_on_disconnect(engine: Engine, url: str) -> None:
-    """A lost or refused connection surfaces as `LineageDBUnavailable` with a one-line
-    message (the driver's error stays chained as its cause); other errors are unchanged."""
+def _unreachable_on_disconnect(engine: Engine) -> None:
+    """A lost or refused connection, wherever it happens (a stage's commit, the request
+    journal's thread, a lookup), surfaces as `LineageDbUnreachable` with a one-line message
+    naming the database (the driver's error stays chained); other errors are unchanged."""
+    where = engine.url.render_as_string(hide_password=True)
 
     @event.listens_for(engine, "handle_error")
-    def _unavailable(ctx: ExceptionContext) -> None:
+    def _unreachable(ctx: ExceptionContext) -> None:
         if ctx.is_disconnect or _refused(ctx.original_exception):
-            raise LineageDBUnavailable(describe(url, ctx.original_exception)) from (
+            raise lineage_db_unreachable(ctx.original_exception, where) from (
                 ctx.sqlalchemy_exception or ctx.original_exception
             )
 
@@ -61,3 +66,13 @@ def _refused(exc: BaseException) -> bool:
         return False
     code = getattr(exc, "pgcode", None)
     return code is None or code.startswith(("08", "57P"))
+
+
+@contextmanager
+def reaching(engine: Engine) -> Iterator[None]:
+    """A connection failure inside becomes `LineageDbUnreachable`, naming the database."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        raise lineage_db_unreachable(exc, where) from exc

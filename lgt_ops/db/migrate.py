@@ -40,16 +40,20 @@ class Migration:
 
 
 def sql_dir() -> Path:
-    """The sql/ folder: $LGT_SQL_DIR, the source tree beside the package, or /opt/lgt/sql."""
-    candidates = [
-        os.environ.get("LGT_SQL_DIR"),
-        Path(__file__).resolve().parents[2] / "sql",
-        "/opt/lgt/sql",
-    ]
+    """The sql/ folder: $LGT_SQL_DIR, the copy built into the package, or the source tree.
+
+    The wheel carries the repository's sql/ as lgt_ops/sql (see setup.py), so an installed
+    package needs no checkout; an editable install or a checkout uses sql/ beside lgt_ops/.
+    """
+    package = Path(__file__).resolve().parents[1]
+    candidates = [os.environ.get("LGT_SQL_DIR"), package / "sql", package.parent / "sql"]
     for cand in candidates:
         if cand and (Path(cand) / "migrations").is_dir():
             return Path(cand)
-    raise MigrationError("cannot find sql/migrations: set LGT_SQL_DIR to the project's sql/ folder")
+    raise MigrationError(
+        "cannot find sql/migrations (not in the installed package, not beside it): "
+        "set LGT_SQL_DIR to the project's sql/ folder"
+    )
 
 
 def discover(dialect: str, root: Path | None = None) -> list[Migration]:

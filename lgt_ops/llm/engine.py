@@ -49,6 +49,13 @@ _LOOKUP_CHUNK = 256
 _LATENCY_SAMPLES = 4096
 
 
+def _endpoint_hint(role: str) -> str:
+    return (
+        f"check that the server is up and LGT_{role.upper()}_BASE_URL (or the Airflow"
+        f" connection lgt_{role}); a re-run resumes (answered requests are kept)"
+    )
+
+
 class ImageUrls(Protocol):
     """Turns an image id into what the endpoint receives (data URL or presigned URL)."""
 
@@ -324,7 +331,8 @@ class RequestEngine:
                 if time.monotonic() - self._last_answer > ep.down_after_s:
                     raise EndpointDown(
                         f"{ep.role} endpoint {ep.base_url} unreachable for more than "
-                        f"{ep.down_after_s:.0f}s (last error: {type(exc).__name__}: {exc})"
+                        f"{ep.down_after_s:.0f}s (last error: {type(exc).__name__}: {exc}); "
+                        f"{_endpoint_hint(ep.role)}"
                     ) from exc
                 if isinstance(exc, aiohttp.ClientConnectorError):
                     # Nobody is listening: the endpoint's problem, not this request's. Wait
@@ -345,11 +353,18 @@ class RequestEngine:
                 self.stats.errors[failure] += 1
                 self.window.on_overload()
                 if time.monotonic() - self._last_answer > ep.down_after_s:
-                    raise EndpointDown(f"{ep.role} endpoint overloaded for > {ep.down_after_s}s")
+                    raise EndpointDown(
+                        f"{ep.role} endpoint {ep.base_url} overloaded (HTTP {status}) for more"
+                        f" than {ep.down_after_s:.0f}s; {_endpoint_hint(ep.role)}"
+                    )
                 await self._pause(self._retry_after(retry_after, outcome.overloads))
                 continue
             if failure is FailureClass.AUTH:
-                raise EndpointAuthError(f"{ep.role} endpoint refused credentials (HTTP {status})")
+                raise EndpointAuthError(
+                    f"{ep.role} endpoint {ep.base_url} refused credentials (HTTP {status}); set"
+                    f" LGT_{ep.role.upper()}_API_KEY (or the password of the Airflow connection"
+                    f" lgt_{ep.role}) to the key the server expects"
+                )
             if failure in REQUEST_SPECIFIC:
                 self.stats.errors[failure] += 1
                 outcome.http_status = status

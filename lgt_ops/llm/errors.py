@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from lgt_ops.failures import (
+    EXIT_ENDPOINT_AUTH,
+    EXIT_ENDPOINT_DOWN,
+    PermanentFailure,
+    TransientFailure,
+)
+
 
 class FailureClass(StrEnum):
     OVERLOAD = "overload"  # 429 / 503: back off, not an error
@@ -17,13 +24,17 @@ class FailureClass(StrEnum):
     DOWN = "endpoint_down"  # no answer for longer than the limit: fail the task
 
 
-class EndpointDown(RuntimeError):
+class EndpointDown(TransientFailure, RuntimeError):
     """The endpoint has not answered for longer than the limit; the task should fail and
     be retried by the orchestrator, resuming from the ledger."""
 
+    exit_code = EXIT_ENDPOINT_DOWN
 
-class EndpointAuthError(RuntimeError):
+
+class EndpointAuthError(PermanentFailure, RuntimeError):
     """Credentials refused: retrying cannot help."""
+
+    exit_code = EXIT_ENDPOINT_AUTH
 
 
 def classify_http(status: int, body: str) -> FailureClass | None:

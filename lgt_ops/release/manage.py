@@ -1,9 +1,11 @@
 """Operating published releases: list them, verify their bytes, compare two of them.
 
 `verify` trusts nothing but the manifest's hashes: it re-reads every file the manifest lists
-(splits and report plots) and the dataset card, and checks the manifest itself against the
-hash recorded in the lineage DB when publishing. `diff` compares the row ids two releases
-hold, split by split, and the question mix (stage, skill, difficulty) of their questions.
+(splits and report plots) and the dataset card, checks the manifest itself against the
+hash recorded in the lineage DB when publishing, and lists the release's prefix for files the
+manifest does not name (a dropped-in `part-99999.parquet` would be read by the loading globs).
+`diff` compares the row ids two releases hold, split by split, and the question mix (stage,
+skill, difficulty) of their questions.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import text
 
 from lgt_ops.ids import sha256_hex
-from lgt_ops.release.errors import ReleaseError
+from lgt_ops.release.errors import ReleaseNotFound
 from lgt_ops.release.publish import prefix_of
 from lgt_ops.stages.base import StageEnv
 
@@ -52,7 +54,7 @@ def list_releases(env: StageEnv, name: str | None = None) -> list[dict[str, Any]
 def load_manifest(env: StageEnv, release_id: str) -> dict[str, Any]:
     key = f"{prefix_of(release_id)}/manifest.json"
     if env.store.head(key) is None:
-        raise ReleaseError(f"release {release_id}: no manifest at {env.store.uri(key)}")
+        raise ReleaseNotFound(f"release {release_id}: no manifest at {env.store.uri(key)}")
     return json.loads(env.store.get(key))
 
 
@@ -71,6 +73,12 @@ def verify(env: StageEnv, release_id: str) -> Verification:
     """Re-hash every file of a release against its manifest (and the manifest against the DB)."""
     prefix = prefix_of(release_id)
     out = Verification(release_id)
+    if env.store.head(f"{prefix}/manifest.json") is None and not _is_recorded(env, release_id):
+        raise ReleaseNotFound(
+            f"release {release_id} not found: no manifest at"
+            f" {env.store.uri(prefix + '/manifest.json')} and no record in the lineage DB"
+            " (`lgt release list` shows the published ones)"
+        )
     body = _get(env, f"{prefix}/manifest.json", out)
     if body is None:
         return out
@@ -98,7 +106,20 @@ def verify(env: StageEnv, release_id: str) -> Verification:
     )
     if content != manifest["content_sha256"]:
         out.problems.append("manifest.json: content_sha256 does not match its file list")
+    listed = {f["path"] for f in files} | {"README.md", "manifest.json"}
+    for path in unlisted_files(env, prefix, listed):
+        out.problems.append(f"{path}: not listed in the manifest")
     return out
+
+
+def unlisted_files(env: StageEnv, prefix: str, listed: set[str]) -> list[str]:
+    """Every object under the release prefix that is not one of `listed` (paths in it)."""
+    base = prefix.rstrip("/") + "/"
+    return [
+        info.key[len(base) :]
+        for info in env.store.list(base)
+        if info.key[len(base) :] not in listed
+    ]
 
 
 def _get(env: StageEnv, key: str, out: Verification) -> bytes | None:
@@ -180,7 +201,9 @@ def diff(env: StageEnv, a: str, b: str) -> Diff:
     ma, mb = _members(env, a), _members(env, b)
     for rid in (a, b):
         if not _is_published(env, rid):
-            raise ReleaseError(f"release {rid} is not published")
+            raise ReleaseNotFound(
+                f"release {rid} is not published (`lgt release list` shows the published ones)"
+            )
     splits = sorted(set(ma) | set(mb))
     qa, qb = _question_mix(env, a), _question_mix(env, b)
     mix = {k: {v: (qa[k][v], qb[k][v]) for v in sorted(set(qa[k]) | set(qb[k]))} for k in qa}
@@ -192,6 +215,14 @@ def diff(env: StageEnv, a: str, b: str) -> Diff:
         rows={s: (len(ma.get(s, ())), len(mb.get(s, ()))) for s in splits},
         mix=mix,
     )
+
+
+def _is_recorded(env: StageEnv, release_id: str) -> bool:
+    with env.db.connect() as conn:
+        row = conn.execute(
+            text("SELECT 1 FROM releases WHERE release_id = :r"), {"r": release_id}
+        ).first()
+    return row is not None
 
 
 def _is_published(env: StageEnv, release_id: str) -> bool:

@@ -8,14 +8,22 @@ Order of events, each step safe to crash in:
 4. `manifest.json` written with a conditional create: the commit point in the store;
 5. the row set to `published` and the `latest` pointer moved (an object overwrite and a
    row, both single atomic writes); staging removed.
-A crashed attempt leaves a `staging` row that the next attempt for the same version clears.
-A published version can never be written again.
+All of it runs under the release name's publisher lock (`lgt_ops.release.recovery`): one live
+publisher per name, and a dead one's lock is freed by its death. Before claiming, the lock
+holder settles dead attempts: a committed one is finished, an uncommitted one removed (files,
+members, row) and its auto-assigned version reused. A publish whose request (source, sample,
+fingerprints, method, models, splits) equals that of an attempt it just finished, or of a
+release its own pipeline run already published, returns that release instead of a new
+version: a re-run after a crash converges to one release. A published version can never be
+written again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,14 +36,32 @@ from lgt_ops.ids import sha256_hex
 from lgt_ops.llm.simulator.server import MODEL_PREFIX
 from lgt_ops.progress import Progress
 from lgt_ops.release import card, report, splits
-from lgt_ops.release.errors import ReleaseError, ReleaseExists
+from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
 from lgt_ops.release.parquet import Part, encode_part, with_hf_features
+from lgt_ops.release.recovery import publisher_lock, recover
 from lgt_ops.release.scope import iter_chunks, rejection_counts, source_rejection_counts
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import StageEnv
 from lgt_ops.storage import ObjectExists
 
 SCHEMA_VERSION = 1
+KILL_POINTS = (
+    "claimed",  # the version's row is `staging`, nothing written
+    "part_staged",  # the first Parquet part is staged (others not yet)
+    "staged",  # every part staged, every member row recorded
+    "promoted",  # the first part copied to its final place
+    "before_commit",  # parts, plots and card in place; manifest.json not written
+    "committed",  # manifest.json written (the commit point); the row still `staging`
+    "published",  # the row `published` and `latest` moved; staging not yet removed
+)
+
+
+def kill_point(point: str) -> None:
+    """Test hook: LGT_TEST_KILL_AT=<point> SIGKILLs this process at `point` (crash tests)."""
+    if os.environ.get("LGT_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # Every release_members row names all id columns (a batch insert takes the first row's keys).
 _NO_IDS = {"question_id": None, "image_id": None, "trace_id": None, "pair_id": None}
 
@@ -92,11 +118,8 @@ def _claim(env: StageEnv, release_id: str, name: str, version: str, uri: str) ->
             raise ReleaseExists(
                 f"release {release_id} is already published; versions are immutable"
             )
-        if row is not None:  # a crashed attempt: start over
-            conn.execute(
-                text("DELETE FROM release_members WHERE release_id = :r"), {"r": release_id}
-            )
-            conn.execute(text("DELETE FROM releases WHERE release_id = :r"), {"r": release_id})
+        if row is not None:  # settled by recover() under the lock; never expected here
+            raise ReleaseError(f"release {release_id} is still staging after recovery")
         if env.store.head(f"{release_prefix(name, version)}/manifest.json") is not None:
             raise ReleaseExists(f"{uri}/manifest.json already exists in the store")
         insert_ignore(
@@ -134,17 +157,108 @@ def publish(
     sample_size: int | None = None,
     allow_simulated: bool = False,
     only: Sequence[str] | None = None,
+    lock_wait_s: float | None = None,
 ) -> Published:
-    version = version or next_version(env, name)
-    if not version.replace(".", "").replace("-", "").replace("_", "").isalnum():
+    if version is not None and not _valid_version(version):
         raise ReleaseError(f"version {version!r}: use letters, digits, '.', '-' and '_'")
+    builders = [b for b in splits.builders(env) if only is None or b.name in only]
+    fps = splits.fingerprints(env)
+    request = publish_request(env, spec, sample_size, fps, [b.name for b in builders])
+    with publisher_lock(env, name, lock_wait_s):
+        recovered = recover(env, name)
+        done = _same_request_release(env, name, version, request, recovered.finished)
+        if done is not None and (allow_simulated or not done.manifest["simulated"]):
+            return done
+        if version is None:
+            version = min(recovered.reusable) if recovered.reusable else next_version(env, name)
+        return _publish_locked(
+            env, spec, name, version, sample_size, allow_simulated, builders, fps
+        )
+
+
+def _valid_version(version: str) -> bool:
+    return version.replace(".", "").replace("-", "").replace("_", "").isalnum()
+
+
+def publish_request(
+    env: StageEnv,
+    spec: SourceSpec,
+    sample_size: int | None,
+    fps: dict[str, str],
+    split_names: Sequence[str],
+) -> dict[str, Any]:
+    """What a release's content is a function of, besides the lineage rows it reads."""
+    return {
+        "source": {"store": spec.store_url, "prefix": spec.prefix, "sample_size": sample_size},
+        "fingerprints": fps,
+        "method": env.settings.method.model_dump(mode="json"),
+        "image_spec": env.settings.image_spec.model_dump(mode="json"),
+        "requested": {role: ep.model for role, ep in sorted(env.settings.endpoints.items())},
+        "splits": sorted(split_names),
+    }
+
+
+def _request_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "source": manifest["source"],
+        "fingerprints": manifest["fingerprints"],
+        "method": manifest["method"],
+        "image_spec": manifest["image_spec"],
+        "requested": manifest["models"]["requested"],
+        "splits": sorted(manifest["splits"]),
+    }
+
+
+def _same_request_release(
+    env: StageEnv,
+    name: str,
+    version: str | None,
+    request: dict[str, Any],
+    finished: list[str],
+) -> Published | None:
+    """The release this publish already is: one a dead attempt committed (just finished), or
+    one this pipeline run published before (a retried task), with the same request."""
+    with env.db.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT release_id, version, uri, run_id FROM releases"
+                " WHERE name = :n AND status = 'published' ORDER BY version DESC"
+            ),
+            {"n": name},
+        ).all()
+    for row in rows:
+        if version is not None and row.version != version:
+            continue
+        retried = version is None and row.run_id == env.run.run_id
+        if row.release_id not in finished and not retried:
+            continue
+        key = f"{release_prefix(name, row.version)}/manifest.json"
+        if env.store.head(key) is None:
+            continue
+        manifest = json.loads(env.store.get(key))
+        if _request_of(manifest) == request:
+            return Published(
+                row.release_id, name, row.version, row.uri, manifest["content_sha256"], manifest
+            )
+    return None
+
+
+def _publish_locked(
+    env: StageEnv,
+    spec: SourceSpec,
+    name: str,
+    version: str,
+    sample_size: int | None,
+    allow_simulated: bool,
+    builders: list[Any],
+    fps: dict[str, str],
+) -> Published:
     release_id = f"{name}/{version}"
     prefix = release_prefix(name, version)
     uri = env.store.uri(prefix)
     _claim(env, release_id, name, version, uri)
+    kill_point("claimed")
     staging = f"releases/{name}/.staging/{version}"
-    builders = [b for b in splits.builders(env) if only is None or b.name in only]
-    fps = splits.fingerprints(env)
     m = env.settings.method
     parts: dict[str, list[Part]] = {}
     writers = {
@@ -173,6 +287,7 @@ def publish(
         progress.update(len(chunk.rows), rows=sum(w.rows for w in writers.values()))
     for w in writers.values():
         w.close()
+    kill_point("staged")
     counts["splits"] = {b.name: b.summary() for b in builders}
     progress.close()
     with env.db.connect() as conn:
@@ -185,10 +300,10 @@ def publish(
     simulated = any(s.startswith(MODEL_PREFIX) for s in served)
     if simulated and not allow_simulated:
         _abandon(env, release_id, staging, parts)
-        raise ReleaseError(
-            "the selected outputs were produced by the simulator (a test double); refusing to "
-            "publish them as a release. Point the endpoints at real models, or pass "
-            "allow_simulated for a demo/test release."
+        raise SimulatedOutputRefused(
+            f"release {release_id}: the selected outputs were produced by the simulator (a"
+            " test double); refusing to publish them. Point the endpoints at real models, or"
+            " set allow_simulated (--allow-simulated) for a demo/test release."
         )
     manifest = _manifest(
         env, name, version, spec, sample_size, parts, fps, counts, served, simulated
@@ -199,11 +314,14 @@ def publish(
     env.store.put(f"{prefix}/README.md", card_md)
     manifest["card_sha256"] = hashlib.sha256(card_md).hexdigest()
     body = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    kill_point("before_commit")
     try:
         env.store.put(f"{prefix}/manifest.json", body, if_absent=True)
     except ObjectExists as exc:
         raise ReleaseExists(f"{uri}/manifest.json appeared while publishing") from exc
-    _mark_published(env, release_id, name, manifest, hashlib.sha256(body).hexdigest(), simulated)
+    kill_point("committed")
+    mark_published(env, release_id, name, manifest, hashlib.sha256(body).hexdigest(), simulated)
+    kill_point("published")
     _clear_staging(env, staging, parts)
     return Published(release_id, name, version, uri, manifest["content_sha256"], manifest)
 
@@ -236,6 +354,7 @@ class _SplitWriter:
         )
         self.env.store.put(f"{self.staging}/{part.path}", part.data)
         self.parts.append(Part(part.path, part.rows, part.sha256, part.bytes, b""))
+        kill_point("part_staged")
 
     def close(self) -> None:
         if self._buf or not self.parts:  # an empty split still gets a part with its schema
@@ -312,6 +431,7 @@ def _promote(env: StageEnv, staging: str, prefix: str, parts: dict[str, list[Par
             if len(data) != p.bytes or hashlib.sha256(data).hexdigest() != p.sha256:
                 raise ReleaseError(f"staged file {src} does not match what was written")
             env.store.copy(src, f"{prefix}/{p.path}")
+            kill_point("promoted")
 
 
 def _clear_staging(env: StageEnv, staging: str, parts: dict[str, list[Part]]) -> None:
@@ -327,7 +447,7 @@ def _abandon(env: StageEnv, release_id: str, staging: str, parts: dict[str, list
         conn.execute(text("DELETE FROM releases WHERE release_id = :r"), {"r": release_id})
 
 
-def _mark_published(
+def mark_published(
     env: StageEnv,
     release_id: str,
     name: str,

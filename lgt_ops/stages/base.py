@@ -20,13 +20,14 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, text
 
-from lgt_ops import chaos
+from lgt_ops import chaos, liveness
 from lgt_ops.config import Settings
-from lgt_ops.db.engine import make_engine
+from lgt_ops.db.engine import make_engine, reaching
 from lgt_ops.db.migrate import upgrade
 from lgt_ops.db.repo import chunked, dumps, forget_schema, insert_ignore, utcnow
 from lgt_ops.ids import content_id
 from lgt_ops.runctx import RunContext
+from lgt_ops.stages.abandon import close_abandoned_runs, close_abandoned_stages
 from lgt_ops.storage import ObjectStore, open_store, store_from_settings
 
 
@@ -42,8 +43,9 @@ class StageEnv:
     @classmethod
     def open(cls, settings: Settings, run: RunContext, *, migrate: bool = True) -> StageEnv:
         db = make_engine(settings.database_url)
-        if migrate and upgrade(db):
-            forget_schema(db)
+        with reaching(db):
+            if migrate and upgrade(db):
+                forget_schema(db)
         return cls(settings=settings, db=db, store=store_from_settings(settings), run=run)
 
     def store_for(self, url: str) -> ObjectStore:
@@ -137,7 +139,11 @@ class StageStats:
 
 
 def ensure_pipeline_run(env: StageEnv, params: dict[str, Any] | None = None) -> None:
+    """The run's row, `running`. A run outside Airflow lives in this one process, so its row
+    records the process (a later run closes it as abandoned if the process was killed)."""
+    process = liveness.current().as_row() if env.run.dag_id is None else {}
     with env.db.begin() as conn:
+        close_abandoned_runs(conn)
         insert_ignore(
             conn,
             "pipeline_runs",
@@ -149,17 +155,41 @@ def ensure_pipeline_run(env: StageEnv, params: dict[str, Any] | None = None) -> 
                     "airflow_run_id": env.run.airflow_run_id,
                     "params": dumps(params or {}),
                     "status": "running",
+                    **process,
                 }
             ],
         )
 
 
-def finish_pipeline_run(env: StageEnv, status: str) -> None:
+def finish_pipeline_run(env: StageEnv, status: str, detail: str | None = None) -> None:
     with env.db.begin() as conn:
         conn.execute(
-            text("UPDATE pipeline_runs SET status = :s, finished_at = :t WHERE run_id = :r"),
-            {"s": status, "t": utcnow(), "r": env.run.run_id},
+            text(
+                "UPDATE pipeline_runs SET status = :s, finished_at = :t, error_detail = :d"
+                " WHERE run_id = :r"
+            ),
+            {"s": status, "t": utcnow(), "d": _clip(detail), "r": env.run.run_id},
         )
+
+
+def close_pipeline_run(env: StageEnv, status: str, detail: str | None = None) -> None:
+    """Close the run's row if it exists and is still `running` (a CLI command's run)."""
+    with env.db.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE pipeline_runs SET status = :s, finished_at = :t, error_detail = :d"
+                " WHERE run_id = :r AND status = 'running'"
+            ),
+            {"s": status, "t": utcnow(), "d": _clip(detail), "r": env.run.run_id},
+        )
+
+
+def _clip(detail: str | None) -> str | None:
+    return detail[:4000] if detail else None
+
+
+def error_line(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()[:4000]
 
 
 @contextmanager
@@ -169,6 +199,7 @@ def recorded(env: StageEnv, stage: str, shard: Shard, fingerprint: str) -> Itera
     stats = StageStats()
     started = time.monotonic()
     with env.db.begin() as conn:
+        close_abandoned_stages(conn, env.run.run_id, stage, shard.index)
         attempt = conn.execute(
             text(
                 "SELECT COALESCE(MAX(attempt), 0) + 1 FROM stage_runs"
@@ -191,6 +222,7 @@ def recorded(env: StageEnv, stage: str, shard: Shard, fingerprint: str) -> Itera
                     "task_id": env.run.task_id,
                     "map_index": env.run.map_index,
                     "status": "running",
+                    **liveness.current().as_row(),
                 }
             ],
         )
@@ -199,7 +231,7 @@ def recorded(env: StageEnv, stage: str, shard: Shard, fingerprint: str) -> Itera
         yield stats
     except BaseException as exc:
         status = "failed"
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()[:4000]
+        detail = error_line(exc)
         raise
     finally:
         with env.db.begin() as conn:

@@ -1,17 +1,22 @@
 """Ingest: list a source prefix, validate and hash new or changed images, attach metadata.
 
 Two steps, so the orchestrator can fan out:
-- `scan` lists the prefix once, reads the metadata files, records problems (malformed
-  manifest lines, manifest rows naming missing keys, removed objects) and writes the keys
-  that are new or changed (etag or metadata) into shard files in the store;
-- `ingest_shard` validates each image of one shard file (full decode, pixel budget, EXIF
-  orientation), records the image, its source row and its manifest annotations, and rejects
-  bad files and bad boxes with a reason each. Unchanged keys cost nothing.
+- `scan` lists the prefix once, skips keys that are not images of ours (folder markers,
+  hidden keys), rejects keys it must not read (invalid keys, symlink loops, links out of the
+  store, FIFOs and devices) without opening them, reads the metadata files, records problems
+  (malformed or oversized manifest lines, manifest rows naming missing keys, removed objects)
+  and writes the keys that are new or changed (etag or metadata) into shard files in the store;
+- `ingest_shard` validates each image of one shard file (full decode under a pixel budget
+  shared by the concurrent decodes, EXIF orientation), records the image, its source row and
+  its manifest annotations, and rejects bad files and bad boxes with a reason each.
+  Unchanged keys cost nothing. No key can fail the prefix: each bad one costs itself only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,24 +25,43 @@ from typing import Any
 from sqlalchemy import text
 
 from lgt_ops import boxes, chaos
+from lgt_ops.config import IngestLimits
 from lgt_ops.db.repo import chunked, dumps, insert_ignore, upsert, utcnow
+from lgt_ops.fanout import fan_out
 from lgt_ops.ids import content_id, fingerprint, hbucket, sha256_hex
-from lgt_ops.images import ImageFacts, ImageRejected, inspect
+from lgt_ops.images import (
+    ImageFacts,
+    ImageRejected,
+    PixelBudget,
+    decode_cost,
+    inspect,
+    return_big_frees_to_os,
+)
 from lgt_ops.manifest import Metadata, Problem, is_metadata, merge, parse
 from lgt_ops.progress import Progress
+from lgt_ops.reasons import SKIPPED
+from lgt_ops.reasons import IngestReason as R
 from lgt_ops.sources import resolve_source
 from lgt_ops.stages.base import Shard, StageEnv, StageStats, recorded, rejection, select_in
-from lgt_ops.storage import ObjectMissing, ObjectStore
+from lgt_ops.storage import ObjectInfo, ObjectMissing, ObjectRefused, ObjectStore
+
+log = logging.getLogger(__name__)
 
 STAGE = "ingest"
 VERSION = 1
 _COMMIT_EVERY = 50
 _DOWNLOAD_THREADS = 8
+_HEADER_BYTES = 256 * 1024  # JPEG size markers can follow up to 64 KB of EXIF and more
 
 
 def stage_fingerprint(env: StageEnv) -> str:
     return fingerprint(
-        {"stage": STAGE, "v": VERSION, "max_pixels": env.settings.method.max_image_pixels}
+        {
+            "stage": STAGE,
+            "v": VERSION,
+            "max_pixels": env.settings.method.max_image_pixels,
+            "limits": env.settings.ingest.fingerprint_fields(),
+        }
     )
 
 
@@ -49,10 +73,13 @@ class ScanResult:
     pending: int = 0
     removed: int = 0
     problems: int = 0
+    skipped: int = 0
     shard_keys: list[str] = field(default_factory=list)
+    # key -> reason for keys left out as not ours (not in as_dict: it can be long)
+    skipped_keys: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        return {k: v for k, v in self.__dict__.items() if k != "skipped_keys"}
 
 
 def _run_prefix(env: StageEnv) -> str:
@@ -71,7 +98,7 @@ def scan(env: StageEnv, source: str | None = None, shard_size: int | None = None
     with recorded(env, "scan", Shard(), fp) as stats:
         result = _scan(env, spec, store, fp, shard_size)
         stats.items_in, stats.items_out = result.listed, result.pending
-        stats.items_rejected = result.problems
+        stats.items_rejected, stats.items_skipped = result.problems, result.skipped
     return result
 
 
@@ -79,24 +106,26 @@ def _scan(
     env: StageEnv, spec: Any, store: ObjectStore, fp: str, shard_size: int | None
 ) -> ScanResult:
     result = ScanResult()
-    listed = [o for o in store.list(spec.prefix) if not _hidden(o.key, spec.prefix)]
-    result.listed = len(listed)
+    limits = env.settings.ingest
+    everything = list(store.list(spec.prefix))
+    result.listed = len(everything)
+    listed, problems = _sort_out(everything, spec.prefix, result)
     meta_files = [o for o in listed if is_metadata(o.key)]
     candidates = {o.key: o for o in listed if not is_metadata(o.key)}
     result.metadata_files, result.images_listed = len(meta_files), len(candidates)
+    refused = {p.item_ref for p in problems}
 
     parsed: list[Metadata] = []
-    problems: list[Problem] = []
     for info in meta_files:
-        entries, found = parse(info.key, store.get(info.key))
+        entries, found = _read_metadata(store, info, limits)
         parsed += entries
         problems += found
     merged, dup_problems = merge(parsed)
     problems += dup_problems
     for key, meta in merged.items():
-        if key not in candidates:
+        if key not in candidates and key not in refused and key not in result.skipped_keys:
             where = ", ".join(meta.origin.values())
-            problems.append(Problem(key, "missing_object", f"named in {where}, no such object"))
+            problems.append(Problem(key, R.MISSING_OBJECT, f"named in {where}, no such object"))
     result.problems = len(problems)
 
     with env.db.begin() as conn:
@@ -132,7 +161,8 @@ def _scan(
         if have is None or have[2] == "removed" or have[:2] != (info.etag, _metadata_sha(meta)):
             pending.append((info, meta))
     result.pending = len(pending)
-    size = shard_size or env.settings.shard_size
+    cap = env.settings.max_map_length
+    size = fan_out(len(pending), shard_size or env.settings.shard_size, cap).shard_size
     for n, chunk in enumerate(chunked(pending, size)):
         key = f"{_run_prefix(env)}/ingest/shard-{n:05d}.jsonl"
         lines = [
@@ -159,6 +189,49 @@ def _hidden(key: str, prefix: str) -> bool:
     return any(part.startswith(".") for part in rest.split("/"))
 
 
+def _sort_out(
+    listed: list[ObjectInfo], prefix: str, result: ScanResult
+) -> tuple[list[ObjectInfo], list[Problem]]:
+    """The keys worth reading; the rest are skipped (not ours) or rejected (not readable)."""
+    keep: list[ObjectInfo] = []
+    problems: list[Problem] = []
+    for info in listed:
+        reason, detail = info.problem, info.detail
+        if reason is None and _hidden(info.key, prefix):
+            reason, detail = R.HIDDEN_KEY, "a path part starts with '.'"
+        if reason is None:
+            keep.append(info)
+        elif reason in SKIPPED:
+            result.skipped_keys[info.key] = reason
+        else:
+            problems.append(Problem(printable(info.key), reason, detail))
+    result.skipped = len(result.skipped_keys)
+    if result.skipped:
+        counts = Counter(result.skipped_keys.values())
+        log.info("scan skipped %d keys that are not images: %s", result.skipped, dict(counts))
+    return keep, problems
+
+
+def printable(key: str) -> str:
+    """The key as valid UTF-8 text: a local file name's undecodable bytes become `\\xNN`."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _read_metadata(
+    store: ObjectStore, info: ObjectInfo, limits: IngestLimits
+) -> tuple[list[Metadata], list[Problem]]:
+    if info.size > limits.max_file_bytes:
+        detail = f"{info.size} bytes > limit {limits.max_file_bytes}; not read"
+        return [], [Problem(info.key, R.FILE_TOO_LARGE, detail)]
+    try:
+        data = store.get(info.key)
+    except ObjectMissing:
+        return [], [Problem(info.key, R.MISSING_OBJECT, "listed, then gone before it was read")]
+    except ObjectRefused as exc:
+        return [], [Problem(info.key, exc.reason, exc.detail)]
+    return parse(info.key, data, limits)
+
+
 def _read_shard(env: StageEnv, shard_key: str) -> list[dict[str, Any]]:
     return [
         json.loads(line) for line in env.store.get(shard_key).decode("utf-8").splitlines() if line
@@ -166,16 +239,39 @@ def _read_shard(env: StageEnv, shard_key: str) -> list[dict[str, Any]]:
 
 
 def _fetch(
-    store: ObjectStore, key: str, max_pixels: int
-) -> tuple[bytes | None, ImageFacts | ImageRejected]:
+    store: ObjectStore,
+    entry: dict[str, Any],
+    max_pixels: int,
+    limits: IngestLimits,
+    budget: PixelBudget,
+) -> ImageFacts | ImageRejected:
+    """The facts of one image, or why not.
+
+    Only the file's first bytes (enough for the size in its header) are read before the
+    budget is taken, so threads waiting for their turn hold no download and no open stream;
+    the bytes are dropped on return, so a batch never keeps them.
+    """
+    cap = limits.max_file_bytes
+    if entry["size"] > cap:
+        return ImageRejected(R.FILE_TOO_LARGE, f"{entry['size']} bytes > {cap}; not downloaded")
     try:
-        data = store.get(key)
+        head = store.read_prefix(entry["key"], _HEADER_BYTES)
+        with budget.hold(decode_cost(head, entry["size"])):
+            data = head if len(head) < _HEADER_BYTES else _read_capped(store, entry["key"], cap)
+            if len(data) > cap:  # grew after the listing
+                return ImageRejected(R.FILE_TOO_LARGE, f"more than {cap} bytes")
+            return inspect(data, max_pixels=max_pixels)
     except ObjectMissing:
-        return None, ImageRejected("missing_object", "listed, then gone before it was read")
-    try:
-        return data, inspect(data, max_pixels=max_pixels)
+        return ImageRejected(R.MISSING_OBJECT, "listed, then gone before it was read")
+    except ObjectRefused as exc:  # became a link or a FIFO after the scan
+        return ImageRejected(exc.reason, exc.detail)
     except ImageRejected as exc:
-        return data, exc
+        return exc
+
+
+def _read_capped(store: ObjectStore, key: str, cap: int) -> bytes:
+    with store.open(key) as fh:
+        return fh.read(cap + 1)
 
 
 def ingest_shard(
@@ -183,6 +279,7 @@ def ingest_shard(
 ) -> StageStats:
     """Validate and record the images listed in one shard file."""
     fp = stage_fingerprint(env)
+    return_big_frees_to_os()  # else freed decode buffers stay in each thread's heap
     entries = _read_shard(env, shard_key)
     with recorded(env, STAGE, Shard(shard_index, shard_count), fp) as stats:
         stats.items_in = len(entries)
@@ -242,10 +339,12 @@ def _ingest_batch(
         "rejections": [],
     }
     max_pixels = env.settings.method.max_image_pixels
+    limits = env.settings.ingest
     store = env.store_for(batch[0]["source"])
+    budget = _budget(limits.decode_pixel_budget)
     with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
-        fetched = list(pool.map(lambda e: _fetch(store, e["key"], max_pixels), batch))
-    for entry, (_data, facts) in zip(batch, fetched, strict=True):
+        fetched = list(pool.map(lambda e: _fetch(store, e, max_pixels, limits, budget), batch))
+    for entry, facts in zip(batch, fetched, strict=True):
         meta_sha = sha256_hex(dumps(entry["metadata"])) if entry["metadata"] is not None else None
         source_row: dict[str, Any] = {
             "bucket": entry["source"],
@@ -310,6 +409,24 @@ def _ingest_batch(
     return rows
 
 
+_BUDGETS: dict[int, PixelBudget] = {}
+
+
+def _budget(pixels: int) -> PixelBudget:
+    """One budget per process and size, shared by every shard this process ingests at once."""
+    return _BUDGETS.setdefault(pixels, PixelBudget(pixels))
+
+
+def _box_of(obj: dict[str, Any], objects_source: str | None) -> tuple[Any, str]:
+    """The box and the field it came under: `box`, or `bbox` (the COCO habit) as an alias.
+    COCO files spell it `bbox`, so errors about their boxes name that field."""
+    if "box" in obj and "bbox" in obj and obj["box"] != obj["bbox"]:
+        raise boxes.BoxRejected(R.BOX_MALFORMED, "'box' and 'bbox' disagree; give one")
+    value = obj["box"] if "box" in obj else obj.get("bbox")
+    alias = objects_source == "coco" or ("bbox" in obj and "box" not in obj)
+    return value, "bbox" if alias else "box"
+
+
 def _annotations(
     env: StageEnv,
     fp: str,
@@ -332,16 +449,13 @@ def _annotations(
         oid = str(obj.get("id") or f"o{n}") if isinstance(obj, dict) else f"o{n}"
         try:
             if not isinstance(obj, dict) or not str(obj.get("label") or "").strip():
-                raise boxes.BoxRejected("object_label_missing", f"object {obj!r}"[:200])
+                raise boxes.BoxRejected(R.OBJECT_LABEL_MISSING, f"object {obj!r}"[:200])
             if oid in seen:
-                raise boxes.BoxRejected("duplicate_object_id", f"id {oid} used twice")
-            box = boxes.validate(
-                boxes.to_xyxy(
-                    obj.get("box"), meta.get("box_format", "xyxy"), facts.width, facts.height
-                ),
-                facts.width,
-                facts.height,
-            )
+                raise boxes.BoxRejected(R.DUPLICATE_OBJECT_ID, f"id {oid} used twice")
+            raw, name = _box_of(obj, meta.get("objects_source"))
+            fmt = meta.get("box_format", "xyxy")
+            xyxy = boxes.to_xyxy(raw, fmt, facts.width, facts.height, field=name)
+            box = boxes.validate(xyxy, facts.width, facts.height)
         except boxes.BoxRejected as exc:
             stats.rejected_by_reason[exc.reason] += 1
             rejections.append(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lgt_ops.failures import EXIT_INCOMPLETE, TransientFailure
 from lgt_ops.images import data_url, encode_for_request
 from lgt_ops.llm.engine import RequestEngine
 from lgt_ops.llm.ledger import JournalPolicy, Ledger, Outcome
@@ -33,8 +34,10 @@ from lgt_ops.stages.base import (
 from lgt_ops.storage import S3Store
 
 
-class StageIncomplete(RuntimeError):
+class StageIncomplete(TransientFailure, RuntimeError):
     """Some items could not be finished (endpoint failures); a retry resumes from them."""
+
+    exit_code = EXIT_INCOMPLETE
 
 
 @dataclass

@@ -92,6 +92,22 @@ cannot call this chart's helpers) refers to it as '{{ .Release.Name }}-lgt-conne
 {{- end }}
 
 {{/*
+Checksum of the connections Secret, for a pod template annotation: pods restart when it
+changes. The chart's own Secret is hashed as rendered; a Secret you manage
+(connections.existingSecret) is read from the cluster at install/upgrade time (`lookup`; empty
+under `helm template`). Argument: the root context.
+*/}}
+{{- define "lgt-etl.connectionsChecksum" -}}
+{{- $live := "" }}
+{{- if .Values.connections.existingSecret }}
+{{- with lookup "v1" "Secret" .Release.Namespace .Values.connections.existingSecret }}
+{{- $live = toJson .data }}
+{{- end }}
+{{- end }}
+{{- printf "%s%s" (include (print .Template.BasePath "/connections-secret.yaml") .) $live | sha256sum | quote }}
+{{- end }}
+
+{{/*
 The Secret (key "connection") with the Airflow metadata DB URL, named as the Airflow chart names
 it: data.metadataSecretName if set; else "<release>-airflow-metadata", or, with the chart's
 useStandardNaming, "<airflow fullname>-metadata" (fullname = fullnameOverride, or the release

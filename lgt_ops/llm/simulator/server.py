@@ -6,6 +6,13 @@ release built from its output is marked simulated. It has a known capacity (slot
 queueing beyond that like vLLM), injects faults at configurable rates, and counts what it
 served so tests can assert exactly-once behaviour.
 
+Determinism: a 200 reply's body (id, created, choices, usage) is a pure function of (request
+body, seed) -- same request, same bytes, in any run, process, order or concurrency. Injected
+faults are drawn from (request body, seed, attempt), the attempt being the engine's
+X-Request-Id suffix (or, for other clients, how often this process has seen that body), so a
+retry draws again. Only the test-control switches (`down`, `down_after_served`) and the
+counters depend on history.
+
 Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, and for tests
 GET /sim/stats, POST /sim/reset, GET|POST /sim/config.
 """
@@ -15,28 +22,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import threading
-import time
 from collections import Counter
 from typing import Any
 
 from aiohttp import web
 
+from lgt_ops.ids import canonical_json, seeded_unit, sha256_hex
 from lgt_ops.llm.simulator.config import SimConfig
-from lgt_ops.llm.simulator.world import World, image_size, text_of
+from lgt_ops.llm.simulator.world import World, canonical_messages, image_size, text_of
 
 log = logging.getLogger("lgt.simulator")
 FINGERPRINT = "lgt-simulator-1"
 MODEL_PREFIX = "lgt-simulator:"
 CONTEXT_LIMIT = 32768
+CREATED_BASE = 1_700_000_000  # 2023-11-14: `created` is a plausible time, not the clock's
+CREATED_SPAN = 50_000_000
 
 
 class Simulator:
     def __init__(self, cfg: SimConfig | None = None) -> None:
         self.cfg = cfg or SimConfig()
         self.world = World(self.cfg)
-        self._rng = random.Random(self.cfg.seed)
         self._slots: asyncio.Semaphore | None = None
         self._slot_count = self.cfg.slots
         self.reset()
@@ -54,6 +61,7 @@ class Simulator:
         self.max_inflight_seen = 0
         self.image_transports: Counter[str] = Counter()  # data | http(s)
         self.max_image_side = 0
+        self._seen_bodies: Counter[str] = Counter()  # attempts of header-less clients
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -104,7 +112,7 @@ class Simulator:
     async def chat(self, req: web.Request) -> web.StreamResponse:
         generation = self._generation
         self.received += 1
-        key = _request_key(req.headers.get("X-Request-Id", ""))
+        key, attempt = _request_key(req.headers.get("X-Request-Id", ""))
         try:
             body = await req.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -118,7 +126,11 @@ class Simulator:
             return self._error(503, "service unavailable", "overload")
         self.admitted += 1  # counted on admission, so a limit holds with requests in flight
         self._note_images(body)
-        fault = self._draw_fault()
+        digest = self.digest(body)
+        if attempt is None:
+            attempt = self._seen_bodies[digest]
+            self._seen_bodies[digest] += 1
+        fault = self._draw_fault(digest, attempt)
         if fault == "429":
             self.outcomes["429"] += 1
             return web.json_response(
@@ -149,7 +161,7 @@ class Simulator:
             self.inflight += 1
             self.max_inflight_seen = max(self.max_inflight_seen, self.inflight)
             try:
-                payload = self._complete(body)
+                payload = self._complete(body, digest)
                 delay = self.cfg.latency_ms / 1000.0
                 if self.cfg.tokens_per_s > 0:
                     delay += payload["usage"]["completion_tokens"] / self.cfg.tokens_per_s
@@ -190,9 +202,14 @@ class Simulator:
                 if size:
                     self.max_image_side = max(self.max_image_side, *size)
 
-    def _draw_fault(self) -> str | None:
+    def digest(self, body: dict[str, Any]) -> str:
+        """What a reply is a function of: the body (images by identity) and the seed."""
+        canonical = {**body, "messages": canonical_messages(body.get("messages"))}
+        return sha256_hex(canonical_json(["lgt-simulator", self.cfg.seed, canonical]))
+
+    def _draw_fault(self, digest: str, attempt: int) -> str | None:
         c = self.cfg
-        u = self._rng.random()
+        u = seeded_unit("fault", digest, attempt)
         for name, rate in (
             ("429", c.fault_429),
             ("500", c.fault_500),
@@ -214,7 +231,7 @@ class Simulator:
             status=status,
         )
 
-    def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _complete(self, body: dict[str, Any], digest: str) -> dict[str, Any]:
         n = int(body.get("n") or 1)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 4096)
         prompt_chars = sum(len(text_of(m)) for m in body["messages"])
@@ -236,9 +253,10 @@ class Simulator:
             )
         prompt_tokens = prompt_chars // 4 + 256 * images
         return {
-            "id": f"chatcmpl-sim-{self.received}",
+            "id": f"chatcmpl-sim-{digest[:32]}",
             "object": "chat.completion",
-            "created": int(time.time()),
+            # Derived from the request, not the clock: a replayed request gives the same bytes.
+            "created": CREATED_BASE + int(digest[32:40], 16) % CREATED_SPAN,
             "model": MODEL_PREFIX + str(body["model"]),
             "system_fingerprint": FINGERPRINT,
             "choices": choices,
@@ -260,10 +278,12 @@ class Simulator:
         return app
 
 
-def _request_key(header: str) -> str:
-    # The engine sends X-Request-Id: lgt-<first 32 hex of the request key>-<attempt>.
+def _request_key(header: str) -> tuple[str, int | None]:
+    """(request key, attempt) from the engine's X-Request-Id: lgt-<32 hex of the key>-<attempt>."""
     parts = header.split("-")
-    return parts[1] if len(parts) >= 3 and parts[0] == "lgt" else ""
+    if len(parts) == 3 and parts[0] == "lgt" and parts[2].isdigit():
+        return parts[1], int(parts[2])
+    return (parts[1] if len(parts) >= 3 and parts[0] == "lgt" else ""), None
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, cfg: SimConfig | None = None) -> None:

@@ -1,9 +1,15 @@
 """The simulator's fake world: deterministic replies for each of the pipeline's prompts.
 
-This is a test double. It reads the same prompts a real model would, writes replies of the
-right shape, and remembers the correct answer of every question it helped write, so later
-stages (rollouts, expansions) are right with a configurable probability. Nothing here looks
-at pixels: annotations of unknown images are generic and say so.
+This is a test double. It reads the same prompts a real model would and writes replies of the
+right shape. Every reply is a pure function of (request body, simulator seed): there is no
+memory across requests, so any run, process, order or concurrency gives the same bytes.
+
+Ground truth comes from the request itself. The world's correct option for a question is
+`answer_key(seed, question, options)`, a hash choice over the option texts; when the simulator
+writes a question (mcq, compose) it words it and picks its distractors so that the key agrees
+with the answer the caption and boxes give, and later rollouts and expansions, which see only
+the question and its options, recompute the key. Nothing here looks at pixels: annotations of
+unknown images are generic and say so.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ import base64
 import io
 import random
 import re
-import threading
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from lgt_ops.ids import canonical_json, seeded_unit, sha256_hex
 from lgt_ops.llm.simulator.config import SimConfig
@@ -136,21 +143,10 @@ def parse_question(text: str) -> str:
 
 
 class World:
-    """Replies per prompt kind. Thread-safe; state is the answer registry."""
+    """Replies per prompt kind: a pure function of (request body, seed), no state."""
 
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
-        self._answers: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    # -- answer registry -------------------------------------------------------------------
-    def remember(self, question: str, answer: str) -> None:
-        with self._lock:
-            self._answers[norm(question)] = answer
-
-    def answer_of(self, question: str) -> str | None:
-        with self._lock:
-            return self._answers.get(norm(question))
 
     # -- dispatch ---------------------------------------------------------------------------
     def reply(self, body: dict[str, Any], index: int) -> tuple[str, str | None]:
@@ -158,7 +154,18 @@ class World:
         messages = body.get("messages") or []
         schema_name = ((body.get("response_format") or {}).get("json_schema") or {}).get("name")
         rng = random.Random(
-            sha256_hex(canonical_json([messages, body.get("seed"), index, schema_name]))
+            sha256_hex(
+                canonical_json(
+                    [
+                        "reply",
+                        self.cfg.seed,
+                        canonical_messages(messages),
+                        body.get("seed"),
+                        index,
+                        schema_name,
+                    ]
+                )
+            )
         )
         last = messages[-1] if messages else {}
         prefill = text_of(last) if last.get("role") == "assistant" else ""
@@ -194,14 +201,17 @@ class World:
             if len(out) >= count or not objs:
                 break
             maker = makers[(attempt + rng.randrange(len(makers))) % len(makers)]
-            q = maker(objs, rng, n_opt, width, caption)
-            if q is None or q["question"] in seen:
+            draft = maker(objs, rng, n_opt, width, caption)
+            if draft is None or draft.ident in seen:
                 continue
-            seen.add(q["question"])
+            q = _settle(draft, n_opt, rng, self.cfg.seed)
+            if q is None:
+                continue
+            seen.add(draft.ident)
             out.append(q)
         questions = []
         for q in out:
-            options = q["options"][:n_opt]
+            options = list(q["options"])
             correct = options[0]
             rng.shuffle(options)
             item = {
@@ -211,7 +221,6 @@ class World:
                 "skill": q["skill"],
                 "grounding": q["grounding"],
             }
-            self.remember(q["question"], correct)
             if rng.random() < self.cfg.bad_question_rate:
                 item = _spoil(item, rng)
             questions.append(item)
@@ -224,10 +233,17 @@ class World:
         suggested = _search(r"Suggested options \(the correct one included\): (.*)", text, "")
         options = [s.strip() for s in suggested.split(" | ") if s.strip()]
         parents = re.findall(r"^\d+\. (.*?) -> (.*)$", text, re.M)
-        question = _compose_stem(operator, parents, rng)
+        stems = _compose_stems(operator, parents)
+        rng.shuffle(stems)
+        # Word the question so that the world's answer key agrees with the given answer; if no
+        # wording does, the "model" marks the option its world holds right (a realistic
+        # disagreement with the parents, which the stage rejects as answer_mismatch).
+        question = next(
+            (s for s in stems if answer_key(self.cfg.seed, s, options) == answer), stems[0]
+        )
         rng.shuffle(options)
-        letter = LETTERS[options.index(answer)] if answer in options else "A"
-        self.remember(question, answer)
+        marked = answer_key(self.cfg.seed, question, options)
+        letter = LETTERS[options.index(marked)] if marked in options else "A"
         return {"question": question, "options": options, "answer": letter}
 
     # -- annotation -------------------------------------------------------------------------
@@ -261,7 +277,7 @@ class World:
     def _truth(self, text: str) -> tuple[str, list[tuple[str, str]], str | None]:
         question = parse_question(text)
         options = parse_options(text)
-        answer = self.answer_of(question)
+        answer = answer_key(self.cfg.seed, question, [opt for _, opt in options])
         letter = next((ltr for ltr, opt in options if answer is not None and opt == answer), None)
         return question, options, letter
 
@@ -345,38 +361,156 @@ class World:
         return " ".join(out)
 
 
-# -- question makers: the first option is the correct one ----------------------------------
-def _distinct_labels(objs: list[Obj]) -> list[str]:
-    return sorted({o.label for o in objs})
+# -- the answer key: ground truth derivable from a question and its options ----------------
+def answer_key(seed: int, question: str, options: Sequence[str]) -> str | None:
+    """The option the world holds correct: a pure function of (seed, question, option set)."""
+    if not options:
+        return None
+    q = norm(question)
+    return min(options, key=lambda o: sha256_hex(canonical_json(["answer", seed, q, norm(o)])))
 
 
-def _absent(objs: list[Obj], rng: random.Random, k: int) -> list[str]:
+def canonical_messages(messages: Any) -> Any:
+    """Messages with each image reduced to its identity (not how it was sent).
+
+    A data URL becomes the hash of its bytes; an http(s) URL its path, without the host (a
+    store's port) or the query (a presigned URL's signature and expiry, new on every send).
+    """
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                url = (part.get("image_url") or {}).get("url", "") if isinstance(part, dict) else ""
+                if url:
+                    part = {**part, "image_url": {"url": image_identity(url)}}
+                parts.append(part)
+            msg = {**msg, "content": parts}
+        out.append(msg)
+    return out
+
+
+def image_identity(url: str) -> str:
+    if url.startswith("data:"):
+        return "sha256:" + sha256_hex(url)
+    if url.startswith(("http://", "https://")):
+        return "path:" + urlsplit(url).path
+    return url
+
+
+@dataclass
+class Draft:
+    """A question before wording: `stems` are equivalent wordings, `pool` the distractors."""
+
+    ident: str  # what the question asks, independent of wording (one per image)
+    stems: list[str]
+    correct: str
+    pool: list[str]
+    skill: str
+    grounding: list[str]
+    option_ids: dict[str, str] = field(default_factory=dict)  # options that ground objects
+
+
+SETTLE_TRIES = 32
+
+
+def _settle(draft: Draft, n_opt: int, rng: random.Random, seed: int) -> dict[str, Any] | None:
+    """Word the draft and pick distractors so that the answer key names the correct option."""
+    k = n_opt - 1
+    pool = list(dict.fromkeys(p for p in draft.pool if p != draft.correct))
+    if len(pool) < k:
+        return None
+    for _ in range(SETTLE_TRIES):
+        stem = rng.choice(draft.stems)
+        distractors = rng.sample(pool, k)
+        options = [draft.correct, *distractors]
+        if answer_key(seed, stem, options) == draft.correct:
+            extra = [draft.option_ids[d] for d in distractors if d in draft.option_ids]
+            return {
+                "question": stem,
+                "options": options,
+                "skill": draft.skill,
+                "grounding": [*draft.grounding, *extra],
+            }
+    return None
+
+
+# -- question makers -------------------------------------------------------------------------
+EXISTENCE_STEMS = (
+    "Which of these objects can be seen in the image?",
+    "Which of these objects appears in the image?",
+    "Which of these objects is present in the image?",
+    "Which one of these objects is in the image?",
+    "Which of these objects does the image show?",
+    "Which of these objects can you find in the image?",
+)
+COUNTING_STEMS = (
+    "How many {} are visible in the image?",
+    "How many {} can be seen in the image?",
+    "How many {} are there in the image?",
+    "How many {} does the image show?",
+    "How many {} appear in the image?",
+)
+SPATIAL_STEMS = (
+    "Which object is to the left of the {}?",
+    "Which object is left of the {}?",
+    "What is to the left of the {}?",
+    "Which object can be seen to the left of the {}?",
+)
+SIZE_STEMS = (
+    "Which of these takes up the most space in the image?",
+    "Which of these objects is the largest in the image?",
+    "Which of these covers the largest area of the image?",
+    "Which of these objects looks biggest in the image?",
+    "Which of these occupies the most space in the image?",
+)
+POSITION_STEMS = (
+    "Where in the image is the {}?",
+    "Where is the {} in the image?",
+    "In which part of the image is the {}?",
+    "Where can the {} be found in the image?",
+    "Where in the picture is the {}?",
+    "Whereabouts in the image is the {}?",
+    "In what part of the image is the {} located?",
+    "Where is the {} located in the image?",
+)
+COLOUR_STEMS = (
+    "What colour is the {}?",
+    "What is the colour of the {}?",
+    "Which colour is the {}?",
+    "What colour does the {} have?",
+)
+
+
+def _absent(objs: list[Obj]) -> list[str]:
     present = {o.label for o in objs}
-    return rng.sample([v for v in VOCAB if v not in present], k)
+    return [v for v in VOCAB if v not in present]
 
 
 def _existence(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
     obj = rng.choice(objs)
-    return {
-        "question": "Which of these objects can be seen in the image?",
-        "options": [obj.label, *_absent(objs, rng, n_opt - 1)],
-        "skill": "existence",
-        "grounding": [obj.id],
-    }
+    return Draft(
+        "existence", list(EXISTENCE_STEMS), obj.label, _absent(objs), "existence", [obj.id]
+    )
 
 
 def _counting(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
     counts = Counter(o.label for o in objs)
     label = rng.choice(sorted(counts))
     n = counts[label]
-    options = [str(n)] + [str(v) for v in (n + 1, n + 2, n - 1 if n > 1 else n + 3)]
+    pool = [str(v) for v in (n + 1, n + 2, n + 3, n - 1, n - 2) if v >= 1]
     noun = label if label.endswith("s") else label + "s"
-    return {
-        "question": f"How many {noun} are visible in the image?",
-        "options": options[:n_opt],
-        "skill": "counting",
-        "grounding": [o.id for o in objs if o.label == label],
-    }
+    return Draft(
+        f"counting:{label}",
+        [s.format(noun) for s in COUNTING_STEMS],
+        str(n),
+        pool,
+        "counting",
+        [o.id for o in objs if o.label == label],
+    )
 
 
 def _spatial(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
@@ -388,14 +522,16 @@ def _spatial(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
     a, b = rng.choice(pairs)
     left_of_b = {o.label for o in objs if o.cx < b.cx}
     others = [o.label for o in unique if o.label not in left_of_b and o.label != b.label]
-    distractors = others + _absent(objs, rng, n_opt)
-    distractors = [d for d in dict.fromkeys(distractors) if d != a.label][: n_opt - 1]
-    return {
-        "question": f"Which object is to the left of the {b.label}?",
-        "options": [a.label, *distractors],
-        "skill": "spatial",
-        "grounding": [a.id, b.id],
-    }
+    # Objects of the image first (plausible), then a few absent ones.
+    pool = [*others, *rng.sample(_absent(objs), n_opt + 1)]
+    return Draft(
+        f"spatial:{b.label}",
+        [s.format(b.label) for s in SPATIAL_STEMS],
+        a.label,
+        pool,
+        "spatial",
+        [a.id, b.id],
+    )
 
 
 def _size(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
@@ -403,15 +539,17 @@ def _size(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
     unique = [o for o in objs if counts[o.label] == 1]
     if len(unique) < n_opt:
         return None
-    picked = sorted(rng.sample(unique, n_opt), key=lambda o: -o.area)
-    if picked[0].area < 1.2 * picked[1].area:
-        return None  # too close to call by eye
-    return {
-        "question": "Which of these takes up the most space in the image?",
-        "options": [o.label for o in picked],
-        "skill": "size",
-        "grounding": [o.id for o in picked],
-    }
+    big = rng.choice(unique)
+    smaller = [o for o in unique if 1.2 * o.area <= big.area]  # clearly smaller, by eye
+    return Draft(
+        "size",
+        list(SIZE_STEMS),
+        big.label,
+        [o.label for o in smaller],
+        "size",
+        [big.id],
+        {o.label: o.id for o in smaller},
+    )
 
 
 def _position(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
@@ -422,12 +560,14 @@ def _position(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
     o = rng.choice(unique)
     third = min(2, int(3 * o.cx / width))
     correct = POSITIONS[third]
-    return {
-        "question": f"Where in the image is the {o.label}?",
-        "options": [correct, *[p for p in POSITIONS if p != correct]],
-        "skill": "position",
-        "grounding": [o.id],
-    }
+    return Draft(
+        f"position:{o.label}",
+        [s.format(o.label) for s in POSITION_STEMS],
+        correct,
+        [p for p in POSITIONS if p != correct],
+        "position",
+        [o.id],
+    )
 
 
 def _colour(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
@@ -443,12 +583,14 @@ def _colour(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
         return None
     o, colour = rng.choice(found)
     others = [c for c in COLOURS if c not in (colour, "gray" if colour == "grey" else "grey")]
-    return {
-        "question": f"What colour is the {o.label}?",
-        "options": [colour, *rng.sample(others, n_opt - 1)],
-        "skill": "attribute",
-        "grounding": [o.id],
-    }
+    return Draft(
+        f"colour:{o.label}",
+        [s.format(o.label) for s in COLOUR_STEMS],
+        colour,
+        others,
+        "attribute",
+        [o.id],
+    )
 
 
 def _spoil(item: dict[str, Any], rng: random.Random) -> dict[str, Any]:
@@ -474,19 +616,57 @@ def _other(options: list[tuple[str, str]], truth: str, rng: random.Random) -> st
     return rng.choice(wrong) if wrong else truth
 
 
-def _compose_stem(operator: str, parents: list[tuple[str, str]], rng: random.Random) -> str:
+def _count_noun(question: str) -> str:
+    """The counted noun of any counting wording ("How many cups are visible ..." -> cups)."""
+    q = question.strip().rstrip("?")
+    for stem in COUNTING_STEMS:
+        head, tail = stem.rstrip("?").split("{}")
+        if q.startswith(head) and q.endswith(tail) and len(q) > len(head) + len(tail):
+            return q[len(head) : len(q) - len(tail)]
+    return q
+
+
+def _compose_stems(operator: str, parents: list[tuple[str, str]]) -> list[str]:
+    """Equivalent wordings of the composed question (the answer key picks among them)."""
     qs = [q.rstrip("?") for q, _ in parents]
-    if operator == "count_over" and len(qs) >= 2:
-        nouns = [re.sub(r"^How many (.*) are visible in the image$", r"\1", q) for q in qs]
-        return f"How many {nouns[0]} and {nouns[1]} are visible in the image altogether?"
-    if operator == "compare" and len(qs) >= 2:
-        nouns = [re.sub(r"^How many (.*) are visible in the image$", r"\1", q) for q in qs]
-        return f"Are there more {nouns[0]} or more {nouns[1]} in the image?"
-    if operator == "chain" and len(qs) >= 2:
+    leads = ("", "Looking at the image, ", "In this image, ", "Based on the image, ")
+    if operator in ("count_over", "compare") and len(qs) >= 2:
+        a, b = (_count_noun(q) for q in qs[:2])
+        if operator == "count_over":
+            bodies = (
+                f"how many {a} and {b} are visible in the image altogether?",
+                f"how many {a} and {b} are there in total?",
+                f"what is the total number of {a} and {b}?",
+                f"how many {a} and {b} can be seen, counted together?",
+            )
+        else:
+            bodies = (
+                f"are there more {a} or more {b} in the image?",
+                f"which are more numerous, the {a} or the {b}?",
+                f"does the image show more {a} or more {b}?",
+                f"which is there more of: {a} or {b}?",
+            )
+    elif operator == "chain" and len(qs) >= 2:
         first = qs[0][0].lower() + qs[0][1:]
-        return f'Consider the answer to "{first}". {qs[1]}, for that object?'
-    lowered = [q[0].lower() + q[1:] for q in qs]
-    return "Which pair of answers is correct: " + "; and ".join(lowered) + "?"
+        bodies = (
+            f'consider the answer to "{first}". {qs[1]}, for that object?',
+            f'take the object that answers "{first}". {qs[1]}, for that object?',
+            f'first answer "{first}". Then: {qs[1]}, for that object?',
+            f'think of the answer to "{first}". {qs[1]}, for that object?',
+        )
+    else:
+        lowered = "; and ".join(q[0].lower() + q[1:] for q in qs if q)
+        bodies = (
+            f"which pair of answers is correct: {lowered}?",
+            f"which combination of answers is right: {lowered}?",
+            f"which pair of answers holds: {lowered}?",
+            f"select the correct pair of answers: {lowered}?",
+        )
+    return [_capitalise(lead + body) for lead in leads for body in bodies]
+
+
+def _capitalise(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _search(pattern: str, text: str, default: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,7 +80,10 @@ class World:
         return self
 
     def drop(self) -> None:
+        """Drop the database and delete the store (the next world reuses the path: image
+        paths in a release name the store, so compared worlds must live at one path)."""
         admin(f"DROP DATABASE IF EXISTS {self.db_name} WITH (FORCE)")
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def write_corpus(store_dir: Path, images: int) -> None:
@@ -284,24 +288,30 @@ def _count_repeats(kills: list[Kill], final: Counter[str]) -> None:
         kill.repeated = sum(1 for key, n in at_kill.items() if after[key] > n)
 
 
-def trial(sim: Any, tmp: Path, images: int, seed: int, n_kills: int, reference=None) -> Trial:
-    """One reference (unless given) and one killed-and-resumed world, compared."""
+def trial(
+    sim: Any,
+    tmp: Path,
+    images: int,
+    seed: int,
+    n_kills: int,
+    reference: tuple[Snapshot, Counter[str], dict[str, int]] | None = None,
+) -> Trial:
+    """One reference (unless given) and one killed-and-resumed world, compared. Both worlds
+    live at the same path, one after the other (a release names its images' store paths)."""
     rng = random.Random(seed)
-    ref_world = None
+    root = tmp / "world"
     if reference is None:
-        ref_world = World(tmp / f"ref-{seed}").create(images)
-    try:
-        if reference is None:
-            reference = reference_run(ref_world, sim, tmp)
-        ref_snap, _, events = reference
-        kills = draw_kills(rng, events, n_kills)
-        world = World(tmp / f"chaos-{seed}").create(images)
-        started = time.monotonic()
+        ref_world = World(root).create(images)
         try:
-            result = chaos_run(world, sim, kills, tmp)
+            reference = reference_run(ref_world, sim, tmp)
         finally:
-            world.drop()
-        return Trial(kills, ref_snap, result, time.monotonic() - started)
-    finally:
-        if ref_world is not None:
             ref_world.drop()
+    ref_snap, _, events = reference
+    kills = draw_kills(rng, events, n_kills)
+    world = World(root).create(images)
+    started = time.monotonic()
+    try:
+        result = chaos_run(world, sim, kills, tmp)
+    finally:
+        world.drop()
+    return Trial(kills, ref_snap, result, time.monotonic() - started)

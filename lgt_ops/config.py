@@ -189,8 +189,8 @@ class Settings(BaseModel):
     # The request journal: an answer is durable in the ledger at most this long after it
     # arrived, or once this many answers are waiting, whichever comes first (a kill re-sends
     # only requests in flight plus those few). Independent of the stages' output commits.
-    ledger_journal_seconds: float = Field(default=0.2, gt=0, le=1.0)
-    ledger_journal_answers: int = Field(default=32, ge=1, le=10_000)
+    ledger_journal_seconds: float = Field(default=0.1, gt=0, le=1.0)
+    ledger_journal_answers: int = Field(default=16, ge=1, le=10_000)
     # Airflow's [core] max_map_length: no mapped list (ingest files, image shards) is longer.
     max_map_length: int = Field(default=1024, ge=1)
     endpoints: dict[str, EndpointSettings]
@@ -268,8 +268,8 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         source_prefix=env.get("LGT_SOURCE_PREFIX") or "sources/",
         release_name=env.get("LGT_RELEASE_NAME") or "lgt",
         shard_size=_env_int(env, "LGT_SHARD_SIZE", 200),
-        ledger_journal_seconds=_env_float(env, "LGT_LEDGER_JOURNAL_SECONDS", 0.2),
-        ledger_journal_answers=_env_int(env, "LGT_LEDGER_JOURNAL_ANSWERS", 32),
+        ledger_journal_seconds=_env_float(env, "LGT_LEDGER_JOURNAL_SECONDS", 0.1),
+        ledger_journal_answers=_env_int(env, "LGT_LEDGER_JOURNAL_ANSWERS", 16),
         endpoints={role: endpoint_from_env(role, env) for role in ROLES},
         ingest=ingest_limits_from_env(env),
     )

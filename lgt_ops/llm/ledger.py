@@ -76,8 +76,8 @@ class Outcome:
 class JournalPolicy:
     """How soon an answer must be durable: after `seconds`, or once `answers` are waiting."""
 
-    seconds: float = 0.2
-    answers: int = 32
+    seconds: float = 0.1
+    answers: int = 16
 
 
 class Ledger:

@@ -186,6 +186,11 @@ class Settings(BaseModel):
     release_name: str = "lgt"
     shard_size: int = Field(default=200, ge=1)
     max_shards: int = Field(default=512, ge=1, le=1024)
+    # The request journal: an answer is durable in the ledger at most this long after it
+    # arrived, or once this many answers are waiting, whichever comes first (a kill re-sends
+    # only requests in flight plus those few). Independent of the stages' output commits.
+    ledger_journal_seconds: float = Field(default=0.1, gt=0, le=1.0)
+    ledger_journal_answers: int = Field(default=16, ge=1, le=10_000)
     # Airflow's [core] max_map_length: no mapped list (ingest files, image shards) is longer.
     max_map_length: int = Field(default=1024, ge=1)
     endpoints: dict[str, EndpointSettings]
@@ -263,6 +268,8 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         source_prefix=env.get("LGT_SOURCE_PREFIX") or "sources/",
         release_name=env.get("LGT_RELEASE_NAME") or "lgt",
         shard_size=_env_int(env, "LGT_SHARD_SIZE", 200),
+        ledger_journal_seconds=_env_float(env, "LGT_LEDGER_JOURNAL_SECONDS", 0.1),
+        ledger_journal_answers=_env_int(env, "LGT_LEDGER_JOURNAL_ANSWERS", 16),
         endpoints={role: endpoint_from_env(role, env) for role in ROLES},
         ingest=ingest_limits_from_env(env),
     )

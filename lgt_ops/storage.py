@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
+from lgt_ops import chaos
 from lgt_ops.config import ConfigError, Settings
 from lgt_ops.reasons import IngestReason
 
@@ -262,6 +263,7 @@ class LocalStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        _written(key)
 
     def put_file(self, key: str, path: Path) -> None:
         dst = self._path(key)
@@ -273,6 +275,7 @@ class LocalStore:
 
     def copy(self, src_key: str, dst_key: str) -> None:
         self.put_file(dst_key, self._path(src_key))
+        _written(dst_key)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -396,6 +399,7 @@ class S3Store:
             if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
                 raise ObjectExists(key) from exc
             raise
+        _written(key)
 
     def put_file(self, key: str, path: Path) -> None:
         self._client.upload_file(str(path), self.bucket, self._full(key))
@@ -404,6 +408,7 @@ class S3Store:
         self._client.copy(
             {"Bucket": self.bucket, "Key": self._full(src_key)}, self.bucket, self._full(dst_key)
         )
+        _written(dst_key)
 
     def delete(self, key: str) -> None:
         self._client.delete_object(Bucket=self.bucket, Key=self._full(key))
@@ -417,6 +422,11 @@ class S3Store:
             Params={"Bucket": self.bucket, "Key": self._full(key)},
             ExpiresIn=expires_s,
         )
+
+
+def _written(key: str) -> None:
+    if key.startswith("releases/"):
+        chaos.point("release")  # test-only crash point while publishing (no-op otherwise)
 
 
 def open_store(url: str, settings: Settings | None = None) -> ObjectStore:

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from lgt_ops.failures import lineage_db_unreachable
@@ -38,7 +38,34 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    _unreachable_on_disconnect(engine)
+    return engine
+
+
+def _unreachable_on_disconnect(engine: Engine) -> None:
+    """A lost or refused connection, wherever it happens (a stage's commit, the request
+    journal's thread, a lookup), surfaces as `LineageDbUnreachable` with a one-line message
+    naming the database (the driver's error stays chained); other errors are unchanged."""
+    where = engine.url.render_as_string(hide_password=True)
+
+    @event.listens_for(engine, "handle_error")
+    def _unreachable(ctx: ExceptionContext) -> None:
+        if ctx.is_disconnect or _refused(ctx.original_exception):
+            raise lineage_db_unreachable(ctx.original_exception, where) from (
+                ctx.sqlalchemy_exception or ctx.original_exception
+            )
+
+
+def _refused(exc: BaseException) -> bool:
+    """A connection that could not be made or was cut (server down, restarting, terminated):
+    psycopg2 gives these no SQLSTATE, or one of class 08 (connection) / 57P (shutdown)."""
+    import psycopg2
+
+    if not isinstance(exc, psycopg2.OperationalError):
+        return False
+    code = getattr(exc, "pgcode", None)
+    return code is None or code.startswith(("08", "57P"))
 
 
 @contextmanager

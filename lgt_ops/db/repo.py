@@ -43,7 +43,7 @@ def table(conn: Connection, name: str) -> Table:
         raise RuntimeError(f"table {name!r} missing: run `lgt db upgrade`") from exc
 
 
-def _insert(conn: Connection, tbl: Table):  # noqa: ANN202 - dialect-specific Insert
+def insert_for(conn: Connection, tbl: Table):  # noqa: ANN202 - dialect-specific Insert
     if conn.dialect.name == "postgresql":
         return postgresql.insert(tbl)
     if conn.dialect.name == "sqlite":
@@ -60,7 +60,7 @@ def insert_ignore(conn: Connection, name: str, rows: Sequence[Mapping[str, Any]]
         # A batch insert takes its columns from the first row: a missing key would be lost.
         raise ValueError(f"rows for {name!r} do not all have the same columns")
     tbl = table(conn, name)
-    result = conn.execute(_insert(conn, tbl).on_conflict_do_nothing(), list(rows))
+    result = conn.execute(insert_for(conn, tbl).on_conflict_do_nothing(), list(rows))
     return max(result.rowcount, 0)
 
 
@@ -75,7 +75,7 @@ def upsert(
     if not rows:
         return
     tbl = table(conn, name)
-    stmt = _insert(conn, tbl)
+    stmt = insert_for(conn, tbl)
     stmt = stmt.on_conflict_do_update(
         index_elements=list(key), set_={c: stmt.excluded[c] for c in update}
     )

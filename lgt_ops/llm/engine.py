@@ -4,8 +4,9 @@ Stages call `RequestEngine.run(requests)` from ordinary synchronous code and ite
 outcomes as they complete. Behind it an asyncio loop in a worker thread pulls requests lazily
 from the iterator (memory is O(window), not O(dataset)), answers what the ledger already
 holds without a call, sends the rest with aiohttp, and hands outcomes back through a bounded
-queue. The consumer records fresh outcomes in the ledger and commits them with its own
-outputs (see `Ledger.flush`).
+queue. Fresh outcomes are recorded in the ledger the moment they complete, in the loop, so
+its journal can make them durable within a bounded delay whatever the consumer is doing
+(see `Ledger`); the consumer's commits write what the journal has not yet.
 
 Why aiohttp and not `openai.AsyncClient`: on a 2-core machine the official client costs ~5 ms
 of CPU per call, which caps one process near 200 req/s; this loop stays well under 1 ms and
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from lgt_ops import chaos
 from lgt_ops.config import EndpointSettings
 from lgt_ops.llm.errors import (
     REQUEST_SPECIFIC,
@@ -172,8 +174,6 @@ class RequestEngine:
                     break
                 if isinstance(item, _Fatal):
                     raise item.exc
-                if self.ledger is not None:
-                    self.ledger.record(item)
                 yield item
         finally:
             self._stop.set()
@@ -200,6 +200,8 @@ class RequestEngine:
         followers: dict[str, list[ChatRequest]] = {}
         inflight: set[asyncio.Task[Outcome]] = set()
         wake = self._wake = asyncio.Event()
+        if self.ledger is not None:  # a journal write (or failure) may unblock sending
+            self.ledger.on_journal = lambda: loop.call_soon_threadsafe(wake.set)
         self._busy = 0
         exhausted = False
         fatal: BaseException | None = None
@@ -213,6 +215,9 @@ class RequestEngine:
             elif task.exception() is not None:
                 fatal = fatal or task.exception()
             else:
+                # Recorded now, before the loop sends anything else: the journal's backlog
+                # must include this answer when the next send is decided.
+                self._record(task.result(), len(inflight))
                 completed.append(task.result())
             wake.set()
 
@@ -222,6 +227,9 @@ class RequestEngine:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             while True:
+                if self.ledger is not None and self.ledger.journal_error is not None:
+                    # Answers can no longer be made durable: stop paying for more.
+                    fatal = fatal or self.ledger.journal_error
                 if self._stop.is_set() or fatal is not None:
                     break
                 while not exhausted and len(ready) < max(_LOOKUP_CHUNK, 2 * self.window.size):
@@ -247,7 +255,12 @@ class RequestEngine:
                 # Tasks asleep in a backoff do not count against the window, but the number
                 # of tasks stays bounded all the same.
                 cap = 2 * self.window.size + 16
-                while ready and self._busy < self.window.size and len(inflight) < cap:
+                while (
+                    ready
+                    and self._busy < self.window.size
+                    and len(inflight) < cap
+                    and not (self.ledger is not None and self.ledger.backlogged())
+                ):
                     self._busy += 1
                     task = loop.create_task(self._execute(session, ready.popleft()))
                     inflight.add(task)
@@ -264,12 +277,23 @@ class RequestEngine:
                 if not completed:
                     await wake.wait()
                     wake.clear()
+            if self.ledger is not None:
+                self.ledger.on_journal = None
             for task in list(inflight):
                 task.cancel()
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
         if fatal is not None:
             raise fatal
+
+    def _record(self, outcome: Outcome, inflight: int) -> None:
+        """Hand a fresh outcome to the ledger the moment it completes (its journal makes it
+        durable); `inflight` is what is still on the wire."""
+        ledger = self.ledger
+        if ledger is None or outcome.cached:
+            return
+        ledger.record(outcome)
+        chaos.point(ledger.stage, lambda: {"in_flight": inflight, "unjournaled": ledger.pending})
 
     async def _emit(self, outcome: Outcome, out: queue.Queue[Any]) -> None:
         if self.progress is not None:

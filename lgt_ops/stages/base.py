@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, text
 
-from lgt_ops import liveness
+from lgt_ops import chaos, liveness
 from lgt_ops.config import Settings
 from lgt_ops.db.engine import make_engine, reaching
 from lgt_ops.db.migrate import upgrade
@@ -329,9 +329,7 @@ def commit(
     ledger: Any | None = None,
 ) -> None:
     """One transaction: ledger rows first (outputs reference them), then outputs in order."""
-    with env.db.begin() as conn:
-        if ledger is not None:
-            ledger.flush(conn)
+    with ledger.transaction() if ledger is not None else env.db.begin() as conn:
         for table_name, rows in rows_by_table.items():
             insert_ignore(conn, table_name, rows)
 
@@ -390,5 +388,8 @@ class ItemCommitter:
             self.flush()
 
     def flush(self) -> None:
+        committed = self._items
         commit(self.env, self._buffer, self.ledger)
         self._buffer, self._items, self._last = {}, 0, time.monotonic()
+        if committed and self.ledger is None:  # model stages count answers instead
+            chaos.point(self.stage)  # test-only crash point (no-op otherwise)

@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from lgt_ops import boxes
+from lgt_ops import boxes, chaos
 from lgt_ops.config import IngestLimits
 from lgt_ops.db.repo import chunked, dumps, insert_ignore, upsert, utcnow
 from lgt_ops.fanout import fan_out
@@ -292,6 +292,7 @@ def ingest_shard(
             rows = _ingest_batch(env, fp, batch, stats)
             with env.db.begin() as conn:
                 commit_tables(conn, rows)
+            chaos.point(STAGE)  # test-only crash point (no-op otherwise)
             progress.update(len(batch), rejected=stats.items_rejected)
         progress.close()
     return stats

@@ -17,7 +17,7 @@ from typing import Any
 from lgt_ops.failures import EXIT_INCOMPLETE, TransientFailure
 from lgt_ops.images import data_url, encode_for_request
 from lgt_ops.llm.engine import RequestEngine
-from lgt_ops.llm.ledger import Ledger, Outcome
+from lgt_ops.llm.ledger import JournalPolicy, Ledger, Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.progress import Progress
 from lgt_ops.stages.base import (
@@ -93,12 +93,12 @@ def run_model_stage(
     if not items:
         return
     endpoint = env.settings.endpoint(role)
-    ledger = Ledger(env.db, env.run, stage, env.store)
+    s = env.settings
+    policy = JournalPolicy(s.ledger_journal_seconds, s.ledger_journal_answers)
+    ledger = Ledger(env.db, env.run, stage, env.store, journal=policy)
     total = sum(len(i.requests) for i in items)
     progress = Progress(f"{stage} [{role}]", total, enabled=env.show_progress)
-    engine = RequestEngine(
-        endpoint, ledger, images, progress=progress, seed=env.settings.method.seed
-    )
+    engine = RequestEngine(endpoint, ledger, images, progress=progress, seed=s.method.seed)
     by_key: dict[str, list[WorkItem]] = {}
     for item in items:
         for req in item.requests:
@@ -129,9 +129,12 @@ def run_model_stage(
                     finish(item, got.pop(id(item)))
             committer.flush_if_due()  # also commits answered requests of unfinished items
     finally:
-        committer.flush()  # keep what is finished, also when the endpoint went down mid-stage
-        progress.close()
-        stats.absorb(engine.summary())
+        try:
+            committer.flush()  # keep what is finished, also when the endpoint went down
+        finally:
+            ledger.close()
+            progress.close()
+            stats.absorb(engine.summary())
     if failed:
         raise StageIncomplete(
             f"{stage}: {len(failed)} item(s) not finished because of endpoint failures "

@@ -18,8 +18,9 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Asset, Param, dag, task, task_group
 
+from lgt_ops import registry
 from lgt_ops.airflow_adapter import fail_fast, on_failure
-from lgt_ops.params import PARAM_SCHEMA, SHARD_STAGES, STAGE_POOLS, TASK_TIMEOUT_MINUTES
+from lgt_ops.params import PARAM_SCHEMA, TASK_TIMEOUT_MINUTES
 
 RELEASE_ASSET = Asset(name="lgt_release", uri="lgt://releases", group="lgt")
 SCHEDULE = os.environ.get("LGT_SCHEDULE", "0 2 * * *")  # nightly; "" disables the schedule
@@ -122,17 +123,13 @@ def lgt_synthesis():
             pipeline.log_dry_run(env, params)
         return [shard.as_dict() for shard in pipeline.plan(env, params)]
 
-    def stage_task(stage: str):
-        @task(
-            task_id=stage,
-            pool=STAGE_POOLS.get(stage, "default_pool"),
-            execution_timeout=_timeout(stage),
-        )
+    def stage_task(stage: str, pool: str):
+        @task(task_id=stage, pool=pool, execution_timeout=_timeout(stage))
         @fail_fast
         def run_stage(shard: dict) -> dict:
             from lgt_ops import airflow_adapter as af
             from lgt_ops import pipeline
-            from lgt_ops.stages.base import Shard
+            from lgt_ops.env import Shard
 
             params = af.run_params()
             env = af.task_env(params)
@@ -147,8 +144,8 @@ def lgt_synthesis():
     @task_group
     def shard_stages(shard: dict):
         previous = None
-        for stage in SHARD_STAGES:
-            current = stage_task(stage)(shard)
+        for stage in registry.shard_stages():  # the registry's order
+            current = stage_task(stage.name, stage.pool())(shard)
             if previous is not None:
                 previous >> current
             previous = current

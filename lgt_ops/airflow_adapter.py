@@ -22,7 +22,7 @@ from lgt_ops.params import RunParams
 from lgt_ops.runctx import RunContext, airflow_run_id
 
 if TYPE_CHECKING:  # the DAG imports this module at parse time: keep engines/boto3 out
-    from lgt_ops.stages.base import StageEnv
+    from lgt_ops.env import StageEnv
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,12 @@ def task_env(params: RunParams | None = None) -> StageEnv:
     """The stage environment for the running task, with the run's parameter overrides."""
     from airflow.sdk import get_current_context
 
-    from lgt_ops.stages.base import StageEnv
+    from lgt_ops.env import StageEnv
 
     context = get_current_context()
-    settings = settings_from_airflow()
+    env = StageEnv.open(settings_from_airflow(), run_context(context))
     if params is not None:
-        settings = params.apply(settings)
-    env = StageEnv.open(settings, run_context(context))
+        env = env.for_run(params)
     env.show_progress = True  # INFO lines in the task log every 15 s (lgt_ops.progress)
     return env
 
@@ -274,7 +273,7 @@ def close_ended_runs(env: StageEnv, context: dict[str, Any] | None = None) -> li
     never ran). Returns the run ids closed."""
     from airflow.sdk import get_current_context
 
-    from lgt_ops.stages.abandon import abandon_run, running_runs
+    from lgt_ops.abandon import abandon_run, running_runs
 
     ti = (context or get_current_context())["ti"]
     closed = []

@@ -14,8 +14,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from lgt_ops.db.repo import select_in
 from lgt_ops.ids import content_id
-from lgt_ops.stages.base import select_in
 
 
 @dataclass(frozen=True)

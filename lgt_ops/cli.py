@@ -18,7 +18,7 @@ from typing import Any
 
 from lgt_ops import failures
 from lgt_ops.config import Settings, settings_from_env
-from lgt_ops.params import PARAM_SCHEMA, STAGES, RunParams
+from lgt_ops.params import PARAM_SCHEMA, SHARD_STAGES, RunParams
 from lgt_ops.runctx import new_cli_run
 
 log = logging.getLogger("lgt_ops.cli")
@@ -30,7 +30,7 @@ def _settings() -> Settings:
 
 
 def _env(run_type: str = "cli"):  # noqa: ANN202 - StageEnv, imported lazily for a fast --help
-    from lgt_ops.stages.base import StageEnv
+    from lgt_ops.env import StageEnv
 
     env = StageEnv.open(_settings(), new_cli_run(run_type))
     _OPENED.append(env)
@@ -118,12 +118,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    from lgt_ops.env import Shard
     from lgt_ops.pipeline import run_stage
-    from lgt_ops.stages.base import Shard
 
     params = _params(args)
-    env = _env()
-    env = env.with_settings(params.apply(env.settings))
+    env = _env().for_run(params)
     stats = run_stage(
         env,
         args.stage,
@@ -139,8 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lgt_ops.summary import print_summary
 
     params = _params(args)
-    env = _env()
-    env = env.with_settings(params.apply(env.settings))
+    env = _env().for_run(params)
     summary = run_local(env, params)
     print_summary(env, params, summary)
     return 0
@@ -151,7 +149,7 @@ def cmd_release_publish(args: argparse.Namespace) -> int:
     from lgt_ops.pipeline import release
 
     params = _params(args).model_copy(update={"stages": ("release",)})
-    env = _env()
+    env = _env().for_run(params)  # the fingerprints the run flags select, as `lgt run` had
     published = release(env, params)
     assert published is not None
     _print(
@@ -229,24 +227,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------
+def _csv(value: str) -> list[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def _kind(schema: dict[str, Any]) -> str:
+    types = schema.get("type", "string")
+    types = [types] if isinstance(types, str) else types
+    return next((t for t in types if t != "null"), "string")
+
+
+def _add_param(p: argparse.ArgumentParser, name: str, schema: dict[str, Any]) -> None:
+    """One CLI option from a run parameter's schema (every parameter has one)."""
+    flag, kind = f"--{name.replace('_', '-')}", _kind(schema)
+    help_text = schema.get("description", "").replace("%", "%%")
+    if kind == "boolean" and schema.get("default") is False:
+        p.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+        return
+    convert: Any = {
+        "integer": int,
+        "number": float,
+        "array": _csv,
+        "boolean": lambda s: s.lower() in ("1", "true", "yes"),
+    }.get(kind, str)
+    enum = [v for v in schema.get("enum", []) if v is not None] or None
+    if kind == "array":
+        help_text += " (comma-separated)"
+    p.add_argument(flag, dest=name, type=convert, choices=enum, help=help_text)
+
+
 def _add_run_params(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
-    p.add_argument("--source", help=PARAM_SCHEMA["source"]["description"])
-    p.add_argument("--sample-size", dest="sample_size", type=int)
-    p.add_argument("--k-rollouts", dest="k_rollouts", type=int)
-    p.add_argument("--mcq-per-image", dest="mcq_per_image", type=int)
-    for role in ("vlm", "llm", "reasoner"):
-        p.add_argument(f"--{role}-model", dest=f"{role}_model")
-        p.add_argument(f"--{role}-base-url", dest=f"{role}_base_url")
-    p.add_argument("--release-name", dest="release_name")
-    p.add_argument("--release-version", dest="release_version")
-    p.add_argument("--allow-simulated", dest="allow_simulated", action="store_true", default=None)
-    if stages:
-        p.add_argument(
-            "--stages",
-            type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-            help=f"comma-separated subset of: {','.join(STAGES)}",
-        )
-        p.add_argument("--dry-run", dest="dry_run", action="store_true", default=None)
+    """The run parameters as options, generated from PARAM_SCHEMA (the form's source)."""
+    for name, schema in PARAM_SCHEMA.items():
+        if name in ("stages", "dry_run") and not stages:
+            continue
+        _add_param(p, name, schema)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,8 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", help="scan a source prefix and ingest new or changed images")
     ing.add_argument("--source")
     ing.set_defaults(func=cmd_ingest)
-
-    from lgt_ops.pipeline import SHARD_STAGES
 
     for stage in SHARD_STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage on one shard")

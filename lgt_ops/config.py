@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
 
 from lgt_ops.failures import EXIT_USAGE, PermanentFailure
 
@@ -72,63 +72,18 @@ class ImageSpec(BaseModel):
     transport: Literal["data_url", "presigned_url"] = "data_url"
 
 
-class MethodParams(BaseModel):
-    """The method's knobs (METHOD.md). Defaults follow the LPT code where it is known."""
+def _method_params() -> type[BaseModel]:
+    """The method's knobs (METHOD.md): the union of the stage configs in the registry, so a
+    stage's knob is declared once, in its `Config`, and an unknown knob is an error."""
+    from lgt_ops import registry
 
-    model_config = ConfigDict(frozen=True)
+    bases = tuple(dict.fromkeys(s.Config for s in registry.PIPELINE))
+    return create_model(
+        "MethodParams", __base__=bases, __doc__="The method's knobs (all stage configs)."
+    )
 
-    # ingest
-    max_image_pixels: int = Field(default=64_000_000, ge=1)
-    # annotate
-    annotate_max_objects: int = Field(default=12, ge=1)
-    # stage 1
-    mcq_per_image: int = Field(default=8, ge=1, le=64)
-    mcq_options: int = Field(default=4, ge=2, le=8)
-    mcq_temperature: float = Field(default=0.7, ge=0, le=2)
-    mcq_max_tokens: int = Field(default=2048, ge=64)
-    mcq_dedup_threshold: float = Field(default=0.8, gt=0, le=1)
-    # stage 2
-    compose_per_image: int = Field(default=4, ge=0, le=64)
-    compose_per_parent: int = Field(default=2, ge=1, le=16)
-    compose_operators: tuple[str, ...] = ("chain", "compare", "count_over", "conjunction")
-    compose_temperature: float = Field(default=0.7, ge=0, le=2)
-    # simple CoT
-    cot_rollouts: int = Field(default=10, ge=1, le=64)
-    cot_temperature: float = Field(default=0.7, ge=0, le=2)
-    cot_top_p: float = Field(default=0.8, gt=0, le=1)
-    cot_max_tokens: int = Field(default=1024, ge=16)
-    # difficulty buckets over the pass rate
-    easy_at_least: float = Field(default=0.75, ge=0, le=1)
-    hard_at_most: float = Field(default=0.25, ge=0, le=1)
-    # expansion
-    expand_cues: tuple[str, ...] = ("Wait,", "Hmm,", "Alternatively,")
-    expand_per_rollout: int = Field(default=1, ge=1, le=8)
-    expand_rollouts_per_question: int = Field(default=4, ge=1, le=64)
-    expand_max_tokens: int = Field(default=1024, ge=16)
-    expand_temperature: float = Field(default=0.6, ge=0, le=2)
-    expand_top_p: float = Field(default=0.95, gt=0, le=1)
-    # filters
-    trace_min_chars: int = Field(default=80, ge=0)
-    trace_max_chars: int = Field(default=12_000, ge=100)
-    trace_dedup_threshold: float = Field(default=0.9, gt=0, le=1)
-    # preference pairs
-    pairs_per_question: int = Field(default=4, ge=1, le=64)
-    # cognitive behaviours: lexical heuristics always; "llm" adds the LLM tagger stage
-    behaviour_tagger: Literal["heuristic", "llm"] = "heuristic"
-    # release
-    sft_per_question: int = Field(default=2, ge=1, le=64)
-    rl_include_saturated: bool = False  # RL prompts with pass rate 0 or 1 carry no signal
-    embed_images: bool = False
-    rows_per_file: int = Field(default=50_000, ge=100)
 
-    seed: int = 1234
-
-    @field_validator("expand_cues", "compose_operators")
-    @classmethod
-    def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if not v:
-            raise ValueError("must not be empty")
-        return v
+MethodParams: Any = _method_params()
 
 
 # -- ingest limits (kept in one block) ----------------------------------------------------------
@@ -213,6 +168,10 @@ class Settings(BaseModel):
         return self.model_copy(update={"endpoints": eps})
 
     def with_method(self, **overrides: object) -> Settings:
+        """A copy with these method knobs changed; an unknown knob is an error naming it."""
+        unknown = sorted(set(overrides) - set(MethodParams.model_fields))
+        if unknown:
+            raise ConfigError(f"unknown method setting(s): {', '.join(unknown)}")
         method = MethodParams.model_validate({**self.method.model_dump(), **overrides})
         return self.model_copy(update={"method": method})
 

@@ -1,6 +1,8 @@
 """Which outputs are current: the chain from an image's present annotations, through the
 stage fingerprints of the present configuration, to questions and their traces.
 
+A query layer: it imports no stage; the fingerprints come from the registry.
+
 Older outputs stay in the lineage DB (they are history, and their requests stay cached);
 stages and releases work on the current ones only.
 """
@@ -12,9 +14,17 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from lgt_ops import registry
 from lgt_ops.annotations import ImageContext
+from lgt_ops.db.repo import select_in
+from lgt_ops.env import StageEnv
 from lgt_ops.ids import content_id
-from lgt_ops.stages.base import StageEnv, select_in
+from lgt_ops.registry import stage_fingerprint
+
+
+def _fp(env: StageEnv, stage: str) -> str:
+    """The stage's fingerprint under the run's settings (computed once, by the registry)."""
+    return stage_fingerprint(stage, env.settings)
 
 
 def compose_input_id(image_id: str, stage1_ids: list[str]) -> str:
@@ -23,14 +33,12 @@ def compose_input_id(image_id: str, stage1_ids: list[str]) -> str:
 
 
 def stage1(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
-    from lgt_ops.stages import mcq
-
     return select_in(
         conn,
         "SELECT * FROM questions WHERE stage = 1 AND fingerprint = :fp AND item_id IN :ids"
         " ORDER BY image_id, question_id",
         [c.input_id for c in contexts.values()],
-        fp=mcq.stage_fingerprint(env),
+        fp=_fp(env, "mcq"),
     )
 
 
@@ -43,8 +51,6 @@ def by_image(rows: list[Any]) -> dict[str, list[Any]]:
 
 def questions(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
     """Current stage-1 and stage-2 questions of these images, ordered by image."""
-    from lgt_ops.stages import compose
-
     first = stage1(conn, env, contexts)
     inputs = [
         compose_input_id(img, [q.question_id for q in qs]) for img, qs in by_image(first).items()
@@ -54,68 +60,58 @@ def questions(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]
         "SELECT * FROM questions WHERE stage = 2 AND fingerprint = :fp AND item_id IN :ids"
         " ORDER BY image_id, question_id",
         inputs,
-        fp=compose.stage_fingerprint(env),
+        fp=_fp(env, "compose"),
     )
     return sorted(first + second, key=lambda q: (q.image_id, q.stage, q.question_id))
 
 
 def rollouts(conn: Connection, env: StageEnv, question_ids: list[str]) -> list[Any]:
-    from lgt_ops.stages import cot
-
     return select_in(
         conn,
         "SELECT * FROM rollouts WHERE fingerprint = :fp AND question_id IN :ids"
         " ORDER BY question_id, sample_index",
         question_ids,
-        fp=cot.stage_fingerprint(env),
+        fp=_fp(env, "cot"),
     )
 
 
 def expansions(conn: Connection, env: StageEnv, rollout_ids: list[str]) -> list[Any]:
-    from lgt_ops.stages import expand
-
     return select_in(
         conn,
         "SELECT * FROM expansions WHERE fingerprint = :fp AND rollout_id IN :ids"
         " ORDER BY question_id, rollout_id, expansion_id",
         rollout_ids,
-        fp=expand.stage_fingerprint(env),
+        fp=_fp(env, "expand"),
     )
 
 
 def difficulty(conn: Connection, env: StageEnv, question_ids: list[str]) -> dict[str, Any]:
-    from lgt_ops.stages import cot
-
     rows = select_in(
         conn,
         "SELECT * FROM difficulty WHERE fingerprint = :fp AND question_id IN :ids",
         question_ids,
-        fp=cot.stage_fingerprint(env),
+        fp=_fp(env, "cot"),
     )
     return {r.question_id: r for r in rows}
 
 
 def verdicts(conn: Connection, env: StageEnv, trace_ids: list[str]) -> dict[str, Any]:
-    from lgt_ops.stages import filter as trace_filter
-
     rows = select_in(
         conn,
         "SELECT * FROM trace_verdicts WHERE fingerprint = :fp AND trace_id IN :ids",
         trace_ids,
-        fp=trace_filter.stage_fingerprint(env),
+        fp=_fp(env, "filter"),
     )
     return {r.trace_id: r for r in rows}
 
 
 def pairs(conn: Connection, env: StageEnv, question_ids: list[str]) -> list[Any]:
-    from lgt_ops.stages import pairs as pair_stage
-
     return select_in(
         conn,
         "SELECT * FROM pairs WHERE fingerprint = :fp AND question_id IN :ids"
         " ORDER BY question_id, pair_id",
         question_ids,
-        fp=pair_stage.stage_fingerprint(env),
+        fp=_fp(env, "pairs"),
     )
 
 
@@ -125,10 +121,9 @@ def shard_questions(
     """The image contexts of a shard and their current questions (both stages)."""
     from lgt_ops.annotations import current as image_contexts
     from lgt_ops.sources import image_set
-    from lgt_ops.stages import annotate
 
     images = image_set(conn, spec, shard, sample_size)
-    contexts = image_contexts(conn, images, annotate.stage_fingerprint(env))
+    contexts = image_contexts(conn, images, _fp(env, "annotate"))
     return contexts, questions(conn, env, contexts)
 
 
@@ -143,3 +138,16 @@ def traces_of(conn: Connection, env: StageEnv, question_ids: list[str]) -> dict[
     for e in expansions(conn, env, [r.rollout_id for r in rolls]):
         out[e.question_id].append(Trace.from_expansion(e))
     return out
+
+
+def behaviour_tags(conn: Connection, env: StageEnv, trace_ids: list[str]) -> dict[str, Any]:
+    """trace_id -> LLM behaviour counts under the present configuration (empty when off)."""
+    if not registry.get("tag").enabled(env.settings):
+        return {}
+    rows = select_in(
+        conn,
+        "SELECT * FROM behaviour_tags WHERE fingerprint = :fp AND trace_id IN :ids",
+        trace_ids,
+        fp=_fp(env, "tag"),
+    )
+    return {r.trace_id: r for r in rows}

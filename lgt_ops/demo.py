@@ -33,9 +33,9 @@ def upload_sample(store, prefix: str = DEMO_SOURCE) -> int:  # noqa: ANN001 - Ob
 
 
 def run_demo(reset: bool = False) -> int:
+    from lgt_ops.env import StageEnv
     from lgt_ops.llm.simulator import BackgroundSimulator, SimConfig
     from lgt_ops.pipeline import run_local
-    from lgt_ops.stages.base import StageEnv
     from lgt_ops.summary import print_summary
 
     os.environ.setdefault("LGT_DATA_DIR", str(Path(".lgt") / "demo"))
@@ -66,7 +66,7 @@ def run_demo(reset: bool = False) -> int:
             k_rollouts=4,
             allow_simulated=sim is not None,
         )
-        env = env.with_settings(params.apply(env.settings))
+        env = env.for_run(params)
         summary = run_local(env, params)
         print_summary(env, params, summary)
         print(f"\nlineage database: {settings.database_url}")

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from lgt_ops.config import MethodParams
+from lgt_ops import registry
+from lgt_ops.config import Settings
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,9 @@ class Ready:
     requests: int
 
 
-def fan_outs(m: MethodParams, cot_supports_n: bool, tagger_on: bool) -> dict[str, FanOut]:
-    questions = m.mcq_per_image + m.compose_per_image
-    expanded = min(m.expand_rollouts_per_question, m.cot_rollouts)
-    traces = questions * (m.cot_rollouts + expanded * m.expand_per_rollout)
-    return {
-        "annotate": FanOut(1, 1),
-        "mcq": FanOut(1, 1),
-        "compose": FanOut(1, m.compose_per_image),
-        "cot": FanOut(questions, 1 if cot_supports_n else m.cot_rollouts),
-        "expand": FanOut(questions * expanded, m.expand_per_rollout),
-        "tag": FanOut(traces if tagger_on else 0, 1),
-    }
+def fan_outs(settings: Settings) -> dict[str, FanOut]:
+    """Each model stage's fan-out under these settings (declared by the stage classes)."""
+    return {s.name: FanOut(*s.fan_out(settings)) for s in registry.PIPELINE if s.has_plan()}
 
 
 def estimate(ready: dict[str, list[Ready]], fan: dict[str, FanOut]) -> dict[str, dict[str, Any]]:

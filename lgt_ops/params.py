@@ -10,61 +10,26 @@ from __future__ import annotations
 from typing import Any
 
 from jsonschema import Draft7Validator
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 
+from lgt_ops import registry
 from lgt_ops.config import Settings
 from lgt_ops.failures import EXIT_USAGE, PermanentFailure
 
-STAGES: tuple[str, ...] = (
-    "ingest",
-    "annotate",
-    "mcq",
-    "compose",
-    "cot",
-    "expand",
-    "filter",
-    "pairs",
-    "tag",
-    "release",
-)
+STAGES: tuple[str, ...] = registry.stage_names()
 # Stages that run per image shard, in dependency order (the rest run once per run).
-SHARD_STAGES: tuple[str, ...] = (
-    "annotate",
-    "mcq",
-    "compose",
-    "cot",
-    "expand",
-    "filter",
-    "pairs",
-    "tag",
-)
-# Airflow pool per model-calling stage: one pool per endpoint.
-STAGE_POOLS = {
-    "annotate": "lgt_vlm",
-    "cot": "lgt_vlm",
-    "mcq": "lgt_llm",
-    "compose": "lgt_llm",
-    "expand": "lgt_reasoner",
-    "tag": "lgt_llm",
-}
+SHARD_STAGES: tuple[str, ...] = tuple(s.name for s in registry.shard_stages())
+# Airflow pool per model-calling stage: one pool per endpoint role (`lgt_<role>`).
+STAGE_POOLS: dict[str, str] = {s.name: s.pool() for s in registry.PIPELINE if s.role}
 # Per-task execution timeout in minutes (a model stage may work through ~20k images of a
 # shard; start/finish only touch the lineage DB). The runbook's task table lists the same.
-TASK_TIMEOUT_MINUTES = {
+TASK_TIMEOUT_MINUTES: dict[str, int] = {
     "start": 10,
     "preflight": 10,
     "scan": 120,
-    "ingest": 240,
     "plan": 30,
-    "annotate": 360,
-    "mcq": 360,
-    "compose": 360,
-    "cot": 360,
-    "expand": 360,
-    "filter": 120,
-    "pairs": 120,
-    "tag": 360,
-    "release": 240,
     "finish": 10,
+    **{s.name: s.timeout_minutes for s in registry.PIPELINE},
 }
 _NAME = "^[a-z0-9][a-z0-9_-]{0,63}$"
 _VERSION = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -196,14 +161,55 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 
+# Method knobs with a run parameter of another name (kept for the form and saved confs).
+KNOB_ALIASES: dict[str, str] = {"cot_rollouts": "k_rollouts"}
+
+
+def _knob_param(stage: type[registry.Stage], name: str, info: Any) -> dict[str, Any]:
+    """The trigger-form entry of one stage-config field: empty = the configured value."""
+    shared = sum(name in s.Config.model_fields for s in registry.PIPELINE) > 1
+    owner = "every seeded stage" if shared else f"the {stage.name} stage"
+    prop = stage.Config.model_json_schema()["properties"][name]
+    schema = {k: v for k, v in prop.items() if k not in ("title", "default")}
+    if isinstance(schema.get("type"), str):
+        schema["type"] = ["null", schema["type"]]
+    if "enum" in schema:
+        schema["enum"] = [None, *schema["enum"]]
+    return {
+        **schema,
+        "default": None,
+        "title": name if shared else f"{stage.name}: {name}",
+        "description": f"A knob of {owner} (default {info.default!r});"
+        " empty = the configured value.",
+        "section": "Method: shared" if shared else f"Method: {stage.name}",
+    }
+
+
+def _knob_params() -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, (stage, info) in registry.config_fields().items():
+        if KNOB_ALIASES.get(name, name) not in PARAM_SCHEMA:
+            out[name] = _knob_param(stage, name, info)
+    return out
+
+
+PARAM_SCHEMA.update(_knob_params())
+# The method knobs a run parameter sets (param name -> MethodParams field).
+KNOB_PARAMS: dict[str, str] = {
+    KNOB_ALIASES.get(name, name): name for name in registry.config_fields()
+}
+
+
 class ParamsError(PermanentFailure, ValueError):
     """Invalid run parameters; the message names each offending parameter."""
 
     exit_code = EXIT_USAGE
 
 
-class RunParams(BaseModel):
-    model_config = ConfigDict(frozen=True)
+class _RunParams(BaseModel):
+    """The run's parameters: PARAM_SCHEMA's fields (see `RunParams`, which adds the knobs)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     source: str = "sources/"
     stages: tuple[str, ...] = STAGES
@@ -223,7 +229,7 @@ class RunParams(BaseModel):
     allow_simulated: bool = False
 
     @classmethod
-    def from_conf(cls, conf: dict[str, Any] | None) -> RunParams:
+    def from_conf(cls, conf: dict[str, Any] | None) -> _RunParams:
         """Validate a trigger's conf (unknown keys are errors; missing ones get defaults)."""
         conf = dict(conf or {})
         unknown = sorted(set(conf) - set(PARAM_SCHEMA))
@@ -247,6 +253,7 @@ class RunParams(BaseModel):
         return cls(**values)
 
     def runs(self, stage: str) -> bool:
+        """Whether this run selected the stage."""
         return stage in self.stages
 
     def apply(self, settings: Settings) -> Settings:
@@ -259,8 +266,21 @@ class RunParams(BaseModel):
             if getattr(self, f"{role}_base_url"):
                 update["base_url"] = getattr(self, f"{role}_base_url")
             endpoints[role] = ep.model_copy(update=update) if update else ep
-        return settings.model_copy(update={"endpoints": endpoints}).with_method(
-            cot_rollouts=self.k_rollouts,
-            mcq_per_image=self.mcq_per_image,
-            behaviour_tagger=self.behaviour_tagger,
-        )
+        knobs = {
+            field: getattr(self, param)
+            for param, field in KNOB_PARAMS.items()
+            if getattr(self, param) is not None
+        }
+        return settings.model_copy(update={"endpoints": endpoints}).with_method(**knobs)
+
+
+def _knob_fields() -> dict[str, Any]:
+    fields = registry.config_fields()
+    return {
+        name: (fields[name][1].annotation | None, None)
+        for name in PARAM_SCHEMA
+        if name in fields and name not in _RunParams.model_fields
+    }
+
+
+RunParams = create_model("RunParams", __base__=_RunParams, **_knob_fields())

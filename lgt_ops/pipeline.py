@@ -14,13 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 from sqlalchemy import text
 
-from lgt_ops import dryrun
-from lgt_ops import params as run_params
+from lgt_ops import dryrun, registry
+from lgt_ops.abandon import close_leftover_stages
 from lgt_ops.config import Settings
 from lgt_ops.db.stats import refresh_statistics
 from lgt_ops.failures import RunFailed
@@ -30,9 +29,7 @@ from lgt_ops.llm.preflight import PreflightReport
 from lgt_ops.params import RunParams
 from lgt_ops.release.publish import Published, publish
 from lgt_ops.sources import count_images, resolve_source
-from lgt_ops.stages import annotate, compose, cot, expand, ingest, mcq, pairs, tag
-from lgt_ops.stages import filter as trace_filter
-from lgt_ops.stages.abandon import close_leftover_stages
+from lgt_ops.stages import ingest
 from lgt_ops.stages.base import (
     Shard,
     StageEnv,
@@ -44,18 +41,8 @@ from lgt_ops.stages.base import (
 
 log = logging.getLogger(__name__)
 
-# Per-shard stages in dependency order; each module has plan() and run().
-_MODULES: dict[str, ModuleType] = {
-    "annotate": annotate,
-    "mcq": mcq,
-    "compose": compose,
-    "cot": cot,
-    "expand": expand,
-    "filter": trace_filter,
-    "pairs": pairs,
-    "tag": tag,
-}
-SHARD_STAGES: dict[str, ModuleType] = {name: _MODULES[name] for name in run_params.SHARD_STAGES}
+# Per-shard stages in dependency order (from the registry).
+SHARD_STAGES: dict[str, type[registry.Stage]] = {s.name: s for s in registry.shard_stages()}
 
 
 @dataclass
@@ -124,20 +111,18 @@ def dry_run_report(env: StageEnv, params: RunParams) -> dict[str, Any]:
     shards = plan(env, params)
     report["shards"] = len(shards)
     ready: dict[str, list[dryrun.Ready]] = {}
-    for name, module in SHARD_STAGES.items():
+    for name, stage in SHARD_STAGES.items():
         if not params.runs(name):
             continue
-        if not hasattr(module, "plan"):  # filter, pairs: computed from earlier outputs
+        if not stage.has_plan():  # rule stages: computed from earlier outputs
             report["stages"][name] = {"model_calls": 0}
             continue
         ready[name] = [
             dryrun.Ready(item.image_id, len(item.requests))
             for shard in shards
-            for item in module.plan(env, spec, shard, params.sample_size).items
+            for item in stage.plan(env, spec, shard, params.sample_size).items
         ]
-    m = env.settings.method
-    fan = dryrun.fan_outs(m, env.settings.endpoint("vlm").supports_n, tag.enabled(env))
-    report["stages"].update(dryrun.estimate(ready, fan))
+    report["stages"].update(dryrun.estimate(ready, dryrun.fan_outs(env.settings)))
     report["stages"] = {k: report["stages"][k] for k in SHARD_STAGES if k in report["stages"]}
     return report
 

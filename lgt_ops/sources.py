@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 from sqlalchemy import Connection, text
 
-from lgt_ops.stages.base import Shard, StageEnv
+from lgt_ops.env import Shard, StageEnv
 from lgt_ops.storage import ObjectStore
 
 
@@ -80,7 +80,7 @@ def count_images(conn: Connection, spec: SourceSpec, sample_size: int | None = N
 
 def image_locations(conn: Connection, image_ids: list[str]) -> dict[str, tuple[str, str]]:
     """image_id -> (store url, key) of one live source (the first by key)."""
-    from lgt_ops.stages.base import select_in
+    from lgt_ops.db.repo import select_in
 
     rows = select_in(
         conn,

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, TextIO
 from sqlalchemy import text
 
 if TYPE_CHECKING:
+    from lgt_ops.env import StageEnv
     from lgt_ops.params import RunParams
     from lgt_ops.pipeline import RunSummary
-    from lgt_ops.stages.base import StageEnv
 
 
 def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:

@@ -30,11 +30,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from sqlalchemy.exc import SQLAlchemyError
 
 from lgt_ops.config import ConfigError, Settings
+from lgt_ops.env import StageEnv
 from lgt_ops.release.errors import ReleaseError
 from lgt_ops.release.manage import list_releases, load_manifest, verify
 from lgt_ops.release.publish import prefix_of
 from lgt_ops.runctx import new_cli_run
-from lgt_ops.stages.base import StageEnv
 from lgt_ops.storage import ObjectMissing
 
 EnvOpener = Callable[[], StageEnv]

@@ -885,14 +885,16 @@ def test_connections_secret_keys(templates):
 # cross-checks with the code (static: nothing is imported)
 # ------------------------------------------------------------------------------------------
 def test_code_uses_the_deployed_pools_dag_and_commands():
-    params = ast.parse((ROOT / "lgt_ops" / "params.py").read_text())
-    stage_pools = next(
+    # a stage's pool is lgt_<role>, the role a class attribute in the stage registry
+    registry = ast.parse((ROOT / "lgt_ops" / "registry.py").read_text())
+    roles = {
         ast.literal_eval(node.value)
-        for node in ast.walk(params)
+        for node in ast.walk(registry)
         if isinstance(node, ast.Assign)
-        and any(isinstance(t, ast.Name) and t.id == "STAGE_POOLS" for t in node.targets)
-    )
-    assert set(stage_pools.values()) == POOLS, stage_pools
+        and any(isinstance(t, ast.Name) and t.id == "role" for t in node.targets)
+    }
+    stage_pools = {f"lgt_{role}" for role in roles if role}
+    assert stage_pools == POOLS, stage_pools
     dag_files = "\n".join(p.read_text() for p in (ROOT / "dags").glob("*.py"))
     assert re.search(r"""dag_id\s*=\s*["']lgt_synthesis["']""", dag_files)
     cli = (ROOT / "lgt_ops" / "cli.py").read_text()

@@ -5,12 +5,19 @@ from __future__ import annotations
 from sqlalchemy import text
 
 from lgt_ops import pipeline
-from lgt_ops.config import MethodParams
+from lgt_ops.config import MethodParams, settings_from_env
 from lgt_ops.dryrun import FanOut, Ready, estimate, fan_outs
 from lgt_ops.params import RunParams
 from tests.samples import upload_sample
 
-FAN = fan_outs(MethodParams(), cot_supports_n=True, tagger_on=False)
+
+def _settings(supports_n: bool = True, tagger: str = "heuristic"):
+    s = settings_from_env({}).with_method(behaviour_tagger=tagger)
+    eps = {**s.endpoints, "vlm": s.endpoints["vlm"].model_copy(update={"supports_n": supports_n})}
+    return s.model_copy(update={"endpoints": eps})
+
+
+FAN = fan_outs(_settings())
 
 
 def test_expand_counts_what_the_pending_cot_rollouts_will_need():
@@ -49,7 +56,7 @@ def test_work_on_an_image_waiting_upstream_is_superseded_not_counted_twice():
 def test_without_the_llm_tagger_tag_has_no_work_and_no_requests():
     report = estimate({"cot": [Ready("a", 1)], "tag": []}, FAN)
     assert report["tag"]["pending_items_at_most"] == 0
-    assert fan_outs(MethodParams(), cot_supports_n=False, tagger_on=True)["cot"] == FanOut(
+    assert fan_outs(_settings(False, "llm"))["cot"] == FanOut(
         MethodParams().mcq_per_image + MethodParams().compose_per_image,
         MethodParams().cot_rollouts,
     )

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, Table
+from sqlalchemy import Connection, Engine, MetaData, Table, bindparam, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 _META: dict[str, MetaData] = {}
@@ -98,3 +98,12 @@ def utcnow() -> datetime:
 def chunked(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
+
+
+def select_in(conn: Connection, sql: str, ids: Sequence[str], **params: Any) -> list[Any]:
+    """Run `sql` (which has `IN :ids`) over `ids` in chunks; all rows."""
+    stmt = text(sql).bindparams(bindparam("ids", expanding=True))
+    rows: list[Any] = []
+    for chunk in chunked(list(ids), 900):
+        rows.extend(conn.execute(stmt, {**params, "ids": list(chunk)}).all())
+    return rows

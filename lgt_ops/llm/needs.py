@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lgt_ops import prompts
+from lgt_ops import prompts, registry
 from lgt_ops.config import ImageSpec, Settings
-from lgt_ops.params import STAGE_POOLS
 
 CHARS_PER_TOKEN = 3
 OBJECT_LINE_CHARS = 40  # "o12: traffic light [120, 40, 180, 200]"
@@ -68,8 +67,7 @@ class RoleNeed:
 
 def role_of(stage: str) -> str | None:
     """The endpoint role a stage calls (None for stages that call no model)."""
-    pool = STAGE_POOLS.get(stage)
-    return pool.removeprefix("lgt_") if pool else None
+    return registry.get(stage).role
 
 
 def _tokens(chars: int) -> int:
@@ -87,8 +85,6 @@ def image_tokens(spec: ImageSpec) -> int:
 
 def stage_needs(settings: Settings, stages: Iterable[str]) -> list[StageNeed]:
     """Needs of the selected model-calling stages (the LLM tagger only when it is on)."""
-    from lgt_ops.stages import annotate, compose, tag
-
     m, lim = settings.method, settings.ingest
     described = _tokens(
         lim.max_caption_chars
@@ -98,7 +94,7 @@ def stage_needs(settings: Settings, stages: Iterable[str]) -> list[StageNeed]:
     question = _tokens(QUESTION_CHARS)
     table = {
         "annotate": StageNeed(
-            "annotate", "vlm", _template("annotate") + image, annotate.MAX_TOKENS,
+            "annotate", "vlm", _template("annotate") + image, registry.Annotate.reply_tokens,
             image=True, structured=True,
         ),
         "mcq": StageNeed(
@@ -106,7 +102,7 @@ def stage_needs(settings: Settings, stages: Iterable[str]) -> list[StageNeed]:
         ),
         "compose": StageNeed(
             "compose", "llm", _template("compose") + question * 3,  # two parents + options
-            compose.MAX_TOKENS, structured=True,
+            registry.Compose.reply_tokens, structured=True,
         ),
         "cot": StageNeed(
             "cot", "vlm", _template("cot") + image + question, m.cot_max_tokens, image=True
@@ -117,15 +113,14 @@ def stage_needs(settings: Settings, stages: Iterable[str]) -> list[StageNeed]:
             m.expand_max_tokens, thinking=True,
         ),
         "tag": StageNeed(
-            "tag", "llm", _template("behaviours") + _tokens(m.trace_max_chars), tag.MAX_TOKENS,
-            structured=True,
+            "tag", "llm", _template("behaviours") + _tokens(m.trace_max_chars),
+            registry.Tag.reply_tokens, structured=True,
         ),
     }  # fmt: skip
     selected = [s for s in stages if s in table]
-    if m.behaviour_tagger != "llm" and "tag" in selected:
-        selected.remove("tag")
+    selected = [s for s in selected if registry.get(s).enabled(settings)]
     for name in selected:
-        assert table[name].role == role_of(name), f"{name}: role disagrees with STAGE_POOLS"
+        assert table[name].role == role_of(name), f"{name}: role disagrees with the registry"
     return [table[name] for name in selected]
 
 

@@ -41,7 +41,7 @@ from lgt_ops.llm.engine import RequestEngine, run_all
 from lgt_ops.llm.errors import EndpointAuthError, EndpointDown
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.needs import RoleNeed, role_needs
-from lgt_ops.llm.request import ChatRequest, image_part
+from lgt_ops.llm.request import CONTINUE, ChatRequest, image_part
 from lgt_ops.storage import ObjectStore, S3Store
 
 log = logging.getLogger(__name__)
@@ -276,8 +276,6 @@ def probe_request(ep: EndpointSettings, need: RoleNeed, settings: Settings) -> C
     if need.bad_words:
         extra["bad_words"] = PROBE_BAD_WORDS
     if need.thinking:  # as expand sends it: continue the pre-filled thinking after a cue
-        from lgt_ops.stages.cot import CONTINUE
-
         t = prompts.load("expand")
         messages = t.render(
             description="Image size: 32 x 32 pixels.\n\nImage description: a plain red square.",

@@ -17,6 +17,8 @@ from lgt_ops.config import ImageSpec
 from lgt_ops.ids import canonical_json, sha256_hex
 
 IMAGE_SCHEME = "lgt-image://"
+# vLLM: continue the pre-filled assistant message instead of opening a new one.
+CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}
 
 
 def image_part(image_id: str) -> dict[str, Any]:

@@ -20,10 +20,10 @@ from typing import Any
 import pyarrow.parquet as pq
 from sqlalchemy import text
 
+from lgt_ops.env import StageEnv
 from lgt_ops.ids import sha256_hex
 from lgt_ops.release.errors import ReleaseNotFound
 from lgt_ops.release.publish import prefix_of
-from lgt_ops.stages.base import StageEnv
 
 
 def list_releases(env: StageEnv, name: str | None = None) -> list[dict[str, Any]]:

@@ -31,17 +31,18 @@ from typing import Any
 
 from sqlalchemy import text
 
-from lgt_ops.db.repo import dumps, insert_ignore, upsert, utcnow
+from lgt_ops.db.repo import insert_ignore
+from lgt_ops.env import StageEnv
 from lgt_ops.ids import sha256_hex
-from lgt_ops.llm.simulator.server import MODEL_PREFIX
+from lgt_ops.llm.simulated import MODEL_PREFIX
 from lgt_ops.progress import Progress
 from lgt_ops.release import card, report, splits
 from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
 from lgt_ops.release.parquet import Part, encode_part, with_hf_features
+from lgt_ops.release.pointers import mark_published, release_prefix
 from lgt_ops.release.recovery import publisher_lock, recover
 from lgt_ops.release.scope import iter_chunks, rejection_counts, source_rejection_counts
 from lgt_ops.sources import SourceSpec
-from lgt_ops.stages.base import StageEnv
 from lgt_ops.storage import ObjectExists
 
 SCHEMA_VERSION = 1
@@ -78,10 +79,6 @@ class Published:
     @property
     def counts(self) -> dict[str, int]:
         return {k: v["rows"] for k, v in self.manifest["splits"].items()}
-
-
-def release_prefix(name: str, version: str) -> str:
-    return f"releases/{name}/{version}"
 
 
 def prefix_of(release_id: str) -> str:
@@ -445,44 +442,3 @@ def _abandon(env: StageEnv, release_id: str, staging: str, parts: dict[str, list
     with env.db.begin() as conn:
         conn.execute(text("DELETE FROM release_members WHERE release_id = :r"), {"r": release_id})
         conn.execute(text("DELETE FROM releases WHERE release_id = :r"), {"r": release_id})
-
-
-def mark_published(
-    env: StageEnv,
-    release_id: str,
-    name: str,
-    manifest: dict[str, Any],
-    manifest_sha: str,
-    simulated: bool,
-) -> None:
-    pointer = {
-        "release_id": release_id,
-        "manifest": f"{manifest['version']}/manifest.json",
-        "content_sha256": manifest["content_sha256"],
-    }
-    with env.db.begin() as conn:
-        conn.execute(
-            text(
-                "UPDATE releases SET status = 'published', manifest_sha256 = :m,"
-                " content_sha256 = :c, parent_release_id = :p, simulated = :s, counts = :n"
-                " WHERE release_id = :r"
-            ),
-            {
-                "m": manifest_sha,
-                "c": manifest["content_sha256"],
-                "p": manifest["parent_release"],
-                "s": simulated,
-                "n": dumps({k: v["rows"] for k, v in manifest["splits"].items()}),
-                "r": release_id,
-            },
-        )
-        upsert(
-            conn,
-            "release_pointers",
-            [{"name": name, "release_id": release_id, "updated_at": utcnow()}],
-            ["name"],
-            ["release_id", "updated_at"],
-        )
-    env.store.put(
-        f"releases/{name}/latest.json", json.dumps(pointer, sort_keys=True).encode("utf-8")
-    )

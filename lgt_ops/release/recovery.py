@@ -39,8 +39,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from lgt_ops.env import StageEnv
 from lgt_ops.release.errors import ReleaseError
-from lgt_ops.stages.base import StageEnv
 
 LOCK_WAIT_S = 600.0  # default wait for a live publisher; LGT_RELEASE_LOCK_WAIT_S overrides
 _POLL_S = 0.2
@@ -152,7 +152,7 @@ class Recovered:
 
 def recover(env: StageEnv, name: str) -> Recovered:
     """Settle every dead attempt of `name`; call only while holding its publisher lock."""
-    from lgt_ops.release.publish import mark_published, release_prefix
+    from lgt_ops.release.pointers import mark_published, release_prefix
 
     out = Recovered()
     with env.db.connect() as conn:

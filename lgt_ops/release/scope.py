@@ -14,10 +14,11 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from lgt_ops import registry
 from lgt_ops.annotations import ImageContext, current
+from lgt_ops.db.repo import select_in
+from lgt_ops.env import StageEnv
 from lgt_ops.sources import SourceSpec, image_locations
-from lgt_ops.stages import annotate
-from lgt_ops.stages.base import StageEnv, select_in
 from lgt_ops.storage import LocalStore
 
 CHUNK = 500
@@ -43,7 +44,7 @@ def iter_chunks(env: StageEnv, spec: SourceSpec, sample_size: int | None) -> Ite
     for start in range(0, len(all_rows), CHUNK):
         rows = all_rows[start : start + CHUNK]
         with env.db.connect() as conn:
-            contexts = current(conn, rows, annotate.stage_fingerprint(env))
+            contexts = current(conn, rows, registry.stage_fingerprint("annotate", env.settings))
             locations = image_locations(conn, [r.image_id for r in rows])
         yield ImageChunk(rows, contexts, locations)
 

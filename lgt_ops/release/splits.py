@@ -21,14 +21,13 @@ from typing import Any
 import pyarrow as pa
 from sqlalchemy import Connection
 
-from lgt_ops import current
+from lgt_ops import current, registry
+from lgt_ops.db.repo import select_in
+from lgt_ops.env import StageEnv
 from lgt_ops.questions import Question, from_row
 from lgt_ops.release import report
 from lgt_ops.release.parquet import IMAGE, MESSAGES
 from lgt_ops.release.scope import ImageChunk, image_value, served_models
-from lgt_ops.stages import annotate, compose, cot, expand, ingest, mcq, pairs, tag
-from lgt_ops.stages import filter as trace_filter
-from lgt_ops.stages.base import StageEnv, select_in
 from lgt_ops.traces import BEHAVIOURS, Trace
 
 Row = tuple[dict[str, Any], dict[str, Any]]  # (parquet row, release_members row)
@@ -148,7 +147,7 @@ class ChunkOutputs:
             traces,
             verdicts,
             by_q,
-            tag.current_tags(conn, env, list(verdicts)),
+            current.behaviour_tags(conn, env, list(verdicts)),
         )
 
     def question_fields(self, q: Question) -> dict[str, Any]:
@@ -374,16 +373,12 @@ def builders(env: StageEnv) -> list[SplitBuilder]:
 
 
 def fingerprints(env: StageEnv) -> dict[str, str]:
+    """The fingerprints a release is made under: every enabled stage the release reads."""
+    fps = registry.fingerprints(env.settings)
     return {
-        "ingest": ingest.stage_fingerprint(env),
-        "annotate": annotate.stage_fingerprint(env),
-        "mcq": mcq.stage_fingerprint(env),
-        "compose": compose.stage_fingerprint(env),
-        "cot": cot.stage_fingerprint(env),
-        "expand": expand.stage_fingerprint(env),
-        "filter": trace_filter.stage_fingerprint(env),
-        "pairs": pairs.stage_fingerprint(env),
-        **({"tag": tag.stage_fingerprint(env)} if tag.enabled(env) else {}),
+        s.name: fps[s.name]
+        for s in registry.PIPELINE
+        if s.name in registry.Release.upstream and s.enabled(env.settings)
     }
 
 

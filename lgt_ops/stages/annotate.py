@@ -8,9 +8,9 @@ validated, and recorded with the model and request that produced them.
 
 from __future__ import annotations
 
-from lgt_ops import boxes, prompts
+from lgt_ops import boxes, prompts, registry
 from lgt_ops.annotations import ImageContext, current
-from lgt_ops.ids import content_id, fingerprint
+from lgt_ops.ids import content_id
 from lgt_ops.images import scale_factor
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import ChatRequest, image_part
@@ -30,22 +30,12 @@ from lgt_ops.stages.runner import (
 
 STAGE = "annotate"
 VERSION = 1
-MAX_TOKENS = 2048  # the reply budget (the preflight checks it fits the context)
+MAX_TOKENS = registry.Annotate.reply_tokens
 TEMPLATE = "annotate"
 
 
 def stage_fingerprint(env: StageEnv) -> str:
-    return fingerprint(
-        {
-            "stage": STAGE,
-            "v": VERSION,
-            "template": prompts.load(TEMPLATE).ref,
-            "model": env.settings.endpoint("vlm").model,
-            "image_spec": env.settings.image_spec.model_dump(exclude={"transport"}),
-            "max_objects": env.settings.method.annotate_max_objects,
-            "seed": env.settings.method.seed,
-        }
-    )
+    return registry.stage_fingerprint(STAGE, env.settings)
 
 
 def item_id(ctx: ImageContext) -> str:

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from itertools import permutations
 from typing import Any
 
-from lgt_ops import current, prompts
+from lgt_ops import current, prompts, registry
 from lgt_ops.annotations import ImageContext
 from lgt_ops.annotations import current as image_contexts
-from lgt_ops.ids import fingerprint
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.llm.schema import parse_json_reply
@@ -48,7 +47,7 @@ from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, run_p
 
 STAGE = "compose"
 VERSION = 1
-MAX_TOKENS = 1024  # the reply budget (the preflight checks it fits the context)
+MAX_TOKENS = registry.Compose.reply_tokens
 TEMPLATE = "compose"
 
 DESCRIPTIONS = {
@@ -62,23 +61,7 @@ DESCRIPTIONS = {
 
 
 def stage_fingerprint(env: StageEnv) -> str:
-    m = env.settings.method
-    return fingerprint(
-        {
-            "stage": STAGE,
-            "v": VERSION,
-            "template": prompts.load(TEMPLATE).ref,
-            "model": env.settings.endpoint("llm").model,
-            "params": [
-                m.compose_per_image,
-                m.compose_per_parent,
-                list(m.compose_operators),
-                m.compose_temperature,
-                m.mcq_options,
-                m.seed,
-            ],
-        }
-    )
+    return registry.stage_fingerprint(STAGE, env.settings)
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from lgt_ops import current, prompts, traces
+from lgt_ops import current, prompts, registry, traces
 from lgt_ops.annotations import current as image_contexts
 from lgt_ops.config import MethodParams
-from lgt_ops.ids import content_id, fingerprint
+from lgt_ops.ids import content_id
 from lgt_ops.llm.ledger import Outcome
-from lgt_ops.llm.request import ChatRequest, image_part
+from lgt_ops.llm.request import CONTINUE, ChatRequest, image_part
 from lgt_ops.questions import Question, from_row
 from lgt_ops.sources import SourceSpec, image_locations, image_set
 from lgt_ops.stages import annotate
@@ -33,30 +33,10 @@ from lgt_ops.stages.runner import (
 STAGE = "cot"
 VERSION = 1
 TEMPLATE = "cot"
-# vLLM: continue the pre-filled assistant message instead of opening a new one.
-CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}
 
 
 def stage_fingerprint(env: StageEnv) -> str:
-    m = env.settings.method
-    ep = env.settings.endpoint("vlm")
-    return fingerprint(
-        {
-            "stage": STAGE,
-            "v": VERSION,
-            "template": prompts.load(TEMPLATE).ref,
-            "model": ep.model,
-            "image_spec": env.settings.image_spec.model_dump(exclude={"transport"}),
-            "params": [
-                m.cot_rollouts,
-                m.cot_temperature,
-                m.cot_top_p,
-                m.cot_max_tokens,
-                m.seed,
-                ep.supports_n,
-            ],
-        }
-    )
+    return registry.stage_fingerprint(STAGE, env.settings)
 
 
 def bucket(pass_rate: float, m: MethodParams) -> str:

@@ -19,17 +19,16 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from lgt_ops import current, prompts, traces
+from lgt_ops import current, prompts, registry, traces
 from lgt_ops.annotations import ImageContext
 from lgt_ops.annotations import current as image_contexts
-from lgt_ops.ids import content_id, fingerprint
+from lgt_ops.ids import content_id
 from lgt_ops.llm.ledger import Outcome
-from lgt_ops.llm.request import ChatRequest
+from lgt_ops.llm.request import CONTINUE, ChatRequest
 from lgt_ops.questions import Question, from_row
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
 from lgt_ops.stages.base import Shard, StageEnv, StageStats, already_done, rejection
-from lgt_ops.stages.cot import CONTINUE
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, run_planned
 
 STAGE = "expand"
@@ -38,24 +37,7 @@ TEMPLATE = "expand"
 
 
 def stage_fingerprint(env: StageEnv) -> str:
-    m = env.settings.method
-    return fingerprint(
-        {
-            "stage": STAGE,
-            "v": VERSION,
-            "template": prompts.load(TEMPLATE).ref,
-            "model": env.settings.endpoint("reasoner").model,
-            "params": [
-                list(m.expand_cues),
-                m.expand_per_rollout,
-                m.expand_rollouts_per_question,
-                m.expand_max_tokens,
-                m.expand_temperature,
-                m.expand_top_p,
-                m.seed,
-            ],
-        }
-    )
+    return registry.stage_fingerprint(STAGE, env.settings)
 
 
 def choose_rollouts(rows: list[Any], limit: int) -> list[Any]:

@@ -19,12 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lgt_ops import current, traces
+from lgt_ops import current, registry, traces
 from lgt_ops.config import MethodParams
-from lgt_ops.ids import content_id, fingerprint
+from lgt_ops.ids import content_id
 from lgt_ops.questions import jaccard, tokens
 from lgt_ops.sources import SourceSpec
-from lgt_ops.stages import cot, expand
 from lgt_ops.stages.base import (
     ItemCommitter,
     Rows,
@@ -43,17 +42,7 @@ TAGGER = "heuristic"
 
 
 def stage_fingerprint(env: StageEnv) -> str:
-    m = env.settings.method
-    return fingerprint(
-        {
-            "stage": STAGE,
-            "v": VERSION,
-            "tagger": TAGGER,
-            "params": [m.trace_min_chars, m.trace_max_chars, m.trace_dedup_threshold],
-            "cot": cot.stage_fingerprint(env),
-            "expand": expand.stage_fingerprint(env),
-        }
-    )
+    return registry.stage_fingerprint(STAGE, env.settings)
 
 
 @dataclass(frozen=True)

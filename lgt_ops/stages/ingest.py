@@ -24,11 +24,11 @@ from typing import Any
 
 from sqlalchemy import text
 
-from lgt_ops import boxes, chaos
+from lgt_ops import boxes, chaos, registry
 from lgt_ops.config import IngestLimits
 from lgt_ops.db.repo import chunked, dumps, insert_ignore, upsert, utcnow
 from lgt_ops.fanout import fan_out
-from lgt_ops.ids import content_id, fingerprint, hbucket, sha256_hex
+from lgt_ops.ids import content_id, hbucket, sha256_hex
 from lgt_ops.images import (
     ImageFacts,
     ImageRejected,
@@ -55,14 +55,7 @@ _HEADER_BYTES = 256 * 1024  # JPEG size markers can follow up to 64 KB of EXIF a
 
 
 def stage_fingerprint(env: StageEnv) -> str:
-    return fingerprint(
-        {
-            "stage": STAGE,
-            "v": VERSION,
-            "max_pixels": env.settings.method.max_image_pixels,
-            "limits": env.settings.ingest.fingerprint_fields(),
-        }
-    )
+    return registry.stage_fingerprint(STAGE, env.settings)
 
 
 @dataclass

@@ -9,9 +9,8 @@ balanced and reproducible.
 
 from __future__ import annotations
 
-from lgt_ops import prompts
+from lgt_ops import prompts, registry
 from lgt_ops.annotations import ImageContext, current
-from lgt_ops.ids import fingerprint
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.llm.schema import parse_json_reply
@@ -48,25 +47,7 @@ TEMPLATE = "mcq"
 
 
 def stage_fingerprint(env: StageEnv) -> str:
-    m = env.settings.method
-    t = prompts.load(TEMPLATE)
-    return fingerprint(
-        {
-            "stage": STAGE,
-            "v": VERSION,
-            "template": t.ref,
-            "model": env.settings.endpoint("llm").model,
-            "params": [
-                m.mcq_per_image,
-                m.mcq_options,
-                m.mcq_temperature,
-                m.mcq_max_tokens,
-                m.mcq_dedup_threshold,
-                m.seed,
-            ],
-            "annotate": annotate.stage_fingerprint(env),
-        }
-    )
+    return registry.stage_fingerprint(STAGE, env.settings)
 
 
 def image_seed(image_id: str, seed: int) -> int:

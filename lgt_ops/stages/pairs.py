@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lgt_ops import current
-from lgt_ops.ids import content_id, fingerprint, sha256_hex
+from lgt_ops import current, registry
+from lgt_ops.ids import content_id, sha256_hex
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages import filter as trace_filter
 from lgt_ops.stages.base import (
@@ -40,15 +40,7 @@ RULES = ("X->O>X", "X->O>X->X", "O>O->X", "O>X")
 
 
 def stage_fingerprint(env: StageEnv) -> str:
-    m = env.settings.method
-    return fingerprint(
-        {
-            "stage": STAGE,
-            "v": VERSION,
-            "params": [m.pairs_per_question, m.seed],
-            "filter": trace_filter.stage_fingerprint(env),
-        }
-    )
+    return registry.stage_fingerprint(STAGE, env.settings)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lgt_ops import current, prompts
-from lgt_ops.ids import fingerprint
+from lgt_ops import current, prompts, registry
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.llm.schema import parse_json_reply
@@ -22,14 +21,13 @@ from lgt_ops.stages.base import (
     StageStats,
     already_done,
     rejection,
-    select_in,
 )
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, run_planned
 from lgt_ops.traces import BEHAVIOURS, Trace
 
 STAGE = "tag"
 VERSION = 1
-MAX_TOKENS = 128  # the reply budget (the preflight checks it fits the context)
+MAX_TOKENS = registry.Tag.reply_tokens
 TEMPLATE = "behaviours"
 
 
@@ -42,15 +40,7 @@ def tagger_name(env: StageEnv) -> str:
 
 
 def stage_fingerprint(env: StageEnv) -> str:
-    return fingerprint(
-        {
-            "stage": STAGE,
-            "v": VERSION,
-            "template": prompts.load(TEMPLATE).ref,
-            "model": env.settings.endpoint("llm").model,
-            "seed": env.settings.method.seed,
-        }
-    )
+    return registry.stage_fingerprint(STAGE, env.settings)
 
 
 def build_request(env: StageEnv, t: Trace) -> ChatRequest:
@@ -163,16 +153,3 @@ def run(
         plan=lambda: plan(env, spec, shard, sample_size),
         handle=lambda item, outs: handle(env, fp, item, outs[0]),
     )
-
-
-def current_tags(conn: Any, env: StageEnv, trace_ids: list[str]) -> dict[str, Any]:
-    """trace_id -> LLM behaviour counts under the present configuration (empty when off)."""
-    if not enabled(env):
-        return {}
-    rows = select_in(
-        conn,
-        "SELECT * FROM behaviour_tags WHERE fingerprint = :fp AND trace_id IN :ids",
-        trace_ids,
-        fp=stage_fingerprint(env),
-    )
-    return {r.trace_id: r for r in rows}

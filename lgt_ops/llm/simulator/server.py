@@ -33,12 +33,12 @@ from aiohttp import web
 
 from lgt_ops.config import DEFAULT_MODELS
 from lgt_ops.ids import canonical_json, seeded_unit, sha256_hex
+from lgt_ops.llm.simulated import MODEL_PREFIX
 from lgt_ops.llm.simulator.config import SimConfig
 from lgt_ops.llm.simulator.world import World, canonical_messages, image_size, text_of
 
 log = logging.getLogger("lgt.simulator")
 FINGERPRINT = "lgt-simulator-1"
-MODEL_PREFIX = "lgt-simulator:"
 PROBE_HEADER = "X-Lgt-Probe"  # set by the preflight's requests (lgt_ops/llm/preflight.py)
 VERSION = "0.0.0+lgt-simulator"  # GET /version, where vLLM reports its release
 CREATED_BASE = 1_700_000_000  # 2023-11-14: `created` is a plausible time, not the clock's

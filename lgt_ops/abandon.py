@@ -11,7 +11,7 @@ from lgt_ops import liveness
 from lgt_ops.db.repo import utcnow
 
 if TYPE_CHECKING:
-    from lgt_ops.stages.base import StageEnv
+    from lgt_ops.env import StageEnv
 
 _ABANDON = (
     "UPDATE {table} SET status = 'abandoned', finished_at = :t,"

@@ -1,0 +1,406 @@
+"""The stage registry: every stage is one class here, and `PIPELINE` names them in order.
+
+A stage class declares its name, version, endpoint role (or None for a rule stage), prompt
+template, upstream stages and a typed `Config` that forbids unknown fields. Everything else
+is derived from `PIPELINE`: the run parameters and the trigger form (lgt_ops.params), the
+Airflow pools (`lgt_<role>`), the CLI subcommands, the DAG's task group, the preflight's
+role needs, the dry run, the method settings (`config.MethodParams` is the union of the
+stage configs) and every stage's fingerprint (`fingerprints`).
+
+This module is imported when the DAG file is parsed, so it imports only pydantic and the
+light lgt_ops modules (ids, prompts); a stage's work lives in its implementation module
+(`impl`), imported when the stage runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lgt_ops import prompts
+from lgt_ops.ids import canonical_json, fingerprint
+
+if TYPE_CHECKING:
+    from lgt_ops.config import Settings
+
+
+class StageConfig(BaseModel):
+    """A stage's method knobs. Field names are global (they are also run parameters and
+    `MethodParams` fields), so each is prefixed with its stage, except the shared `seed`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Seeded(StageConfig):
+    seed: int = 1234
+
+
+class Stage:
+    """One pipeline stage. Subclass it, set the class attributes, add it to `PIPELINE`.
+
+    A model stage (role set) plans `WorkItem`s on a shard and handles their outcomes; a rule
+    stage (role None) computes from earlier outputs. The default `plan`/`run` delegate to the
+    implementation module `impl`; a stage may instead override them here.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    role: ClassVar[str | None] = None
+    template: ClassVar[str | None] = None
+    upstream: ClassVar[tuple[str, ...]] = ()
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    per_shard: ClassVar[bool] = True  # runs per image shard (else once per run)
+    timeout_minutes: ClassVar[int] = 360
+    impl: ClassVar[str | None] = None  # module with plan()/run() (or handle()/parse())
+    reply_tokens: ClassVar[int | None] = None  # fixed reply budget (the preflight checks it)
+
+    # -- derived --------------------------------------------------------------------------
+    @classmethod
+    def pool(cls) -> str:
+        return f"lgt_{cls.role}" if cls.role else "default_pool"
+
+    @classmethod
+    def module(cls) -> ModuleType:
+        if cls.impl is None:
+            raise NotImplementedError(f"stage {cls.name} has no implementation module")
+        return importlib.import_module(cls.impl)
+
+    @classmethod
+    def config(cls, settings: Settings) -> StageConfig:
+        """This stage's config, read from the settings' method parameters."""
+        m = settings.method
+        values = {f: getattr(m, f) for f in cls.Config.model_fields if hasattr(m, f)}
+        return cls.Config(**values)
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        """Whether the stage does anything under these settings (off = it calls nothing)."""
+        return True
+
+    @classmethod
+    def fingerprint_extra(cls, settings: Settings) -> dict[str, Any]:
+        """Settings outside the stage config that change what the stage makes."""
+        if cls.role == "vlm":  # the transport (data URL or presigned URL) changes no pixel
+            return {"image_spec": settings.image_spec.model_dump(exclude={"transport"})}
+        return {}
+
+    @classmethod
+    def fan_out(cls, settings: Settings) -> tuple[int, int]:
+        """Dry run: (items per image, requests per item), at most."""
+        return 1, 1
+
+    @classmethod
+    def has_plan(cls) -> bool:
+        return cls.role is not None
+
+    @classmethod
+    def plan(cls, env: Any, spec: Any, shard: Any, sample_size: int | None) -> Any:
+        return cls.module().plan(env, spec, shard, sample_size)
+
+    @classmethod
+    def run(cls, env: Any, spec: Any, shard: Any, sample_size: int | None) -> Any:
+        return cls.module().run(env, spec, shard, sample_size)
+
+
+# -- the stages ---------------------------------------------------------------------------------
+class IngestConfig(StageConfig):
+    max_image_pixels: int = Field(default=64_000_000, ge=1)
+
+
+class Ingest(Stage):
+    name = "ingest"
+    Config = IngestConfig
+    per_shard = False  # runs per manifest shard file, before the image shards exist
+    timeout_minutes = 240
+    impl = "lgt_ops.stages.ingest"
+
+    @classmethod
+    def fingerprint_extra(cls, settings: Settings) -> dict[str, Any]:
+        return {"limits": settings.ingest.fingerprint_fields()}
+
+
+class AnnotateConfig(Seeded):
+    annotate_max_objects: int = Field(default=12, ge=1)
+
+
+class Annotate(Stage):
+    name = "annotate"
+    role = "vlm"
+    template = "annotate"
+    upstream = ("ingest",)
+    Config = AnnotateConfig
+    reply_tokens = 2048
+    impl = "lgt_ops.stages.annotate"
+
+
+class McqConfig(Seeded):
+    mcq_per_image: int = Field(default=8, ge=1, le=64)
+    mcq_options: int = Field(default=4, ge=2, le=8)
+    mcq_temperature: float = Field(default=0.7, ge=0, le=2)
+    mcq_max_tokens: int = Field(default=2048, ge=64)
+    mcq_dedup_threshold: float = Field(default=0.8, gt=0, le=1)
+
+
+class Mcq(Stage):
+    name = "mcq"
+    role = "llm"
+    template = "mcq"
+    upstream = ("annotate",)
+    Config = McqConfig
+    impl = "lgt_ops.stages.mcq"
+
+
+class ComposeConfig(Seeded):
+    compose_per_image: int = Field(default=4, ge=0, le=64)
+    compose_per_parent: int = Field(default=2, ge=1, le=16)
+    compose_operators: tuple[str, ...] = ("chain", "compare", "count_over", "conjunction")
+    compose_temperature: float = Field(default=0.7, ge=0, le=2)
+
+    @field_validator("compose_operators")
+    @classmethod
+    def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+class Compose(Stage):
+    name = "compose"
+    role = "llm"
+    template = "compose"
+    upstream = ("mcq",)
+    Config = ComposeConfig
+    reply_tokens = 1024
+    impl = "lgt_ops.stages.compose"
+
+    @classmethod
+    def fan_out(cls, settings: Settings) -> tuple[int, int]:
+        return 1, settings.method.compose_per_image
+
+
+class CotConfig(Seeded):
+    cot_rollouts: int = Field(default=10, ge=1, le=64)
+    cot_temperature: float = Field(default=0.7, ge=0, le=2)
+    cot_top_p: float = Field(default=0.8, gt=0, le=1)
+    cot_max_tokens: int = Field(default=1024, ge=16)
+    # difficulty buckets over the pass rate (written with the rollouts)
+    easy_at_least: float = Field(default=0.75, ge=0, le=1)
+    hard_at_most: float = Field(default=0.25, ge=0, le=1)
+
+
+class Cot(Stage):
+    name = "cot"
+    role = "vlm"
+    template = "cot"
+    upstream = ("mcq", "compose")
+    Config = CotConfig
+    impl = "lgt_ops.stages.cot"
+
+    @classmethod
+    def fingerprint_extra(cls, settings: Settings) -> dict[str, Any]:
+        # n=k in one request or k requests: different seeds, different samples
+        return {**super().fingerprint_extra(settings), "n": settings.endpoint("vlm").supports_n}
+
+    @classmethod
+    def fan_out(cls, settings: Settings) -> tuple[int, int]:
+        m = settings.method
+        questions = m.mcq_per_image + m.compose_per_image
+        supports_n = settings.endpoint("vlm").supports_n
+        return questions, 1 if supports_n else m.cot_rollouts
+
+
+class ExpandConfig(Seeded):
+    expand_cues: tuple[str, ...] = ("Wait,", "Hmm,", "Alternatively,")
+    expand_per_rollout: int = Field(default=1, ge=1, le=8)
+    expand_rollouts_per_question: int = Field(default=4, ge=1, le=64)
+    expand_max_tokens: int = Field(default=1024, ge=16)
+    expand_temperature: float = Field(default=0.6, ge=0, le=2)
+    expand_top_p: float = Field(default=0.95, gt=0, le=1)
+
+    @field_validator("expand_cues")
+    @classmethod
+    def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+class Expand(Stage):
+    name = "expand"
+    role = "reasoner"
+    template = "expand"
+    upstream = ("cot",)
+    Config = ExpandConfig
+    impl = "lgt_ops.stages.expand"
+
+    @classmethod
+    def fan_out(cls, settings: Settings) -> tuple[int, int]:
+        m = settings.method
+        questions = m.mcq_per_image + m.compose_per_image
+        return questions * min(m.expand_rollouts_per_question, m.cot_rollouts), m.expand_per_rollout
+
+
+class FilterConfig(StageConfig):
+    trace_min_chars: int = Field(default=80, ge=0)
+    trace_max_chars: int = Field(default=12_000, ge=100)
+    trace_dedup_threshold: float = Field(default=0.9, gt=0, le=1)
+
+
+class Filter(Stage):
+    name = "filter"
+    upstream = ("cot", "expand")
+    Config = FilterConfig
+    timeout_minutes = 120
+    impl = "lgt_ops.stages.filter"
+
+
+class PairsConfig(Seeded):
+    pairs_per_question: int = Field(default=4, ge=1, le=64)
+
+
+class Pairs(Stage):
+    name = "pairs"
+    upstream = ("filter",)
+    Config = PairsConfig
+    timeout_minutes = 120
+    impl = "lgt_ops.stages.pairs"
+
+
+class TagConfig(Seeded):
+    # cognitive behaviours: lexical heuristics always; "llm" adds the LLM tagger stage
+    behaviour_tagger: Literal["heuristic", "llm"] = "heuristic"
+
+
+class Tag(Stage):
+    name = "tag"
+    role = "llm"
+    template = "behaviours"
+    upstream = ("filter",)
+    Config = TagConfig
+    reply_tokens = 128
+    impl = "lgt_ops.stages.tag"
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.method.behaviour_tagger == "llm"
+
+    @classmethod
+    def fan_out(cls, settings: Settings) -> tuple[int, int]:
+        if not cls.enabled(settings):
+            return 0, 1
+        m = settings.method  # every trace: rollouts and their expansions
+        questions = m.mcq_per_image + m.compose_per_image
+        expanded = min(m.expand_rollouts_per_question, m.cot_rollouts)
+        return questions * (m.cot_rollouts + expanded * m.expand_per_rollout), 1
+
+
+class ReleaseConfig(StageConfig):
+    sft_per_question: int = Field(default=2, ge=1, le=64)
+    rl_include_saturated: bool = False  # RL prompts with pass rate 0 or 1 carry no signal
+    embed_images: bool = False
+    rows_per_file: int = Field(default=50_000, ge=100)
+
+
+class Release(Stage):
+    name = "release"
+    upstream = ("ingest", "annotate", "mcq", "compose", "cot", "expand", "filter", "pairs", "tag")
+    Config = ReleaseConfig
+    per_shard = False
+    timeout_minutes = 240
+    impl = "lgt_ops.release.publish"
+
+    @classmethod
+    def has_plan(cls) -> bool:
+        return False
+
+
+PIPELINE: list[type[Stage]] = [
+    Ingest,
+    Annotate,
+    Mcq,
+    Compose,
+    Cot,
+    Expand,
+    Filter,
+    Pairs,
+    Tag,
+    Release,
+]
+
+
+# -- derived views ------------------------------------------------------------------------------
+def stage_names() -> tuple[str, ...]:
+    return tuple(s.name for s in PIPELINE)
+
+
+def shard_stages() -> list[type[Stage]]:
+    return [s for s in PIPELINE if s.per_shard]
+
+
+def get(name: str) -> type[Stage]:
+    for s in PIPELINE:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown stage '{name}' (known: {', '.join(stage_names())})")
+
+
+def config_fields() -> dict[str, tuple[type[Stage], Any]]:
+    """Every method knob: field name -> (the first stage that declares it, its FieldInfo)."""
+    out: dict[str, tuple[type[Stage], Any]] = {}
+    for s in PIPELINE:
+        for name, info in s.Config.model_fields.items():
+            out.setdefault(name, (s, info))
+    return out
+
+
+# -- fingerprints ---------------------------------------------------------------------------
+# Deliberately NOT in a fingerprint (they change how a stage runs, not what it makes):
+# - endpoint URL, API key, concurrency, timeouts, retries (EndpointSettings other than
+#   `model`; cot also hashes `supports_n`, which changes the sampling);
+# - image_spec.transport (data URL or presigned URL carry the same pixels);
+# - IngestLimits.decode_pixel_budget (how many pixels are decoded at once);
+# - run-scoped values: source, sample_size, shard layout, release name/version.
+_CACHE: dict[str, dict[str, str]] = {}
+
+
+def _inputs(stage: type[Stage], settings: Settings, done: dict[str, str]) -> dict[str, Any]:
+    template = None
+    if stage.template is not None:
+        t = prompts.load(stage.template)
+        template = {"ref": t.ref, "text_sha256": t.text_sha256}
+    return {
+        "stage": stage.name,
+        "v": stage.version,
+        "template": template,
+        "model": settings.endpoint(stage.role).model if stage.role else None,
+        "config": stage.config(settings).model_dump(mode="json"),
+        "extra": stage.fingerprint_extra(settings),
+        "upstream": {u: done[u] for u in stage.upstream if u in done},
+    }
+
+
+def fingerprints(settings: Settings) -> dict[str, str]:
+    """Every stage's fingerprint under these settings, computed once per settings value."""
+    templates = [prompts.load(s.template).text_sha256 if s.template else None for s in PIPELINE]
+    key = canonical_json(
+        [
+            settings.model_dump(
+                mode="json", include={"method", "endpoints", "image_spec", "ingest"}
+            ),
+            [(s.name, s.version, s.role, s.upstream) for s in PIPELINE],
+            templates,
+        ]
+    )
+    if key not in _CACHE:
+        done: dict[str, str] = {}
+        for stage in PIPELINE:  # upstream stages come first in PIPELINE
+            done[stage.name] = fingerprint(_inputs(stage, settings, done))
+        _CACHE[key] = done
+    return dict(_CACHE[key])
+
+
+def stage_fingerprint(name: str, settings: Settings) -> str:
+    return fingerprints(settings)[name]

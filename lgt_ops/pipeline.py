@@ -38,6 +38,7 @@ from lgt_ops.stages.base import (
     error_line,
     finish_pipeline_run,
 )
+from lgt_ops.stages.runner import run_stage as run_shard
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def run_stage(env: StageEnv, stage: str, params: RunParams, shard: Shard) -> Sta
     if not params.runs(stage) or params.dry_run:
         return None
     spec, _ = resolve_source(env, params.source)
-    return SHARD_STAGES[stage].run(env, spec, shard, params.sample_size)
+    return run_shard(SHARD_STAGES[stage], env, spec, shard, params.sample_size)
 
 
 def source_uri(env: StageEnv, params: RunParams) -> str:

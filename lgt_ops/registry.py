@@ -42,8 +42,9 @@ class Stage:
     """One pipeline stage. Subclass it, set the class attributes, add it to `PIPELINE`.
 
     A model stage (role set) plans `WorkItem`s on a shard and handles their outcomes; a rule
-    stage (role None) computes from earlier outputs. The default `plan`/`run` delegate to the
-    implementation module `impl`; a stage may instead override them here.
+    stage (role None) computes from earlier outputs. The default `plan`/`handle` delegate to the
+    implementation module `impl`; a stage may instead override them here. Running a stage is
+    `stages.runner.run_stage(stage, ...)`: one loop for every stage.
     """
 
     name: ClassVar[str]
@@ -101,8 +102,9 @@ class Stage:
         return cls.module().plan(env, spec, shard, sample_size)
 
     @classmethod
-    def run(cls, env: Any, spec: Any, shard: Any, sample_size: int | None) -> Any:
-        return cls.module().run(env, spec, shard, sample_size)
+    def handle(cls, env: Any, fp: str, item: Any, outcomes: list[Any]) -> Any:
+        """The rows one finished item makes (its outcomes, in request order)."""
+        return cls.module().handle(env, fp, item, outcomes)
 
 
 # -- the stages ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from lgt_ops.llm.request import ChatRequest, image_part
 from lgt_ops.llm.schema import parse_json_reply
 from lgt_ops.reasons import IngestReason
 from lgt_ops.sources import SourceSpec, image_locations, image_set
-from lgt_ops.stages.base import Shard, StageEnv, StageStats, already_done, rejection
+from lgt_ops.stages.base import Shard, StageEnv, already_done, rejection
 from lgt_ops.stages.ingest import annotation_row
 from lgt_ops.stages.runner import (
     Plan,
@@ -25,7 +25,7 @@ from lgt_ops.stages.runner import (
     StoreImageUrls,
     WorkItem,
     request_rejection,
-    run_planned,
+    runner_for,
 )
 
 STAGE = "annotate"
@@ -72,7 +72,8 @@ def build_request(env: StageEnv, ctx: ImageContext) -> ChatRequest:
     )
 
 
-def parse(env: StageEnv, fp: str, item: WorkItem, outcome: Outcome) -> Rows:
+def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
+    outcome = outcomes[0]  # one request per item
     ctx: ImageContext = item.context
     rows = Rows()
     if not outcome.ok:
@@ -164,16 +165,5 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
     return out
 
 
-def run(
-    env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
-) -> StageStats:
-    fp = stage_fingerprint(env)
-    return run_planned(
-        env,
-        shard,
-        stage=STAGE,
-        fingerprint=fp,
-        role="vlm",
-        plan=lambda: plan(env, spec, shard, sample_size),
-        handle=lambda item, outs: parse(env, fp, item, outs[0]),
-    )
+# The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
+run = runner_for(registry.Annotate)

@@ -28,8 +28,8 @@ from lgt_ops.llm.request import CONTINUE, ChatRequest
 from lgt_ops.questions import Question, from_row
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
-from lgt_ops.stages.base import Shard, StageEnv, StageStats, already_done, rejection
-from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, run_planned
+from lgt_ops.stages.base import Shard, StageEnv, already_done, rejection
+from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
 
 STAGE = "expand"
 VERSION = 1
@@ -187,16 +187,5 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
     return out
 
 
-def run(
-    env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
-) -> StageStats:
-    fp = stage_fingerprint(env)
-    return run_planned(
-        env,
-        shard,
-        stage=STAGE,
-        fingerprint=fp,
-        role="reasoner",
-        plan=lambda: plan(env, spec, shard, sample_size),
-        handle=lambda item, outs: handle(env, fp, item, outs),
-    )
+# The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
+run = runner_for(registry.Expand)

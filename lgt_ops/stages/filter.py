@@ -25,15 +25,13 @@ from lgt_ops.ids import content_id
 from lgt_ops.questions import jaccard, tokens
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import (
-    ItemCommitter,
     Rows,
     Shard,
     StageEnv,
-    StageStats,
     already_done,
-    recorded,
     rejection,
 )
+from lgt_ops.stages.runner import Plan, WorkItem, runner_for
 from lgt_ops.traces import Trace
 
 STAGE = "filter"
@@ -115,46 +113,47 @@ def verdict_row(env: StageEnv, fp: str, v: Verdict) -> dict[str, Any]:
     }
 
 
-def run(
-    env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
-) -> StageStats:
+def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
+    """One item per question: its current traces (the item id is their set)."""
     fp = stage_fingerprint(env)
-    m = env.settings.method
-    with recorded(env, STAGE, shard, fp) as stats:
-        with env.db.connect() as conn:
-            _, qs = current.shard_questions(conn, env, spec, shard, sample_size)
-            by_question = current.traces_of(conn, env, [q.question_id for q in qs])
-            images = {q.question_id: q.image_id for q in qs}
-            inputs = {
-                qid: input_id(qid, [t.trace_id for t in ts]) for qid, ts in by_question.items()
-            }
-            done = already_done(conn, STAGE, fp, list(inputs.values()))
-        stats.items_in = len(inputs)
-        committer = ItemCommitter(env, STAGE, fp, stats)
-        for qid, ts in by_question.items():
-            if inputs[qid] in done:
-                stats.items_skipped += 1
-                continue
-            rows = Rows()
-            for v in judge(ts, m):
-                rows.add("trace_verdicts", verdict_row(env, fp, v))
-                rows.outputs += v.passed
-                if v.reason:
-                    rows.add(
-                        "rejections",
-                        rejection(
-                            env,
-                            STAGE,
-                            fp,
-                            v.trace.kind,
-                            v.trace.trace_id,
-                            v.reason,
-                            v.detail,
-                            image_id=images[qid],
-                            request_key=v.trace.request_key,
-                        ),
-                    )
-            committer.finish(inputs[qid], rows)
-            committer.flush_if_due()
-        committer.flush()
-    return stats
+    with env.db.connect() as conn:
+        _, qs = current.shard_questions(conn, env, spec, shard, sample_size)
+        by_question = current.traces_of(conn, env, [q.question_id for q in qs])
+        inputs = {qid: input_id(qid, [t.trace_id for t in ts]) for qid, ts in by_question.items()}
+        done = already_done(conn, STAGE, fp, list(inputs.values()))
+    images = {q.question_id: q.image_id for q in qs}
+    out = Plan(considered=len(inputs))
+    for qid, ts in by_question.items():
+        if inputs[qid] in done:
+            out.skipped += 1
+        else:
+            out.items.append(WorkItem(inputs[qid], images[qid], [], ts))
+    return out
+
+
+def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Any]) -> Rows:
+    """Verdicts (and rejections) for one question's traces."""
+    rows = Rows()
+    for v in judge(item.context, env.settings.method):
+        rows.add("trace_verdicts", verdict_row(env, fp, v))
+        rows.outputs += v.passed
+        if v.reason:
+            rows.add(
+                "rejections",
+                rejection(
+                    env,
+                    STAGE,
+                    fp,
+                    v.trace.kind,
+                    v.trace.trace_id,
+                    v.reason,
+                    v.detail,
+                    image_id=item.image_id,
+                    request_key=v.trace.request_key,
+                ),
+            )
+    return rows
+
+
+# The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
+run = runner_for(registry.Filter)

@@ -29,7 +29,6 @@ from lgt_ops.stages import annotate
 from lgt_ops.stages.base import (
     Shard,
     StageEnv,
-    StageStats,
     already_done,
     rejection,
 )
@@ -38,7 +37,7 @@ from lgt_ops.stages.runner import (
     Rows,
     WorkItem,
     request_rejection,
-    run_planned,
+    runner_for,
 )
 
 STAGE = "mcq"
@@ -83,7 +82,8 @@ def build_request(env: StageEnv, ctx: ImageContext) -> ChatRequest:
     )
 
 
-def parse(env: StageEnv, fp: str, item: WorkItem, outcome: Outcome) -> Rows:
+def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
+    outcome = outcomes[0]  # one request per item
     """Questions and rejections from one reply."""
     ctx: ImageContext = item.context
     rows = Rows()
@@ -211,16 +211,5 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
     return out
 
 
-def run(
-    env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
-) -> StageStats:
-    fp = stage_fingerprint(env)
-    return run_planned(
-        env,
-        shard,
-        stage=STAGE,
-        fingerprint=fp,
-        role="llm",
-        plan=lambda: plan(env, spec, shard, sample_size),
-        handle=lambda item, outs: parse(env, fp, item, outs[0]),
-    )
+# The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
+run = runner_for(registry.Mcq)

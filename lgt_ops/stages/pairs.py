@@ -24,14 +24,12 @@ from lgt_ops.ids import content_id, sha256_hex
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages import filter as trace_filter
 from lgt_ops.stages.base import (
-    ItemCommitter,
     Rows,
     Shard,
     StageEnv,
-    StageStats,
     already_done,
-    recorded,
 )
+from lgt_ops.stages.runner import Plan, WorkItem, runner_for
 from lgt_ops.traces import Trace
 
 STAGE = "pairs"
@@ -108,38 +106,51 @@ def pair_row(env: StageEnv, fp: str, stage: int, p: Pair) -> dict[str, Any]:
     }
 
 
-def run(
-    env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
-) -> StageStats:
+@dataclass(frozen=True)
+class QuestionTraces:
+    """What pairs sees of one question: its traces, which passed, which are well formed."""
+
+    stage: int
+    traces: list[Trace]
+    passed: set[str]
+    formed: set[str]
+
+
+def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
+    """One item per question whose traces all have a verdict (else it stays pending)."""
     fp = stage_fingerprint(env)
+    with env.db.connect() as conn:
+        _, qs = current.shard_questions(conn, env, spec, shard, sample_size)
+        stage_of = {q.question_id: q.stage for q in qs}
+        images = {q.question_id: q.image_id for q in qs}
+        by_question = current.traces_of(conn, env, list(stage_of))
+        ids = [t.trace_id for ts in by_question.values() for t in ts]
+        verdicts = current.verdicts(conn, env, ids)
+        inputs = {
+            qid: trace_filter.input_id(qid, [t.trace_id for t in ts])
+            for qid, ts in by_question.items()
+        }
+        done = already_done(conn, STAGE, fp, list(inputs.values()))
+    passed = {t for t, v in verdicts.items() if v.passed}
+    formed = {t for t, v in verdicts.items() if v.well_formed}
+    out = Plan(considered=len(inputs))
+    for qid, ts in by_question.items():
+        if inputs[qid] in done:
+            out.skipped += 1
+        elif all(t.trace_id in verdicts for t in ts):  # else not filtered yet: pending
+            context = QuestionTraces(stage_of[qid], ts, passed, formed)
+            out.items.append(WorkItem(inputs[qid], images[qid], [], context))
+    return out
+
+
+def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Any]) -> Rows:
+    q: QuestionTraces = item.context
     m = env.settings.method
-    with recorded(env, STAGE, shard, fp) as stats:
-        with env.db.connect() as conn:
-            _, qs = current.shard_questions(conn, env, spec, shard, sample_size)
-            stage_of = {q.question_id: q.stage for q in qs}
-            by_question = current.traces_of(conn, env, list(stage_of))
-            verdicts = current.verdicts(
-                conn, env, [t.trace_id for ts in by_question.values() for t in ts]
-            )
-            inputs = {
-                qid: trace_filter.input_id(qid, [t.trace_id for t in ts])
-                for qid, ts in by_question.items()
-            }
-            done = already_done(conn, STAGE, fp, list(inputs.values()))
-        stats.items_in = len(inputs)
-        passed = {t for t, v in verdicts.items() if v.passed}
-        formed = {t for t, v in verdicts.items() if v.well_formed}
-        committer = ItemCommitter(env, STAGE, fp, stats)
-        for qid, ts in by_question.items():
-            if inputs[qid] in done:
-                stats.items_skipped += 1
-                continue
-            if any(t.trace_id not in verdicts for t in ts):
-                continue  # not filtered yet (filter not run for these traces): stays pending
-            chosen = select(candidates(ts, passed, formed), m.pairs_per_question, m.seed)
-            rows = Rows(outputs=len(chosen))
-            rows.add("pairs", *(pair_row(env, fp, stage_of[qid], p) for p in chosen))
-            committer.finish(inputs[qid], rows)
-            committer.flush_if_due()
-        committer.flush()
-    return stats
+    chosen = select(candidates(q.traces, q.passed, q.formed), m.pairs_per_question, m.seed)
+    rows = Rows(outputs=len(chosen))
+    rows.add("pairs", *(pair_row(env, fp, q.stage, p) for p in chosen))
+    return rows
+
+
+# The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
+run = runner_for(registry.Pairs)

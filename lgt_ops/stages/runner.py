@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from lgt_ops.failures import EXIT_INCOMPLETE, TransientFailure
@@ -20,6 +21,7 @@ from lgt_ops.llm.engine import RequestEngine
 from lgt_ops.llm.ledger import JournalPolicy, Ledger, Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.progress import Progress
+from lgt_ops.registry import Stage, stage_fingerprint
 from lgt_ops.stages.base import (
     ItemCommitter,
     Rows,
@@ -148,7 +150,7 @@ def run_planned(
     *,
     stage: str,
     fingerprint: str,
-    role: str,
+    role: str | None,
     plan: Callable[[], Plan],
     handle: Callable[[WorkItem, list[Outcome]], Rows],
 ) -> StageStats:
@@ -157,6 +159,9 @@ def run_planned(
         work = plan()
         stats.items_in, stats.items_skipped = work.considered, work.skipped
         record_early(env, work, stats)
+        if role is None:  # a rule stage: the same items and commits, no requests
+            run_rule_stage(env, stage, fingerprint, work.items, handle, stats)
+            return stats
         run_model_stage(
             env,
             stage=stage,
@@ -168,6 +173,42 @@ def run_planned(
             images=work.images,
         )
     return stats
+
+
+def run_rule_stage(
+    env: StageEnv,
+    stage: str,
+    fingerprint: str,
+    items: Sequence[WorkItem],
+    handle: Callable[[WorkItem, list[Outcome]], Rows],
+    stats: StageStats,
+) -> None:
+    committer = ItemCommitter(env, stage, fingerprint, stats)
+    for item in items:
+        committer.finish(item.item_id, handle(item, []))
+        committer.flush_if_due()
+    committer.flush()
+
+
+def run_stage(
+    stage: type[Stage], env: StageEnv, spec: Any, shard: Shard, sample_size: int | None = None
+) -> StageStats:
+    """A registry stage on one shard: its plan() and handle() through `run_planned`."""
+    fp = stage_fingerprint(stage.name, env.settings)
+    return run_planned(
+        env,
+        shard,
+        stage=stage.name,
+        fingerprint=fp,
+        role=stage.role,
+        plan=lambda: stage.plan(env, spec, shard, sample_size),
+        handle=lambda item, outcomes: stage.handle(env, fp, item, outcomes),
+    )
+
+
+def runner_for(stage: type[Stage]) -> Callable[..., StageStats]:
+    """`run(env, spec, shard, sample_size=None)` for one stage (its module's entry point)."""
+    return partial(run_stage, stage)
 
 
 def _match(item: WorkItem, req: ChatRequest) -> ChatRequest | None:

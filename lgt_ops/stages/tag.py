@@ -18,11 +18,10 @@ from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import (
     Shard,
     StageEnv,
-    StageStats,
     already_done,
     rejection,
 )
-from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, run_planned
+from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
 from lgt_ops.traces import BEHAVIOURS, Trace
 
 STAGE = "tag"
@@ -70,7 +69,8 @@ def counts(reply: str) -> dict[str, int]:
     return out
 
 
-def handle(env: StageEnv, fp: str, item: WorkItem, outcome: Outcome) -> Rows:
+def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
+    outcome = outcomes[0]  # one request per item
     t: Trace = item.context
     rows = Rows()
     if not outcome.ok:
@@ -140,16 +140,5 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
     return out
 
 
-def run(
-    env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None
-) -> StageStats:
-    fp = stage_fingerprint(env)
-    return run_planned(
-        env,
-        shard,
-        stage=STAGE,
-        fingerprint=fp,
-        role="llm",
-        plan=lambda: plan(env, spec, shard, sample_size),
-        handle=lambda item, outs: handle(env, fp, item, outs[0]),
-    )
+# The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
+run = runner_for(registry.Tag)

@@ -200,6 +200,15 @@ def _verdict(thinking: str, answers: list[str], n_options: int) -> Parsed:
     return Parsed(thinking, letter, None)
 
 
+def canonical_answer(text: str, letter: str | None) -> str:
+    """A parsed reply with its answer part in the one training format (`Answer: X`): a DPO
+    pair then differs in its reasoning, never in answer style (`\\boxed{B}` vs `Answer: C`).
+    The thinking keeps its bytes; an unparsed or unclosed reply is returned as it is."""
+    if not letter or "</think>" not in text:
+        return text
+    return f"{text.partition('</think>')[0].rstrip()}\n</think>\n\nAnswer: {letter}"
+
+
 def format_problem(text: str) -> str | None:
     """Why a parsed trace is still not in the training format (its answer may count)."""
     return None if "</think>" in text else "no_think_close"
@@ -210,9 +219,10 @@ def reply_text(message: dict[str, Any]) -> str:
     thinking again, closed by `</think>`, before the `content` (the answer)."""
     content = message.get("content") or ""
     reasoning = message.get("reasoning_content")
-    if reasoning:
+    if reasoning and content.strip():
         return f"{reasoning.rstrip()}\n</think>\n\n{content.strip()}"
-    return content
+    # A parser that found no `</think>` returns everything as reasoning: an unclosed reply.
+    return reasoning or content
 
 
 def split_continuation(cont: str, parsed: Parsed) -> tuple[str, str]:
@@ -295,7 +305,7 @@ class Trace:
             r.rollout_id,
             "rollout",
             r.question_id,
-            r.text,
+            canonical_answer(r.text, r.final_letter),
             r.final_letter,
             bool(r.correct),
             r.parse_error,

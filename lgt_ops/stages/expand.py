@@ -113,10 +113,8 @@ def continuation(outcome: Outcome) -> tuple[str, str | None, str | None]:
     """(continuation text incl. `</think>` and answer, reasoning_content, finish_reason)."""
     choice = outcome.choices[0] if outcome.choices else {}
     msg = choice.get("message") or {}
-    content = msg.get("content") or ""
     reasoning = msg.get("reasoning_content")
-    if reasoning:  # a reasoning parser split the thinking from the answer
-        content = f"{reasoning.rstrip()}\n</think>\n\n{content.strip()}"
+    content = traces.reply_text(msg)  # a reasoning parser's split joined again
     return content, reasoning, choice.get("finish_reason")
 
 

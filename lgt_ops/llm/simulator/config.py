@@ -39,6 +39,11 @@ class SimConfig(BaseModel):
     degenerate_rate: float = Field(default=0.03, ge=0, le=1)
     unparseable_rate: float = Field(default=0.03, ge=0, le=1)
     bad_question_rate: float = Field(default=0.12, ge=0, le=1)
+    # -- failure modes of real reasoning replies (rollouts and expansions), per sample --
+    answer_style_rate: float = Field(default=0.3, ge=0, le=1)  # **Answer: B**, \boxed{B}, ...
+    no_think_close_rate: float = Field(default=0.04, ge=0, le=1)  # no </think>, final answer line
+    conflicting_rate: float = Field(default=0.02, ge=0, le=1)  # two different letters
+    # -- end of failure modes --
     split_reasoning: bool = False  # answer with reasoning_content, like a reasoning parser
     completion_chars: int = Field(default=64, ge=1)  # generic replies
     seed: int = 0

@@ -81,7 +81,7 @@ def answer_letters(after: str) -> list[str]:
 def _leaks_rx() -> re.Pattern[str]:
     """Phrasings that reveal the text-only context (caption, objects, boxes) the reasoner saw.
 
-    Tuned on tests/data/leak_corpus.jsonl: visual wording ("the left side of the image", "the
+    Tuned on tests/data/leak_corpus.json: visual wording ("the left side of the image", "the
     box on the shelf", "the text on the sign says", counts) must not match.
     """
     words = [

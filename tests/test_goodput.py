@@ -243,6 +243,27 @@ def test_goodput_on_sqlite_a_cached_rerun_and_a_ledger_hit_rerun(local_env, sim,
     assert re.search(r"^cot +0 +0 +0 +0 +0 +0 +0 +- +-$", section, re.M), section
     assert re.search(rf"^release +{f1['release']['requests']:,} ", out, re.M), out
 
+    # bench/projection.py scales the run's figures: per stage-1 question, k=2 -> k=10.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import projection
+
+    rows = {
+        r["stage"]: r
+        for r in projection.project(projection.read(env.db, first.run_id), 2, 10, 1000)
+    }
+    per_q = 1000 / int(view["mcq"]["accepted"])
+    cot, expand = view["cot"], view["expand"]
+    assert rows["cot"]["requests"] == pytest.approx(int(cot["requests"]) * per_q)
+    assert rows["cot"]["completion_sim"] == pytest.approx(
+        int(cot["completion_tokens"]) * per_q * 10 / 2
+    )
+    assert rows["cot"]["completion_budget"] == pytest.approx(
+        rows["cot"]["requests"] * 10 * env.settings.method.cot_max_tokens
+    )
+    # Expansions: min(4, k) rollouts per question, 2 measured at k=2.
+    assert rows["expand"]["requests"] == pytest.approx(int(expand["requests"]) * per_q * 4 / 2)
+    assert rows["expand"]["gpu_h_budget"] > rows["expand"]["gpu_h_sim"] > 0
+
     # A new mcq dedup threshold re-runs mcq from the ledger: accepted rows for 0 requests.
     dedup = env.with_settings(env.settings.with_method(mcq_dedup_threshold=0.5))
     _run(dedup.with_run(RunContext("dedup")), stages=["ingest", "annotate", "mcq"])

@@ -154,8 +154,10 @@ def removal_rows(removals: list[tuple[str, str, int, int]]) -> list[tuple[str, .
     return rows
 
 
-def markdown(rows: list[tuple[str, ...]]) -> list[str]:
-    out = ["| " + " | ".join(rows[0]) + " |", "|---|" + "---:|" * (len(rows[0]) - 1)]
+def markdown(rows: list[tuple[str, ...]], text_columns: int = 1) -> list[str]:
+    """A Markdown table: the first `text_columns` columns left-aligned, numbers right."""
+    rule = "|" + "---|" * text_columns + "---:|" * (len(rows[0]) - text_columns)
+    out = ["| " + " | ".join(rows[0]) + " |", rule]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     return out
 
@@ -217,5 +219,5 @@ def card_section(manifest: dict[str, Any]) -> list[str]:
     ]
     if removals:
         lines += ["Share of each stage's output (accepted + rejected) each filter removed:", ""]
-        lines += [*markdown(removal_rows(removals)), ""]
+        lines += [*markdown(removal_rows(removals), text_columns=2), ""]
     return lines

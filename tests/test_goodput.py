@@ -307,14 +307,19 @@ def test_goodput_on_postgres_after_a_failed_and_resumed_run(pg_s3_env, tmp_path)
         )
         # Summed over all attempts: each output counted once, by the attempt that made it.
         assert int(view[stage]["accepted"]) == made > 0, stage
-        ok = _scalar(
+        terminal = _scalar(
             env.db,
             "SELECT COUNT(*) FROM model_requests WHERE run_id = :r AND stage = :s"
-            " AND status = 'ok'",
+            " AND status IN ('ok', 'invalid_output', 'rejected')",
             r=run_id,
             s=stage,
         )
-        assert int(view[stage]["requests"]) == ok, stage  # failed rows were answered later
+        assert int(view[stage]["requests"]) == terminal, stage  # failed rows answered later
+    # A request that failed and was answered by the retry counts once: one per expansion.
+    assert int(view["expand"]["requests"]) == int(view["expand"]["accepted"])
+    assert int(view["expand"]["requests"]) >= int(stopped["expand"]["requests"])
+    failed = "SELECT COUNT(*) FROM model_requests WHERE run_id = :r AND status = 'failed'"
+    assert _scalar(env.db, failed, r=run_id) == 0
 
     figures = check_release(env.db, done.release)
     keys = release_requests(env.db)

@@ -19,6 +19,7 @@ Definitions (the SQL views of sql/migrations/0008_goodput_views.sql compute the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
@@ -163,7 +164,11 @@ def markdown(rows: list[tuple[str, ...]], text_columns: int = 1) -> list[str]:
 
 
 def write_summary(
-    conn: Connection, run_id: str, manifest: dict[str, Any] | None, out: TextIO, table: Any
+    conn: Connection,
+    run_id: str,
+    manifest: dict[str, Any] | None,
+    out: TextIO,
+    table: Callable[[list[tuple[str, ...]], TextIO], None],
 ) -> None:
     """The goodput sections of the end-of-run summary (`table` prints aligned rows): the
     run's, and the release's when the run published one."""
@@ -172,7 +177,11 @@ def write_summary(
         out.write("\ngoodput (this run; requests = distinct model requests it made)\n\n")
         rows = sum(v["rows"] for v in manifest["splits"].values()) if manifest else 0
         label = "total (release rows)" if manifest else "total"
-        table(table_rows([*stages, total(stages, rows, label)], with_calls=True), out)
+        lines = table_rows([*stages, total(stages, rows, label)], with_calls=True)
+        if manifest is None:  # no release: no final rows to rate the whole run by
+            last = lines[-1]
+            lines[-1] = (*last[:-4], "", last[-3], "-", "-")
+        table(lines, out)
         removals = run_removals(conn, run_id)
         if removals:
             out.write("\nshare of each stage's output removed, by filter (this run)\n\n")

@@ -272,6 +272,8 @@ def test_goodput_on_sqlite_a_cached_rerun_and_a_ledger_hit_rerun(local_env, sim,
     assert int(hits["requests"]) == 0 and hits["accepted_per_1k_requests"] is None
 
 
+@pytest.mark.postgres
+@pytest.mark.s3
 def test_goodput_on_postgres_after_a_failed_and_resumed_run(pg_s3_env, tmp_path):
     env = pg_s3_env.with_settings(pg_s3_env.settings.model_copy(update={"shard_size": 4}))
     upload_sample(env.store, PREFIX)

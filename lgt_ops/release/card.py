@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lgt_ops.goodput import card_section
 from lgt_ops.traces import BEHAVIOURS
 
 _SIMULATED = (
@@ -86,6 +87,7 @@ def render(manifest: dict[str, Any]) -> str:
         "",
     ]
     lines += _method_sections(counts.get("splits", {}))
+    lines += card_section(manifest)
     lines += [
         "## Rejected items by reason",
         "",

@@ -64,20 +64,31 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process's own group (it forks workers), SIGKILL if it lingers, and SIGKILL
-    to whatever of its tree is left (Airflow's task runners sit in process groups of their own)."""
-    tree = _tree(proc.pid)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+def stop_all(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """SIGTERM to each process's own group (they fork workers) at once, SIGKILL to those that
+    linger, then SIGKILL to whatever of their trees is left (Airflow's task runners sit in
+    process groups of their own, so a group signal misses them)."""
+    trees = {proc.pid: _tree(proc.pid) for proc in procs}
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in running:
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-    for child in tree:
-        with suppress(psutil.NoSuchProcess):
-            child.kill()
+    for tree in trees.values():
+        for child in tree:
+            with suppress(psutil.NoSuchProcess):
+                child.kill()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    stop_all([proc])
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -123,14 +134,15 @@ def api_server(
     connections: dict[str, str],
     extra_env: dict[str, str] | None = None,
     role: str = "viewer",
+    port: int | None = None,
 ) -> Iterator[ApiServer]:
     """Start the API server (the metadata DB must be migrated already); stop it on exit.
-    The one user has `role` (viewer, user, op, admin)."""
+    The one user has `role` (viewer, user, op, admin); `port` defaults to a free one."""
     workdir.mkdir(parents=True, exist_ok=True)
     user, password = "alice", "lgt-page-test"
     passwords = workdir / "passwords.json"
     passwords.write_text(json.dumps({user: password}))
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     env = os.environ.copy()
     env.update(

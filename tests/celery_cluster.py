@@ -104,9 +104,16 @@ class CeleryCluster:
     procs: list[subprocess.Popen] = field(default_factory=list)  # all but the api-server
 
     # -- processes ------------------------------------------------------------------------------
-    def start_worker(self, name: str, concurrency: int = 1, wait: bool = True) -> None:
+    @property
+    def queue(self) -> str:
+        return self.env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"]
+
+    def start_worker(
+        self, name: str, concurrency: int = 1, wait: bool = True, standby: bool = False
+    ) -> None:
         """`airflow celery worker` named `name`: its Celery node name and the hostname its task
-        instances record (tests.hostname)."""
+        instances record (tests.hostname). A standby worker listens on a queue nobody sends
+        to until `join` (it can start while another one runs a reference alone)."""
         env = {**self.env, "LGT_TEST_HOSTNAME": name}
         args = [
             "celery",
@@ -116,7 +123,7 @@ class CeleryCluster:
             "--concurrency",
             str(concurrency),
             "--queues",
-            self.env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"],
+            f"{self.queue}-standby" if standby else self.queue,
             "--pid",
             str(self.workdir / f"{name}.pid"),
             "--skip-serve-logs",  # two workers on one machine would race for its port
@@ -137,6 +144,20 @@ class CeleryCluster:
             if self.workers[name].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker {name} did not start:\n{self.log_tail(name)}")
             time.sleep(0.5)
+
+    def join(self, name: str) -> None:
+        """Make a standby worker consume the DAG's queue (Celery's add_consumer control
+        command; it answers once the worker consumes)."""
+        from celery import Celery
+
+        app = Celery(broker=REDIS_URL)
+        try:
+            replies = app.control.add_consumer(
+                self.queue, destination=[f"{name}@lgt-test"], reply=True, timeout=30
+            )
+        finally:
+            app.close()
+        assert replies and "ok" in next(iter(replies[0].values())), replies
 
     def kill_worker(self, name: str) -> None:
         """SIGKILL the worker and everything it forked (its task runners included)."""
@@ -250,10 +271,11 @@ def celery_cluster(
     connections: dict[str, str],
     extra_env: dict[str, str] | None = None,
     workers: dict[str, int] | None = None,
+    standby: dict[str, int] | None = None,
 ) -> Iterator[CeleryCluster]:
-    """A migrated metadata DB, the DAG parsed, pools created, the api-server, the scheduler and
-    `workers` (name -> concurrency) up; the test may start more. Everything is stopped and
-    dropped on exit."""
+    """A migrated metadata DB, the DAG parsed, pools created, the api-server, the scheduler,
+    `workers` and `standby` workers (name -> concurrency) up; the test may start more.
+    Everything is stopped and dropped on exit."""
     redis_ping()
     workdir.mkdir(parents=True, exist_ok=True)
     name = f"lgt_af_{uuid.uuid4().hex[:10]}"
@@ -280,11 +302,13 @@ def celery_cluster(
             )
             for worker, concurrency in (workers or {}).items():
                 cluster.start_worker(worker, concurrency, wait=False)
+            for worker, concurrency in (standby or {}).items():
+                cluster.start_worker(worker, concurrency, wait=False, standby=True)
             cluster.api = stack.enter_context(
                 api_server(workdir, connections, env, role="admin", port=port)
             )
             cluster.create_pools()
-            for worker in workers or {}:
+            for worker in {**(workers or {}), **(standby or {})}:
                 cluster.wait_worker(worker)
             try:
                 yield cluster

@@ -4,13 +4,14 @@ Real processes only: Redis as the broker, a Postgres metadata DB and result back
 api-server (workers run tasks through its execution API), a scheduler, two `airflow celery
 worker` processes with names of their own, and the simulator as a subprocess.
 
-One reference run on a single worker publishes a release. Then the lineage DB starts over
-(the bucket stays: release rows embed image locations, so the same bucket and inputs must give
-the same content hash) and a second run goes out on two workers; while a `cot` task (the VLM
-rollouts, the stage with the most requests) is mid-flight, its worker is SIGKILLed with its
-whole process tree, as if its host was lost. The scheduler notices the missing task heartbeats,
-the task is retried on the surviving worker, and the run publishes the same content hash
-without asking the simulator again for an answer it had already recorded.
+One reference run on a single worker publishes a release (the second worker is up but not on
+the queue yet). Then the lineage DB starts over (the bucket stays: release rows embed image
+locations, so the same bucket and inputs must give the same content hash), the second worker
+joins, and a second run goes out on both; while a `cot` task (the VLM rollouts, the stage with
+the most requests) is mid-flight, its worker is SIGKILLed with its whole process tree, as if its
+host was lost. The scheduler notices the missing task heartbeats, the task is retried on the
+surviving worker, and the run publishes the same content hash without asking the simulator
+again for an answer it had already recorded.
 """
 
 from __future__ import annotations
@@ -202,9 +203,10 @@ def test_dag_on_celery_two_workers_survives_a_killed_worker(
     conns = lgt_connections(pg_url, s3_url, s3_endpoint, sim_process.url)
     # 10 sample images in shards of 5: two shards; one retry per task for the killed one.
     extra = {"LGT_SHARD_SIZE": "5", "LGT_TASK_RETRIES": "1"}
-    workers = {"worker-a": 2}
-    with celery_cluster(tmp_path / "cluster", conns, extra, workers) as cluster:
-        # The reference: one worker runs everything.
+    with celery_cluster(
+        tmp_path / "cluster", conns, extra, workers={"worker-a": 2}, standby={"worker-b": 2}
+    ) as cluster:
+        # The reference: one worker runs everything (worker-b is up but not on the queue).
         single = cluster.trigger({**CONF, "release_version": "single"})
         assert cluster.wait_run(single) == "success", cluster.log_tail("scheduler")
         assert {t.hostname for t in cluster.task_tries(single)} == {"worker-a"}
@@ -215,7 +217,7 @@ def test_dag_on_celery_two_workers_survives_a_killed_worker(
         _recreate(pg_url)
         sim_process.reset()
         sim_process.configure(latency_ms=SLOW_MS)
-        cluster.start_worker("worker-b", concurrency=2)
+        cluster.join("worker-b")
         killed_run = cluster.trigger({**CONF, "release_version": "two-workers"})
         victim = _kill_mid_cot(cluster, killed_run, pg_url)
         answered_before = _answered(pg_url)

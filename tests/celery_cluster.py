@@ -61,6 +61,10 @@ def _drop_queue(url: str, queue: str) -> None:
     r = redis.Redis.from_url(url)
     for key in r.scan_iter(match=f"*{queue}*"):
         r.delete(key)
+    for key in r.scan_iter(match="_kombu.binding.*"):  # the workers' control (pidbox) queues
+        for member in r.smembers(key):
+            if queue.encode() in member:
+                r.srem(key, member)
     for tag, payload in r.hscan_iter("unacked"):
         try:
             routing_key = json.loads(payload)[2]
@@ -108,6 +112,10 @@ class CeleryCluster:
     def queue(self) -> str:
         return self.env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"]
 
+    def node(self, name: str) -> str:
+        """The worker's Celery node name: unique to this cluster, as its queue is."""
+        return f"{name}@{self.queue}"
+
     def start_worker(
         self, name: str, concurrency: int = 1, wait: bool = True, standby: bool = False
     ) -> None:
@@ -119,7 +127,7 @@ class CeleryCluster:
             "celery",
             "worker",
             "--celery-hostname",
-            f"{name}@lgt-test",
+            self.node(name),
             "--concurrency",
             str(concurrency),
             "--queues",
@@ -153,7 +161,7 @@ class CeleryCluster:
         app = Celery(broker=REDIS_URL)
         try:
             replies = app.control.add_consumer(
-                self.queue, destination=[f"{name}@lgt-test"], reply=True, timeout=30
+                self.queue, destination=[self.node(name)], reply=True, timeout=30
             )
         finally:
             app.close()

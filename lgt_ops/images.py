@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lgt_ops.config import ImageSpec
@@ -30,7 +31,7 @@ _EXIF_ORIENTATION = 0x0112
 class ImageRejected(ValueError):
     """An image that cannot be used, with a machine-readable reason."""
 
-    def __init__(self, reason: R, detail: str) -> None:
+    def __init__(self, reason: R | str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -179,15 +180,29 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def dhash(im: Image.Image) -> str:
-    """64-bit difference hash: near-identical images differ in few bits."""
-    small = im.convert("L").resize((9, 8), Image.Resampling.LANCZOS)
-    px = small.tobytes()
-    bits = 0
-    for row in range(8):
-        for col in range(8):
-            bits = (bits << 1) | (px[row * 9 + col] > px[row * 9 + col + 1])
-    return f"{bits:016x}"
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * x + 1) * k / (2 * n))
+    m[0] /= np.sqrt(2)
+    return m
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def phash(im: Image.Image) -> str:
+    """64-bit perceptual hash: the signs of the 8x8 lowest DCT frequencies of a 32x32 grey
+    thumbnail against their median (DC excluded from the median).
+
+    Resizing and re-encoding move it by 0-2 bits; different sample images are >= 20 bits
+    apart. A crop shifts it more (up to 12 bits for 3 % a side), which benchmark matching
+    handles by hashing crops of the benchmark image (`lgt_ops.decontam`).
+    """
+    grey = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.LANCZOS), np.float64)
+    low = (_DCT32 @ grey @ _DCT32.T)[:8, :8].ravel()
+    above = low > np.median(low[1:])
+    return f"{int(''.join('1' if b else '0' for b in above), 2):016x}"
 
 
 def inspect(data: bytes, *, max_pixels: int, budget: PixelBudget | None = None) -> ImageFacts:
@@ -214,7 +229,7 @@ def _describe(data: bytes, im: Image.Image) -> ImageFacts:
         mode=mode,
         bytes=len(data),
         exif_orientation=int(orientation) if orientation else None,
-        phash=dhash(upright),
+        phash=phash(upright),
     )
 
 

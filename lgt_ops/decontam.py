@@ -4,10 +4,11 @@ The user puts each benchmark (V* Bench, CV-Bench, MMStar, ...) in a folder under
 prefix (`LGT_DECONTAM_PREFIX`, default `benchmarks/`): its images, and optionally its
 questions as `*.jsonl` (one `{"question": ..., "options": [...]}` per line). Then
 
-- an ingested image whose 64-bit pHash is within `phash_distance` bits of a benchmark image,
-  or of one of the 81 crops of it hashed here (0, 4 or 8 % off each side: a whole-frame hash
-  moves up to 12 bits for a 3 % crop, so crops are matched crop to crop), is rejected
-  `contaminated:<benchmark>` by ingest, before any model sees it;
+- an ingested image is rejected `contaminated:<benchmark>` by ingest, before any model sees
+  it, when its 64-bit pHash is within `phash_distance` bits of one of the 81 crops hashed of a
+  benchmark image (0, 4 or 8 % off each side), or one of its own 81 crops is that close to a
+  benchmark image's whole: a whole-frame hash moves up to 12 bits for a 3 % crop, so a copy
+  cropped either way is matched crop to whole;
 - a stage-1 or composed question whose word n-grams (question + options, options in sorted
   order) cover at least `ngram_overlap` of a benchmark question's n-grams is rejected
   `contaminated:<benchmark>` at validation, before any rollout.
@@ -20,7 +21,6 @@ benchmark image (`max_images`, default 5,000: ~3.3 MB) plus about 1 KB per bench
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
@@ -32,20 +32,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from sqlalchemy import Engine, text
 
 from lgt_ops.config import ConfigError, DecontamSettings
 from lgt_ops.db.repo import insert_ignore
-from lgt_ops.images import ImageFacts, ImageRejected, normalised, phash
+from lgt_ops.images import ImageFacts, ImageRejected, crop_phashes, normalised
 from lgt_ops.questions import QuestionRejected
 from lgt_ops.reasons import IngestReason, detailed
 from lgt_ops.storage import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
-CROP_SIDES = (0.0, 0.04, 0.08)  # fraction cut off each side, all 3**4 combinations hashed
-_HASH_SIDE = 256  # benchmark images are shrunk to this before their crops are hashed
 _RELIST_S = 60.0  # a process lists the prefix at most this often
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -75,24 +72,12 @@ class BenchQuestion:
 # -- pure functions: hashes and n-grams ----------------------------------------------------------
 
 
-def crop_hashes(im: Image.Image) -> list[int]:
-    """pHashes of the image and of its crops (every combination of CROP_SIDES per side)."""
-    small = im.copy()
-    small.thumbnail((_HASH_SIDE, _HASH_SIDE), Image.Resampling.LANCZOS)
-    w, h = small.size
-    out = []
-    for left, top, right, bottom in itertools.product(CROP_SIDES, repeat=4):
-        box = (int(w * left), int(h * top), w - int(w * right), h - int(h * bottom))
-        out.append(int(phash(small.crop(box)), 16))
-    return out
-
-
-def hamming(hashes: np.ndarray, value: int) -> np.ndarray:
-    """Bits differing between each uint64 in `hashes` and `value`."""
-    xor = hashes ^ np.uint64(value)
+def hamming(hashes: np.ndarray, value: int | np.ndarray) -> np.ndarray:
+    """Bits differing between uint64 hashes (broadcast)."""
+    xor = hashes ^ (np.uint64(value) if isinstance(value, int) else value)
     if hasattr(np, "bitwise_count"):  # numpy >= 2
         return np.bitwise_count(xor)
-    return np.unpackbits(xor.view(np.uint8)).reshape(-1, 64).sum(axis=1)
+    return np.unpackbits(xor.view(np.uint8), axis=-1).reshape(*xor.shape, 64).sum(axis=-1)
 
 
 def question_grams(question: str, options: Sequence[str], n: int) -> frozenset[tuple[str, ...]]:
@@ -135,6 +120,7 @@ class BenchmarkIndex:
     settings: DecontamSettings
     hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     owners: list[tuple[str, str]] = field(default_factory=list)  # per hash: benchmark, key
+    whole: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # whole-image rows
     questions: list[BenchQuestion] = field(default_factory=list)
     postings: dict[tuple[str, ...], list[int]] = field(default_factory=dict)
     sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # benchmark -> kind -> n
@@ -143,16 +129,29 @@ class BenchmarkIndex:
     def empty(self) -> bool:
         return not self.owners and not self.questions
 
-    def match_image(self, phash_hex: str) -> Hit | None:
-        """The nearest benchmark image within the distance, if any."""
-        if not self.owners:
+    def match_image(self, crops: Sequence[int]) -> Hit | None:
+        """The nearest benchmark image within the distance, if any. `crops` are the image's
+        `crop_phashes`: its whole is compared with every benchmark crop (it is a crop of a
+        benchmark image) and its crops with every benchmark whole (the benchmark image is a
+        crop of it)."""
+        if not self.owners or not crops:
             return None
-        dist = hamming(self.hashes, int(phash_hex, 16))
-        best = int(np.argmin(dist))
-        if int(dist[best]) > self.settings.phash_distance:
+        to_crops = hamming(self.hashes, crops[0])
+        wholes = self.hashes[self.whole]
+        to_wholes = hamming(wholes[None, :], np.array(crops, np.uint64)[:, None]).min(axis=0)
+        i, j = int(np.argmin(to_crops)), int(np.argmin(to_wholes))
+        best, dist = (
+            (i, int(to_crops[i]))
+            if to_crops[i] <= to_wholes[j]
+            else (
+                int(self.whole[j]),
+                int(to_wholes[j]),
+            )
+        )
+        if dist > self.settings.phash_distance:
             return None
         benchmark, key = self.owners[best]
-        return Hit(benchmark, key, int(dist[best]))
+        return Hit(benchmark, key, dist)
 
     def match_question(self, question: str, options: Sequence[str]) -> Hit | None:
         """The benchmark question whose n-grams this one covers most, if at the threshold."""
@@ -180,6 +179,7 @@ class BenchmarkIndex:
 
     def add_image(self, benchmark: str, key: str, hashes: Iterable[int]) -> None:
         values = list(hashes)
+        self.whole = np.append(self.whole, len(self.owners))
         self.hashes = np.concatenate([self.hashes, np.array(values, dtype=np.uint64)])
         self.owners += [(benchmark, key)] * len(values)
         self._count(benchmark, "images")
@@ -301,7 +301,7 @@ def _known(db: Engine, store_url: str, prefix: str) -> dict[tuple[str, str], dic
 
 def _hash_image(store: ObjectStore, o: ObjectInfo, benchmark: str) -> dict[str, Any]:
     try:
-        hashes = crop_hashes(normalised(store.get(o.key)))
+        hashes = crop_phashes(normalised(store.get(o.key)))
     except (ImageRejected, OSError, ValueError) as exc:
         return _row(store, o, benchmark, "unreadable", 0, None, 0, str(exc)[:500])
     phashes = " ".join(f"{h:016x}" for h in hashes)
@@ -338,7 +338,7 @@ def screen_image(
     """An ingested image that copies a benchmark image becomes a rejection."""
     if isinstance(facts, ImageRejected):
         return facts
-    hit = index.match_image(facts.phash)
+    hit = index.match_image(facts.crop_phashes)
     if hit is None:
         return facts
     detail = f"image {facts.image_id[:16]} within {int(hit.score)} bits of {hit.ref}"

@@ -11,6 +11,7 @@ import base64
 import ctypes
 import ctypes.util
 import io
+import itertools
 import threading
 import warnings
 from collections.abc import Iterator
@@ -103,6 +104,7 @@ class ImageFacts:
     bytes: int
     exif_orientation: int | None
     phash: str
+    crop_phashes: tuple[int, ...] = ()  # see crop_phashes; not stored
 
 
 def _open(data: bytes, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
@@ -191,18 +193,44 @@ def _dct_matrix(n: int) -> np.ndarray:
 _DCT32 = _dct_matrix(32)
 
 
-def phash(im: Image.Image) -> str:
+def phash(im: Image.Image, box: tuple[int, int, int, int] | None = None) -> str:
     """64-bit perceptual hash: the signs of the 8x8 lowest DCT frequencies of a 32x32 grey
-    thumbnail against their median (DC excluded from the median).
+    thumbnail against their median (DC excluded from the median). `box` hashes that region.
 
     Resizing and re-encoding move it by 0-2 bits; different sample images are >= 20 bits
     apart. A crop shifts it more (up to 12 bits for 3 % a side), which benchmark matching
-    handles by hashing crops of the benchmark image (`lgt_ops.decontam`).
+    handles by hashing crops (`lgt_ops.decontam`).
     """
-    grey = np.asarray(im.convert("L").resize((32, 32), Image.Resampling.LANCZOS), np.float64)
-    low = (_DCT32 @ grey @ _DCT32.T)[:8, :8].ravel()
-    above = low > np.median(low[1:])
-    return f"{int(''.join('1' if b else '0' for b in above), 2):016x}"
+    return f"{phashes(im, [box])[0]:016x}"
+
+
+# fraction cut off each side; every combination (3**4 = 81 regions) is hashed by crop_phashes
+CROP_SIDES = (0.0, 0.04, 0.08)
+_CROP_HASH_SIDE = 128  # crops are hashed from a grey copy at most this many pixels a side
+
+
+def crop_phashes(im: Image.Image) -> tuple[int, ...]:
+    """pHashes of the whole image (first) and of its 80 crops, so an image and a copy of it
+    cropped by up to ~10 % a side can be matched crop to whole (~10-30 ms per image)."""
+    small = im.convert("L")
+    small.thumbnail((_CROP_HASH_SIDE, _CROP_HASH_SIDE), Image.Resampling.LANCZOS)
+    w, h = small.size
+    boxes: list[tuple[int, int, int, int] | None] = [
+        (int(w * left), int(h * top), w - int(w * right), h - int(h * bottom))
+        for left, top, right, bottom in itertools.product(CROP_SIDES, repeat=4)
+    ]
+    return tuple(phashes(small, boxes))
+
+
+def phashes(im: Image.Image, boxes: list[tuple[int, int, int, int] | None]) -> list[int]:
+    """`phash` of several regions of one image at once, as integers."""
+    grey = im if im.mode == "L" else im.convert("L")
+    stack = np.stack(
+        [np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS, box=b)) for b in boxes]
+    ).astype(np.float64)
+    low = (_DCT32 @ stack @ _DCT32.T)[:, :8, :8].reshape(len(boxes), 64)
+    above = low > np.median(low[:, 1:], axis=1, keepdims=True)
+    return [int.from_bytes(row.tobytes(), "big") for row in np.packbits(above, axis=1)]
 
 
 def inspect(data: bytes, *, max_pixels: int, budget: PixelBudget | None = None) -> ImageFacts:
@@ -230,6 +258,7 @@ def _describe(data: bytes, im: Image.Image) -> ImageFacts:
         bytes=len(data),
         exif_orientation=int(orientation) if orientation else None,
         phash=phash(upright),
+        crop_phashes=crop_phashes(upright),
     )
 
 

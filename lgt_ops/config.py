@@ -186,8 +186,8 @@ class DecontamSettings(BaseModel):
     # (resize/re-encode/crop <= 8 % a side: <= 6 bits; different sample images: >= 20)
     phash_distance: int = Field(default=10, ge=0, le=32)
     ngram: int = Field(default=3, ge=1, le=13)  # word n-grams of question text and options
-    # share of the smaller question's n-grams found in the other at or above which it matches
-    ngram_overlap: float = Field(default=0.5, gt=0, le=1)
+    # share of a benchmark question's n-grams a question must contain to match it
+    ngram_overlap: float = Field(default=0.6, gt=0, le=1)
     max_images: int = Field(default=5000, ge=0)  # benchmark images held in memory, at most
 
 

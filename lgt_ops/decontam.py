@@ -343,3 +343,9 @@ def screen_image(
         return facts
     detail = f"image {facts.image_id[:16]} within {int(hit.score)} bits of {hit.ref}"
     return ImageRejected(hit.reason, detail)
+
+
+def forget() -> None:
+    """Drop the cached indexes (a process that just changed the benchmarks, tests)."""
+    with _LOCK:
+        _CACHE.clear()

@@ -183,7 +183,7 @@ class DecontamSettings(BaseModel):
 
     prefix: str = "benchmarks/"
     # Hamming distance between 64-bit pHashes at or below which an image is a benchmark copy
-    # (resize/re-encode/crop <= 8 % a side: <= 6 bits; different sample images: >= 20)
+    # (sample copies resized, re-encoded, cropped <= 8 % a side: <= 8 bits; distinct: >= 20)
     phash_distance: int = Field(default=10, ge=0, le=32)
     ngram: int = Field(default=3, ge=1, le=13)  # word n-grams of question text and options
     # share of a benchmark question's n-grams a question must contain to match it

@@ -9,9 +9,12 @@ questions as `*.jsonl` (one `{"question": ..., "options": [...]}` per line). The
   benchmark image (0, 4 or 8 % off each side), or one of its own 81 crops is that close to a
   benchmark image's whole: a whole-frame hash moves up to 12 bits for a 3 % crop, so a copy
   cropped either way is matched crop to whole;
-- a stage-1 or composed question whose word n-grams (question + options, options in sorted
-  order) cover at least `ngram_overlap` of a benchmark question's n-grams is rejected
-  `contaminated:<benchmark>` at validation, before any rollout.
+- a stage-1 or composed question is rejected `contaminated:<benchmark>` at validation, before
+  any rollout, when its word n-grams cover at least `ngram_overlap` of a benchmark question's
+  n-grams, and it is that benchmark item rather than its template: it holds at least
+  CONTENT_SHARE of the benchmark question's content words (so "How many cups ...?" is not
+  "How many cars ...?") and, when the benchmark gives options, at least OPTION_SHARE of them
+  (so "Which of these objects ...?" over other objects is not it).
 
 Loading is cheap per task: the prefix is listed (at most once a minute per process) and the
 index rebuilt only when the listing's etags change; each benchmark image is hashed once ever
@@ -47,6 +50,14 @@ _RELIST_S = 60.0  # a process lists the prefix at most this often
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _WORD = re.compile(r"[a-z0-9]+")
+CONTENT_SHARE = 0.75
+OPTION_SHARE = 0.5
+# words that carry no subject: question scaffolding, shared by every templated benchmark
+_STOPWORD_TEXT = """a an the of in on at to for from by with and or is are was were be been being
+it its this that these those there here what which who whose whom how many much where when why
+does do did can could would should will shown show shows seen see visible appear appears image
+picture photo photograph scene view part side located object objects thing things you your one"""
+_STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,8 @@ class BenchQuestion:
     benchmark: str
     ref: str  # key#line
     grams: frozenset[tuple[str, ...]]
+    content: frozenset[str]
+    options: frozenset[str]
 
 
 # -- pure functions: hashes and n-grams ----------------------------------------------------------
@@ -80,15 +93,25 @@ def hamming(hashes: np.ndarray, value: int | np.ndarray) -> np.ndarray:
     return np.unpackbits(xor.view(np.uint8), axis=-1).reshape(*xor.shape, 64).sum(axis=-1)
 
 
-def question_grams(question: str, options: Sequence[str], n: int) -> frozenset[tuple[str, ...]]:
-    """Word n-grams of the question followed by its options in sorted order (so a shuffled
-    copy matches); a text shorter than n words is one gram."""
+def question_grams(question: str, n: int) -> frozenset[tuple[str, ...]]:
+    """Word n-grams of a question; a question shorter than n words is one gram."""
     words = _WORD.findall(question.lower())
-    for opt in sorted(" ".join(_WORD.findall(str(o).lower())) for o in options):
-        words += opt.split()
     if len(words) <= n:
         return frozenset({tuple(words)}) if words else frozenset()
     return frozenset(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
+def content_words(question: str) -> frozenset[str]:
+    return frozenset(w for w in _WORD.findall(question.lower()) if w not in _STOPWORDS)
+
+
+def option_set(options: Sequence[str]) -> frozenset[str]:
+    """Options as normalised words (order, case and punctuation do not matter)."""
+    return frozenset(" ".join(_WORD.findall(str(o).lower())) for o in options) - {""}
+
+
+def _share(part: frozenset[Any], whole: frozenset[Any]) -> float:
+    return len(part & whole) / len(whole) if whole else 1.0
 
 
 def parse_questions(benchmark: str, key: str, data: bytes) -> tuple[list[dict[str, Any]], int]:
@@ -154,18 +177,25 @@ class BenchmarkIndex:
         return Hit(benchmark, key, dist)
 
     def match_question(self, question: str, options: Sequence[str]) -> Hit | None:
-        """The benchmark question whose n-grams this one covers most, if at the threshold."""
+        """The benchmark question this one copies, if any (see the module's docstring); the
+        score is the share of the benchmark question's n-grams it holds."""
         if not self.questions:
             return None
-        grams = question_grams(question, options, self.settings.ngram)
+        grams = question_grams(question, self.settings.ngram)
         shared: Counter[int] = Counter()
         for g in grams:
             shared.update(self.postings.get(g, ()))
+        content, opts = content_words(question), option_set(options)
         best: Hit | None = None
         for i, n in shared.items():
             q = self.questions[i]
             score = n / len(q.grams)
-            if score >= self.settings.ngram_overlap and (best is None or score > best.score):
+            if (
+                score >= self.settings.ngram_overlap
+                and _share(content, q.content) >= CONTENT_SHARE
+                and _share(opts, q.options) >= OPTION_SHARE
+                and (best is None or score > best.score)
+            ):
                 best = Hit(q.benchmark, q.ref, score)
         return best
 
@@ -185,12 +215,13 @@ class BenchmarkIndex:
         self._count(benchmark, "images")
 
     def add_question(self, benchmark: str, ref: str, question: str, options: list[str]) -> None:
-        grams = question_grams(question, options, self.settings.ngram)
+        grams = question_grams(question, self.settings.ngram)
         if not grams:
             return
         for g in grams:
             self.postings.setdefault(g, []).append(len(self.questions))
-        self.questions.append(BenchQuestion(benchmark, ref, grams))
+        entry = BenchQuestion(benchmark, ref, grams, content_words(question), option_set(options))
+        self.questions.append(entry)
         self._count(benchmark, "questions")
 
     def _count(self, benchmark: str, kind: str) -> None:

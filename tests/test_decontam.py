@@ -17,7 +17,7 @@ from lgt_ops.demo import upload_benchmarks
 from lgt_ops.images import crop_phashes, normalised
 from lgt_ops.release.publish import publish
 from lgt_ops.sources import resolve_source
-from lgt_ops.stages import annotate, ingest, mcq
+from lgt_ops.stages import annotate, compose, ingest, mcq
 from lgt_ops.stages.base import Shard
 from tests.samples import SAMPLE, upload_sample
 
@@ -178,7 +178,26 @@ def test_contaminated_images_and_questions_never_reach_a_model(pg_s3_env, sim):
         ).all()
     assert len(hits) == 1 and "benchmarks/mmstar/questions.jsonl#1" in hits[0].detail
 
+    # a composed question is checked too, before it is rolled out
+    compose.run(env, spec, Shard())
+    with env.db.connect() as conn:
+        row = conn.execute(
+            text("SELECT question, options FROM questions WHERE stage = 2 ORDER BY 1")
+        ).first()
+    line = {"question": row.question, "options": json.loads(row.options)}
+    env.store.put("benchmarks/vstar/questions.jsonl", json.dumps(line).encode())
+    decontam.forget()
+    env = env.with_settings(env.settings.with_method(compose_per_image=5))
+    compose.run(env, spec, Shard())
+    with env.db.connect() as conn:
+        hits = conn.execute(
+            text("SELECT COUNT(*) FROM rejections WHERE stage = 'compose' AND reason = :r"),
+            {"r": "contaminated:vstar"},
+        ).scalar_one()
+    assert hits == 1
+
     rel = publish(env, spec, name="t", version="1", allow_simulated=True)
     card = env.store.get("releases/t/1/README.md").decode()
     assert "| mmstar | 0 | 1 |" in card and "| sample_bench | 2 | 0 |" in card
+    assert "| vstar | 0 | 1 |" in card
     assert rel.manifest["counts"]["rejections"]["ingest"]["contaminated:sample_bench"] == 2

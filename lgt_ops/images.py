@@ -211,15 +211,33 @@ _CROP_HASH_SIDE = 128  # crops are hashed from a grey copy at most this many pix
 
 def crop_phashes(im: Image.Image) -> tuple[int, ...]:
     """pHashes of the whole image (first) and of its 80 crops, so an image and a copy of it
-    cropped by up to ~10 % a side can be matched crop to whole (~10-30 ms per image)."""
+    cropped by up to ~10 % a side can be matched crop to whole.
+
+    Each region is averaged into 32x32 blocks with a summed-area table of a grey copy at most
+    _CROP_HASH_SIDE pixels a side (all 81 at once: ~8-13 ms an image, where 81 Pillow resizes
+    took ~25-35 ms; sample photos, loaded 2-core machine), then hashed like `phash`.
+    """
     small = im.convert("L")
     small.thumbnail((_CROP_HASH_SIDE, _CROP_HASH_SIDE), Image.Resampling.LANCZOS)
-    w, h = small.size
-    boxes: list[tuple[int, int, int, int] | None] = [
-        (int(w * left), int(h * top), w - int(w * right), h - int(h * bottom))
-        for left, top, right, bottom in itertools.product(CROP_SIDES, repeat=4)
-    ]
-    return tuple(phashes(small, boxes))
+    grey = np.asarray(small, np.float64)
+    h, w = grey.shape
+    table = np.zeros((h + 1, w + 1))
+    table[1:, 1:] = grey.cumsum(0).cumsum(1)
+    regions = list(itertools.product(CROP_SIDES, repeat=4))
+    rows = np.array([np.linspace(h * t, h - h * b, 33) for _, t, _, b in regions])
+    cols = np.array([np.linspace(w * left, w - w * r, 33) for left, _, r, _ in regions])
+    rows, cols = rows.round().astype(int), cols.round().astype(int)
+    corner = table[rows[:, :, None], cols[:, None, :]]  # (81, 33, 33)
+    sums = corner[:, 1:, 1:] - corner[:, :-1, 1:] - corner[:, 1:, :-1] + corner[:, :-1, :-1]
+    area = np.diff(rows, axis=1)[:, :, None] * np.diff(cols, axis=1)[:, None, :]
+    return tuple(_dct_bits(sums / np.maximum(area, 1)))
+
+
+def _dct_bits(blocks: np.ndarray) -> list[int]:
+    """The pHash bits of each 32x32 block in `blocks` (n, 32, 32)."""
+    low = (_DCT32[:8] @ blocks @ _DCT32[:8].T).reshape(len(blocks), 64)
+    above = low > np.median(low[:, 1:], axis=1, keepdims=True)
+    return [int.from_bytes(row.tobytes(), "big") for row in np.packbits(above, axis=1)]
 
 
 def phashes(im: Image.Image, boxes: list[tuple[int, int, int, int] | None]) -> list[int]:
@@ -228,9 +246,7 @@ def phashes(im: Image.Image, boxes: list[tuple[int, int, int, int] | None]) -> l
     stack = np.stack(
         [np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS, box=b)) for b in boxes]
     ).astype(np.float64)
-    low = (_DCT32 @ stack @ _DCT32.T)[:, :8, :8].reshape(len(boxes), 64)
-    above = low > np.median(low[:, 1:], axis=1, keepdims=True)
-    return [int.from_bytes(row.tobytes(), "big") for row in np.packbits(above, axis=1)]
+    return _dct_bits(stack)
 
 
 def inspect(data: bytes, *, max_pixels: int, budget: PixelBudget | None = None) -> ImageFacts:

@@ -190,18 +190,7 @@ def _dct_matrix(n: int) -> np.ndarray:
     return m
 
 
-_DCT32 = _dct_matrix(32)
-
-
-def phash(im: Image.Image, box: tuple[int, int, int, int] | None = None) -> str:
-    """64-bit perceptual hash: the signs of the 8x8 lowest DCT frequencies of a 32x32 grey
-    thumbnail against their median (DC excluded from the median). `box` hashes that region.
-
-    Resizing and re-encoding move it by 0-2 bits; different sample images are >= 20 bits
-    apart. A crop shifts it more (up to 12 bits for 3 % a side), which benchmark matching
-    handles by hashing crops (`lgt_ops.decontam`).
-    """
-    return f"{phashes(im, [box])[0]:016x}"
+_DCT8 = _dct_matrix(32)[:8]  # the 8 lowest frequencies of a 32-point DCT-II
 
 
 # fraction cut off each side; every combination (3**4 = 81 regions) is hashed by crop_phashes
@@ -210,12 +199,15 @@ _CROP_HASH_SIDE = 128  # crops are hashed from a grey copy at most this many pix
 
 
 def crop_phashes(im: Image.Image) -> tuple[int, ...]:
-    """pHashes of the whole image (first) and of its 80 crops, so an image and a copy of it
-    cropped by up to ~10 % a side can be matched crop to whole.
+    """64-bit perceptual hashes of the whole image (first: `images.phash`) and of its 80 crops,
+    so an image and a copy of it cropped by up to ~10 % a side can be matched crop to whole.
+    A pHash is the signs of the 8x8 lowest DCT frequencies of a 32x32 grey thumbnail against
+    their median (DC excluded from the median): resizing and re-encoding move it by 0-2 bits,
+    distinct sample images are >= 20 bits apart, a 3 % crop moves it up to 12 bits.
 
     Each region is averaged into 32x32 blocks with a summed-area table of a grey copy at most
-    _CROP_HASH_SIDE pixels a side (all 81 at once: ~8-13 ms an image, where 81 Pillow resizes
-    took ~25-35 ms; sample photos, loaded 2-core machine), then hashed like `phash`.
+    _CROP_HASH_SIDE pixels a side, all 81 at once: ~8-13 ms an image (81 Pillow resizes took
+    ~25-35 ms; sample photos, on a loaded 2-core machine).
     """
     small = im.convert("L")
     small.thumbnail((_CROP_HASH_SIDE, _CROP_HASH_SIDE), Image.Resampling.LANCZOS)
@@ -235,18 +227,9 @@ def crop_phashes(im: Image.Image) -> tuple[int, ...]:
 
 def _dct_bits(blocks: np.ndarray) -> list[int]:
     """The pHash bits of each 32x32 block in `blocks` (n, 32, 32)."""
-    low = (_DCT32[:8] @ blocks @ _DCT32[:8].T).reshape(len(blocks), 64)
+    low = (_DCT8 @ blocks @ _DCT8.T).reshape(len(blocks), 64)
     above = low > np.median(low[:, 1:], axis=1, keepdims=True)
     return [int.from_bytes(row.tobytes(), "big") for row in np.packbits(above, axis=1)]
-
-
-def phashes(im: Image.Image, boxes: list[tuple[int, int, int, int] | None]) -> list[int]:
-    """`phash` of several regions of one image at once, as integers."""
-    grey = im if im.mode == "L" else im.convert("L")
-    stack = np.stack(
-        [np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS, box=b)) for b in boxes]
-    ).astype(np.float64)
-    return _dct_bits(stack)
 
 
 def inspect(data: bytes, *, max_pixels: int, budget: PixelBudget | None = None) -> ImageFacts:
@@ -265,6 +248,7 @@ def _describe(data: bytes, im: Image.Image) -> ImageFacts:
     orientation = im.getexif().get(_EXIF_ORIENTATION)
     ImageOps.exif_transpose(im, in_place=True)  # no second full-size copy
     upright = to_rgb(im)
+    crops = crop_phashes(upright)
     return ImageFacts(
         image_id=sha256_hex(data),
         width=upright.width,
@@ -273,8 +257,8 @@ def _describe(data: bytes, im: Image.Image) -> ImageFacts:
         mode=mode,
         bytes=len(data),
         exif_orientation=int(orientation) if orientation else None,
-        phash=phash(upright),
-        crop_phashes=crop_phashes(upright),
+        phash=f"{crops[0]:016x}",
+        crop_phashes=crops,
     )
 
 

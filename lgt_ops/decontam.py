@@ -141,40 +141,39 @@ def parse_questions(benchmark: str, key: str, data: bytes) -> tuple[list[dict[st
 @dataclass
 class BenchmarkIndex:
     settings: DecontamSettings
-    hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
-    owners: list[tuple[str, str]] = field(default_factory=list)  # per hash: benchmark, key
-    whole: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # whole-image rows
+    images: list[tuple[str, str]] = field(default_factory=list)  # benchmark, key
     questions: list[BenchQuestion] = field(default_factory=list)
     postings: dict[tuple[str, ...], list[int]] = field(default_factory=dict)
     sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # benchmark -> kind -> n
+    _parts: list[np.ndarray] = field(default_factory=list)  # per image: whole first, then crops
+    _arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
-    @property
-    def empty(self) -> bool:
-        return not self.owners and not self.questions
+    def _hash_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All hashes, the image of each, and the whole-image hashes (built once)."""
+        if self._arrays is None:
+            hashes = np.concatenate(self._parts)
+            image_of = np.repeat(np.arange(len(self._parts)), [len(p) for p in self._parts])
+            wholes = np.array([p[0] for p in self._parts], dtype=np.uint64)
+            self._arrays = (hashes, image_of, wholes)
+        return self._arrays
 
     def match_image(self, crops: Sequence[int]) -> Hit | None:
         """The nearest benchmark image within the distance, if any. `crops` are the image's
         `crop_phashes`: its whole is compared with every benchmark crop (it is a crop of a
         benchmark image) and its crops with every benchmark whole (the benchmark image is a
         crop of it)."""
-        if not self.owners or not crops:
+        if not self.images or not crops:
             return None
-        to_crops = hamming(self.hashes, crops[0])
-        wholes = self.hashes[self.whole]
+        hashes, image_of, wholes = self._hash_arrays()
+        to_crops = hamming(hashes, crops[0])
         to_wholes = hamming(wholes[None, :], np.array(crops, np.uint64)[:, None]).min(axis=0)
         i, j = int(np.argmin(to_crops)), int(np.argmin(to_wholes))
-        best, dist = (
-            (i, int(to_crops[i]))
-            if to_crops[i] <= to_wholes[j]
-            else (
-                int(self.whole[j]),
-                int(to_wholes[j]),
-            )
-        )
-        if dist > self.settings.phash_distance:
+        image, dist = (int(image_of[i]), int(to_crops[i])), (j, int(to_wholes[j]))
+        best, bits = min(image, dist, key=lambda pair: pair[1])
+        if bits > self.settings.phash_distance:
             return None
-        benchmark, key = self.owners[best]
-        return Hit(benchmark, key, dist)
+        benchmark, key = self.images[best]
+        return Hit(benchmark, key, bits)
 
     def match_question(self, question: str, options: Sequence[str]) -> Hit | None:
         """The benchmark question this one copies, if any (see the module's docstring); the
@@ -208,10 +207,12 @@ class BenchmarkIndex:
             )
 
     def add_image(self, benchmark: str, key: str, hashes: Iterable[int]) -> None:
-        values = list(hashes)
-        self.whole = np.append(self.whole, len(self.owners))
-        self.hashes = np.concatenate([self.hashes, np.array(values, dtype=np.uint64)])
-        self.owners += [(benchmark, key)] * len(values)
+        values = np.array(list(hashes), dtype=np.uint64)
+        if not len(values):
+            return
+        self.images.append((benchmark, key))
+        self._parts.append(values)
+        self._arrays = None
         self._count(benchmark, "images")
 
     def add_question(self, benchmark: str, ref: str, question: str, options: list[str]) -> None:

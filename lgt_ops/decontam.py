@@ -19,7 +19,7 @@ questions as `*.jsonl` (one `{"question": ..., "options": [...]}` per line). The
 Loading is cheap per task: the prefix is listed (at most once a minute per process) and the
 index rebuilt only when the listing's etags change; each benchmark image is hashed once ever
 (its hashes are kept in `benchmark_entries`, keyed by key + etag). Memory: 81 x 8 bytes per
-benchmark image (`max_images`, default 5,000: ~3.3 MB) plus about 1 KB per benchmark question.
+benchmark image (`max_images`, default 5,000: 3.2 MB) plus about 1 KB per benchmark question.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def parse_questions(benchmark: str, key: str, data: bytes) -> tuple[list[dict[st
             q = str(obj.get("question") or obj.get("text") or "")
             opts = obj.get("options") or obj.get("choices") or []
             opts = list(opts.values()) if isinstance(opts, dict) else [str(o) for o in opts]
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError):
             q, opts = "", []
         if not q.strip():
             bad += 1

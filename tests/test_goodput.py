@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -277,14 +276,16 @@ def test_goodput_on_sqlite_a_cached_rerun_and_a_ledger_hit_rerun(local_env, sim,
 def test_goodput_on_postgres_after_a_failed_and_resumed_run(pg_s3_env, tmp_path):
     env = pg_s3_env.with_settings(pg_s3_env.settings.model_copy(update={"shard_size": 4}))
     upload_sample(env.store, PREFIX)
-    with socket.socket() as held:  # the reasoner is unreachable: expand fails, the run stops
-        held.bind(("127.0.0.1", 0))
+    # The reasoner passes the preflight, then is down (503) for expand: the run stops there.
+    from lgt_ops.llm.simulator import BackgroundSimulator, SimConfig
+
+    with BackgroundSimulator(SimConfig(down_after_served=0)) as down:
         eps = dict(env.settings.endpoints)
         eps["reasoner"] = eps["reasoner"].model_copy(
-            update={"base_url": f"http://127.0.0.1:{held.getsockname()[1]}/v1", "down_after_s": 0.3}
+            update={"base_url": down.base_url, "down_after_s": 0.3}
         )
         broken = env.settings.model_copy(update={"endpoints": eps})
-        with pytest.raises(EndpointDown, match="unreachable"):
+        with pytest.raises(EndpointDown, match="reasoner endpoint"):
             _run(env.with_settings(broken), release_version="v1")
     run_id = env.run.run_id
     stopped = check_run(env.db, run_id)

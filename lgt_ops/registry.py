@@ -107,6 +107,14 @@ class Stage:
         return cls.module().handle(env, fp, item, outcomes)
 
 
+def _rules_version() -> int:
+    """The trace parsing/format rules' version (lgt_ops.traces): what cot, expand and filter
+    accept changes with it."""
+    from lgt_ops.traces import RULES_VERSION
+
+    return RULES_VERSION
+
+
 # -- the stages ---------------------------------------------------------------------------------
 class IngestConfig(StageConfig):
     max_image_pixels: int = Field(default=64_000_000, ge=1)
@@ -204,7 +212,8 @@ class Cot(Stage):
     @classmethod
     def fingerprint_extra(cls, settings: Settings) -> dict[str, Any]:
         # n=k in one request or k requests: different seeds, different samples
-        return {**super().fingerprint_extra(settings), "n": settings.endpoint("vlm").supports_n}
+        extra = super().fingerprint_extra(settings)
+        return {**extra, "n": settings.endpoint("vlm").supports_n, "rules": _rules_version()}
 
     @classmethod
     def fan_out(cls, settings: Settings) -> tuple[int, int]:
@@ -216,11 +225,35 @@ class Cot(Stage):
 
 class ExpandConfig(Seeded):
     expand_cues: tuple[str, ...] = ("Wait,", "Hmm,", "Alternatively,")
-    expand_per_rollout: int = Field(default=1, ge=1, le=8)
+    expand_per_rollout: int = Field(default=2, ge=1, le=8)  # >= 2: X->O>X->X needs siblings
     expand_rollouts_per_question: int = Field(default=4, ge=1, le=64)
     expand_max_tokens: int = Field(default=1024, ge=16)
     expand_temperature: float = Field(default=0.6, ge=0, le=2)
     expand_top_p: float = Field(default=0.95, gt=0, le=1)
+    # -- trace quality (kept in one block) --
+    # vLLM `bad_words` sent with every expansion request: words that cite the text context
+    # (case-sensitive, as vLLM bans token sequences; empty = send none). The filter's leak
+    # rules (lgt_ops.traces.leaks) catch what decoding cannot ban without harming visual text.
+    expand_bad_words: tuple[str, ...] = (
+        "description",
+        "Description",
+        "descriptions",
+        "described",
+        "caption",
+        "Caption",
+        "captions",
+        "metadata",
+        "annotation",
+        "annotations",
+        "bounding box",
+        "bounding boxes",
+        "coordinates",
+        "coordinate",
+        "pixel",
+        "pixels",
+        "mental image",
+    )
+    # -- end of trace quality --
 
     @field_validator("expand_cues")
     @classmethod
@@ -237,6 +270,10 @@ class Expand(Stage):
     upstream = ("cot",)
     Config = ExpandConfig
     impl = "lgt_ops.stages.expand"
+
+    @classmethod
+    def fingerprint_extra(cls, settings: Settings) -> dict[str, Any]:
+        return {"rules": _rules_version()}
 
     @classmethod
     def fan_out(cls, settings: Settings) -> tuple[int, int]:
@@ -257,6 +294,10 @@ class Filter(Stage):
     Config = FilterConfig
     timeout_minutes = 120
     impl = "lgt_ops.stages.filter"
+
+    @classmethod
+    def fingerprint_extra(cls, settings: Settings) -> dict[str, Any]:
+        return {"rules": _rules_version(), "tagger": "heuristic"}
 
 
 class PairsConfig(Seeded):

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from sqlalchemy import text
 
+from lgt_ops import goodput
+
 if TYPE_CHECKING:
     from lgt_ops.env import StageEnv
     from lgt_ops.params import RunParams
@@ -83,6 +85,8 @@ def print_summary(
         _table([("stage", "reason", "count")] + [(s, r, str(n)) for s, r, n in reasons], out)
     _preflight_section(env, summary.run_id, out)
     rel = summary.release
+    with env.db.connect() as conn:
+        goodput.write_summary(conn, summary.run_id, rel.manifest if rel else None, out, _table)
     if rel is not None:
         flag = "  (SIMULATED: test data only)" if rel.manifest["simulated"] else ""
         out.write(f"\nrelease {rel.release_id}{flag}\n")

@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from lgt_ops.db.repo import dumps, upsert, utcnow
 from lgt_ops.env import StageEnv
+from lgt_ops.release import goodput
 
 
 def release_prefix(name: str, version: str) -> str:
@@ -46,6 +47,7 @@ def mark_published(
                 "r": release_id,
             },
         )
+        goodput.record(conn, release_id, manifest)
         upsert(
             conn,
             "release_pointers",

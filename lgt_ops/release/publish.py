@@ -36,7 +36,7 @@ from lgt_ops.env import StageEnv
 from lgt_ops.ids import sha256_hex
 from lgt_ops.llm.simulated import MODEL_PREFIX
 from lgt_ops.progress import Progress
-from lgt_ops.release import card, report, splits
+from lgt_ops.release import card, goodput, report, splits
 from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
 from lgt_ops.release.parquet import Part, encode_part, with_hf_features
 from lgt_ops.release.pointers import mark_published, release_prefix
@@ -294,6 +294,8 @@ def _publish_locked(
         for reason, n in src.items():
             merged[reason] = merged.get(reason, 0) + n
 
+    rows = sum(w.rows for w in writers.values())
+    counts["goodput"] = goodput.measure(env, spec, sample_size, fps, counts, rows)
     simulated = any(s.startswith(MODEL_PREFIX) for s in served)
     if simulated and not allow_simulated:
         _abandon(env, release_id, staging, parts)

@@ -9,7 +9,7 @@ balanced and reproducible.
 
 from __future__ import annotations
 
-from lgt_ops import prompts, registry
+from lgt_ops import decontam, prompts, registry
 from lgt_ops.annotations import ImageContext, current
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import ChatRequest
@@ -140,6 +140,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
                 grounding=grounding,
                 known_objects=ctx.object_ids(),
             )
+            decontam.index_for(env).check_question(q["question"], q["options"])
             dedup.check(f"{q['question']} {correct}")
         except QuestionRejected as exc:
             rows.add(

@@ -42,6 +42,11 @@ class SimConfig(BaseModel):
     degenerate_rate: float = Field(default=0.03, ge=0, le=1)
     unparseable_rate: float = Field(default=0.03, ge=0, le=1)
     bad_question_rate: float = Field(default=0.12, ge=0, le=1)
+    # -- failure modes of real reasoning replies (rollouts and expansions), per sample --
+    answer_style_rate: float = Field(default=0.3, ge=0, le=1)  # **Answer: B**, \boxed{B}, ...
+    no_think_close_rate: float = Field(default=0.04, ge=0, le=1)  # no </think>, final answer line
+    conflicting_rate: float = Field(default=0.02, ge=0, le=1)  # two different letters
+    # -- end of failure modes --
     split_reasoning: bool = False  # answer with reasoning_content, like a reasoning parser
     # What the server is (GET /v1/models, GET /version) and the misconfigurations a preflight
     # must catch. served_models: model ids it serves, comma-separated (others get vLLM's 404);

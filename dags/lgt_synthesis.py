@@ -4,7 +4,7 @@ Wiring only: every task calls one function of `lgt_ops.pipeline` (the same funct
 `lgt` CLI calls). Heavy imports happen inside tasks, so parsing this file stays cheap. The
 on-call runbook (the DAG's doc_md) is lgt_synthesis.md beside this file.
 
-    start -> scan -> ingest[shard files] -> plan
+    start -> preflight -> scan -> ingest[shard files] -> plan
           -> shard[annotate -> mcq -> compose -> cot -> expand -> filter -> pairs -> tag]
           -> release (the lgt_release Asset) -> finish
 """
@@ -73,6 +73,16 @@ def lgt_synthesis():
         af.close_ended_runs(env)
         pipeline.start(env, params)
         return env.run.run_id
+
+    @task(execution_timeout=_timeout("preflight"))
+    @fail_fast
+    def preflight() -> list[dict]:
+        from lgt_ops import airflow_adapter as af
+        from lgt_ops import pipeline
+
+        params = af.run_params()
+        report = pipeline.preflight(af.task_env(params), params)  # None in a dry run
+        return report.rows() if report is not None else []
 
     @task(execution_timeout=_timeout("scan"))
     @fail_fast
@@ -179,7 +189,7 @@ def lgt_synthesis():
 
     pipeline_run = start()
     shards = scan()
-    pipeline_run >> shards
+    pipeline_run >> preflight() >> shards
     ingested = ingest.expand(shard=shards)
     planned = plan()
     ingested >> planned

@@ -78,6 +78,26 @@ def cmd_sim_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- endpoints -------------------------------------------------------------------------------
+def cmd_endpoints_check(args: argparse.Namespace) -> int:
+    """The run's preflight alone: print the table; a problem exits non-zero with one line."""
+    from lgt_ops.llm import preflight
+    from lgt_ops.storage import store_from_settings
+
+    params = _params(args)
+    settings = params.apply(_settings())
+    store = store_from_settings(settings) if settings.image_spec.transport != "data_url" else None
+    report = preflight.check(settings, params.stages, store)
+    if args.json:
+        _print(report.rows())
+    elif report.checks:
+        print(preflight.format_table(report.rows()))
+    else:
+        print("the selected stages call no endpoint")
+    report.raise_if_failed()
+    return 0
+
+
 # -- stages ----------------------------------------------------------------------------------
 def _params(args: argparse.Namespace) -> RunParams:
     conf: dict[str, Any] = {}
@@ -262,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             serve.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
     serve.set_defaults(func=cmd_sim_serve)
+
+    eps = sub.add_parser("endpoints", help="model endpoints").add_subparsers(
+        dest="endpoints_cmd", required=True
+    )
+    chk = eps.add_parser(
+        "check",
+        help="preflight: check the endpoints the selected stages need (model, context,"
+        " image input, structured output, thinking)",
+    )
+    _add_run_params(chk)
+    chk.add_argument("--json", action="store_true")
+    chk.set_defaults(func=cmd_endpoints_check)
 
     ing = sub.add_parser("ingest", help="scan a source prefix and ingest new or changed images")
     ing.add_argument("--source")

@@ -102,11 +102,35 @@ class MethodParams(BaseModel):
     hard_at_most: float = Field(default=0.25, ge=0, le=1)
     # expansion
     expand_cues: tuple[str, ...] = ("Wait,", "Hmm,", "Alternatively,")
-    expand_per_rollout: int = Field(default=1, ge=1, le=8)
+    expand_per_rollout: int = Field(default=2, ge=1, le=8)  # >= 2: X->O>X->X needs siblings
     expand_rollouts_per_question: int = Field(default=4, ge=1, le=64)
     expand_max_tokens: int = Field(default=1024, ge=16)
     expand_temperature: float = Field(default=0.6, ge=0, le=2)
     expand_top_p: float = Field(default=0.95, gt=0, le=1)
+    # -- trace quality (kept in one block) --
+    # vLLM `bad_words` sent with every expansion request: words that cite the text context
+    # (case-sensitive, as vLLM bans token sequences; empty = send none). The filter's leak
+    # rules (lgt_ops.traces.leaks) catch what decoding cannot ban without harming visual text.
+    expand_bad_words: tuple[str, ...] = (
+        "description",
+        "Description",
+        "descriptions",
+        "described",
+        "caption",
+        "Caption",
+        "captions",
+        "metadata",
+        "annotation",
+        "annotations",
+        "bounding box",
+        "bounding boxes",
+        "coordinates",
+        "coordinate",
+        "pixel",
+        "pixels",
+        "mental image",
+    )
+    # -- end of trace quality --
     # filters
     trace_min_chars: int = Field(default=80, ge=0)
     trace_max_chars: int = Field(default=12_000, ge=100)

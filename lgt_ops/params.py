@@ -51,6 +51,7 @@ STAGE_POOLS = {
 # shard; start/finish only touch the lineage DB). The runbook's task table lists the same.
 TASK_TIMEOUT_MINUTES = {
     "start": 10,
+    "preflight": 10,
     "scan": 120,
     "ingest": 240,
     "plan": 30,

@@ -1,6 +1,6 @@
 """The pipeline as plain functions: the Airflow DAG and the CLI call exactly these.
 
-    scan -> ingest[shard files] -> plan
+    preflight (the endpoints the selected stages need) -> scan -> ingest[shard files] -> plan
          -> per image shard: annotate -> mcq -> compose -> cot -> expand -> filter -> pairs
          -> tag (optional LLM behaviour tagger)
          -> release
@@ -25,6 +25,8 @@ from lgt_ops.config import Settings
 from lgt_ops.db.stats import refresh_statistics
 from lgt_ops.failures import RunFailed
 from lgt_ops.fanout import fan_out
+from lgt_ops.llm import preflight as endpoint_preflight
+from lgt_ops.llm.preflight import PreflightReport
 from lgt_ops.params import RunParams
 from lgt_ops.release.publish import Published, publish
 from lgt_ops.sources import count_images, resolve_source
@@ -66,6 +68,18 @@ class RunSummary:
 
 def start(env: StageEnv, params: RunParams) -> None:
     ensure_pipeline_run(env, params.model_dump(mode="json"))
+
+
+def preflight(env: StageEnv, params: RunParams) -> PreflightReport | None:
+    """Check the endpoints the selected stages need (lgt_ops.llm.preflight) and store the
+    table with the run; raises on a problem, before any stage sends a request. A dry run
+    calls no model, so it skips the preflight."""
+    if params.dry_run:
+        return None
+    report = endpoint_preflight.check(env.settings, params.stages, env.store)
+    endpoint_preflight.record(env.db, env.run.run_id, report)
+    report.raise_if_failed()
+    return report
 
 
 def scan(env: StageEnv, params: RunParams) -> ingest.ScanResult:
@@ -196,6 +210,7 @@ def run_local(env: StageEnv, params: RunParams) -> RunSummary:
         finish_pipeline_run(env, "success")
         return RunSummary(env.run.run_id, {}, {"dry_run": report}, None)
     try:
+        preflight(env, params)
         result = scan(env, params)
         for n, key in enumerate(result.shard_keys):
             ingest.ingest_shard(env, key, n, len(result.shard_keys))

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from sqlalchemy import text
 
+from lgt_ops import goodput
+
 if TYPE_CHECKING:
     from lgt_ops.params import RunParams
     from lgt_ops.pipeline import RunSummary
@@ -24,6 +26,16 @@ def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
         )
         if n == 0:
             out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+def _preflight_section(env: StageEnv, run_id: str, out: TextIO) -> None:
+    """What the endpoint preflight found for this run (lgt_ops.llm.preflight)."""
+    from lgt_ops.llm import preflight
+
+    rows = preflight.stored(env.db, run_id)
+    if rows:
+        out.write("\nendpoints (preflight)\n\n")
+        out.write(preflight.format_table(rows) + "\n")
 
 
 def print_summary(
@@ -71,7 +83,10 @@ def print_summary(
     if reasons:
         out.write("\nrejected by reason (this run)\n\n")
         _table([("stage", "reason", "count")] + [(s, r, str(n)) for s, r, n in reasons], out)
+    _preflight_section(env, summary.run_id, out)
     rel = summary.release
+    with env.db.connect() as conn:
+        goodput.write_summary(conn, summary.run_id, rel.manifest if rel else None, out, _table)
     if rel is not None:
         flag = "  (SIMULATED: test data only)" if rel.manifest["simulated"] else ""
         out.write(f"\nrelease {rel.release_id}{flag}\n")

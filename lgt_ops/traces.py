@@ -1,24 +1,135 @@
-"""Reading reasoning traces: strict final answers, the thinking part, and what a trace does.
+"""Reading reasoning traces: final answers, the thinking part, leaks, and what a trace does.
 
-Format (both stages): `<think>\\n...reasoning...\\n</think>\\n\\nAnswer: X`. Parsing is strict
-on purpose: exactly one `</think>`, and after it an answer line naming one option letter.
-Anything else is unparseable, with a reason, and counts as wrong.
+Format (both stages): `<think>\\n...reasoning...\\n</think>\\n\\nAnswer: X`.
+
+Answer parsing accepts the unambiguous ways real models state a letter (Qwen2.5-VL and the
+DeepSeek-R1 distills write all of these), with markdown emphasis and `$` ignored:
+
+    Answer: B   **Answer: B**   **Answer:** (B)   Final answer: B. red
+    The answer is B.   The correct option is (B)   \\boxed{B}   $\\boxed{\\text{B}}$
+    a line that is only the letter: `B`, `(B)`, `**B**`; the first answer line `B. red`
+
+A letter must be a capital (so "the answer is a red cup" names no option). Every answer
+statement after `</think>` is read; two different letters are `conflicting_answers`.
+
+A reply without `</think>` (rule, see README "Answer parsing"): when the model stopped by
+itself and its LAST line is an explicit answer statement (any form above except the bare
+letter), the letter counts and the thinking is everything before that line; the filter still
+keeps such a text out of SFT/DPO as it stands (`unparseable`, `no_think_close`), since its
+thinking and answer are not marked. Cut off (`finish_reason = length`) it is `truncated`;
+otherwise `no_think_close`.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-_ANSWER = re.compile(r"^\s*answer\s*[:：]\s*\(?([A-H])\)?(?:[\s.,:;)\-].*)?$", re.I)
-_LEAKS = re.compile(
-    r"\b(?:the|this|an?|given|provided)\s+(?:image\s+)?(?:description|caption|annotations?|"
-    r"metadata|object list|bounding box(?:es)?)\b|\bdescription (?:says|states|mentions|notes)\b"
-    r"|\baccording to the (?:description|caption|text)\b|\bas described\b",
-    re.I,
+# Bump when parsing, leak or behaviour rules change: stage fingerprints include it, so the
+# verdicts are recomputed (the model replies come from the ledger, never paid twice).
+RULES_VERSION = 2
+
+_LETTER = r"\(?\s*([A-H])\s*\)?"
+_END = r"(?=\s*$|\s*[.,:;!)\]]|\s+[-–—(])"  # the letter ends the statement
+# "Answer: B", "Final answer - (B)": a label, then the letter (case-insensitive label only).
+_LABELLED = re.compile(
+    r"^(?i:(?:the\s+)?final\s+answer|answer)\s*(?:[:：\-–]|is\b)\s*"
+    r"(?:\(?\s*([A-H])\b|\(?\s*([a-h])\s*\)?" + _END + ")"  # lower case only on its own
 )
+# "The answer is B.", "so the correct option is (B)".
+_STATED = re.compile(
+    r"\b(?i:the\s+(?:(?:correct|right|best|final)\s+)?(?:answer|option|choice))"
+    r"\s+(?i:is|would\s+be|should\s+be|must\s+be)\s*:?\s*(?i:option\s+)?" + _LETTER + _END
+)
+_BOXED = re.compile(r"\\boxed\{\s*(?:\\text(?:bf)?\{\s*)?\(?\s*([A-H])\s*\)?\s*\}?\s*\}")
+_BARE = re.compile(r"^" + _LETTER + r"\.?$")
+_LEAD = re.compile(r"^" + _LETTER + r"[.):]\s+\S")  # "B. red" (first answer line only)
+_MARKUP = re.compile(r"[*`$#>]|^\s*[-•]\s+")
+
+
+def _clean(line: str) -> str:
+    return _MARKUP.sub("", line).strip()
+
+
+def _explicit(line: str) -> list[str]:
+    """Letters named by the explicit answer statements of one line."""
+    c = _clean(line)
+    found = [m.group(1) for m in _BOXED.finditer(line)]
+    m = _LABELLED.match(c)
+    if m:
+        found.append((m.group(1) or m.group(2)).upper())
+    found += [m.group(1) for m in _STATED.finditer(c)]
+    return found
+
+
+def answer_letters(after: str) -> list[str]:
+    """Every letter the answer part (text after `</think>`) states, in order."""
+    lines = [ln for ln in after.strip().splitlines() if ln.strip()]
+    out: list[str] = []
+    for i, ln in enumerate(lines):
+        letters = _explicit(ln)
+        c = _clean(ln)
+        if not letters and (m := _BARE.match(c) or (_LEAD.match(c) if i == 0 else None)):
+            letters = [m.group(1)]
+        out += letters
+    return out
+
+
+def _leaks_rx() -> re.Pattern[str]:
+    """Phrasings that reveal the text-only context (caption, objects, boxes) the reasoner saw.
+
+    Tuned on tests/data/leak_corpus.json: visual wording ("the left side of the image", "the
+    box on the shelf", "the text on the sign says", counts) must not match.
+    """
+    words = [
+        # the context itself
+        r"descriptions?|captions?|captioned|meta-?data|annotations?|annotated",
+        r"as (?:was |is |it was |it is )?(?:described|mentioned|noted|stated|listed|given)",
+        r"(?:is|are|was|were) (?:described|mentioned|stated)\b",
+        r"described (?:in|by|above|earlier|here|as)",
+        r"(?:the |an? |this )?(?:object|objects) (?:list|ids?|labels?)|list of objects",
+        r"(?:listed|given|provided) (?:objects|information|details|context|data)",
+        r"(?:the )?(?:given|provided|available) (?:information|details|context|data|text|list)",
+        r"the information (?:given|provided)",
+        r"the (?:scene|image) (?:says|states|mentions|notes|lists)",
+        # text and user
+        r"the (?:given |provided )?text (?:mentions?|mentioned|describes|described|lists|listed"
+        r"|notes|noted|states|stated|specifies|indicates|provides|provided|gives|gave)",
+        r"(?:according to|based on|from|in) the (?:given |provided )?text"
+        r"(?! (?:on|of|in|at|printed|written|painted|near|above|below))",
+        r"the user(?:'s)? (?:mentioned|mentions|said|says|described|describes|provided|provides"
+        r"|gave|gives|wrote|writes|stated|states|told|listed|lists|noted|notes|description|text)",
+        r"as the user",
+        # boxes, coordinates, pixels, ids
+        r"bounding[- ]?box(?:es)?|bbox(?:es)?|(?:its|the) box (?:coordinates|spans|extends|goes"
+        r"|starts|ends|covers|is at|is from)|box coordinates",
+        r"coordinates?|x[- ]?coordinates?|y[- ]?coordinates?|[xy][01]",
+        r"pixels?|px",
+        r"(?:object|obj|id)\s*#\s*\d+",
+        # not seeing
+        r"mental (?:image|picture|model of the (?:image|scene))",
+        r"(?:can ?not|can't|cannot|unable to|not able to|don't|do not) (?:actually )?see the "
+        r"(?:image|picture|photo)",
+        r"without (?:seeing|looking at|viewing) the (?:image|picture|photo)",
+        r"(?:let me |i(?:'ll| will| can| need to)? )(?:visuali[sz]e|imagine|picture)"
+        r" (?:the|this|it|what)",
+        r"since i (?:only )?have (?:the )?text",
+    ]
+    numbers = [
+        # [84, 30, 592, 392], (84, 30): coordinate tuples
+        r"[\[(]\s*\d+(?:\.\d+)?\s*(?:,\s*\d+(?:\.\d+)?\s*){1,3}[\])]",
+        r"\b\d{2,5}\s*[x×]\s*\d{2,5}\b",  # 640x480
+        r"\b[xy]\s*=\s*\d",
+    ]
+    ident = r"\b[a-z]{1,3}_?\d{1,4}\b"  # object ids like c14, o3, obj_2 (lower case only)
+    worded = r"\b(?:" + "|".join(f"(?:{w})" for w in words) + r")\b"
+    return re.compile("|".join([f"(?i:{worded})", *(f"(?:{n})" for n in numbers), f"(?:{ident})"]))
+
+
+_LEAKS = _leaks_rx()
 _BEHAVIOURS = {
     "verification": re.compile(
         r"\b(?:let me (?:double[- ]?check|verify|check|confirm)|double[- ]?check|verify|"
@@ -55,25 +166,83 @@ class Parsed:
 def parse(text: str, n_options: int, *, truncated: bool = False) -> Parsed:
     """Thinking and final letter of a full reply (prefill included)."""
     body = text.strip()
-    if body.startswith("<think>"):
-        body = body[len("<think>") :]
+    while body.startswith("<think>"):  # the prefill, and a server that echoes it
+        body = body[len("<think>") :].lstrip()
     closes = body.count("</think>")
-    if closes == 0:
-        return Parsed(None, None, "truncated" if truncated else "no_think_close")
     if closes > 1:
         return Parsed(None, None, "multiple_think_blocks")
+    if closes == 0:
+        return _unclosed(body, n_options, truncated)
     thinking, _, after = body.partition("</think>")
-    thinking = thinking.strip()
-    lines = [ln for ln in after.strip().splitlines() if ln.strip()]
-    answers = [m.group(1).upper() for m in (_ANSWER.match(ln) for ln in lines) if m]
+    answers = answer_letters(after)
     if not answers:
-        return Parsed(thinking, None, "truncated" if truncated else "no_answer")
+        return Parsed(thinking.strip(), None, "truncated" if truncated else "no_answer")
+    return _verdict(thinking.strip(), answers, n_options)
+
+
+def _unclosed(body: str, n_options: int, truncated: bool) -> Parsed:
+    """No `</think>`: only a final line that explicitly states the answer counts (see top)."""
+    if truncated:
+        return Parsed(None, None, "truncated")
+    lines = body.rstrip().splitlines()
+    letters = _explicit(lines[-1]) if lines else []
+    if not letters:
+        return Parsed(None, None, "no_think_close")
+    return _verdict("\n".join(lines[:-1]).strip(), letters, n_options)
+
+
+def _verdict(thinking: str, answers: list[str], n_options: int) -> Parsed:
     if len(set(answers)) > 1:
         return Parsed(thinking, None, "conflicting_answers")
     letter = answers[0]
     if "ABCDEFGH".index(letter) >= n_options:
         return Parsed(thinking, None, "answer_not_an_option")
     return Parsed(thinking, letter, None)
+
+
+def canonical_answer(text: str, letter: str | None) -> str:
+    """A parsed reply with its answer part in the one training format (`Answer: X`): a DPO
+    pair then differs in its reasoning, never in answer style (`\\boxed{B}` vs `Answer: C`).
+    The thinking keeps its bytes; an unparsed or unclosed reply is returned as it is."""
+    if not letter or "</think>" not in text:
+        return text
+    return f"{text.partition('</think>')[0].rstrip()}\n</think>\n\nAnswer: {letter}"
+
+
+def format_problem(text: str) -> str | None:
+    """Why a parsed trace is still not in the training format (its answer may count)."""
+    return None if "</think>" in text else "no_think_close"
+
+
+def reply_text(message: dict[str, Any]) -> str:
+    """A chat reply as one text: a reasoning parser's `reasoning_content` becomes the
+    thinking again, closed by `</think>`, before the `content` (the answer)."""
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content") or message.get("reasoning")  # vLLM names vary
+    if reasoning and content.strip():
+        return f"{reasoning.rstrip()}\n</think>\n\n{content.strip()}"
+    # A parser that found no `</think>` returns everything as reasoning: an unclosed reply.
+    return reasoning or content
+
+
+def split_continuation(cont: str, parsed: Parsed) -> tuple[str, str]:
+    """(more thinking, answer part) of an expansion's continuation; without `</think>` the
+    final answer line (which `parse` accepted) is the answer part."""
+    if "</think>" in cont:
+        more, _, after = cont.partition("</think>")
+        return more.rstrip(), after
+    lines = cont.rstrip().splitlines()
+    if parsed.letter and lines:
+        return "\n".join(lines[:-1]).rstrip(), lines[-1]
+    return cont.rstrip(), ""
+
+
+def pick_cue(key: str, j: int, cues: tuple[str, ...]) -> str:
+    """The j-th cue for one rollout: a seeded order of the cue set, so a rollout's first
+    len(cues) expansions get different cues (siblings to compare, X->O>X->X pairs)."""
+    order = list(cues)
+    random.Random(key).shuffle(order)
+    return order[j % len(order)]
 
 
 def assemble(
@@ -101,10 +270,18 @@ def degenerate(text: str, *, max_share: float = 0.3, n: int = 6) -> bool:
     return top * n / len(words) > max_share and top >= 5
 
 
-def behaviours(text: str) -> dict[str, int]:
-    """Counts of the four cognitive behaviours (Gandhi et al., 2025), lexical heuristics."""
+def behaviours(text: str, cue: str | None = None) -> dict[str, int]:
+    """Counts of the four cognitive behaviours (Gandhi et al., 2025), lexical heuristics.
+
+    The reflection cue the pipeline injected ("Wait,") is not the model's doing: what the cue
+    alone would count is subtracted, so cues compare fairly.
+    """
     thinking = text.split("</think>", 1)[0]
-    return {name: len(rx.findall(thinking)) for name, rx in _BEHAVIOURS.items()}
+    counts = {name: len(rx.findall(thinking)) for name, rx in _BEHAVIOURS.items()}
+    if cue:
+        for name, rx in _BEHAVIOURS.items():
+            counts[name] = max(0, counts[name] - len(rx.findall(cue)))
+    return counts
 
 
 @dataclass(frozen=True)
@@ -120,6 +297,7 @@ class Trace:
     parse_error: str | None
     parent_id: str | None  # the rollout an expansion continues
     request_key: str | None
+    cue: str | None = None  # an expansion's injected cue
 
     @classmethod
     def from_rollout(cls, r: Any) -> Trace:
@@ -127,7 +305,7 @@ class Trace:
             r.rollout_id,
             "rollout",
             r.question_id,
-            r.text,
+            canonical_answer(r.text, r.final_letter),
             r.final_letter,
             bool(r.correct),
             r.parse_error,
@@ -147,4 +325,5 @@ class Trace:
             e.parse_error,
             e.rollout_id,
             e.request_key,
+            getattr(e, "cue", None),
         )

@@ -110,6 +110,8 @@ def connections(monkeypatch, pg_url, s3_url, s3_endpoint, sim):
                 }
             ),
         )
+    # The simulator serves exactly these names (GET /v1/models, checked by the preflight).
+    sim.sim.cfg.served_models = ",".join(f"test-{role}" for role in ("vlm", "llm", "reasoner"))
     for var in ("LGT_DATABASE_URL", "LGT_STORE_URL"):
         monkeypatch.delenv(var, raising=False)
     from lgt_ops.storage import S3Store

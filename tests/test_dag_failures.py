@@ -92,20 +92,27 @@ def test_unknown_key_is_refused_or_fails_on_the_first_try(airflow_db, connection
 
 
 def test_endpoint_down_is_retried_and_recorded(airflow_db, connections, monkeypatch):
-    store, db = connections["store"], connections["db"]
+    store, db, sim = connections["store"], connections["db"], connections["sim"]
     upload_sample(store, "sources/sample/")
-    dead = {
-        "conn_type": "openai",
-        "host": f"http://127.0.0.1:{free_port()}/v1",
-        "password": "not-a-secret",
-        "extra": {"down_after_s": 1},
-    }
-    monkeypatch.setenv("AIRFLOW_CONN_LGT_LLM", json.dumps(dead))
+    # The LLM endpoint answers the preflight, then goes down (503) before mcq's first request.
+    sim.sim.cfg.down_after_served = 0
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_LGT_LLM",
+        json.dumps(
+            {
+                "conn_type": "openai",
+                "host": sim.base_url,
+                "password": "not-a-secret",
+                "extra": {"model": "test-llm", "down_after_s": 1},
+            }
+        ),
+    )
     dag = _dag_with_retries(monkeypatch, 1)
     run = dag.test(run_conf={"source": "sources/sample/", "stages": ["ingest", "mcq"]})
 
     tis = _task_instances(run)
     assert _state(run) == "failed"
+    assert tis["preflight"] == ("success", 1)
     assert tis["shard_stages.mcq[0]"] == ("failed", 2)  # transient: tried again
     assert tis["start"] == ("success", 1) and tis["finish"][0] == "failed"
     with db.connect() as conn:
@@ -118,10 +125,29 @@ def test_endpoint_down_is_retried_and_recorded(airflow_db, connections, monkeypa
         run_row = conn.execute(text("SELECT status, error_detail FROM pipeline_runs")).one()
     assert [(a.attempt, a.status) for a in attempts] == [(1, "failed"), (2, "failed")]
     assert all(
-        "llm endpoint" in a.error_detail and "unreachable" in a.error_detail for a in attempts
+        "llm endpoint" in a.error_detail and "for more than 1s" in a.error_detail
+        for a in attempts
     )
     assert run_row.status == "failed"
-    assert "shard_stages.mcq" in run_row.error_detail and "unreachable" in run_row.error_detail
+    assert "shard_stages.mcq" in run_row.error_detail and "llm endpoint" in run_row.error_detail
+    _no_running_rows(db)
+
+
+def test_an_unreachable_endpoint_fails_the_preflight_which_is_retried(
+    airflow_db, connections, monkeypatch
+):
+    db = connections["db"]
+    dead = {"conn_type": "openai", "host": f"http://127.0.0.1:{free_port()}/v1"}
+    monkeypatch.setenv("AIRFLOW_CONN_LGT_LLM", json.dumps(dead))
+    dag = _dag_with_retries(monkeypatch, 1)
+    run = dag.test(run_conf={"stages": ["ingest", "mcq"]})
+
+    tis = _task_instances(run)
+    assert tis["preflight"] == ("failed", 2)  # transient: the server may still be starting
+    assert tis["scan"][0] == "upstream_failed" and tis["finish"][0] == "failed"
+    with db.connect() as conn:
+        row = conn.execute(text("SELECT role, status, problem FROM endpoint_preflight")).one()
+    assert (row.role, row.status) == ("llm", "unreachable") and "does not answer" in row.problem
     _no_running_rows(db)
 
 

@@ -268,6 +268,7 @@ def test_large_responses_live_in_the_object_store(sim, sqlite_url, tmp_path):
     upgrade(db)
     ledger = Ledger(db, RunContext("r"), "s", store)
     sim.sim.cfg.completion_chars = 300_000
+    sim.sim.cfg.max_model_len = 131_072  # room for the 100k-token reply
     (out,) = run(
         RequestEngine(endpoint(sim.base_url), ledger), [req(1, max_tokens=100_000)], ledger
     )

@@ -215,6 +215,8 @@ def test_reasoning_content_is_kept_when_the_server_separates_it(local_env, sim):
     upload_sample(env.store, "sources/sample/")
     sim.sim.cfg.split_reasoning = True  # like vLLM with a reasoning parser
     sim.sim.cfg.unparseable_rate = 0.0
+    sim.sim.cfg.conflicting_rate = 0.0  # every expansion answers, so every tail is checked
+    sim.sim.cfg.no_think_close_rate = 0.0  # (tests/test_trace_quality.py has unclosed replies)
     _run(env, stages=["ingest", "annotate", "mcq", "cot", "expand"], k_rollouts=2)
     with env.db.connect() as conn:
         rows = conn.execute(text(

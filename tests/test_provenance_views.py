@@ -5,7 +5,6 @@ tables read with plain queries and summed in Python, and against the published f
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -280,12 +279,13 @@ def test_views_on_postgres_after_a_failed_and_resumed_run(pg_s3_env, tmp_path):
     for path in copies:
         env.store.put(f"{PREFIX}zz-copies/{path.name}", path.read_bytes())
 
-    # The reasoner is unreachable: expand fails on the first shard and the run stops there.
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{held.getsockname()[1]}/v1"
-        broken = _with_endpoint(env.settings, "reasoner", base_url=dead, down_after_s=0.3)
-        with pytest.raises(EndpointDown, match="unreachable"):
+    # The reasoner passes the preflight, then is down (503) for expand: expand fails on the
+    # first shard and the run stops there.
+    from lgt_ops.llm.simulator import BackgroundSimulator, SimConfig
+
+    with BackgroundSimulator(SimConfig(down_after_served=0)) as down:
+        broken = _with_endpoint(env.settings, "reasoner", base_url=down.base_url, down_after_s=0.3)
+        with pytest.raises(EndpointDown, match="reasoner endpoint"):
             _run(env.with_settings(broken), release_version="v1")
     run_id = env.run.run_id
     stopped = funnel(env.db, run_id)

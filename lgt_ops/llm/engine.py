@@ -130,6 +130,7 @@ class RequestEngine:
         *,
         progress: Progress | None = None,
         seed: int = 0,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.url = endpoint.require_url() + "/chat/completions"
@@ -152,7 +153,7 @@ class RequestEngine:
         # Window slots taken: a request waiting out a backoff gives its slot back.
         self._busy = 0
         self._wake: asyncio.Event | None = None
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **(headers or {})}
         if endpoint.api_key is not None:
             headers["Authorization"] = f"Bearer {endpoint.api_key.get_secret_value()}"
         self._headers = headers

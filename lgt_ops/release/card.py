@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lgt_ops.goodput import card_section
 from lgt_ops.traces import BEHAVIOURS
 
 _SIMULATED = (
@@ -86,6 +87,7 @@ def render(manifest: dict[str, Any]) -> str:
         "",
     ]
     lines += _method_sections(counts.get("splits", {}))
+    lines += card_section(manifest)
     lines += [
         "## Rejected items by reason",
         "",
@@ -98,6 +100,34 @@ def render(manifest: dict[str, Any]) -> str:
         lines.append(f"- {stage}: {detail}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _cue_table(sft: dict[str, dict[str, int]]) -> list[str]:
+    """Behaviour shares per reflection cue, over all SFT configs; the injected cue itself is
+    not counted ("Wait," is not backtracking by itself)."""
+    rows: dict[str, int] = {}
+    with_b: dict[tuple[str, str], int] = {}
+    for c in sft.values():
+        for key, n in c.items():
+            if not key.startswith("cue:"):
+                continue
+            cue, _, b = key[4:].partition(":with_")
+            if b:
+                with_b[cue, b] = with_b.get((cue, b), 0) + n
+            else:
+                rows[cue] = rows.get(cue, 0) + n
+    if not rows:
+        return []
+    lines = [
+        "Per reflection cue (the cue itself not counted):",
+        "",
+        "| cue | traces | " + " | ".join(BEHAVIOURS) + " |",
+        "|---|---:|" + "---:|" * len(BEHAVIOURS),
+    ]
+    for cue, n in sorted(rows.items()):
+        shares = " | ".join(f"{with_b.get((cue, b), 0) / n:.0%}" for b in BEHAVIOURS)
+        lines.append(f"| `{cue}` | {n} | {shares} |")
+    return [*lines, ""]
 
 
 def _method_sections(splits: dict[str, dict[str, int]]) -> list[str]:
@@ -120,6 +150,7 @@ def _method_sections(splits: dict[str, dict[str, int]]) -> list[str]:
             shares = " | ".join(f"{c.get(f'with_{b}', 0) / c['rows']:.0%}" for b in BEHAVIOURS)
             lines.append(f"| {name} | {c['rows']} | {c.get('chars', 0) // c['rows']} | {shares} |")
         lines.append("")
+        lines += _cue_table(sft)
     dpo = {k: v for k, v in sorted(splits.items()) if k.startswith("dpo_")}
     if any(dpo.values()):
         lines += ["## Preference pairs by rule", ""]

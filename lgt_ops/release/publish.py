@@ -35,7 +35,7 @@ from lgt_ops.db.repo import dumps, insert_ignore, upsert, utcnow
 from lgt_ops.ids import sha256_hex
 from lgt_ops.llm.simulator.server import MODEL_PREFIX
 from lgt_ops.progress import Progress
-from lgt_ops.release import card, report, splits
+from lgt_ops.release import card, goodput, report, splits
 from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
 from lgt_ops.release.parquet import Part, encode_part, with_hf_features
 from lgt_ops.release.recovery import publisher_lock, recover
@@ -297,6 +297,8 @@ def _publish_locked(
         for reason, n in src.items():
             merged[reason] = merged.get(reason, 0) + n
 
+    rows = sum(w.rows for w in writers.values())
+    counts["goodput"] = goodput.measure(env, spec, sample_size, fps, counts, rows)
     simulated = any(s.startswith(MODEL_PREFIX) for s in served)
     if simulated and not allow_simulated:
         _abandon(env, release_id, staging, parts)
@@ -476,6 +478,7 @@ def mark_published(
                 "r": release_id,
             },
         )
+        goodput.record(conn, release_id, manifest)
         upsert(
             conn,
             "release_pointers",

@@ -278,6 +278,10 @@ class SftSplit(SplitBuilder):
                 self.stats[f"len:{report.length_bucket(len(t.text))}"] += 1
                 for b in BEHAVIOURS:
                     self.stats[f"with_{b}"] += getattr(v, b) > 0
+                if t.cue:  # per cue: does a cue change what the reasoner does?
+                    self.stats[f"cue:{t.cue}"] += 1
+                    for b in BEHAVIOURS:
+                        self.stats[f"cue:{t.cue}:with_{b}"] += getattr(v, b) > 0
                 yield (
                     {
                         "row_id": t.trace_id,

@@ -30,6 +30,7 @@ from lgt_ops.stages.runner import (
 
 STAGE = "annotate"
 VERSION = 1
+MAX_TOKENS = 2048  # the reply budget (the preflight checks it fits the context)
 TEMPLATE = "annotate"
 
 
@@ -72,7 +73,7 @@ def build_request(env: StageEnv, ctx: ImageContext) -> ChatRequest:
         messages=messages,
         sampling={
             "temperature": 0.2,
-            "max_tokens": 2048,
+            "max_tokens": MAX_TOKENS,
             "seed": int(ctx.image_id[:8], 16) % (2**31),
         },
         response_schema=t.schema,

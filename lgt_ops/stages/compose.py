@@ -48,6 +48,7 @@ from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, run_p
 
 STAGE = "compose"
 VERSION = 1
+MAX_TOKENS = 1024  # the reply budget (the preflight checks it fits the context)
 TEMPLATE = "compose"
 
 DESCRIPTIONS = {
@@ -212,7 +213,7 @@ def build_request(env: StageEnv, image_id: str, cand: Candidate) -> ChatRequest:
         messages=messages,
         sampling={
             "temperature": m.compose_temperature,
-            "max_tokens": 1024,
+            "max_tokens": MAX_TOKENS,
             "seed": int(sorted(parent_ids)[0][:8], 16) % (2**31),
         },
         response_schema=t.schema,

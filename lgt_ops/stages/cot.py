@@ -55,6 +55,7 @@ def stage_fingerprint(env: StageEnv) -> str:
                 m.seed,
                 ep.supports_n,
             ],
+            "rules": traces.RULES_VERSION,
         }
     )
 
@@ -114,7 +115,7 @@ def samples(outcomes: list[Outcome]) -> list[tuple[str, str | None, str]]:
         for c in sorted(o.choices, key=lambda c: c.get("index", 0)):
             out.append(
                 (
-                    (c.get("message") or {}).get("content") or "",
+                    traces.reply_text(c.get("message") or {}),  # reasoning_content too
                     c.get("finish_reason"),
                     o.request.key,
                 )

@@ -5,7 +5,9 @@ place of the pixels. The VLM's thinking is placed, unchanged (no re-casing), as 
 the reasoner's own thinking, followed by a reflection cue ("Wait,", "Hmm,", ...) sampled per
 expansion; the reasoner continues from there (vLLM `continue_final_message`). The trace is
 simple CoT + cue + continuation, closed with `</think>` and the answer. When the server
-separates `reasoning_content` (a reasoning parser), it is kept and used.
+separates the thinking (a reasoning parser: `reasoning_content`, or `reasoning` in newer
+vLLM), it is kept and used; without a parser it comes inline, before `</think>`. The
+preflight records which of the two the reasoner does (lgt_ops/llm/preflight.py).
 
 Which rollouts are expanded: per question up to `expand_rollouts_per_question`, alternating
 right and wrong ones (so both self-verification and self-correction traces exist), each
@@ -14,10 +16,9 @@ right and wrong ones (so both self-verification and self-correction traces exist
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
-from lgt_ops import current, prompts, traces
+from lgt_ops import current, prompts, scene, traces
 from lgt_ops.annotations import ImageContext
 from lgt_ops.annotations import current as image_contexts
 from lgt_ops.ids import content_id, fingerprint
@@ -51,7 +52,9 @@ def stage_fingerprint(env: StageEnv) -> str:
                 m.expand_temperature,
                 m.expand_top_p,
                 m.seed,
+                list(m.expand_bad_words),
             ],
+            "rules": traces.RULES_VERSION,
         }
     )
 
@@ -70,7 +73,7 @@ def choose_rollouts(rows: list[Any], limit: int) -> list[Any]:
 
 
 def cue_for(rollout_id: str, j: int, cues: tuple[str, ...]) -> str:
-    return random.Random(f"{rollout_id}:{j}").choice(cues)
+    return traces.pick_cue(rollout_id, j, cues)  # siblings get different cues
 
 
 def build_request(
@@ -80,7 +83,7 @@ def build_request(
     t = prompts.load(TEMPLATE)
     cue = cue_for(rollout.rollout_id, j, m.expand_cues)
     msgs = t.render(
-        description=ctx.description(),
+        description=scene.prose(ctx),  # words, not ids and boxes (leaks)
         question=q.question,
         options=q.options_block(),
         thinking=rollout.thinking,
@@ -98,7 +101,10 @@ def build_request(
             "max_tokens": m.expand_max_tokens,
             "seed": (int(rollout.rollout_id[:8], 16) + 7919 * j) % (2**31),
         },
-        extra_body=dict(CONTINUE),
+        extra_body={
+            **CONTINUE,
+            **({"bad_words": list(m.expand_bad_words)} if m.expand_bad_words else {}),
+        },
         # A cut-off trace is the filter's to reject, not a reason to pay again.
         allow_truncated=True,
         tag=(rollout, cue, q),
@@ -109,10 +115,8 @@ def continuation(outcome: Outcome) -> tuple[str, str | None, str | None]:
     """(continuation text incl. `</think>` and answer, reasoning_content, finish_reason)."""
     choice = outcome.choices[0] if outcome.choices else {}
     msg = choice.get("message") or {}
-    content = msg.get("content") or ""
-    reasoning = msg.get("reasoning_content")
-    if reasoning:  # a reasoning parser split the thinking from the answer
-        content = f"{reasoning.rstrip()}\n</think>\n\n{content.strip()}"
+    reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+    content = traces.reply_text(msg)  # a reasoning parser's split joined again
     return content, reasoning, choice.get("finish_reason")
 
 
@@ -126,14 +130,8 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
         cont, reasoning, finish = continuation(outcome)
         head = f"<think>\n{rollout.thinking}\n\n{cue}"
         parsed = traces.parse(head + cont, len(q.options), truncated=finish == "length")
-        thinking_more, _, _ = cont.partition("</think>")
-        trace = traces.assemble(
-            rollout.thinking,
-            cue,
-            thinking_more.rstrip(),
-            parsed.letter,
-            cont.partition("</think>")[2],
-        )
+        thinking_more, answer_part = traces.split_continuation(cont, parsed)
+        trace = traces.assemble(rollout.thinking, cue, thinking_more, parsed.letter, answer_part)
         eid = content_id("expansion", rollout.rollout_id, fp, cue, cont)
         rows.add(
             "expansions",

@@ -50,6 +50,7 @@ def stage_fingerprint(env: StageEnv) -> str:
             "v": VERSION,
             "tagger": TAGGER,
             "params": [m.trace_min_chars, m.trace_max_chars, m.trace_dedup_threshold],
+            "rules": traces.RULES_VERSION,
             "cot": cot.stage_fingerprint(env),
             "expand": expand.stage_fingerprint(env),
         }
@@ -69,6 +70,8 @@ class Verdict:
 def _form_problem(t: Trace, m: MethodParams) -> tuple[str, str] | None:
     if t.parse_error:
         return "unparseable", t.parse_error
+    if fmt := traces.format_problem(t.text):  # an answer that counts, not a training text
+        return "unparseable", fmt
     n = len(t.text)
     if n < m.trace_min_chars:
         return "too_short", f"{n} characters < {m.trace_min_chars}"
@@ -99,7 +102,9 @@ def judge(question_traces: list[Trace], m: MethodParams) -> list[Verdict]:
                 kept.append(words)
         reason, detail = problem if problem else (None, None)
         out.append(
-            Verdict(t, well_formed, problem is None, reason, detail, traces.behaviours(t.text))
+            Verdict(
+                t, well_formed, problem is None, reason, detail, traces.behaviours(t.text, t.cue)
+            )
         )
     return out
 

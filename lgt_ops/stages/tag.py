@@ -29,6 +29,7 @@ from lgt_ops.traces import BEHAVIOURS, Trace
 
 STAGE = "tag"
 VERSION = 1
+MAX_TOKENS = 128  # the reply budget (the preflight checks it fits the context)
 TEMPLATE = "behaviours"
 
 
@@ -60,7 +61,7 @@ def build_request(env: StageEnv, t: Trace) -> ChatRequest:
         template_id=tpl.id,
         template_version=tpl.version,
         messages=tpl.render(trace=t.text),
-        sampling={"temperature": 0.0, "max_tokens": 128, "seed": env.settings.method.seed},
+        sampling={"temperature": 0.0, "max_tokens": MAX_TOKENS, "seed": env.settings.method.seed},
         response_schema=tpl.schema,
         schema_name=tpl.id,
         tag=t,

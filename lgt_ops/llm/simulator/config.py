@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -29,7 +31,8 @@ class SimConfig(BaseModel):
     api_key: str | None = None
     # Every request answers 503 while true (an endpoint that is down for maintenance).
     down: bool = False
-    # Goes down (as above) once it has served this many requests: a fault at a known point.
+    # Goes down (as above) once it has served this many requests: a fault at a known point
+    # of the stages' traffic (preflight probes neither count nor are refused by it).
     down_after_served: int | None = Field(default=None, ge=0)
     # The fake world.
     accuracy: float = Field(default=0.6, ge=0, le=1)  # mean chance a VLM rollout is right
@@ -39,6 +42,20 @@ class SimConfig(BaseModel):
     degenerate_rate: float = Field(default=0.03, ge=0, le=1)
     unparseable_rate: float = Field(default=0.03, ge=0, le=1)
     bad_question_rate: float = Field(default=0.12, ge=0, le=1)
+    # -- failure modes of real reasoning replies (rollouts and expansions), per sample --
+    answer_style_rate: float = Field(default=0.3, ge=0, le=1)  # **Answer: B**, \boxed{B}, ...
+    no_think_close_rate: float = Field(default=0.04, ge=0, le=1)  # no </think>, final answer line
+    conflicting_rate: float = Field(default=0.02, ge=0, le=1)  # two different letters
+    # -- end of failure modes --
     split_reasoning: bool = False  # answer with reasoning_content, like a reasoning parser
+    # What the server is (GET /v1/models, GET /version) and the misconfigurations a preflight
+    # must catch. served_models: model ids it serves, comma-separated (others get vLLM's 404);
+    # empty = answers any model name and lists the stack's default models.
+    served_models: str | None = None
+    max_model_len: int = Field(default=32768, ge=16)  # prompt + max_tokens beyond it: 400
+    # "text": a text-only model (image parts get vLLM's 400); "none": a model that does not
+    # think (no reasoning_content, no closing </think>) where a reasoner is expected.
+    modality: Literal["vision", "text"] = "vision"
+    thinking: Literal["yes", "none"] = "yes"
     completion_chars: int = Field(default=64, ge=1)  # generic replies
     seed: int = 0

@@ -13,8 +13,11 @@ X-Request-Id suffix (or, for other clients, how often this process has seen that
 retry draws again. Only the test-control switches (`down`, `down_after_served`) and the
 counters depend on history.
 
-Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, and for tests
-GET /sim/stats, POST /sim/reset, GET|POST /sim/config.
+Endpoints: POST /v1/chat/completions, GET /v1/models (with vLLM's `max_model_len`),
+GET /version, GET /health, and for tests GET /sim/stats, POST /sim/reset, GET|POST /sim/config.
+Configured as a misconfigured server (a model it does not serve, a text-only model, a
+reasoner that does not think, a small context), it answers as vLLM would, so the preflight
+(lgt_ops/llm/preflight.py) can be tested against each failure.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
+from lgt_ops.config import DEFAULT_MODELS
 from lgt_ops.ids import canonical_json, seeded_unit, sha256_hex
 from lgt_ops.llm.simulator.config import SimConfig
 from lgt_ops.llm.simulator.world import World, canonical_messages, image_size, text_of
@@ -35,7 +39,8 @@ from lgt_ops.llm.simulator.world import World, canonical_messages, image_size, t
 log = logging.getLogger("lgt.simulator")
 FINGERPRINT = "lgt-simulator-1"
 MODEL_PREFIX = "lgt-simulator:"
-CONTEXT_LIMIT = 32768
+PROBE_HEADER = "X-Lgt-Probe"  # set by the preflight's requests (lgt_ops/llm/preflight.py)
+VERSION = "0.0.0+lgt-simulator"  # GET /version, where vLLM reports its release
 CREATED_BASE = 1_700_000_000  # 2023-11-14: `created` is a plausible time, not the clock's
 CREATED_SPAN = 50_000_000
 
@@ -55,6 +60,9 @@ class Simulator:
         self.received = 0
         self.served = 0
         self.admitted = 0
+        # Preflight probes (header X-Lgt-Probe) are counted here by HTTP status, not in the
+        # counters above: a test can tell the stages' requests from the endpoint checks.
+        self.probes: Counter[str] = Counter()
         self.outcomes: Counter[str] = Counter()
         self.served_by_key: Counter[str] = Counter()
         self.inflight = 0
@@ -66,6 +74,7 @@ class Simulator:
     def stats(self) -> dict[str, Any]:
         return {
             "received": self.received,
+            "probes": dict(self.probes),
             "served": self.served,
             "outcomes": dict(self.outcomes),
             "served_by_key": dict(self.served_by_key),
@@ -85,13 +94,27 @@ class Simulator:
     async def health(self, _req: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "simulator": True})
 
-    async def models(self, _req: web.Request) -> web.Response:
+    def served_models(self) -> list[str] | None:
+        """Model ids served, or None when any name is answered."""
+        raw = self.cfg.served_models
+        return [m.strip() for m in raw.split(",") if m.strip()] if raw else None
+
+    async def models(self, req: web.Request) -> web.Response:
+        if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
+            return self._error(401, "invalid API key", "authentication_error", Counter())
+        ids = self.served_models() or list(dict.fromkeys(DEFAULT_MODELS.values()))
+        card = {
+            "object": "model",
+            "created": CREATED_BASE,
+            "owned_by": "lgt-simulator",
+            "max_model_len": self.cfg.max_model_len,
+        }
         return web.json_response(
-            {
-                "object": "list",
-                "data": [{"id": "lgt-simulator", "object": "model", "owned_by": "lgt"}],
-            }
+            {"object": "list", "data": [{"id": i, "root": i, **card} for i in ids]}
         )
+
+    async def version(self, _req: web.Request) -> web.Response:
+        return web.json_response({"version": VERSION})
 
     async def get_stats(self, _req: web.Request) -> web.Response:
         return web.json_response(self.stats())
@@ -111,19 +134,29 @@ class Simulator:
 
     async def chat(self, req: web.Request) -> web.StreamResponse:
         generation = self._generation
-        self.received += 1
+        probe = PROBE_HEADER in req.headers  # no injected faults, counted apart
+        tally = self.probes if probe else self.outcomes
+        if not probe:
+            self.received += 1
         key, attempt = _request_key(req.headers.get("X-Request-Id", ""))
         try:
             body = await req.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return self._error(400, "request body is not JSON", "bad_request")
+            return self._error(400, "request body is not JSON", "bad_request", tally)
         if not isinstance(body.get("messages"), list) or not body.get("model"):
-            return self._error(400, "'model' and 'messages' are required", "bad_request")
+            return self._error(400, "'model' and 'messages' are required", "bad_request", tally)
         if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
-            return self._error(401, "invalid API key", "authentication_error")
+            return self._error(401, "invalid API key", "authentication_error", tally)
         limit = self.cfg.down_after_served
-        if self.cfg.down or (limit is not None and self.admitted >= limit):
-            return self._error(503, "service unavailable", "overload")
+        if self.cfg.down or (not probe and limit is not None and self.admitted >= limit):
+            return self._error(503, "service unavailable", "overload", tally)
+        refused = self._refusal(body, tally)
+        if refused is not None:
+            return refused
+        if probe:
+            payload = self._complete(body, self.digest(body))
+            self.probes["200"] += 1
+            return web.json_response(payload)
         self.admitted += 1  # counted on admission, so a limit holds with requests in flight
         self._note_images(body)
         digest = self.digest(body)
@@ -145,14 +178,6 @@ class Simulator:
             if req.transport is not None:
                 req.transport.abort()
             return web.Response(status=500)
-        marker = self.cfg.context_too_long_marker
-        if marker and marker in json.dumps(body.get("messages")):
-            return self._error(
-                400,
-                f"This model's maximum context length is {CONTEXT_LIMIT} tokens. However, you"
-                " requested more tokens in the messages.",
-                "BadRequestError",
-            )
         if fault == "timeout":  # a stall on the way in: the client gives up first
             self.outcomes["timeout"] += 1
             await asyncio.sleep(self.cfg.timeout_sleep_s)
@@ -189,6 +214,42 @@ class Simulator:
         return web.json_response(payload)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _refusal(self, body: dict[str, Any], tally: Counter[str]) -> web.Response | None:
+        """vLLM's 4xx for a request this server cannot take (model, modality, context)."""
+        served = self.served_models()
+        if served is not None and body["model"] not in served:
+            return self._error(
+                404, f"The model `{body['model']}` does not exist.", "NotFoundError", tally
+            )
+        images = json.dumps(body["messages"]).count('"image_url"')
+        if images and self.cfg.modality == "text":
+            return self._error(
+                400, "At most 0 image(s) may be provided in one prompt.", "BadRequestError", tally
+            )
+        limit = self.cfg.max_model_len
+        marker = self.cfg.context_too_long_marker
+        if marker and marker in json.dumps(body.get("messages")):
+            return self._error(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you"
+                " requested more tokens in the messages.",
+                "BadRequestError",
+                tally,
+            )
+        prompt = sum(len(text_of(m)) for m in body["messages"]) // 4 + 256 * images
+        completion = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+        if prompt + completion > limit:
+            return self._error(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you"
+                f" requested {prompt + completion} tokens ({prompt} in the messages,"
+                f" {completion} in the completion). Please reduce the length of the"
+                " messages or completion.",
+                "BadRequestError",
+                tally,
+            )
+        return None
+
     def _note_images(self, body: dict[str, Any]) -> None:
         for msg in body["messages"]:
             if not isinstance(msg.get("content"), list):
@@ -224,8 +285,10 @@ class Simulator:
             u -= rate
         return None
 
-    def _error(self, status: int, message: str, kind: str) -> web.Response:
-        self.outcomes[str(status)] += 1
+    def _error(
+        self, status: int, message: str, kind: str, tally: Counter[str] | None = None
+    ) -> web.Response:
+        (self.outcomes if tally is None else tally)[str(status)] += 1
         return web.json_response(
             {"error": {"message": message, "type": kind, "code": status}, "object": "error"},
             status=status,
@@ -271,6 +334,7 @@ class Simulator:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/version", self.version)
         app.router.add_get("/health", self.health)
         app.router.add_get("/sim/stats", self.get_stats)
         app.router.add_post("/sim/reset", self.post_reset)

@@ -83,6 +83,36 @@ _BEHAVIOUR_WORDS = {
     "backward": ("working backwards", "rule out"),
 }
 _OPT_LINE = re.compile(r"^([A-H])\. (.*)$", re.M)
+# How the pipeline's expansion prompts (v1, v2) announce themselves.
+EXPAND_MARKERS = ("instead of the image", "Reason as someone who sees this image")
+# Ways real reasoners cite the text context they were given instead of the image (METHOD.md
+# "What makes the data right"); some use words vLLM can ban at decode time, some cannot be
+# banned without harming visual text, which is what the filter is for.
+LEAKS = (
+    " According to the description, this is consistent.",
+    " The caption says the same.",
+    " Its bounding box is the larger one, which fits.",
+    " It spans roughly 300 pixels across.",
+    " In my mental image of the scene it sits there.",
+    " As described, that is the case.",
+    " Object c14 in the list is this one.",
+    " Its box [84, 30, 592, 392] puts it on the left.",
+    " The text mentions it explicitly.",
+    " The user mentioned it as well.",
+    " Since I can't see the image, I go by what I was told.",
+    " Based on the provided information, that holds.",
+)
+# How real models state the final letter (Qwen2.5-VL, DeepSeek-R1 distills); first = plain.
+ANSWER_STYLES = (
+    "Answer: {x}",
+    "**Answer: {x}**",
+    "**Answer:** ({x})",
+    "Answer: ({x})",
+    "The answer is {x}.",
+    "\\boxed{{{x}}}",
+    "**Final Answer**\n\\[\n\\boxed{{{x}}}\n\\]",
+    "The correct option is ({x}).",
+)
 
 
 @dataclass(frozen=True)
@@ -150,7 +180,18 @@ class World:
 
     # -- dispatch ---------------------------------------------------------------------------
     def reply(self, body: dict[str, Any], index: int) -> tuple[str, str | None]:
-        """(content, reasoning_content) for choice `index` of a request."""
+        """(content, reasoning_content) for choice `index` of a request.
+
+        Honours vLLM's `bad_words`: a banned word never appears in the reply (the failure
+        modes below choose phrasings without it, and a last pass removes any left).
+        """
+        content, reasoning = self._reply(body, index)
+        banned = [w for w in body.get("bad_words") or () if isinstance(w, str) and w]
+        if banned:
+            return scrub(content, banned), scrub(reasoning, banned) if reasoning else reasoning
+        return content, reasoning
+
+    def _reply(self, body: dict[str, Any], index: int) -> tuple[str, str | None]:
         messages = body.get("messages") or []
         schema_name = ((body.get("response_format") or {}).get("json_schema") or {}).get("name")
         rng = random.Random(
@@ -178,7 +219,10 @@ class World:
             return canonical_json(self.annotate(user, rng)), None
         if schema_name == "behaviours":
             return canonical_json(self.behaviours(text_of(user))), None
-        if prefill.startswith("<think>") and "instead of the image" in text_of(user):
+        if schema_name is not None:  # any other schema: its smallest valid instance
+            schema = body["response_format"]["json_schema"].get("schema") or {}
+            return canonical_json(schema_instance(schema)), None
+        if prefill.startswith("<think>") and any(m in text_of(user) for m in EXPAND_MARKERS):
             return self.expand(text_of(user), prefill, body, index, rng)
         if prefill.startswith("<think>"):
             return self.rollout(text_of(user), body, index, rng), None
@@ -306,9 +350,7 @@ class World:
             f"So the answer should be ({letter}).",
         ]
         thinking = "\n".join(steps)
-        if rng.random() < self.cfg.unparseable_rate:
-            return f"\n{thinking}\n</think>\n\nI am not sure."
-        return f"\n{thinking}\n</think>\n\nAnswer: {letter}"
+        return "\n" + self._ending(thinking, letter, options, rng)
 
     def expand(
         self, text: str, prefill: str, body: dict[str, Any], index: int, rng: random.Random
@@ -332,17 +374,45 @@ class World:
             moves.append(" First, I need to pin down which object the question refers to.")
         if rng.random() < 0.4:
             moves.append(" Working backwards from the options, I can rule out the others.")
-        if rng.random() < self.cfg.leak_rate:
-            moves.append(" According to the description, this is consistent.")
+        leak = (
+            planted_leak(rng, body.get("bad_words")) if rng.random() < self.cfg.leak_rate else None
+        )
         moves.append(f" Yes, the answer is ({letter}).")
+        if leak:  # anywhere: first sentence after the cue, middle, or last
+            moves.insert(rng.randrange(len(moves) + 1), leak)
         thinking = "\n".join(moves)
+        if self.cfg.thinking == "none":  # not a reasoner: answers without closing its thinking
+            return f"The answer is ({letter}).", None
         if rng.random() < self.cfg.degenerate_rate:
             thinking += "\n" + " ".join(["Let me check again."] * 40)
-        if rng.random() < self.cfg.unparseable_rate:
-            return thinking + "\n</think>\n\n", None
-        if self.cfg.split_reasoning:
-            return f"Answer: {letter}", thinking
-        return f"{thinking}\n</think>\n\nAnswer: {letter}", None
+        reply = self._ending(thinking, letter, options, rng)
+        if self.cfg.split_reasoning:  # like vLLM's reasoning parser
+            if "\n</think>\n\n" not in reply:
+                return "", reply  # no `</think>`: all of it is reasoning
+            thought, _, answer = reply.partition("\n</think>\n\n")
+            return answer, thought
+        return reply, None
+
+    def _ending(
+        self, thinking: str, letter: str, options: list[tuple[str, str]], rng: random.Random
+    ) -> str:
+        """Close the thinking and state the answer, with the failure modes real models show
+        (each at its configured rate): no answer, two letters, no `</think>`, other styles."""
+        c = self.cfg
+        draw = rng.random()
+        if draw < c.unparseable_rate:
+            return f"{thinking}\n</think>\n\nI am not sure."
+        draw -= c.unparseable_rate
+        if draw < c.conflicting_rate:
+            other = _other(options, letter, rng)
+            return f"{thinking}\n</think>\n\nAnswer: {letter}\nThe answer is {other}."
+        draw -= c.conflicting_rate
+        if draw < c.no_think_close_rate:
+            return f"{thinking}\nAnswer: {letter}"
+        style = ANSWER_STYLES[0]
+        if rng.random() < c.answer_style_rate:
+            style = rng.choice(ANSWER_STYLES[1:])
+        return f"{thinking}\n</think>\n\n{style.format(x=letter)}"
 
     # -- behaviour tagging -------------------------------------------------------------------
     def behaviours(self, text: str) -> dict[str, int]:
@@ -359,6 +429,21 @@ class World:
             out.append(rng.choice(words))
             size += len(out[-1]) + 1
         return " ".join(out)
+
+
+def schema_instance(schema: dict[str, Any]) -> Any:
+    """The smallest instance of a JSON schema (first enum value, required properties only)."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {k: schema_instance(props.get(k) or {}) for k in schema.get("required", [])}
+    if kind == "array":
+        return [schema_instance(schema.get("items") or {})] * int(schema.get("minItems", 0))
+    return {"boolean": True, "integer": 0, "number": 0, "string": "ok"}.get(str(kind))
 
 
 # -- the answer key: ground truth derivable from a question and its options ----------------
@@ -609,6 +694,20 @@ def _spoil(item: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         opts[idx] = opts[idx] + ", which is clearly and unmistakably the right answer here"
         item["options"] = opts
     return item
+
+
+def planted_leak(rng: random.Random, bad_words: Any) -> str | None:
+    """A leak phrasing the decoder allows: none containing a banned word (vLLM `bad_words`)."""
+    banned = [w for w in bad_words or () if isinstance(w, str) and w]
+    allowed = [p for p in LEAKS if not any(w in p for w in banned)]
+    return rng.choice(allowed) if allowed else None
+
+
+def scrub(text: str, banned: Sequence[str]) -> str:
+    """The text with every banned word gone (longest first), as banned decoding leaves it."""
+    for w in sorted(banned, key=len, reverse=True):
+        text = text.replace(w, "")
+    return text
 
 
 def _other(options: list[tuple[str, str]], truth: str, rng: random.Random) -> str:

@@ -35,7 +35,7 @@ MAX_INFLIGHT = 4
 JOURNAL_ANSWERS = 4
 
 # Tables that log attempts by design (one row per try): they differ after a retry.
-ATTEMPT_LOGS = {"stage_runs", "pipeline_runs"}
+ATTEMPT_LOGS = {"stage_runs", "pipeline_runs", "endpoint_preflight"}
 
 
 # -- helpers -----------------------------------------------------------------------------------

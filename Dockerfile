@@ -34,12 +34,14 @@ COPY --chown=airflow:0 lgt_ops/ lgt_ops/
 COPY --chown=airflow:0 sql/ sql/
 
 # ${AIRFLOW_VERSION} is set by the base image (3.3.2); the constraints file pins the same.
-# [postgres]: the metadata DB driver set (asyncpg, psycopg) Airflow needs on Postgres.
+# [postgres]: the metadata DB driver set (asyncpg, psycopg) Airflow needs on Postgres;
+# [celery]: the CeleryExecutor's provider, celery/kombu and the redis client at the project's
+# pins (workers of compose's `celery` profile and of the Helm chart).
 # `pip check` fails the build if the project's pins broke a package the base image ships
 # (providers, FAB, ...) instead of letting that surface at run time. The last check imports
 # the installed package from outside the source tree: prompts and migrations must be in it.
 RUN pip install --no-cache-dir --constraint constraints/py311.txt \
-        "apache-airflow[postgres]==${AIRFLOW_VERSION}" ".[openlineage]" \
+        "apache-airflow[postgres,celery]==${AIRFLOW_VERSION}" ".[openlineage]" \
     && pip check \
     && command -v lgt > /dev/null \
     && cd / && python -c "from lgt_ops import prompts; from lgt_ops.db.migrate import discover; \

@@ -27,13 +27,20 @@ demo: install
 test: install services browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## PostgreSQL 15 on 127.0.0.1:5432 (the tests create and drop their own databases).
+## PostgreSQL 15 on 127.0.0.1:5432 (the tests create and drop their own databases) and Redis on
+## 127.0.0.1:6379 (the Celery broker of tests/test_celery.py; an in-memory queue, nothing saved).
 services:
 	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
 	  echo "starting PostgreSQL"; \
 	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; \
 	  for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; }
 	@pg_isready -h 127.0.0.1 -p 5432
+	@redis-cli -h 127.0.0.1 -p 6379 ping > /dev/null 2>&1 || { \
+	  echo "starting Redis"; \
+	  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+	    --dir /var/lib/redis --logfile /var/log/redis/ci.log; \
+	  for i in $$(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping > /dev/null 2>&1 && break; sleep 1; done; }
+	@redis-cli -h 127.0.0.1 -p 6379 ping
 
 ## Debian's chromium for the releases page browser test (Playwright drives this binary and
 ## never downloads a browser of its own).

@@ -194,6 +194,50 @@ def ingest_limits_from_env(env: Mapping[str, str]) -> IngestLimits:
 # -- end of ingest limits -----------------------------------------------------------------------
 
 
+# -- decontamination against evaluation benchmarks (kept in one block) ---------------------------
+class DecontamSettings(BaseModel):
+    """Where the user's evaluation benchmarks are and how close counts as contaminated.
+
+    `prefix` holds one folder per benchmark (its images, and optionally `questions.jsonl`);
+    the folder name is the benchmark's name in `contaminated:<benchmark>`. An empty or
+    missing prefix checks nothing.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    prefix: str = "benchmarks/"
+    # Hamming distance between 64-bit pHashes at or below which an image is a benchmark copy
+    # (sample copies resized, re-encoded, cropped <= 8 % a side: <= 8 bits; distinct: >= 20)
+    phash_distance: int = Field(default=10, ge=0, le=32)
+    ngram: int = Field(default=3, ge=1, le=13)  # word n-grams of question text and options
+    # share of a benchmark question's n-grams a question must contain to match it
+    ngram_overlap: float = Field(default=0.6, gt=0, le=1)
+    max_images: int = Field(default=5000, ge=0)  # benchmark images held in memory, at most
+
+
+_DECONTAM_ENV = {
+    "prefix": "LGT_DECONTAM_PREFIX",
+    "phash_distance": "LGT_DECONTAM_PHASH_DISTANCE",
+    "ngram": "LGT_DECONTAM_NGRAM",
+    "ngram_overlap": "LGT_DECONTAM_NGRAM_OVERLAP",
+    "max_images": "LGT_DECONTAM_MAX_IMAGES",
+}
+
+
+def decontam_from_env(env: Mapping[str, str]) -> DecontamSettings:
+    d = DecontamSettings()
+    return DecontamSettings(
+        prefix=env.get(_DECONTAM_ENV["prefix"], d.prefix),
+        phash_distance=_env_int(env, _DECONTAM_ENV["phash_distance"], d.phash_distance),
+        ngram=_env_int(env, _DECONTAM_ENV["ngram"], d.ngram),
+        ngram_overlap=_env_float(env, _DECONTAM_ENV["ngram_overlap"], d.ngram_overlap),
+        max_images=_env_int(env, _DECONTAM_ENV["max_images"], d.max_images),
+    )
+
+
+# -- end of decontamination ---------------------------------------------------------------------
+
+
 class Settings(BaseModel):
     """Everything a stage needs to know about its environment."""
 
@@ -221,6 +265,7 @@ class Settings(BaseModel):
     image_spec: ImageSpec = ImageSpec()
     method: MethodParams = MethodParams()
     ingest: IngestLimits = IngestLimits()
+    decontam: DecontamSettings = DecontamSettings()
 
     def endpoint(self, role: str) -> EndpointSettings:
         try:
@@ -296,4 +341,5 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         ledger_journal_answers=_env_int(env, "LGT_LEDGER_JOURNAL_ANSWERS", 16),
         endpoints={role: endpoint_from_env(role, env) for role in ROLES},
         ingest=ingest_limits_from_env(env),
+        decontam=decontam_from_env(env),
     )

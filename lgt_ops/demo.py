@@ -32,6 +32,20 @@ def upload_sample(store, prefix: str = DEMO_SOURCE) -> int:  # noqa: ANN001 - Ob
     return n
 
 
+def upload_benchmarks(store, prefix: str) -> int:  # noqa: ANN001 - ObjectStore
+    """Copy the sample's tiny evaluation benchmark (copies of two sample photos, resized,
+    re-encoded and cropped) into the decontamination prefix, so the demo rejects them."""
+    root = SAMPLE / "benchmarks"
+    n = 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        key = prefix + path.relative_to(root).as_posix()
+        info = store.head(key)
+        if info is None or info.size != path.stat().st_size:
+            store.put(key, path.read_bytes())
+            n += 1
+    return n
+
+
 def run_demo(reset: bool = False) -> int:
     from lgt_ops.llm.simulator import BackgroundSimulator, SimConfig
     from lgt_ops.pipeline import run_local
@@ -57,6 +71,8 @@ def run_demo(reset: bool = False) -> int:
         env = StageEnv.open(settings, new_cli_run("demo"))
         env.store.ensure_bucket()
         uploaded = upload_sample(env.store)
+        if env.settings.decontam.prefix:
+            uploaded += upload_benchmarks(env.store, env.settings.decontam.prefix)
         print(
             f"sample: {uploaded} file(s) uploaded to {env.store.url}/{DEMO_SOURCE}", file=sys.stderr
         )

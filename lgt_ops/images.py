@@ -11,12 +11,14 @@ import base64
 import ctypes
 import ctypes.util
 import io
+import itertools
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lgt_ops.config import ImageSpec
@@ -30,7 +32,7 @@ _EXIF_ORIENTATION = 0x0112
 class ImageRejected(ValueError):
     """An image that cannot be used, with a machine-readable reason."""
 
-    def __init__(self, reason: R, detail: str) -> None:
+    def __init__(self, reason: R | str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -102,6 +104,7 @@ class ImageFacts:
     bytes: int
     exif_orientation: int | None
     phash: str
+    crop_phashes: tuple[int, ...] = ()  # see crop_phashes; not stored
 
 
 def _open(data: bytes, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
@@ -179,15 +182,54 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def dhash(im: Image.Image) -> str:
-    """64-bit difference hash: near-identical images differ in few bits."""
-    small = im.convert("L").resize((9, 8), Image.Resampling.LANCZOS)
-    px = small.tobytes()
-    bits = 0
-    for row in range(8):
-        for col in range(8):
-            bits = (bits << 1) | (px[row * 9 + col] > px[row * 9 + col + 1])
-    return f"{bits:016x}"
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * x + 1) * k / (2 * n))
+    m[0] /= np.sqrt(2)
+    return m
+
+
+_DCT8 = _dct_matrix(32)[:8]  # the 8 lowest frequencies of a 32-point DCT-II
+
+
+# fraction cut off each side; every combination (3**4 = 81 regions) is hashed by crop_phashes
+CROP_SIDES = (0.0, 0.04, 0.08)
+_CROP_HASH_SIDE = 128  # crops are hashed from a grey copy at most this many pixels a side
+
+
+def crop_phashes(im: Image.Image) -> tuple[int, ...]:
+    """64-bit perceptual hashes of the whole image (first: `images.phash`) and of its 80 crops,
+    so an image and a copy of it cropped by up to ~10 % a side can be matched crop to whole.
+    A pHash is the signs of the 8x8 lowest DCT frequencies of a 32x32 grey thumbnail against
+    their median (DC excluded from the median): resizing and re-encoding move it by 0-2 bits,
+    distinct sample images are >= 20 bits apart, a 3 % crop moves it up to 12 bits.
+
+    Each region is averaged into 32x32 blocks with a summed-area table of a grey copy at most
+    _CROP_HASH_SIDE pixels a side, all 81 at once: ~8-13 ms an image (81 Pillow resizes took
+    ~25-35 ms; sample photos, on a loaded 2-core machine).
+    """
+    small = im.convert("L")
+    small.thumbnail((_CROP_HASH_SIDE, _CROP_HASH_SIDE), Image.Resampling.LANCZOS)
+    grey = np.asarray(small, np.float64)
+    h, w = grey.shape
+    table = np.zeros((h + 1, w + 1))
+    table[1:, 1:] = grey.cumsum(0).cumsum(1)
+    regions = list(itertools.product(CROP_SIDES, repeat=4))
+    rows = np.array([np.linspace(h * t, h - h * b, 33) for _, t, _, b in regions])
+    cols = np.array([np.linspace(w * left, w - w * r, 33) for left, _, r, _ in regions])
+    rows, cols = rows.round().astype(int), cols.round().astype(int)
+    corner = table[rows[:, :, None], cols[:, None, :]]  # (81, 33, 33)
+    sums = corner[:, 1:, 1:] - corner[:, :-1, 1:] - corner[:, 1:, :-1] + corner[:, :-1, :-1]
+    area = np.diff(rows, axis=1)[:, :, None] * np.diff(cols, axis=1)[:, None, :]
+    return tuple(_dct_bits(sums / np.maximum(area, 1)))
+
+
+def _dct_bits(blocks: np.ndarray) -> list[int]:
+    """The pHash bits of each 32x32 block in `blocks` (n, 32, 32)."""
+    low = (_DCT8 @ blocks @ _DCT8.T).reshape(len(blocks), 64)
+    above = low > np.median(low[:, 1:], axis=1, keepdims=True)
+    return [int.from_bytes(row.tobytes(), "big") for row in np.packbits(above, axis=1)]
 
 
 def inspect(data: bytes, *, max_pixels: int, budget: PixelBudget | None = None) -> ImageFacts:
@@ -206,6 +248,7 @@ def _describe(data: bytes, im: Image.Image) -> ImageFacts:
     orientation = im.getexif().get(_EXIF_ORIENTATION)
     ImageOps.exif_transpose(im, in_place=True)  # no second full-size copy
     upright = to_rgb(im)
+    crops = crop_phashes(upright)
     return ImageFacts(
         image_id=sha256_hex(data),
         width=upright.width,
@@ -214,7 +257,8 @@ def _describe(data: bytes, im: Image.Image) -> ImageFacts:
         mode=mode,
         bytes=len(data),
         exif_orientation=int(orientation) if orientation else None,
-        phash=dhash(upright),
+        phash=f"{crops[0]:016x}",
+        crop_phashes=crops,
     )
 
 

@@ -50,12 +50,33 @@ class IngestReason(StrEnum):
     BOX_FORMAT_UNKNOWN = "box_format_unknown"
     OBJECT_LABEL_MISSING = "object_label_missing"
     DUPLICATE_OBJECT_ID = "duplicate_object_id"
+    # evaluation benchmarks: stored as `contaminated:<benchmark>` (see `detailed`)
+    CONTAMINATED = "contaminated"
 
 
 # Reasons after which the key is left out without a rejection row: not an image of ours.
 SKIPPED: frozenset[IngestReason] = frozenset(
     {IngestReason.FOLDER_MARKER, IngestReason.HIDDEN_KEY, IngestReason.LINKED_DIRECTORY}
 )
+
+# Reasons stored with a detail after a colon, `reason:detail` (e.g. `contaminated:mmstar`):
+# the README documents them as `reason:<detail>`; group or filter on the part before ':'.
+PARAMETERIZED: frozenset[str] = frozenset({IngestReason.CONTAMINATED})
+
+
+def detailed(reason: StrEnum, detail: str) -> str:
+    """The stored form of a parameterized reason: `reason:detail`."""
+    if reason not in PARAMETERIZED:
+        raise ValueError(f"reason {reason!r} takes no detail")
+    if not detail or ":" in detail:
+        raise ValueError(f"bad detail {detail!r} for reason {reason!r}")
+    return f"{reason}:{detail}"
+
+
+def base(reason: str) -> str:
+    """The registered reason of a stored one (`contaminated:mmstar` -> `contaminated`)."""
+    return reason.split(":", 1)[0]
+
 
 # stage name (as in the README's reason table) -> its reasons
 REGISTRY: dict[str, type[StrEnum]] = {"ingest": IngestReason}

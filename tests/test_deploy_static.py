@@ -61,7 +61,9 @@ AIRFLOW_SERVICES = (
     "airflow-scheduler",
     "airflow-dag-processor",
     "airflow-triggerer",
+    "airflow-worker",
 )
+CELERY_SERVICES = {"redis", "airflow-worker"}
 ONE_SHOT_SERVICES = {"minio-init", "airflow-init"}
 
 # `lgt X Y` as a shell word sequence or as an exec-form list: "lgt", "X", "Y".
@@ -194,8 +196,9 @@ def test_dockerfile_base_image_and_install():
     for needle in ("--no-cache-dir", "--constraint constraints/py311.txt", '".[openlineage]"'):
         assert needle in cmd, needle
     # Airflow pinned to the base image's own version in the same install, with the postgres
-    # extra (asyncpg/psycopg for the metadata DB).
-    assert '"apache-airflow[postgres]==${AIRFLOW_VERSION}"' in cmd
+    # extra (asyncpg/psycopg for the metadata DB) and the celery extra (the workers' executor
+    # at the versions the Celery test ran).
+    assert '"apache-airflow[postgres,celery]==${AIRFLOW_VERSION}"' in cmd
     # The installed package (not the source tree) must find its prompts and migrations.
     assert "cd / && python -c" in cmd and "discover('postgresql')" in cmd
     constraints = (ROOT / "constraints" / "py311.txt").read_text()
@@ -346,6 +349,8 @@ def test_compose_interpolations_are_documented(compose_raw, env_example):
     assert not (set(gpu) - set(found)), (
         f"env.gpu.example sets unknown vars: {set(gpu) - set(found)}"
     )
+    celery = set(_parse_env_file(DEPLOY / "env.celery.example")) - {"COMPOSE_PROFILES"}
+    assert not (celery - set(found)), f"env.celery.example sets unknown vars: {celery - set(found)}"
 
 
 def test_compose_gpu_services_only_in_gpu_profile(services):
@@ -364,14 +369,17 @@ def test_compose_gpu_services_only_in_gpu_profile(services):
                 and "gpu" in devices[0]["capabilities"]
             )
             assert svc.get("ipc") == "host" or svc.get("shm_size"), name
+        elif name in CELERY_SERVICES:
+            assert svc.get("profiles") == ["celery"], f"{name} must be in profile celery only"
         else:
             assert "profiles" not in svc, f"{name} must run in the default profile"
     assert gpu_services == {"vllm-vlm", "vllm-reasoner"}
     for name, svc in services.items():
-        if name not in gpu_services:
-            deps = svc.get("depends_on") or {}
-            for target in set(deps) & gpu_services:
-                # Without the gpu profile the target does not exist: only a soft dependency
+        profiles = set(svc.get("profiles") or [])
+        deps = svc.get("depends_on") or {}
+        for target in deps:
+            if set(services[target].get("profiles") or []) - profiles:
+                # Without its profile the target does not exist: only a soft dependency
                 # (required: false, Compose >= 2.20) keeps `docker compose up` valid.
                 assert deps[target].get("required") is False, f"{name} -> {target}"
 
@@ -383,10 +391,52 @@ def test_compose_task_runners_wait_for_healthy_vllm(services):
     for target in ("vllm-vlm", "vllm-reasoner"):
         assert deps[target] == {"condition": "service_healthy", "required": False}, target
         assert "localhost:8000/health" in " ".join(services[target]["healthcheck"]["test"])
-    assert (
-        services["airflow-scheduler"].get("environment", {}).get("AIRFLOW__CORE__EXECUTOR")
-        in (None, "LocalExecutor")
-    )
+    executor = services["airflow-scheduler"]["environment"]["AIRFLOW__CORE__EXECUTOR"]
+    assert _interpolate(executor) == "LocalExecutor"
+    # Under CeleryExecutor the workers run the tasks: they wait for the same servers.
+    deps = services["airflow-worker"]["depends_on"]
+    for target in ("vllm-vlm", "vllm-reasoner"):
+        assert deps[target] == {"condition": "service_healthy", "required": False}, target
+    for target in ("lgt-sim", "airflow-apiserver"):
+        assert deps[target]["condition"] == "service_healthy", target
+
+
+def test_compose_celery_profile(compose, services, env_example):
+    """`--profile celery` with deploy/env.celery.example: Redis, worker replicas, and the same
+    executor for every Airflow component; the default profile keeps LocalExecutor."""
+    from lgt_ops.params import TASK_TIMEOUT_MINUTES
+
+    celery_env = _parse_env_file(DEPLOY / "env.celery.example")
+    assert celery_env["COMPOSE_PROFILES"] == "celery"
+    assert celery_env["AIRFLOW_EXECUTOR"] == "CeleryExecutor"
+    assert env_example["AIRFLOW_EXECUTOR"] == "LocalExecutor"
+    common = compose["x-airflow-common"]["environment"]
+    assert _interpolate(common["AIRFLOW__CORE__EXECUTOR"], celery_env) == "CeleryExecutor"
+    for name in AIRFLOW_SERVICES:  # one executor setting, shared through the anchor
+        assert services[name]["environment"]["AIRFLOW__CORE__EXECUTOR"] == (
+            common["AIRFLOW__CORE__EXECUTOR"]
+        )
+    assert common["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:6379/")
+    backend = _interpolate(common["AIRFLOW__CELERY__RESULT_BACKEND"])
+    assert backend.startswith("db+postgresql://") and "@postgres:5432/airflow" in backend
+    # A message unacknowledged for this long goes to another worker: it must outlast the
+    # longest task, or a healthy task would run twice.
+    visibility = int(common["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT"])
+    assert visibility > 60 * max(TASK_TIMEOUT_MINUTES.values())
+    assert "AIRFLOW_CELERY_WORKER_CONCURRENCY" in common["AIRFLOW__CELERY__WORKER_CONCURRENCY"]
+    assert "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT" in common
+
+    redis = services["redis"]
+    assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
+    worker = services["airflow-worker"]
+    assert _as_list(worker["command"]) == ["celery", "worker"]
+    assert _interpolate(str(worker["deploy"]["replicas"]), celery_env) == "2"
+    assert 'celery@$${HOSTNAME}' in " ".join(worker["healthcheck"]["test"])
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["airflow-scheduler"]["depends_on"]["redis"] == {
+        "condition": "service_healthy",
+        "required": False,
+    }
 
 
 def test_compose_vllm_args(services):
@@ -909,6 +959,9 @@ def test_deploy_docs_cover_the_procedures():
     for needle in (
         "docker compose up",
         "docker compose --profile gpu --env-file deploy/env.gpu.example up",
+        "docker compose --profile celery --env-file deploy/env.celery.example up",
+        "worker_concurrency",
+        "LGT_SHARD_SIZE",
         "helm dependency update helm/lgt-etl",
         "helm upgrade --install",
         "connections.existingSecret",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lgt_ops.reasons import REGISTRY, IngestReason
+from lgt_ops.reasons import PARAMETERIZED, REGISTRY, IngestReason
 
 ROOT = Path(__file__).resolve().parents[1]
 _TABLE = "| Stage | Rejection reasons it records |"
@@ -22,7 +22,8 @@ def readme_reasons() -> dict[str, set[str]]:
         if not line.startswith("|"):
             break
         stage, reasons = (c.strip() for c in line.strip().strip("|").split("|"))
-        codes = set(re.findall(r"`([a-z][a-z0-9_]*)`", reasons))
+        # a parameterized reason is documented as `reason:<detail>`; its code is `reason`
+        codes = set(re.findall(r"`([a-z][a-z0-9_]*)(?::<[a-z_]+>)?`", reasons))
         for name in stage.split(","):
             out[name.strip()] = codes
     return out
@@ -36,6 +37,13 @@ def test_registered_stages_document_exactly_their_reasons():
     table = readme_reasons()
     for stage, reasons in REGISTRY.items():
         assert table[stage] == {r.value for r in reasons}, stage
+
+
+def test_parameterized_reasons_are_documented_with_their_detail():
+    text = (ROOT / "README.md").read_text()
+    for reason in PARAMETERIZED:
+        assert re.search(rf"`{reason}:<[a-z_]+>`", text), reason
+        assert f"`{reason}`" not in text, f"{reason} documented without its detail"
 
 
 def test_every_ingest_reason_is_emitted_somewhere():

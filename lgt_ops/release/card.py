@@ -88,6 +88,7 @@ def render(manifest: dict[str, Any]) -> str:
     ]
     lines += _method_sections(counts.get("splits", {}))
     lines += card_section(manifest)
+    lines += _decontamination(counts.get("rejections", {}))
     lines += [
         "## Rejected items by reason",
         "",
@@ -159,3 +160,27 @@ def _method_sections(splits: dict[str, dict[str, int]]) -> list[str]:
             lines.append(f"- {name}: {detail}")
         lines.append("")
     return lines
+
+
+def _decontamination(rejections: dict[str, dict[str, int]]) -> list[str]:
+    """Hits per evaluation benchmark: `contaminated:<benchmark>` rejections by stage."""
+    hits: dict[str, dict[str, int]] = {}
+    for stage, reasons in rejections.items():
+        for reason, n in reasons.items():
+            if reason.startswith("contaminated:"):
+                per = hits.setdefault(reason.split(":", 1)[1], {})
+                kind = "images" if stage == "ingest" else "questions"
+                per[kind] = per.get(kind, 0) + n
+    lines = ["## Decontamination", ""]
+    if not hits:
+        return lines + ["No image or question matched an evaluation benchmark.", ""]
+    lines += [
+        "Rejected before any model call as copies of evaluation benchmarks "
+        "(images by perceptual hash, questions by n-gram overlap):",
+        "",
+        "| benchmark | images | questions |",
+        "|---|---:|---:|",
+    ]
+    for name, per in sorted(hits.items()):
+        lines.append(f"| {name} | {per.get('images', 0)} | {per.get('questions', 0)} |")
+    return lines + [""]

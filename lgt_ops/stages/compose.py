@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from itertools import permutations
 from typing import Any
 
-from lgt_ops import current, prompts
+from lgt_ops import current, decontam, prompts
 from lgt_ops.annotations import ImageContext
 from lgt_ops.annotations import current as image_contexts
 from lgt_ops.ids import fingerprint
@@ -231,6 +231,7 @@ def _accept(env: StageEnv, fp: str, item: WorkItem, outcome: Outcome) -> dict[st
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise QuestionRejected("unparseable_reply", str(exc)) from exc
     correct = check(text, options, letter, n_options=env.settings.method.mcq_options)
+    decontam.index_for(env).check_question(text, options)  # before any rollout
     if " ".join(correct.lower().split()) != " ".join(cand.answer.lower().split()):
         raise QuestionRejected(
             "answer_mismatch", f"marked {correct!r}, the parents give {cand.answer!r}"

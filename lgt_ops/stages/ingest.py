@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from lgt_ops import boxes, chaos
+from lgt_ops import boxes, chaos, decontam
 from lgt_ops.config import IngestLimits
 from lgt_ops.db.repo import chunked, dumps, insert_ignore, upsert, utcnow
 from lgt_ops.fanout import fan_out
@@ -344,7 +344,9 @@ def _ingest_batch(
     budget = _budget(limits.decode_pixel_budget)
     with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
         fetched = list(pool.map(lambda e: _fetch(store, e, max_pixels, limits, budget), batch))
+    benchmarks = decontam.index_for(env)
     for entry, facts in zip(batch, fetched, strict=True):
+        facts = decontam.screen_image(benchmarks, facts)  # contaminated:<benchmark>, unseen
         meta_sha = sha256_hex(dumps(entry["metadata"])) if entry["metadata"] is not None else None
         source_row: dict[str, Any] = {
             "bucket": entry["source"],

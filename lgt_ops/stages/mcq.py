@@ -9,7 +9,7 @@ balanced and reproducible.
 
 from __future__ import annotations
 
-from lgt_ops import prompts
+from lgt_ops import decontam, prompts
 from lgt_ops.annotations import ImageContext, current
 from lgt_ops.ids import fingerprint
 from lgt_ops.llm.ledger import Outcome
@@ -159,6 +159,7 @@ def parse(env: StageEnv, fp: str, item: WorkItem, outcome: Outcome) -> Rows:
                 grounding=grounding,
                 known_objects=ctx.object_ids(),
             )
+            decontam.index_for(env).check_question(q["question"], q["options"])
             dedup.check(f"{q['question']} {correct}")
         except QuestionRejected as exc:
             rows.add(

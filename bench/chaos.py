@@ -12,9 +12,9 @@ kill resumed by the same command, then compared with the reference. Per trial an
 it prints where it was killed, the requests in flight and the answers not yet journaled at
 that moment (the window), the answered requests paid again after it, whether the release's
 content sha256 equals the reference's, and every lineage table whose row count differs
-(stage_runs and pipeline_runs log attempts and are not compared). Exit 1 if any trial has a
-different hash, a table difference, a `staging` release, an orphan member, or a kill whose
-repeated requests exceed its window.
+(stage_runs, pipeline_runs and endpoint_preflight log attempts or runs and are not
+compared). Exit 1 if any trial has a different hash, a table difference, a `staging`
+release, an orphan member, or a kill whose repeated requests exceed its window.
 """
 
 from __future__ import annotations

@@ -35,9 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("LGT_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 PREFIX = "sources/chaos/"
 
-# Tables that log attempts by design (one row per run / per stage try): a crashed and
-# resumed run has more of them than an uninterrupted one, so they are not compared.
-ATTEMPT_LOGS = frozenset({"stage_runs", "pipeline_runs"})
+# Tables that log attempts by design: a crashed and resumed run has more of them than an
+# uninterrupted one, so they are not compared. pipeline_runs: one row per run (each resumed
+# `lgt run` is a run); stage_runs: one per stage attempt; endpoint_preflight: one per run and
+# endpoint role (each run probes its endpoints before starting).
+ATTEMPT_LOGS = frozenset({"stage_runs", "pipeline_runs", "endpoint_preflight"})
 # Crash points in pipeline order; a kill sequence visits them in this order, so each resumed
 # run gets past the previous kill before it reaches the next one.
 POINTS = ("ingest", "annotate", "mcq", "compose", "cot", "expand", "filter", "pairs", "release")

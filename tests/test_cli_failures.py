@@ -182,8 +182,11 @@ def test_only_connection_errors_count_as_an_unreachable_database(sqlite_url):
         conn.execute(text("SELECT * FROM no_such_table"))
     assert failures.describe(bad_sql.value) is None  # a bug, not an outage
 
-    with pytest.raises(OperationalError) as down:
+    # The engine itself turns a refused connection into the library's error (with the
+    # driver's error chained), so whoever catches it gets the one-line message.
+    with pytest.raises(failures.LineageDbUnreachable) as down:
         make_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/x").connect()
+    assert "Connection refused" in str(down.value.__cause__)  # the driver's error, chained
     found = failures.describe(down.value)
     assert isinstance(found, failures.LineageDbUnreachable) and not found.permanent
     assert found.exit_code == failures.EXIT_LINEAGE_DB

@@ -35,7 +35,7 @@ MAX_INFLIGHT = 4
 JOURNAL_ANSWERS = 4
 
 # Tables that log attempts by design (one row per try): they differ after a retry.
-ATTEMPT_LOGS = {"stage_runs", "pipeline_runs"}
+ATTEMPT_LOGS = {"stage_runs", "pipeline_runs", "endpoint_preflight"}
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -294,3 +294,6 @@ def test_lineage_db_lost_mid_stage_is_one_error_and_the_retry_converges(
     assert not repeated & durable_at_cut
     assert len(repeated) < MAX_INFLIGHT + JOURNAL_ANSWERS
     assert lineage_counts(env.db) == expected
+    with env.db.connect() as conn:  # the cut attempt's row was closed by the retry
+        statuses = [r[0] for r in conn.execute(text("SELECT status FROM stage_runs"))]
+    assert "running" not in statuses and "success" in statuses

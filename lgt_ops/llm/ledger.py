@@ -105,8 +105,8 @@ class Ledger:
         self._thread: threading.Thread | None = None
         self._last_batch = 0
         self._writing = 0  # answers taken by a write that has not committed yet
-        # Called (from the writer thread) after each journal write or failure: the engine
-        # waits on it while the journal is behind.
+        # Called after every write (journal or stage commit) and on a journal failure, from
+        # the writing thread: the engine waits on it while the journal is behind.
         self.on_journal: Callable[[], None] | None = None
 
     # -- reads ---------------------------------------------------------------------------

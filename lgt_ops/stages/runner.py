@@ -3,9 +3,12 @@
 A stage turns its pending inputs into `WorkItem`s (each with one or more requests) and
 supplies `handle(item, outcomes) -> Rows`. The runner streams all requests through one
 `RequestEngine`, gathers each item's outcomes, and commits handled items in small batches:
-the ledger rows, the item's outputs and rejections, and its done-marker in one transaction.
-An item whose request failed for endpoint reasons gets no marker and stays pending; the
-stage then raises `StageIncomplete` so the orchestrator retries it.
+the item's outputs and rejections and its done-marker in one transaction, with any of its
+ledger rows the journal has not written yet. The ledger's journal makes answers durable on
+its own within a bounded delay (settings `ledger_journal_*`), so a kill between two batches
+re-sends only the requests in flight and the last few unjournaled answers. An item whose
+request failed for endpoint reasons gets no marker and stays pending; the stage then raises
+`StageIncomplete` so the orchestrator retries it.
 """
 
 from __future__ import annotations

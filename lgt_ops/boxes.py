@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lgt_ops.reasons import IngestReason
+from lgt_ops.reasons import IngestReason, Rejected
 
 # format -> the four numbers it expects (named in errors, so a producer can fix its file)
 LAYOUTS = {
@@ -17,13 +17,6 @@ LAYOUTS = {
     "cxcywh_norm": "[cx, cy, width, height] in 0..1",
 }
 BOX_FORMATS = tuple(LAYOUTS)
-
-
-class BoxRejected(ValueError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def _number(v: Any) -> float | None:
@@ -43,15 +36,13 @@ def to_xyxy(
     """Convert `box` from `fmt` to absolute x0,y0,x1,y1 (not yet validated). `field` is the
     name the box came under, for the error message."""
     if fmt not in BOX_FORMATS:
-        raise BoxRejected(
-            IngestReason.BOX_FORMAT_UNKNOWN, f"box_format {fmt!r} not in {BOX_FORMATS}"
-        )
+        raise Rejected(IngestReason.BOX_FORMAT_UNKNOWN, f"box_format {fmt!r} not in {BOX_FORMATS}")
     expected = f"'{field}' must be 4 finite numbers {LAYOUTS[fmt]} (box_format {fmt})"
     if not isinstance(box, (list, tuple)) or len(box) != 4:
-        raise BoxRejected(IngestReason.BOX_MALFORMED, f"{expected}, got {box!r}"[:300])
+        raise Rejected(IngestReason.BOX_MALFORMED, f"{expected}, got {box!r}"[:300])
     nums = [_number(v) for v in box]
     if any(v is None for v in nums):
-        raise BoxRejected(IngestReason.BOX_MALFORMED, f"{expected}, got {box!r}"[:300])
+        raise Rejected(IngestReason.BOX_MALFORMED, f"{expected}, got {box!r}"[:300])
     a, b, c, d = (float(v) for v in nums)  # type: ignore[arg-type]
     if fmt == "xyxy":
         return a, b, c, d
@@ -69,12 +60,12 @@ def validate(box: Sequence[float], width: int, height: int) -> tuple[float, floa
     """A box inside the image with positive size; up to 2 px of overhang is clipped."""
     x0, y0, x1, y1 = box
     if not all(math.isfinite(v) for v in box):  # e.g. a huge normalised value times the width
-        raise BoxRejected(IngestReason.BOX_MALFORMED, f"box {list(box)} is not finite")
+        raise Rejected(IngestReason.BOX_MALFORMED, f"box {list(box)} is not finite")
     slack = 2.0
     if x1 <= x0 or y1 <= y0:
-        raise BoxRejected(IngestReason.BOX_EMPTY, f"box {list(box)} has no area")
+        raise Rejected(IngestReason.BOX_EMPTY, f"box {list(box)} has no area")
     if x0 < -slack or y0 < -slack or x1 > width + slack or y1 > height + slack:
-        raise BoxRejected(
+        raise Rejected(
             IngestReason.BOX_OUTSIDE_IMAGE,
             f"box {[round(v, 1) for v in box]} outside {width}x{height}",
         )

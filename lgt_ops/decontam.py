@@ -39,9 +39,8 @@ from sqlalchemy import Engine, text
 
 from lgt_ops.config import ConfigError, DecontamSettings
 from lgt_ops.db.repo import insert_ignore
-from lgt_ops.images import ImageFacts, ImageRejected, crop_phashes, normalised
-from lgt_ops.questions import QuestionRejected
-from lgt_ops.reasons import IngestReason, detailed
+from lgt_ops.images import ImageFacts, crop_phashes, normalised
+from lgt_ops.reasons import IngestReason, Rejected, detailed
 from lgt_ops.storage import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -199,10 +198,10 @@ class BenchmarkIndex:
         return best
 
     def check_question(self, question: str, options: Sequence[str]) -> None:
-        """Raise QuestionRejected(`contaminated:<benchmark>`) for a benchmark question."""
+        """Raise Rejected(`contaminated:<benchmark>`) for a benchmark question."""
         hit = self.match_question(question, options)
         if hit is not None:
-            raise QuestionRejected(
+            raise Rejected(
                 hit.reason, f"{hit.score:.2f} of the {self.settings.ngram}-grams of {hit.ref}"
             )
 
@@ -334,7 +333,7 @@ def _known(db: Engine, store_url: str, prefix: str) -> dict[tuple[str, str], dic
 def _hash_image(store: ObjectStore, o: ObjectInfo, benchmark: str) -> dict[str, Any]:
     try:
         hashes = crop_phashes(normalised(store.get(o.key)))
-    except (ImageRejected, OSError, ValueError) as exc:
+    except (Rejected, OSError, ValueError) as exc:
         return _row(store, o, benchmark, "unreadable", 0, None, 0, str(exc)[:500])
     phashes = " ".join(f"{h:016x}" for h in hashes)
     return _row(store, o, benchmark, "image", len(hashes), phashes, 0)
@@ -364,17 +363,15 @@ def _row(
     }
 
 
-def screen_image(
-    index: BenchmarkIndex, facts: ImageFacts | ImageRejected
-) -> ImageFacts | ImageRejected:
+def screen_image(index: BenchmarkIndex, facts: ImageFacts | Rejected) -> ImageFacts | Rejected:
     """An ingested image that copies a benchmark image becomes a rejection."""
-    if isinstance(facts, ImageRejected):
+    if isinstance(facts, Rejected):
         return facts
     hit = index.match_image(facts.crop_phashes)
     if hit is None:
         return facts
     detail = f"image {facts.image_id[:16]} within {int(hit.score)} bits of {hit.ref}"
-    return ImageRejected(hit.reason, detail)
+    return Rejected(hit.reason, detail)
 
 
 def forget() -> None:

@@ -2,7 +2,7 @@
 
 Validation decodes every pixel (a header alone hides truncation), refuses images over an
 explicit pixel budget before decoding (decompression bombs), applies the EXIF orientation
-and normalises the mode to RGB. Failures raise `ImageRejected` with a reason code.
+and normalises the mode to RGB. Failures raise `Rejected` with a reason code.
 """
 
 from __future__ import annotations
@@ -24,18 +24,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from lgt_ops.config import ImageSpec
 from lgt_ops.ids import sha256_hex
 from lgt_ops.reasons import IngestReason as R
+from lgt_ops.reasons import Rejected
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 _EXIF_ORIENTATION = 0x0112
-
-
-class ImageRejected(ValueError):
-    """An image that cannot be used, with a machine-readable reason."""
-
-    def __init__(self, reason: R | str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 class PixelBudget:
@@ -132,24 +124,24 @@ def decode_cost(head: bytes, file_bytes: int) -> int:
 def _open_header(data: bytes, max_pixels: int) -> Image.Image:
     """The image with only its header read: size and format, no pixels yet."""
     if not data:
-        raise ImageRejected(R.EMPTY_FILE, "zero bytes")
+        raise Rejected(R.EMPTY_FILE, "zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(R.TOO_MANY_PIXELS, str(exc)) from exc
+        raise Rejected(R.TOO_MANY_PIXELS, str(exc)) from exc
     except UnidentifiedImageError as exc:
-        raise ImageRejected(R.NOT_AN_IMAGE, "Pillow cannot identify the file") from exc
+        raise Rejected(R.NOT_AN_IMAGE, "Pillow cannot identify the file") from exc
     except OSError as exc:  # a header cut short
-        raise ImageRejected(_os_reason(exc), str(exc)) from exc
+        raise Rejected(_os_reason(exc), str(exc)) from exc
     w, h = im.size
     if w * h > max_pixels:
-        raise ImageRejected(R.TOO_MANY_PIXELS, f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
+        raise Rejected(R.TOO_MANY_PIXELS, f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
     if w < 1 or h < 1:
-        raise ImageRejected(R.EMPTY_IMAGE, f"size {w}x{h}")
+        raise Rejected(R.EMPTY_IMAGE, f"size {w}x{h}")
     if im.format not in ALLOWED_FORMATS:
-        raise ImageRejected(R.UNSUPPORTED_FORMAT, f"format {im.format}")
+        raise Rejected(R.UNSUPPORTED_FORMAT, f"format {im.format}")
     return im
 
 
@@ -158,9 +150,9 @@ def _load(im: Image.Image) -> None:
     try:
         im.load()
     except OSError as exc:  # Pillow reports truncated and corrupt data as OSError
-        raise ImageRejected(_os_reason(exc), str(exc)) from exc
+        raise Rejected(_os_reason(exc), str(exc)) from exc
     except (SyntaxError, ValueError) as exc:
-        raise ImageRejected(R.CORRUPT, str(exc)) from exc
+        raise Rejected(R.CORRUPT, str(exc)) from exc
 
 
 def _os_reason(exc: OSError) -> R:
@@ -233,7 +225,7 @@ def _dct_bits(blocks: np.ndarray) -> list[int]:
 
 
 def inspect(data: bytes, *, max_pixels: int, budget: PixelBudget | None = None) -> ImageFacts:
-    """Validate `data` fully and describe it, or raise ImageRejected. With a budget, the
+    """Validate `data` fully and describe it, or raise Rejected. With a budget, the
     decode and everything derived from the pixels happen inside the budget's hold."""
     im = _open_header(data, max_pixels)
     if budget is None:

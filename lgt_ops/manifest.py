@@ -18,19 +18,13 @@ from typing import Any
 from lgt_ops.boxes import BOX_FORMATS
 from lgt_ops.config import IngestLimits
 from lgt_ops.reasons import IngestReason as R
+from lgt_ops.reasons import Rejected
 
 METADATA_SUFFIXES = (".jsonl", ".json")
 
 
 def is_metadata(key: str) -> bool:
     return key.lower().endswith(METADATA_SUFFIXES)
-
-
-@dataclass(frozen=True)
-class Problem:
-    item_ref: str
-    reason: R
-    detail: str
 
 
 @dataclass
@@ -77,21 +71,21 @@ def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
 
 def parse_jsonl(
     meta_key: str, data: bytes, limits: IngestLimits | None = None
-) -> tuple[list[Metadata], list[Problem]]:
+) -> tuple[list[Metadata], list[Rejected]]:
     """One Metadata per good line; each bad line costs that line only."""
     limits = limits or IngestLimits()
     out: list[Metadata] = []
-    problems: list[Problem] = []
+    problems: list[Rejected] = []
     for lineno, raw in _lines(data):
         ref = f"{meta_key}:{lineno}"
         if len(raw) > limits.max_manifest_line_bytes:  # checked before parsing it
             detail = f"{len(raw)} bytes > limit {limits.max_manifest_line_bytes}"
-            problems.append(Problem(ref, R.MANIFEST_LINE_TOO_LONG, detail))
+            problems.append(Rejected.at(ref, R.MANIFEST_LINE_TOO_LONG, detail))
             continue
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            problems.append(Problem(ref, R.MANIFEST_NOT_UTF8, str(exc)))
+            problems.append(Rejected.at(ref, R.MANIFEST_NOT_UTF8, str(exc)))
             continue
         if not line.strip():
             continue
@@ -104,34 +98,34 @@ def parse_jsonl(
 
 def _parse_line(
     meta_key: str, ref: str, line: str, limits: IngestLimits
-) -> tuple[Metadata | None, list[Problem]]:
-    problems: list[Problem] = []
+) -> tuple[Metadata | None, list[Rejected]]:
+    problems: list[Rejected] = []
     try:
         row = json.loads(line)
     except (json.JSONDecodeError, RecursionError) as exc:
-        return None, [Problem(ref, R.MANIFEST_MALFORMED, f"not JSON: {exc}"[:300])]
+        return None, [Rejected.at(ref, R.MANIFEST_MALFORMED, f"not JSON: {exc}"[:300])]
     if not isinstance(row, dict) or not isinstance(row.get("key"), str) or not row["key"]:
-        return None, [Problem(ref, R.MANIFEST_MALFORMED, "a line needs a string 'key'")]
+        return None, [Rejected.at(ref, R.MANIFEST_MALFORMED, "a line needs a string 'key'")]
     key = _resolve(meta_key, row["key"])
     if key is None:
         detail = f"key {row['key']!r} escapes the prefix or holds control characters"
-        return None, [Problem(ref, R.MANIFEST_BAD_KEY, detail[:300])]
+        return None, [Rejected.at(ref, R.MANIFEST_BAD_KEY, detail[:300])]
     caption = row.get("caption")
     objects = row.get("objects")
     fmt = row.get("box_format", "xyxy")
     if caption is not None and not isinstance(caption, str):
-        problems.append(Problem(ref, R.MANIFEST_MALFORMED, "'caption' must be a string"))
+        problems.append(Rejected.at(ref, R.MANIFEST_MALFORMED, "'caption' must be a string"))
         caption = None
     if caption is not None and len(caption) > limits.max_caption_chars:
         detail = f"{len(caption)} characters > limit {limits.max_caption_chars}"
-        problems.append(Problem(ref, R.CAPTION_TOO_LONG, detail))
+        problems.append(Rejected.at(ref, R.CAPTION_TOO_LONG, detail))
         caption = None
     if objects is not None and not isinstance(objects, list):
-        problems.append(Problem(ref, R.MANIFEST_MALFORMED, "'objects' must be a list"))
+        problems.append(Rejected.at(ref, R.MANIFEST_MALFORMED, "'objects' must be a list"))
         objects = None
     objects = _capped(ref, objects, limits, problems)
     if not isinstance(fmt, str) or fmt not in BOX_FORMATS:
-        problems.append(Problem(ref, R.BOX_FORMAT_UNKNOWN, f"box_format {fmt!r}"[:200]))
+        problems.append(Rejected.at(ref, R.BOX_FORMAT_UNKNOWN, f"box_format {fmt!r}"[:200]))
         objects, fmt = None, "xyxy"
     extra = {k: v for k, v in row.items() if k not in ("key", "caption", "objects", "box_format")}
     meta = Metadata(
@@ -147,12 +141,12 @@ def _parse_line(
 
 
 def _capped(
-    ref: str, objects: list[Any] | None, limits: IngestLimits, problems: list[Problem]
+    ref: str, objects: list[Any] | None, limits: IngestLimits, problems: list[Rejected]
 ) -> list[Any] | None:
     """The objects, or None when there are more than the cap (a prefix would be arbitrary)."""
     if objects is not None and len(objects) > limits.max_objects_per_image:
         detail = f"{len(objects)} objects > limit {limits.max_objects_per_image}"
-        problems.append(Problem(ref, R.TOO_MANY_OBJECTS, detail))
+        problems.append(Rejected.at(ref, R.TOO_MANY_OBJECTS, detail))
         return None
     return objects
 
@@ -163,34 +157,36 @@ def _hashable_id(v: Any) -> bool:
 
 def parse_coco(
     meta_key: str, data: bytes, limits: IngestLimits | None = None
-) -> tuple[list[Metadata], list[Problem]]:
+) -> tuple[list[Metadata], list[Rejected]]:
     """Objects per image from a COCO detection file; bad entries cost that entry only."""
     limits = limits or IngestLimits()
     try:
         doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        return [], [Problem(meta_key, R.COCO_MALFORMED, f"not JSON: {exc}"[:300])]
+        return [], [Rejected.at(meta_key, R.COCO_MALFORMED, f"not JSON: {exc}"[:300])]
     if not isinstance(doc, dict) or not {"images", "annotations"} <= doc.keys():
-        return [], [Problem(meta_key, R.COCO_MALFORMED, "needs 'images' and 'annotations'")]
+        return [], [Rejected.at(meta_key, R.COCO_MALFORMED, "needs 'images' and 'annotations'")]
     categories = doc.get("categories", [])
     if not all(isinstance(doc[k], list) for k in ("images", "annotations")) or not isinstance(
         categories, list
     ):
         detail = "'images', 'annotations' and 'categories' must be lists"
-        return [], [Problem(meta_key, R.COCO_MALFORMED, detail)]
+        return [], [Rejected.at(meta_key, R.COCO_MALFORMED, detail)]
     cats = {
         c.get("id"): c.get("name")
         for c in categories
         if isinstance(c, dict) and _hashable_id(c.get("id")) and isinstance(c.get("name"), str)
     }
     by_image: dict[Any, Metadata] = {}
-    problems: list[Problem] = []
+    problems: list[Rejected] = []
     for img in doc["images"]:
         ok = isinstance(img, dict) and _hashable_id(img.get("id"))
         name = img.get("file_name") if ok else None
         key = _resolve(meta_key, name) if isinstance(name, str) and name else None
         if key is None:
-            problems.append(Problem(meta_key, R.COCO_MALFORMED, f"bad image entry {img!r}"[:200]))
+            problems.append(
+                Rejected.at(meta_key, R.COCO_MALFORMED, f"bad image entry {img!r}"[:200])
+            )
             continue
         by_image[img["id"]] = Metadata(
             key=key, objects=[], box_format="xywh", objects_source="coco", origin={"coco": meta_key}
@@ -200,14 +196,16 @@ def parse_coco(
         meta = by_image.get(ann["image_id"]) if ok else None
         if meta is None:
             problems.append(
-                Problem(meta_key, R.COCO_MALFORMED, f"annotation for unknown image {ann!r}"[:200])
+                Rejected.at(
+                    meta_key, R.COCO_MALFORMED, f"annotation for unknown image {ann!r}"[:200]
+                )
             )
             continue
         cat = ann.get("category_id")
         label = cats.get(cat) if _hashable_id(cat) else None
         if not label:
             problems.append(
-                Problem(f"{meta_key}#{ann.get('id')}", R.COCO_MALFORMED, "unknown category_id")
+                Rejected.at(f"{meta_key}#{ann.get('id')}", R.COCO_MALFORMED, "unknown category_id")
             )
             continue
         assert meta.objects is not None
@@ -221,20 +219,20 @@ def parse_coco(
 
 def parse(
     meta_key: str, data: bytes, limits: IngestLimits | None = None
-) -> tuple[list[Metadata], list[Problem]]:
+) -> tuple[list[Metadata], list[Rejected]]:
     if meta_key.lower().endswith(".jsonl"):
         return parse_jsonl(meta_key, data, limits)
     return parse_coco(meta_key, data, limits)
 
 
-def merge(parsed: list[Metadata]) -> tuple[dict[str, Metadata], list[Problem]]:
+def merge(parsed: list[Metadata]) -> tuple[dict[str, Metadata], list[Rejected]]:
     """One Metadata per key: the manifest's caption and objects, COCO objects as a fallback.
 
     `parsed` is in metadata-file key order, so the first file to describe a key wins and a
     later duplicate is reported.
     """
     merged: dict[str, Metadata] = {}
-    problems: list[Problem] = []
+    problems: list[Rejected] = []
     for meta in parsed:
         have = merged.get(meta.key)
         if have is None:
@@ -242,7 +240,7 @@ def merge(parsed: list[Metadata]) -> tuple[dict[str, Metadata], list[Problem]]:
             continue
         if "manifest" in meta.origin and "manifest" in have.origin:
             problems.append(
-                Problem(
+                Rejected.at(
                     meta.origin["manifest"],
                     R.MANIFEST_DUPLICATE_KEY,
                     f"{meta.key} already described at {have.origin['manifest']}",

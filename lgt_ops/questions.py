@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lgt_ops.ids import content_id
+from lgt_ops.reasons import Rejected
 
 LETTERS = "ABCDEFGH"
 SKILLS = ("existence", "counting", "attribute", "spatial", "size", "position", "text", "detail")
@@ -46,13 +47,6 @@ _LEAKS = re.compile(
 )
 _NUMBER = re.compile(r"^\s*-?\d+(\.\d+)?\s*$")
 _WORD = re.compile(r"[a-z0-9]+")
-
-
-class QuestionRejected(ValueError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -105,35 +99,35 @@ def check(
     grounding: Sequence[str] | None = None,
     known_objects: set[str] | None = None,
 ) -> str:
-    """Validate a raw question; returns the correct option's text or raises QuestionRejected."""
+    """Validate a raw question; returns the correct option's text or raises Rejected."""
     q = (question or "").strip()
     if len(q) < 8:
-        raise QuestionRejected("empty_question", f"question {question!r} is too short")
+        raise Rejected("empty_question", f"question {question!r} is too short")
     if len(options) != n_options:
-        raise QuestionRejected("wrong_option_count", f"{len(options)} options, want {n_options}")
+        raise Rejected("wrong_option_count", f"{len(options)} options, want {n_options}")
     opts = [str(o).strip() for o in options]
     letter = str(answer_letter).strip().upper().rstrip(".)").lstrip("(")
     if len(letter) != 1 or letter not in LETTERS[:n_options]:
-        raise QuestionRejected("bad_answer_letter", f"answer {answer_letter!r}")
+        raise Rejected("bad_answer_letter", f"answer {answer_letter!r}")
     if any(not o for o in opts):
-        raise QuestionRejected("empty_option", "an option is empty")
+        raise Rejected("empty_option", "an option is empty")
     normed = [" ".join(o.lower().split()) for o in opts]
     if len(set(normed)) != len(normed):
-        raise QuestionRejected("duplicate_options", f"options repeat: {opts}")
+        raise Rejected("duplicate_options", f"options repeat: {opts}")
     if any(_META_OPTIONS.match(o) for o in normed):
-        raise QuestionRejected("meta_option", "an option refers to the other options")
+        raise Rejected("meta_option", "an option refers to the other options")
     if _LEAKS.search(q) or any(_LEAKS.search(o) for o in opts):
-        raise QuestionRejected("mentions_metadata", "refers to the caption or annotations")
+        raise Rejected("mentions_metadata", "refers to the caption or annotations")
     if grounding is not None:
         if not grounding:
-            raise QuestionRejected("no_grounding", "no grounding object ids")
+            raise Rejected("no_grounding", "no grounding object ids")
         unknown = [g for g in grounding if g not in (known_objects or set())]
         if unknown:
-            raise QuestionRejected("unknown_grounding", f"unknown object ids {unknown}")
+            raise Rejected("unknown_grounding", f"unknown object ids {unknown}")
     correct = opts[LETTERS.index(letter)]
     giveaway = _giveaway(correct, [o for o in opts if o != correct])
     if giveaway:
-        raise QuestionRejected("answerable_from_options", giveaway)
+        raise Rejected("answerable_from_options", giveaway)
     return correct
 
 
@@ -207,9 +201,7 @@ class NearDuplicates:
         toks = tokens(text)
         for other in self._seen:
             if jaccard(toks, other) >= self.threshold:
-                raise QuestionRejected(
-                    "near_duplicate", f"overlaps an earlier question ({text[:80]})"
-                )
+                raise Rejected("near_duplicate", f"overlaps an earlier question ({text[:80]})")
         self._seen.append(toks)
 
 

@@ -54,6 +54,23 @@ class IngestReason(StrEnum):
     CONTAMINATED = "contaminated"
 
 
+class Rejected(ValueError):
+    """One rejected item: a registered reason (a member of a stage's enum below, or a request
+    outcome) and a human-readable detail. Raised where checking stops at the first problem,
+    or returned as a value where a check reports many (`item_ref` names the item then)."""
+
+    def __init__(self, reason: StrEnum | str, detail: str, item_ref: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.item_ref = item_ref
+
+    @classmethod
+    def at(cls, item_ref: str, reason: StrEnum | str, detail: str) -> Rejected:
+        """A rejection of the item `item_ref` (a key, a manifest line, an annotation)."""
+        return cls(reason, detail, item_ref)
+
+
 # Reasons after which the key is left out without a rejection row: not an image of ours.
 SKIPPED: frozenset[IngestReason] = frozenset(
     {IngestReason.FOLDER_MARKER, IngestReason.HIDDEN_KEY, IngestReason.LINKED_DIRECTORY}

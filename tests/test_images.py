@@ -10,8 +10,9 @@ from PIL import Image
 
 from lgt_ops import boxes
 from lgt_ops.config import ImageSpec
-from lgt_ops.images import ImageRejected, encode_for_request, inspect
+from lgt_ops.images import encode_for_request, inspect
 from lgt_ops.manifest import merge, parse_coco, parse_jsonl
+from lgt_ops.reasons import Rejected
 from tests.samples import SAMPLE, jpeg, png
 
 
@@ -37,7 +38,7 @@ def test_exif_orientation_is_applied():
     ],
 )
 def test_bad_files_are_rejected_with_reasons(data, reason):
-    with pytest.raises(ImageRejected) as exc:
+    with pytest.raises(Rejected) as exc:
         inspect(data, max_pixels=10**8)
     assert exc.value.reason == reason
 
@@ -45,7 +46,7 @@ def test_bad_files_are_rejected_with_reasons(data, reason):
 def test_pixel_limit_is_checked_before_decoding():
     bomb = png(4000, 3000, mode="1")  # 12 MP of zeros: tiny file, big decode
     assert len(bomb) < 100_000
-    with pytest.raises(ImageRejected) as exc:
+    with pytest.raises(Rejected) as exc:
         inspect(bomb, max_pixels=5_000_000)
     assert exc.value.reason == "too_many_pixels"
 
@@ -81,7 +82,7 @@ def test_box_conventions_agree():
     [([10, 10, 10, 20], "box_empty"), ([150, 50, 260, 90], "box_outside_image")],
 )
 def test_bad_boxes(box, reason):
-    with pytest.raises(boxes.BoxRejected) as exc:
+    with pytest.raises(Rejected) as exc:
         boxes.validate(box, 200, 100)
     assert exc.value.reason == reason
 
@@ -134,14 +135,14 @@ def test_coco_and_manifest_merge():
 )
 def test_non_finite_or_non_numeric_boxes_are_malformed(box):
     """NaN used to pass every comparison and be clipped to the image width."""
-    with pytest.raises(boxes.BoxRejected) as exc:
+    with pytest.raises(Rejected) as exc:
         boxes.to_xyxy(box, "xyxy", 32, 32, field="bbox")
     assert exc.value.reason == "box_malformed"
     assert "'bbox' must be 4 finite numbers [x0, y0, x1, y1]" in exc.value.detail
 
 
 def test_a_normalised_box_that_overflows_is_malformed():
-    with pytest.raises(boxes.BoxRejected) as exc:
+    with pytest.raises(Rejected) as exc:
         boxes.validate(boxes.to_xyxy([0, 0, 1e308, 1], "xyxy_norm", 10**4, 10), 10**4, 10)
     assert exc.value.reason == "box_malformed"
 

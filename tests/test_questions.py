@@ -8,11 +8,11 @@ import pytest
 
 from lgt_ops.questions import (
     NearDuplicates,
-    QuestionRejected,
     check,
     make_question,
     normalise_skill,
 )
+from lgt_ops.reasons import Rejected
 
 OBJ = {"o1", "o2"}
 
@@ -51,7 +51,7 @@ def test_valid_question_returns_correct_text():
     ],
 )
 def test_each_defect_has_its_reason(kwargs, reason):
-    with pytest.raises(QuestionRejected) as exc:
+    with pytest.raises(Rejected) as exc:
         _check(**kwargs)
     assert exc.value.reason == reason
 
@@ -88,7 +88,7 @@ def test_option_order_is_seeded_by_question_and_balanced():
 def test_near_duplicates_on_one_image():
     d = NearDuplicates(0.8)
     d.check("What colour is the cup? red")
-    with pytest.raises(QuestionRejected):
+    with pytest.raises(Rejected):
         d.check("What colour is the cup? red")
     d.check("How many spoons are there? 2")
 

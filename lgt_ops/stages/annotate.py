@@ -15,7 +15,7 @@ from lgt_ops.images import scale_factor
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import ChatRequest, image_part
 from lgt_ops.llm.schema import parse_json_reply
-from lgt_ops.reasons import IngestReason
+from lgt_ops.reasons import IngestReason, Rejected
 from lgt_ops.sources import SourceSpec, image_locations, image_set
 from lgt_ops.stages.base import Shard, StageEnv, already_done, rejection
 from lgt_ops.stages.ingest import annotation_row
@@ -116,12 +116,10 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
             try:
                 label = str(obj.get("label", "")).strip().lower()
                 if not label:
-                    raise boxes.BoxRejected(
-                        IngestReason.OBJECT_LABEL_MISSING, f"object {obj!r}"[:200]
-                    )
+                    raise Rejected(IngestReason.OBJECT_LABEL_MISSING, f"object {obj!r}"[:200])
                 sent = boxes.to_xyxy(obj.get("box"), "xyxy", ctx.width, ctx.height)
                 box = boxes.validate([v / scale for v in sent], ctx.width, ctx.height)
-            except boxes.BoxRejected as exc:
+            except Rejected as exc:
                 rows.add(
                     "rejections",
                     rejection(

@@ -32,7 +32,6 @@ from lgt_ops.llm.schema import parse_json_reply
 from lgt_ops.questions import (
     LETTERS,
     Question,
-    QuestionRejected,
     check,
     from_row,
     jaccard,
@@ -40,6 +39,7 @@ from lgt_ops.questions import (
     question_row,
     tokens,
 )
+from lgt_ops.reasons import Rejected
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
 from lgt_ops.stages.base import Shard, StageEnv, already_done, rejection
@@ -206,22 +206,20 @@ def build_request(env: StageEnv, image_id: str, cand: Candidate) -> ChatRequest:
 
 
 def _accept(env: StageEnv, fp: str, item: WorkItem, outcome: Outcome) -> dict[str, Any]:
-    """Validate one composed question; returns rows or raises QuestionRejected."""
+    """Validate one composed question; returns rows or raises Rejected."""
     cand: Candidate = outcome.request.tag
     try:
         reply = parse_json_reply(outcome.contents()[0])
         text, options, letter = reply["question"], list(reply["options"]), reply["answer"]
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise QuestionRejected("unparseable_reply", str(exc)) from exc
+        raise Rejected("unparseable_reply", str(exc)) from exc
     correct = check(text, options, letter, n_options=env.settings.method.mcq_options)
     decontam.index_for(env).check_question(text, options)  # before any rollout
     if " ".join(correct.lower().split()) != " ".join(cand.answer.lower().split()):
-        raise QuestionRejected(
-            "answer_mismatch", f"marked {correct!r}, the parents give {cand.answer!r}"
-        )
+        raise Rejected("answer_mismatch", f"marked {correct!r}, the parents give {cand.answer!r}")
     for p in cand.parents:
         if jaccard(tokens(text), tokens(p.question)) >= 0.9:
-            raise QuestionRejected("not_composed", "the question repeats a parent")
+            raise Rejected("not_composed", "the question repeats a parent")
     q = make_question(
         image_id=item.image_id or "",
         stage=2,
@@ -261,7 +259,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
             continue
         try:
             produced = _accept(env, fp, item, outcome)
-        except QuestionRejected as exc:
+        except Rejected as exc:
             rows.add(
                 "rejections",
                 rejection(

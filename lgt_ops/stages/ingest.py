@@ -31,15 +31,14 @@ from lgt_ops.fanout import fan_out
 from lgt_ops.ids import content_id, hbucket, sha256_hex
 from lgt_ops.images import (
     ImageFacts,
-    ImageRejected,
     PixelBudget,
     decode_cost,
     inspect,
     return_big_frees_to_os,
 )
-from lgt_ops.manifest import Metadata, Problem, is_metadata, merge, parse
+from lgt_ops.manifest import Metadata, is_metadata, merge, parse
 from lgt_ops.progress import Progress
-from lgt_ops.reasons import SKIPPED
+from lgt_ops.reasons import SKIPPED, Rejected
 from lgt_ops.reasons import IngestReason as R
 from lgt_ops.sources import resolve_source
 from lgt_ops.stages.base import Shard, StageEnv, StageStats, recorded, rejection, select_in
@@ -118,7 +117,7 @@ def _scan(
     for key, meta in merged.items():
         if key not in candidates and key not in refused and key not in result.skipped_keys:
             where = ", ".join(meta.origin.values())
-            problems.append(Problem(key, R.MISSING_OBJECT, f"named in {where}, no such object"))
+            problems.append(Rejected.at(key, R.MISSING_OBJECT, f"named in {where}, no such object"))
     result.problems = len(problems)
 
     with env.db.begin() as conn:
@@ -184,10 +183,10 @@ def _hidden(key: str, prefix: str) -> bool:
 
 def _sort_out(
     listed: list[ObjectInfo], prefix: str, result: ScanResult
-) -> tuple[list[ObjectInfo], list[Problem]]:
+) -> tuple[list[ObjectInfo], list[Rejected]]:
     """The keys worth reading; the rest are skipped (not ours) or rejected (not readable)."""
     keep: list[ObjectInfo] = []
-    problems: list[Problem] = []
+    problems: list[Rejected] = []
     for info in listed:
         reason, detail = info.problem, info.detail
         if reason is None and _hidden(info.key, prefix):
@@ -197,7 +196,7 @@ def _sort_out(
         elif reason in SKIPPED:
             result.skipped_keys[info.key] = reason
         else:
-            problems.append(Problem(printable(info.key), reason, detail))
+            problems.append(Rejected.at(printable(info.key), reason, detail))
     result.skipped = len(result.skipped_keys)
     if result.skipped:
         counts = Counter(result.skipped_keys.values())
@@ -212,16 +211,16 @@ def printable(key: str) -> str:
 
 def _read_metadata(
     store: ObjectStore, info: ObjectInfo, limits: IngestLimits
-) -> tuple[list[Metadata], list[Problem]]:
+) -> tuple[list[Metadata], list[Rejected]]:
     if info.size > limits.max_file_bytes:
         detail = f"{info.size} bytes > limit {limits.max_file_bytes}; not read"
-        return [], [Problem(info.key, R.FILE_TOO_LARGE, detail)]
+        return [], [Rejected.at(info.key, R.FILE_TOO_LARGE, detail)]
     try:
         data = store.get(info.key)
     except ObjectMissing:
-        return [], [Problem(info.key, R.MISSING_OBJECT, "listed, then gone before it was read")]
+        return [], [Rejected.at(info.key, R.MISSING_OBJECT, "listed, then gone before it was read")]
     except ObjectRefused as exc:
-        return [], [Problem(info.key, exc.reason, exc.detail)]
+        return [], [Rejected.at(info.key, exc.reason, exc.detail)]
     return parse(info.key, data, limits)
 
 
@@ -237,7 +236,7 @@ def _fetch(
     max_pixels: int,
     limits: IngestLimits,
     budget: PixelBudget,
-) -> ImageFacts | ImageRejected:
+) -> ImageFacts | Rejected:
     """The facts of one image, or why not.
 
     Only the file's first bytes (enough for the size in its header) are read before the
@@ -246,19 +245,19 @@ def _fetch(
     """
     cap = limits.max_file_bytes
     if entry["size"] > cap:
-        return ImageRejected(R.FILE_TOO_LARGE, f"{entry['size']} bytes > {cap}; not downloaded")
+        return Rejected(R.FILE_TOO_LARGE, f"{entry['size']} bytes > {cap}; not downloaded")
     try:
         head = store.read_prefix(entry["key"], _HEADER_BYTES)
         with budget.hold(decode_cost(head, entry["size"])):
             data = head if len(head) < _HEADER_BYTES else _read_capped(store, entry["key"], cap)
             if len(data) > cap:  # grew after the listing
-                return ImageRejected(R.FILE_TOO_LARGE, f"more than {cap} bytes")
+                return Rejected(R.FILE_TOO_LARGE, f"more than {cap} bytes")
             return inspect(data, max_pixels=max_pixels)
     except ObjectMissing:
-        return ImageRejected(R.MISSING_OBJECT, "listed, then gone before it was read")
+        return Rejected(R.MISSING_OBJECT, "listed, then gone before it was read")
     except ObjectRefused as exc:  # became a link or a FIFO after the scan
-        return ImageRejected(exc.reason, exc.detail)
-    except ImageRejected as exc:
+        return Rejected(exc.reason, exc.detail)
+    except Rejected as exc:
         return exc
 
 
@@ -352,7 +351,7 @@ def _ingest_batch(
             "last_run_id": env.run.run_id,
             "updated_at": utcnow(),
         }
-        if isinstance(facts, ImageRejected):
+        if isinstance(facts, Rejected):
             stats.items_rejected += 1
             stats.rejected_by_reason[facts.reason] += 1
             rows["rejections"].append(
@@ -416,7 +415,7 @@ def _box_of(obj: dict[str, Any], objects_source: str | None) -> tuple[Any, str]:
     """The box and the field it came under: `box`, or `bbox` (the COCO habit) as an alias.
     COCO files spell it `bbox`, so errors about their boxes name that field."""
     if "box" in obj and "bbox" in obj and obj["box"] != obj["bbox"]:
-        raise boxes.BoxRejected(R.BOX_MALFORMED, "'box' and 'bbox' disagree; give one")
+        raise Rejected(R.BOX_MALFORMED, "'box' and 'bbox' disagree; give one")
     value = obj["box"] if "box" in obj else obj.get("bbox")
     alias = objects_source == "coco" or ("bbox" in obj and "box" not in obj)
     return value, "bbox" if alias else "box"
@@ -444,14 +443,14 @@ def _annotations(
         oid = str(obj.get("id") or f"o{n}") if isinstance(obj, dict) else f"o{n}"
         try:
             if not isinstance(obj, dict) or not str(obj.get("label") or "").strip():
-                raise boxes.BoxRejected(R.OBJECT_LABEL_MISSING, f"object {obj!r}"[:200])
+                raise Rejected(R.OBJECT_LABEL_MISSING, f"object {obj!r}"[:200])
             if oid in seen:
-                raise boxes.BoxRejected(R.DUPLICATE_OBJECT_ID, f"id {oid} used twice")
+                raise Rejected(R.DUPLICATE_OBJECT_ID, f"id {oid} used twice")
             raw, name = _box_of(obj, meta.get("objects_source"))
             fmt = meta.get("box_format", "xyxy")
             xyxy = boxes.to_xyxy(raw, fmt, facts.width, facts.height, field=name)
             box = boxes.validate(xyxy, facts.width, facts.height)
-        except boxes.BoxRejected as exc:
+        except Rejected as exc:
             stats.rejected_by_reason[exc.reason] += 1
             rejections.append(
                 rejection(

@@ -18,12 +18,12 @@ from lgt_ops.questions import (
     LETTERS,
     SKILLS,
     NearDuplicates,
-    QuestionRejected,
     check,
     make_question,
     normalise_skill,
     question_row,
 )
+from lgt_ops.reasons import Rejected
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
 from lgt_ops.stages.base import (
@@ -130,7 +130,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
         ref = f"{item.item_id}#{n}"
         try:
             if not isinstance(q, dict):
-                raise QuestionRejected("malformed_question", f"{q!r}"[:200])
+                raise Rejected("malformed_question", f"{q!r}"[:200])
             grounding = [str(g) for g in q.get("grounding") or []]
             correct = check(
                 q.get("question", ""),
@@ -142,7 +142,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
             )
             decontam.index_for(env).check_question(q["question"], q["options"])
             dedup.check(f"{q['question']} {correct}")
-        except QuestionRejected as exc:
+        except Rejected as exc:
             rows.add(
                 "rejections",
                 rejection(

@@ -75,11 +75,3 @@ def validate(box: Sequence[float], width: int, height: int) -> tuple[float, floa
 
 def area(box: Sequence[float]) -> float:
     return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = area(a) + area(b) - inter
-    return inter / union if union > 0 else 0.0

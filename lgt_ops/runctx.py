@@ -17,17 +17,6 @@ class RunContext:
     map_index: int | None = None
     try_number: int = 1
 
-    def for_task(self, task_id: str, map_index: int | None, try_number: int) -> RunContext:
-        return RunContext(
-            self.run_id,
-            self.run_type,
-            self.dag_id,
-            self.airflow_run_id,
-            task_id,
-            map_index,
-            try_number,
-        )
-
 
 def new_cli_run(run_type: str = "cli") -> RunContext:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")

@@ -9,7 +9,6 @@ fails with `ObjectExists` instead of overwriting (S3 conditional write `If-None-
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import stat
@@ -452,8 +451,3 @@ def open_store(url: str, settings: Settings | None = None) -> ObjectStore:
 
 def store_from_settings(settings: Settings) -> ObjectStore:
     return open_store(settings.store_url, settings)
-
-
-def md5_etag(data: bytes) -> str:
-    """The ETag S3 gives a single-part upload (used to check local copies)."""
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()

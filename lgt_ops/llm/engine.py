@@ -520,8 +520,3 @@ def _loop_runner() -> asyncio.Runner:
         return asyncio.Runner(loop_factory=uvloop.new_event_loop)
     except ImportError:
         return asyncio.Runner()
-
-
-def run_all(engine: RequestEngine, requests: Iterable[ChatRequest]) -> list[Outcome]:
-    """Convenience for small batches (tests, tools): every outcome, in completion order."""
-    return list(engine.run(requests))

@@ -21,7 +21,6 @@ class FailureClass(StrEnum):
     TRUNCATED = "truncated"  # finish_reason=length: bounded regenerate
     INVALID_OUTPUT = "invalid_output"  # not JSON / not the schema: bounded regenerate
     AUTH = "auth"  # 401/403: configuration problem, fail the task
-    DOWN = "endpoint_down"  # no answer for longer than the limit: fail the task
 
 
 class EndpointDown(TransientFailure, RuntimeError):

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -34,8 +34,6 @@ from lgt_ops.storage import ObjectStore
 # Outcomes a re-run reuses. `failed` (endpoint trouble) is retried by the next run.
 TERMINAL = ("ok", "invalid_output", "rejected")
 INLINE_RESPONSE_LIMIT = 256 * 1024
-
-_COUNTERS = ("attempts", "overloads", "transient_errors", "regenerations")
 
 
 @dataclass
@@ -54,7 +52,6 @@ class Outcome:
     latency_ms: float | None = None
     error_detail: str | None = None
     cached: bool = False
-    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -333,11 +330,3 @@ def upsert_unless_terminal(conn: Connection, rows: list[dict[str, Any]]) -> None
         where=text(f"model_requests.status NOT IN ({', '.join(repr(t) for t in TERMINAL)})"),
     )
     conn.execute(stmt, rows)
-
-
-def usage_totals(outcomes: Iterable[Outcome]) -> tuple[int, int]:
-    p = c = 0
-    for o in outcomes:
-        p += int(o.usage.get("prompt_tokens") or 0)
-        c += int(o.usage.get("completion_tokens") or 0)
-    return p, c

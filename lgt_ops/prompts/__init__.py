@@ -2,9 +2,10 @@
 
 File format: `key: value` header lines, then sections introduced by `--- system`,
 `--- user` or `--- assistant`. Placeholders use `$name` (string.Template), so JSON braces in
-a prompt need no escaping. A template's id and version are part of every request key, so
-editing a prompt's text without bumping its version is caught by a test (see
-tests/test_prompts.py), not discovered in production.
+a prompt need no escaping. A template's id and version are part of every request key, and
+its text hash (`text_sha256`) is part of its stage's fingerprint (lgt_ops.registry), so
+editing a prompt's text re-runs that stage and the ones after it even without a version bump
+(tests/test_registry.py).
 """
 
 from __future__ import annotations
@@ -91,7 +92,3 @@ def load(prompt_id: str, version: str | None = None) -> PromptTemplate:
     if chosen not in found:
         raise PromptError(f"prompt {prompt_id!r} has no version {version}")
     return _parse(found[chosen])
-
-
-def all_templates() -> list[PromptTemplate]:
-    return [_parse(p) for p in sorted(_DIR.glob("*.prompt"))]

@@ -73,7 +73,3 @@ def encode_part(rows: list[dict[str, Any]], schema: pa.Schema, path: str) -> Par
     )
     data = buf.getvalue()
     return Part(path, len(rows), hashlib.sha256(data).hexdigest(), len(data), data)
-
-
-def read_rows(data: bytes) -> list[dict[str, Any]]:
-    return pq.read_table(io.BytesIO(data)).to_pylist()

@@ -59,17 +59,6 @@ def image_value(env: StageEnv, location: tuple[str, str], embed: bool) -> dict[s
     return {"bytes": store.get(location[1]) if embed else None, "path": path}
 
 
-def questions_for(conn: Connection, item_ids: list[str], stage: int, fingerprint: str) -> list[Any]:
-    return select_in(
-        conn,
-        "SELECT * FROM questions WHERE stage = :stage AND fingerprint = :fp AND item_id IN :ids"
-        " ORDER BY image_id, question_id",
-        item_ids,
-        stage=stage,
-        fp=fingerprint,
-    )
-
-
 def served_models(conn: Connection, request_keys: list[str]) -> set[str]:
     rows = select_in(
         conn,

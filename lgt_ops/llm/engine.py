@@ -520,3 +520,8 @@ def _loop_runner() -> asyncio.Runner:
         return asyncio.Runner(loop_factory=uvloop.new_event_loop)
     except ImportError:
         return asyncio.Runner()
+
+
+def run_all(engine: RequestEngine, requests: Iterable[ChatRequest]) -> list[Outcome]:
+    """Every outcome of a small batch, in completion order (the preflight's probes)."""
+    return list(engine.run(requests))

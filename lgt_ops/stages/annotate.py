@@ -17,7 +17,7 @@ from lgt_ops.llm.request import ChatRequest, image_part
 from lgt_ops.llm.schema import parse_json_reply
 from lgt_ops.reasons import IngestReason, Rejected
 from lgt_ops.sources import SourceSpec, image_locations, image_set
-from lgt_ops.stages.base import Shard, StageEnv, already_done, rejection
+from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
 from lgt_ops.stages.ingest import annotation_row
 from lgt_ops.stages.runner import (
     Plan,
@@ -76,6 +76,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
     outcome = outcomes[0]  # one request per item
     ctx: ImageContext = item.context
     rows = Rows()
+    reject = Rejecter(env, STAGE, fp, ctx.image_id, outcome.request.key)
     if not outcome.ok:
         rows.add("rejections", request_rejection(env, STAGE, fp, item, outcome))
         return rows
@@ -85,18 +86,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
         caption, raw_objects = str(reply["caption"]).strip(), list(reply["objects"])
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         rows.add(
-            "rejections",
-            rejection(
-                env,
-                STAGE,
-                fp,
-                "request",
-                item.item_id,
-                "unparseable_reply",
-                str(exc),
-                image_id=ctx.image_id,
-                request_key=outcome.request.key,
-            ),
+            "rejections", reject("request", item.item_id, Rejected("unparseable_reply", str(exc)))
         )
         return rows
     key = outcome.request.key
@@ -120,20 +110,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
                 sent = boxes.to_xyxy(obj.get("box"), "xyxy", ctx.width, ctx.height)
                 box = boxes.validate([v / scale for v in sent], ctx.width, ctx.height)
             except Rejected as exc:
-                rows.add(
-                    "rejections",
-                    rejection(
-                        env,
-                        STAGE,
-                        fp,
-                        "object",
-                        f"{item.item_id}#{oid}",
-                        exc.reason,
-                        exc.detail,
-                        image_id=ctx.image_id,
-                        request_key=key,
-                    ),
-                )
+                rows.add("rejections", reject("object", f"{item.item_id}#{oid}", exc))
                 continue
             objects.append({"id": oid, "label": label, "box": list(box)})
         if objects:

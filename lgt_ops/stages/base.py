@@ -31,6 +31,7 @@ from lgt_ops.db.repo import (
 )
 from lgt_ops.env import HBUCKETS, Shard, StageEnv  # noqa: F401 - re-exported
 from lgt_ops.ids import content_id
+from lgt_ops.reasons import Rejected
 
 
 @dataclass
@@ -216,6 +217,31 @@ def rejection(
         "detail": (detail or "")[:2000] or None,
         "request_key": request_key,
     }
+
+
+@dataclass(frozen=True)
+class Rejecter:
+    """What every rejection row of one item shares, so a rejection is one line in a stage:
+    `rows.add("rejections", reject("question", ref, exc))`."""
+
+    env: StageEnv
+    stage: str
+    fingerprint: str
+    image_id: str | None = None
+    request_key: str | None = None
+
+    def __call__(self, kind: str, ref: str, why: Rejected) -> dict[str, Any]:
+        return rejection(
+            self.env,
+            self.stage,
+            self.fingerprint,
+            kind,
+            ref,
+            why.reason,
+            why.detail,
+            image_id=self.image_id,
+            request_key=self.request_key,
+        )
 
 
 def done_marker(

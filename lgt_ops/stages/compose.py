@@ -42,7 +42,7 @@ from lgt_ops.questions import (
 from lgt_ops.reasons import Rejected
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
-from lgt_ops.stages.base import Shard, StageEnv, already_done, rejection
+from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
 
 STAGE = "compose"
@@ -262,17 +262,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
         except Rejected as exc:
             rows.add(
                 "rejections",
-                rejection(
-                    env,
-                    STAGE,
-                    fp,
-                    "question",
-                    ref,
-                    exc.reason,
-                    exc.detail,
-                    image_id=item.image_id,
-                    request_key=outcome.request.key,
-                ),
+                Rejecter(env, STAGE, fp, item.image_id, outcome.request.key)("question", ref, exc),
             )
             continue
         for table, table_rows in produced.items():

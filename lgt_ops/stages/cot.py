@@ -18,9 +18,10 @@ from lgt_ops.ids import content_id
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import CONTINUE, ChatRequest, image_part
 from lgt_ops.questions import Question, from_row
+from lgt_ops.reasons import Rejected
 from lgt_ops.sources import SourceSpec, image_locations, image_set
 from lgt_ops.stages import annotate
-from lgt_ops.stages.base import Shard, StageEnv, already_done, rejection
+from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
 from lgt_ops.stages.runner import (
     Plan,
     Rows,
@@ -139,16 +140,8 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
         if parsed.error:
             rows.add(
                 "rejections",
-                rejection(
-                    env,
-                    STAGE,
-                    fp,
-                    "rollout",
-                    rid,
-                    parsed.error,
-                    "unparseable rollout counts as wrong",
-                    image_id=q.image_id,
-                    request_key=key,
+                Rejecter(env, STAGE, fp, q.image_id, key)(
+                    "rollout", rid, Rejected(parsed.error, "unparseable rollout counts as wrong")
                 ),
             )
         rows.outputs += 1

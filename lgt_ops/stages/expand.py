@@ -25,9 +25,10 @@ from lgt_ops.ids import content_id
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import CONTINUE, ChatRequest
 from lgt_ops.questions import Question, from_row
+from lgt_ops.reasons import Rejected
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
-from lgt_ops.stages.base import Shard, StageEnv, already_done, rejection
+from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
 
 STAGE = "expand"
@@ -135,16 +136,8 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
         if parsed.error:
             rows.add(
                 "rejections",
-                rejection(
-                    env,
-                    STAGE,
-                    fp,
-                    "expansion",
-                    eid,
-                    parsed.error,
-                    "unparseable expansion",
-                    image_id=q.image_id,
-                    request_key=outcome.request.key,
+                Rejecter(env, STAGE, fp, q.image_id, outcome.request.key)(
+                    "expansion", eid, Rejected(parsed.error, "unparseable expansion")
                 ),
             )
         rows.outputs += 1

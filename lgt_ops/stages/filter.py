@@ -25,11 +25,11 @@ from lgt_ops.ids import content_id
 from lgt_ops.questions import jaccard, tokens
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import (
+    Rejecter,
     Rows,
     Shard,
     StageEnv,
     already_done,
-    rejection,
 )
 from lgt_ops.stages.runner import Plan, WorkItem, runner_for
 from lgt_ops.traces import Trace
@@ -144,16 +144,8 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Any]) -> Rows:
         if v.reason:
             rows.add(
                 "rejections",
-                rejection(
-                    env,
-                    STAGE,
-                    fp,
-                    v.trace.kind,
-                    v.trace.trace_id,
-                    v.reason,
-                    v.detail,
-                    image_id=item.image_id,
-                    request_key=v.trace.request_key,
+                Rejecter(env, STAGE, fp, item.image_id, v.trace.request_key)(
+                    v.trace.kind, v.trace.trace_id, v
                 ),
             )
     return rows

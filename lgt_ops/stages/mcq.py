@@ -27,6 +27,7 @@ from lgt_ops.reasons import Rejected
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
 from lgt_ops.stages.base import (
+    Rejecter,
     Shard,
     StageEnv,
     already_done,
@@ -83,10 +84,11 @@ def build_request(env: StageEnv, ctx: ImageContext) -> ChatRequest:
 
 
 def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
-    outcome = outcomes[0]  # one request per item
     """Questions and rejections from one reply."""
+    outcome = outcomes[0]  # one request per item
     ctx: ImageContext = item.context
     rows = Rows()
+    reject = Rejecter(env, STAGE, fp, ctx.image_id, outcome.request.key)
     if not outcome.ok:
         rows.add("rejections", request_rejection(env, STAGE, fp, item, outcome))
         return rows
@@ -94,33 +96,14 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
         raw = parse_json_reply(outcome.contents()[0])["questions"]
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         rows.add(
-            "rejections",
-            rejection(
-                env,
-                STAGE,
-                fp,
-                "request",
-                item.item_id,
-                "unparseable_reply",
-                str(exc),
-                image_id=ctx.image_id,
-                request_key=outcome.request.key,
-            ),
+            "rejections", reject("request", item.item_id, Rejected("unparseable_reply", str(exc)))
         )
         return rows
     if not raw:
         rows.add(
             "rejections",
-            rejection(
-                env,
-                STAGE,
-                fp,
-                "request",
-                item.item_id,
-                "no_questions",
-                "the reply holds no question",
-                image_id=ctx.image_id,
-                request_key=outcome.request.key,
+            reject(
+                "request", item.item_id, Rejected("no_questions", "the reply holds no question")
             ),
         )
         return rows
@@ -143,20 +126,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
             decontam.index_for(env).check_question(q["question"], q["options"])
             dedup.check(f"{q['question']} {correct}")
         except Rejected as exc:
-            rows.add(
-                "rejections",
-                rejection(
-                    env,
-                    STAGE,
-                    fp,
-                    "question",
-                    ref,
-                    exc.reason,
-                    exc.detail,
-                    image_id=ctx.image_id,
-                    request_key=outcome.request.key,
-                ),
-            )
+            rows.add("rejections", reject("question", ref, exc))
             continue
         question = make_question(
             image_id=ctx.image_id,

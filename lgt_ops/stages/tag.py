@@ -14,12 +14,13 @@ from lgt_ops import current, prompts, registry
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.llm.schema import parse_json_reply
+from lgt_ops.reasons import Rejected
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import (
+    Rejecter,
     Shard,
     StageEnv,
     already_done,
-    rejection,
 )
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
 from lgt_ops.traces import BEHAVIOURS, Trace
@@ -73,26 +74,14 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
     outcome = outcomes[0]  # one request per item
     t: Trace = item.context
     rows = Rows()
+    reject = Rejecter(env, STAGE, fp, item.image_id, outcome.request.key)
     if not outcome.ok:
         rows.add("rejections", request_rejection(env, STAGE, fp, item, outcome))
         return rows
     try:
         found = counts(outcome.contents()[0])
     except ValueError as exc:
-        rows.add(
-            "rejections",
-            rejection(
-                env,
-                STAGE,
-                fp,
-                t.kind,
-                t.trace_id,
-                "unparseable_reply",
-                str(exc),
-                image_id=item.image_id,
-                request_key=outcome.request.key,
-            ),
-        )
+        rows.add("rejections", reject(t.kind, t.trace_id, Rejected("unparseable_reply", str(exc))))
         return rows
     rows.add(
         "behaviour_tags",

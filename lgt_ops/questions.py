@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lgt_ops.ids import content_id
+from lgt_ops.reasons import QuestionReason as QR
 from lgt_ops.reasons import Rejected
 
 LETTERS = "ABCDEFGH"
@@ -102,32 +103,32 @@ def check(
     """Validate a raw question; returns the correct option's text or raises Rejected."""
     q = (question or "").strip()
     if len(q) < 8:
-        raise Rejected("empty_question", f"question {question!r} is too short")
+        raise Rejected(QR.EMPTY_QUESTION, f"question {question!r} is too short")
     if len(options) != n_options:
-        raise Rejected("wrong_option_count", f"{len(options)} options, want {n_options}")
+        raise Rejected(QR.WRONG_OPTION_COUNT, f"{len(options)} options, want {n_options}")
     opts = [str(o).strip() for o in options]
     letter = str(answer_letter).strip().upper().rstrip(".)").lstrip("(")
     if len(letter) != 1 or letter not in LETTERS[:n_options]:
-        raise Rejected("bad_answer_letter", f"answer {answer_letter!r}")
+        raise Rejected(QR.BAD_ANSWER_LETTER, f"answer {answer_letter!r}")
     if any(not o for o in opts):
-        raise Rejected("empty_option", "an option is empty")
+        raise Rejected(QR.EMPTY_OPTION, "an option is empty")
     normed = [" ".join(o.lower().split()) for o in opts]
     if len(set(normed)) != len(normed):
-        raise Rejected("duplicate_options", f"options repeat: {opts}")
+        raise Rejected(QR.DUPLICATE_OPTIONS, f"options repeat: {opts}")
     if any(_META_OPTIONS.match(o) for o in normed):
-        raise Rejected("meta_option", "an option refers to the other options")
+        raise Rejected(QR.META_OPTION, "an option refers to the other options")
     if _LEAKS.search(q) or any(_LEAKS.search(o) for o in opts):
-        raise Rejected("mentions_metadata", "refers to the caption or annotations")
+        raise Rejected(QR.MENTIONS_METADATA, "refers to the caption or annotations")
     if grounding is not None:
         if not grounding:
-            raise Rejected("no_grounding", "no grounding object ids")
+            raise Rejected(QR.NO_GROUNDING, "no grounding object ids")
         unknown = [g for g in grounding if g not in (known_objects or set())]
         if unknown:
-            raise Rejected("unknown_grounding", f"unknown object ids {unknown}")
+            raise Rejected(QR.UNKNOWN_GROUNDING, f"unknown object ids {unknown}")
     correct = opts[LETTERS.index(letter)]
     giveaway = _giveaway(correct, [o for o in opts if o != correct])
     if giveaway:
-        raise Rejected("answerable_from_options", giveaway)
+        raise Rejected(QR.ANSWERABLE_FROM_OPTIONS, giveaway)
     return correct
 
 
@@ -201,7 +202,7 @@ class NearDuplicates:
         toks = tokens(text)
         for other in self._seen:
             if jaccard(toks, other) >= self.threshold:
-                raise Rejected("near_duplicate", f"overlaps an earlier question ({text[:80]})")
+                raise Rejected(QR.NEAR_DUPLICATE, f"overlaps an earlier question ({text[:80]})")
         self._seen.append(toks)
 
 

@@ -1,10 +1,10 @@
 """Every reason a stage can record for an item it rejects or skips, in one registry.
 
-Each stage that has moved to typed reasons owns a `StrEnum` here; code that rejects uses its
-members (they compare equal to, and are stored as, their plain string value), and the
-README's reason table is tested against `REGISTRY`, so the documentation cannot drift from
-what the code can emit. Stages not yet listed in `REGISTRY` still use string literals; adding
-one is a new enum plus one `REGISTRY` entry.
+Each stage's reasons are `StrEnum`s here; code that rejects uses their members (they compare
+equal to, and are stored as, their plain string value) in a `Rejected(reason, detail)`, and
+the README's reason table is tested against `REGISTRY`, so the documentation cannot drift
+from what the code can emit. A stage not listed (annotate: box reasons and request outcomes)
+records reasons of other registries.
 """
 
 from __future__ import annotations
@@ -95,5 +95,74 @@ def base(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-# stage name (as in the README's reason table) -> its reasons
-REGISTRY: dict[str, type[StrEnum]] = {"ingest": IngestReason}
+class ReplyReason(StrEnum):
+    """A model's reply that cannot be read (the request itself succeeded)."""
+
+    UNPARSEABLE_REPLY = "unparseable_reply"
+
+
+class QuestionReason(StrEnum):
+    """The rules every multiple-choice question passes (mcq, and compose's questions)."""
+
+    EMPTY_QUESTION = "empty_question"
+    WRONG_OPTION_COUNT = "wrong_option_count"
+    BAD_ANSWER_LETTER = "bad_answer_letter"
+    EMPTY_OPTION = "empty_option"
+    DUPLICATE_OPTIONS = "duplicate_options"
+    META_OPTION = "meta_option"
+    MENTIONS_METADATA = "mentions_metadata"
+    NO_GROUNDING = "no_grounding"
+    UNKNOWN_GROUNDING = "unknown_grounding"
+    ANSWERABLE_FROM_OPTIONS = "answerable_from_options"
+    NEAR_DUPLICATE = "near_duplicate"
+    CONTAMINATED = "contaminated"  # stored as `contaminated:<benchmark>`
+
+
+class McqReason(StrEnum):
+    NO_QUESTIONS = "no_questions"
+    MALFORMED_QUESTION = "malformed_question"  # an entry of the reply is not an object
+    MISSING_OBJECTS = "missing_objects"  # an image without object annotations: not asked
+
+
+class ComposeReason(StrEnum):
+    ANSWER_MISMATCH = "answer_mismatch"  # the marked option is not the derived answer
+    NOT_COMPOSED = "not_composed"  # repeats a parent
+
+
+class TraceReason(StrEnum):
+    """Why a rollout or an expansion could not be parsed (kept; it counts as wrong)."""
+
+    NO_THINK_CLOSE = "no_think_close"
+    NO_ANSWER = "no_answer"
+    CONFLICTING_ANSWERS = "conflicting_answers"
+    ANSWER_NOT_AN_OPTION = "answer_not_an_option"
+    MULTIPLE_THINK_BLOCKS = "multiple_think_blocks"
+    TRUNCATED = "truncated"
+
+
+class FilterReason(StrEnum):
+    UNPARSEABLE = "unparseable"
+    TOO_SHORT = "too_short"
+    TOO_LONG = "too_long"
+    LEAKS_METADATA = "leaks_metadata"
+    DEGENERATE_REPETITION = "degenerate_repetition"
+    WRONG_ANSWER = "wrong_answer"
+    NEAR_DUPLICATE = "near_duplicate"
+
+
+# stage name (as in the README's reason table) -> the enums of the reasons it records itself
+# (request outcomes, lgt_ops.llm.errors.FailureClass, come on top for model stages)
+REGISTRY: dict[str, tuple[type[StrEnum], ...]] = {
+    "ingest": (IngestReason,),
+    "mcq": (McqReason, QuestionReason, ReplyReason),
+    "compose": (ComposeReason, QuestionReason, ReplyReason),
+    "cot": (TraceReason,),
+    "expand": (TraceReason,),
+    "filter": (FilterReason,),
+    "tag": (ReplyReason,),
+}
+
+
+def codes(stage: str) -> set[str]:
+    """Every reason code a registered stage can record itself."""
+    return {r.value for enum in REGISTRY[stage] for r in enum}

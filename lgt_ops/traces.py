@@ -28,6 +28,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from lgt_ops.reasons import TraceReason
+
 # Bump when parsing, leak or behaviour rules change: stage fingerprints include it, so the
 # verdicts are recomputed (the model replies come from the ledger, never paid twice).
 RULES_VERSION = 2
@@ -170,33 +172,35 @@ def parse(text: str, n_options: int, *, truncated: bool = False) -> Parsed:
         body = body[len("<think>") :].lstrip()
     closes = body.count("</think>")
     if closes > 1:
-        return Parsed(None, None, "multiple_think_blocks")
+        return Parsed(None, None, TraceReason.MULTIPLE_THINK_BLOCKS)
     if closes == 0:
         return _unclosed(body, n_options, truncated)
     thinking, _, after = body.partition("</think>")
     answers = answer_letters(after)
     if not answers:
-        return Parsed(thinking.strip(), None, "truncated" if truncated else "no_answer")
+        return Parsed(
+            thinking.strip(), None, TraceReason.TRUNCATED if truncated else TraceReason.NO_ANSWER
+        )
     return _verdict(thinking.strip(), answers, n_options)
 
 
 def _unclosed(body: str, n_options: int, truncated: bool) -> Parsed:
     """No `</think>`: only a final line that explicitly states the answer counts (see top)."""
     if truncated:
-        return Parsed(None, None, "truncated")
+        return Parsed(None, None, TraceReason.TRUNCATED)
     lines = body.rstrip().splitlines()
     letters = _explicit(lines[-1]) if lines else []
     if not letters:
-        return Parsed(None, None, "no_think_close")
+        return Parsed(None, None, TraceReason.NO_THINK_CLOSE)
     return _verdict("\n".join(lines[:-1]).strip(), letters, n_options)
 
 
 def _verdict(thinking: str, answers: list[str], n_options: int) -> Parsed:
     if len(set(answers)) > 1:
-        return Parsed(thinking, None, "conflicting_answers")
+        return Parsed(thinking, None, TraceReason.CONFLICTING_ANSWERS)
     letter = answers[0]
     if "ABCDEFGH".index(letter) >= n_options:
-        return Parsed(thinking, None, "answer_not_an_option")
+        return Parsed(thinking, None, TraceReason.ANSWER_NOT_AN_OPTION)
     return Parsed(thinking, letter, None)
 
 
@@ -211,7 +215,7 @@ def canonical_answer(text: str, letter: str | None) -> str:
 
 def format_problem(text: str) -> str | None:
     """Why a parsed trace is still not in the training format (its answer may count)."""
-    return None if "</think>" in text else "no_think_close"
+    return None if "</think>" in text else TraceReason.NO_THINK_CLOSE
 
 
 def reply_text(message: dict[str, Any]) -> str:

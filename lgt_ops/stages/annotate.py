@@ -15,7 +15,7 @@ from lgt_ops.images import scale_factor
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import ChatRequest, image_part
 from lgt_ops.llm.schema import parse_json_reply
-from lgt_ops.reasons import IngestReason, Rejected
+from lgt_ops.reasons import IngestReason, Rejected, ReplyReason
 from lgt_ops.sources import SourceSpec, image_locations, image_set
 from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
 from lgt_ops.stages.ingest import annotation_row
@@ -86,7 +86,8 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
         caption, raw_objects = str(reply["caption"]).strip(), list(reply["objects"])
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         rows.add(
-            "rejections", reject("request", item.item_id, Rejected("unparseable_reply", str(exc)))
+            "rejections",
+            reject("request", item.item_id, Rejected(ReplyReason.UNPARSEABLE_REPLY, str(exc))),
         )
         return rows
     key = outcome.request.key

@@ -39,7 +39,7 @@ from lgt_ops.questions import (
     question_row,
     tokens,
 )
-from lgt_ops.reasons import Rejected
+from lgt_ops.reasons import ComposeReason, Rejected, ReplyReason
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
 from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
@@ -212,14 +212,16 @@ def _accept(env: StageEnv, fp: str, item: WorkItem, outcome: Outcome) -> dict[st
         reply = parse_json_reply(outcome.contents()[0])
         text, options, letter = reply["question"], list(reply["options"]), reply["answer"]
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise Rejected("unparseable_reply", str(exc)) from exc
+        raise Rejected(ReplyReason.UNPARSEABLE_REPLY, str(exc)) from exc
     correct = check(text, options, letter, n_options=env.settings.method.mcq_options)
     decontam.index_for(env).check_question(text, options)  # before any rollout
     if " ".join(correct.lower().split()) != " ".join(cand.answer.lower().split()):
-        raise Rejected("answer_mismatch", f"marked {correct!r}, the parents give {cand.answer!r}")
+        raise Rejected(
+            ComposeReason.ANSWER_MISMATCH, f"marked {correct!r}, the parents give {cand.answer!r}"
+        )
     for p in cand.parents:
         if jaccard(tokens(text), tokens(p.question)) >= 0.9:
-            raise Rejected("not_composed", "the question repeats a parent")
+            raise Rejected(ComposeReason.NOT_COMPOSED, "the question repeats a parent")
     q = make_question(
         image_id=item.image_id or "",
         stage=2,

@@ -23,6 +23,7 @@ from lgt_ops import current, registry, traces
 from lgt_ops.config import MethodParams
 from lgt_ops.ids import content_id
 from lgt_ops.questions import jaccard, tokens
+from lgt_ops.reasons import FilterReason as FR
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import (
     Rejecter,
@@ -55,19 +56,19 @@ class Verdict:
 
 def _form_problem(t: Trace, m: MethodParams) -> tuple[str, str] | None:
     if t.parse_error:
-        return "unparseable", t.parse_error
+        return FR.UNPARSEABLE, t.parse_error
     if fmt := traces.format_problem(t.text):  # an answer that counts, not a training text
-        return "unparseable", fmt
+        return FR.UNPARSEABLE, fmt
     n = len(t.text)
     if n < m.trace_min_chars:
-        return "too_short", f"{n} characters < {m.trace_min_chars}"
+        return FR.TOO_SHORT, f"{n} characters < {m.trace_min_chars}"
     if n > m.trace_max_chars:
-        return "too_long", f"{n} characters > {m.trace_max_chars}"
+        return FR.TOO_LONG, f"{n} characters > {m.trace_max_chars}"
     leak = traces.leaks(t.text)
     if leak:
-        return "leaks_metadata", f"mentions {leak!r}"
+        return FR.LEAKS_METADATA, f"mentions {leak!r}"
     if traces.degenerate(t.text):
-        return "degenerate_repetition", "one phrase repeats through the trace"
+        return FR.DEGENERATE_REPETITION, "one phrase repeats through the trace"
     return None
 
 
@@ -79,11 +80,11 @@ def judge(question_traces: list[Trace], m: MethodParams) -> list[Verdict]:
         problem = _form_problem(t, m)
         well_formed = problem is None
         if problem is None and not t.correct:
-            problem = ("wrong_answer", f"answered {t.letter}")
+            problem = (FR.WRONG_ANSWER, f"answered {t.letter}")
         if problem is None:
             words = tokens(t.text)
             if any(jaccard(words, k) >= m.trace_dedup_threshold for k in kept):
-                problem = ("near_duplicate", "overlaps a kept trace of the same question")
+                problem = (FR.NEAR_DUPLICATE, "overlaps a kept trace of the same question")
             else:
                 kept.append(words)
         reason, detail = problem if problem else (None, None)

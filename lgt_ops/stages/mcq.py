@@ -23,7 +23,7 @@ from lgt_ops.questions import (
     normalise_skill,
     question_row,
 )
-from lgt_ops.reasons import Rejected
+from lgt_ops.reasons import McqReason, Rejected, ReplyReason
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
 from lgt_ops.stages.base import (
@@ -96,14 +96,17 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
         raw = parse_json_reply(outcome.contents()[0])["questions"]
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         rows.add(
-            "rejections", reject("request", item.item_id, Rejected("unparseable_reply", str(exc)))
+            "rejections",
+            reject("request", item.item_id, Rejected(ReplyReason.UNPARSEABLE_REPLY, str(exc))),
         )
         return rows
     if not raw:
         rows.add(
             "rejections",
             reject(
-                "request", item.item_id, Rejected("no_questions", "the reply holds no question")
+                "request",
+                item.item_id,
+                Rejected(McqReason.NO_QUESTIONS, "the reply holds no question"),
             ),
         )
         return rows
@@ -113,7 +116,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
         ref = f"{item.item_id}#{n}"
         try:
             if not isinstance(q, dict):
-                raise Rejected("malformed_question", f"{q!r}"[:200])
+                raise Rejected(McqReason.MALFORMED_QUESTION, f"{q!r}"[:200])
             grounding = [str(g) for g in q.get("grounding") or []]
             correct = check(
                 q.get("question", ""),
@@ -172,7 +175,7 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
                     fp,
                     "image",
                     ctx.input_id,
-                    "missing_objects",
+                    McqReason.MISSING_OBJECTS,
                     "no object annotations",
                     image_id=ctx.image_id,
                 ),

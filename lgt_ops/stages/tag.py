@@ -14,7 +14,7 @@ from lgt_ops import current, prompts, registry
 from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.llm.schema import parse_json_reply
-from lgt_ops.reasons import Rejected
+from lgt_ops.reasons import Rejected, ReplyReason
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import (
     Rejecter,
@@ -81,7 +81,10 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
     try:
         found = counts(outcome.contents()[0])
     except ValueError as exc:
-        rows.add("rejections", reject(t.kind, t.trace_id, Rejected("unparseable_reply", str(exc))))
+        rows.add(
+            "rejections",
+            reject(t.kind, t.trace_id, Rejected(ReplyReason.UNPARSEABLE_REPLY, str(exc))),
+        )
         return rows
     rows.add(
         "behaviour_tags",

@@ -39,7 +39,8 @@ from lgt_ops.llm.errors import (
     FailureClass,
     classify_http,
 )
-from lgt_ops.llm.ledger import Ledger, Outcome
+from lgt_ops.llm.ledger import Ledger
+from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.llm.schema import SchemaCheck
 from lgt_ops.llm.window import AdaptiveWindow

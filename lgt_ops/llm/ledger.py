@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, text
 
 from lgt_ops.db.repo import chunked, insert_for, table, utcnow
+from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.runctx import RunContext
 from lgt_ops.storage import ObjectStore
@@ -34,39 +35,6 @@ from lgt_ops.storage import ObjectStore
 # Outcomes a re-run reuses. `failed` (endpoint trouble) is retried by the next run.
 TERMINAL = ("ok", "invalid_output", "rejected")
 INLINE_RESPONSE_LIMIT = 256 * 1024
-
-
-@dataclass
-class Outcome:
-    """What happened to one request (fresh from the endpoint or replayed from the ledger)."""
-
-    request: ChatRequest
-    status: str
-    response: dict[str, Any] | None = None
-    error_class: str | None = None
-    http_status: int | None = None
-    attempts: int = 0
-    overloads: int = 0
-    transient_errors: int = 0
-    regenerations: int = 0
-    latency_ms: float | None = None
-    error_detail: str | None = None
-    cached: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return (self.response or {}).get("usage") or {}
-
-    @property
-    def choices(self) -> list[dict[str, Any]]:
-        return (self.response or {}).get("choices") or []
-
-    def contents(self) -> list[str]:
-        return [(c.get("message") or {}).get("content") or "" for c in self.choices]
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ from lgt_ops.failures import EXIT_USAGE, PermanentFailure
 from lgt_ops.images import data_url, encode_for_request
 from lgt_ops.llm.engine import RequestEngine, run_all
 from lgt_ops.llm.errors import EndpointAuthError, EndpointDown
-from lgt_ops.llm.ledger import Outcome
 from lgt_ops.llm.needs import RoleNeed, role_needs
+from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import CONTINUE, ChatRequest, image_part
 from lgt_ops.storage import ObjectStore, S3Store
 

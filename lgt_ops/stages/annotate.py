@@ -12,7 +12,7 @@ from lgt_ops import boxes, prompts, registry
 from lgt_ops.annotations import ImageContext, current
 from lgt_ops.ids import content_id
 from lgt_ops.images import scale_factor
-from lgt_ops.llm.ledger import Outcome
+from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest, image_part
 from lgt_ops.llm.schema import parse_json_reply
 from lgt_ops.reasons import IngestReason, Rejected, ReplyReason

@@ -26,7 +26,7 @@ from typing import Any
 from lgt_ops import current, decontam, prompts, registry
 from lgt_ops.annotations import ImageContext
 from lgt_ops.annotations import current as image_contexts
-from lgt_ops.llm.ledger import Outcome
+from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.llm.schema import parse_json_reply
 from lgt_ops.questions import (

@@ -15,7 +15,7 @@ from lgt_ops import current, prompts, registry, traces
 from lgt_ops.annotations import current as image_contexts
 from lgt_ops.config import MethodParams
 from lgt_ops.ids import content_id
-from lgt_ops.llm.ledger import Outcome
+from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import CONTINUE, ChatRequest, image_part
 from lgt_ops.questions import Question, from_row
 from lgt_ops.reasons import Rejected

@@ -16,13 +16,13 @@ right and wrong ones (so both self-verification and self-correction traces exist
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from lgt_ops import current, prompts, registry, scene, traces
 from lgt_ops.annotations import ImageContext
 from lgt_ops.annotations import current as image_contexts
 from lgt_ops.ids import content_id
-from lgt_ops.llm.ledger import Outcome
+from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import CONTINUE, ChatRequest
 from lgt_ops.questions import Question, from_row
 from lgt_ops.reasons import Rejected
@@ -57,6 +57,14 @@ def cue_for(rollout_id: str, j: int, cues: tuple[str, ...]) -> str:
     return traces.pick_cue(rollout_id, j, cues)  # siblings get different cues
 
 
+class ExpansionTag(NamedTuple):
+    """What one expansion request answers: the rollout it continues, its cue, the question."""
+
+    rollout: Any
+    cue: str
+    question: Question
+
+
 def build_request(
     env: StageEnv, q: Question, ctx: ImageContext, rollout: Any, j: int
 ) -> ChatRequest:
@@ -88,7 +96,7 @@ def build_request(
         },
         # A cut-off trace is the filter's to reject, not a reason to pay again.
         allow_truncated=True,
-        tag=(rollout, cue, q),
+        tag=ExpansionTag(rollout, cue, q),
     )
 
 
@@ -104,7 +112,8 @@ def continuation(outcome: Outcome) -> tuple[str, str | None, str | None]:
 def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
     rows = Rows()
     for outcome in sorted(outcomes, key=lambda o: o.request.key):
-        rollout, cue, q = outcome.request.tag
+        tag: ExpansionTag = outcome.request.tag
+        rollout, cue, q = tag
         if not outcome.ok:
             rows.add("rejections", request_rejection(env, STAGE, fp, item, outcome))
             continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lgt_ops import decontam, prompts, registry
 from lgt_ops.annotations import ImageContext, current
-from lgt_ops.llm.ledger import Outcome
+from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.llm.schema import parse_json_reply
 from lgt_ops.questions import (

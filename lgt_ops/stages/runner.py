@@ -16,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from lgt_ops.failures import EXIT_INCOMPLETE, TransientFailure
 from lgt_ops.images import data_url, encode_for_request
 from lgt_ops.llm.engine import RequestEngine
-from lgt_ops.llm.ledger import JournalPolicy, Ledger, Outcome
+from lgt_ops.llm.ledger import JournalPolicy, Ledger
+from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.progress import Progress
 from lgt_ops.registry import Stage, stage_fingerprint
@@ -45,12 +46,19 @@ class StageIncomplete(TransientFailure, RuntimeError):
     exit_code = EXIT_INCOMPLETE
 
 
+C = TypeVar("C")
+
+
 @dataclass
-class WorkItem:
+class WorkItem(Generic[C]):
+    """One item a stage plans: its id (the done-marker's key), its image, its requests and
+    the stage's own correlation data (`context`: a Question, an ImageContext, ...), which
+    handle() gets back with the outcomes."""
+
     item_id: str
     image_id: str | None
     requests: list[ChatRequest]
-    context: Any = None
+    context: C | None = None
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lgt_ops import current, prompts, registry
-from lgt_ops.llm.ledger import Outcome
+from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.llm.schema import parse_json_reply
 from lgt_ops.reasons import Rejected, ReplyReason

@@ -98,6 +98,11 @@ class Stage:
         return cls.role is not None
 
     @classmethod
+    def fingerprint(cls, env: Any) -> str:
+        """This stage's fingerprint under a StageEnv's settings (see `fingerprints`)."""
+        return stage_fingerprint(cls.name, env.settings)
+
+    @classmethod
     def plan(cls, env: Any, spec: Any, shard: Any, sample_size: int | None) -> Any:
         return cls.module().plan(env, spec, shard, sample_size)
 

@@ -17,25 +17,22 @@ from lgt_ops.llm.request import ChatRequest, image_part
 from lgt_ops.llm.schema import parse_json_reply
 from lgt_ops.reasons import IngestReason, Rejected, ReplyReason
 from lgt_ops.sources import SourceSpec, image_locations, image_set
-from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
+from lgt_ops.stages.base import Shard, StageEnv, already_done
 from lgt_ops.stages.ingest import annotation_row
 from lgt_ops.stages.runner import (
     Plan,
     Rows,
     StoreImageUrls,
     WorkItem,
-    request_rejection,
+    one_answer,
     runner_for,
 )
 
-STAGE = "annotate"
-VERSION = 1
+SPEC = registry.Annotate  # name, version, role, template, config: declared once, there
+STAGE = SPEC.name
 MAX_TOKENS = registry.Annotate.reply_tokens
-TEMPLATE = "annotate"
-
-
-def stage_fingerprint(env: StageEnv) -> str:
-    return registry.stage_fingerprint(STAGE, env.settings)
+TEMPLATE = SPEC.template or ""
+stage_fingerprint = SPEC.fingerprint
 
 
 def item_id(ctx: ImageContext) -> str:
@@ -73,12 +70,9 @@ def build_request(env: StageEnv, ctx: ImageContext) -> ChatRequest:
 
 
 def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
-    outcome = outcomes[0]  # one request per item
     ctx: ImageContext = item.context
-    rows = Rows()
-    reject = Rejecter(env, STAGE, fp, ctx.image_id, outcome.request.key)
+    outcome, rows, reject = one_answer(env, STAGE, fp, item, outcomes)
     if not outcome.ok:
-        rows.add("rejections", request_rejection(env, STAGE, fp, item, outcome))
         return rows
     model = env.settings.endpoint("vlm").model
     try:

@@ -45,10 +45,10 @@ from lgt_ops.stages import annotate
 from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
 
-STAGE = "compose"
-VERSION = 1
+SPEC = registry.Compose  # name, version, role, template, config: declared once, there
+STAGE = SPEC.name
 MAX_TOKENS = registry.Compose.reply_tokens
-TEMPLATE = "compose"
+TEMPLATE = SPEC.template or ""
 
 DESCRIPTIONS = {
     "chain": "The answer to the first question identifies an object; the composed question "
@@ -58,10 +58,7 @@ DESCRIPTIONS = {
     "conjunction": "The composed question requires both answers at once; each option pairs "
     "one candidate answer to each simple question.",
 }
-
-
-def stage_fingerprint(env: StageEnv) -> str:
-    return registry.stage_fingerprint(STAGE, env.settings)
+stage_fingerprint = SPEC.fingerprint
 
 
 @dataclass(frozen=True)

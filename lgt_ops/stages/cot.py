@@ -31,13 +31,10 @@ from lgt_ops.stages.runner import (
     runner_for,
 )
 
-STAGE = "cot"
-VERSION = 1
-TEMPLATE = "cot"
-
-
-def stage_fingerprint(env: StageEnv) -> str:
-    return registry.stage_fingerprint(STAGE, env.settings)
+SPEC = registry.Cot  # name, version, role, template, config: declared once, there
+STAGE = SPEC.name
+TEMPLATE = SPEC.template or ""
+stage_fingerprint = SPEC.fingerprint
 
 
 def bucket(pass_rate: float, m: MethodParams) -> str:

@@ -31,13 +31,10 @@ from lgt_ops.stages import annotate
 from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
 
-STAGE = "expand"
-VERSION = 1
-TEMPLATE = "expand"
-
-
-def stage_fingerprint(env: StageEnv) -> str:
-    return registry.stage_fingerprint(STAGE, env.settings)
+SPEC = registry.Expand  # name, version, role, template, config: declared once, there
+STAGE = SPEC.name
+TEMPLATE = SPEC.template or ""
+stage_fingerprint = SPEC.fingerprint
 
 
 def choose_rollouts(rows: list[Any], limit: int) -> list[Any]:

@@ -35,13 +35,10 @@ from lgt_ops.stages.base import (
 from lgt_ops.stages.runner import Plan, WorkItem, runner_for
 from lgt_ops.traces import Trace
 
-STAGE = "filter"
-VERSION = 1
+SPEC = registry.Filter  # name, version, role, template, config: declared once, there
+STAGE = SPEC.name
 TAGGER = "heuristic"
-
-
-def stage_fingerprint(env: StageEnv) -> str:
-    return registry.stage_fingerprint(STAGE, env.settings)
+stage_fingerprint = SPEC.fingerprint
 
 
 @dataclass(frozen=True)

@@ -46,15 +46,12 @@ from lgt_ops.storage import ObjectInfo, ObjectMissing, ObjectRefused, ObjectStor
 
 log = logging.getLogger(__name__)
 
-STAGE = "ingest"
-VERSION = 1
+SPEC = registry.Ingest  # name, version, role, template, config: declared once, there
+STAGE = SPEC.name
 _COMMIT_EVERY = 50
 _DOWNLOAD_THREADS = 8
 _HEADER_BYTES = 256 * 1024  # JPEG size markers can follow up to 64 KB of EXIF and more
-
-
-def stage_fingerprint(env: StageEnv) -> str:
-    return registry.stage_fingerprint(STAGE, env.settings)
+stage_fingerprint = SPEC.fingerprint
 
 
 @dataclass

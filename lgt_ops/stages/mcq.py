@@ -27,7 +27,6 @@ from lgt_ops.reasons import McqReason, Rejected, ReplyReason
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
 from lgt_ops.stages.base import (
-    Rejecter,
     Shard,
     StageEnv,
     already_done,
@@ -37,17 +36,14 @@ from lgt_ops.stages.runner import (
     Plan,
     Rows,
     WorkItem,
-    request_rejection,
+    one_answer,
     runner_for,
 )
 
-STAGE = "mcq"
-VERSION = 1
-TEMPLATE = "mcq"
-
-
-def stage_fingerprint(env: StageEnv) -> str:
-    return registry.stage_fingerprint(STAGE, env.settings)
+SPEC = registry.Mcq  # name, version, role, template, config: declared once, there
+STAGE = SPEC.name
+TEMPLATE = SPEC.template or ""
+stage_fingerprint = SPEC.fingerprint
 
 
 def image_seed(image_id: str, seed: int) -> int:
@@ -85,12 +81,9 @@ def build_request(env: StageEnv, ctx: ImageContext) -> ChatRequest:
 
 def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
     """Questions and rejections from one reply."""
-    outcome = outcomes[0]  # one request per item
     ctx: ImageContext = item.context
-    rows = Rows()
-    reject = Rejecter(env, STAGE, fp, ctx.image_id, outcome.request.key)
+    outcome, rows, reject = one_answer(env, STAGE, fp, item, outcomes)
     if not outcome.ok:
-        rows.add("rejections", request_rejection(env, STAGE, fp, item, outcome))
         return rows
     try:
         raw = parse_json_reply(outcome.contents()[0])["questions"]

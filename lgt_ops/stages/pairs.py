@@ -32,13 +32,10 @@ from lgt_ops.stages.base import (
 from lgt_ops.stages.runner import Plan, WorkItem, runner_for
 from lgt_ops.traces import Trace
 
-STAGE = "pairs"
-VERSION = 1
+SPEC = registry.Pairs  # name, version, role, template, config: declared once, there
+STAGE = SPEC.name
 RULES = ("X->O>X", "X->O>X->X", "O>O->X", "O>X")
-
-
-def stage_fingerprint(env: StageEnv) -> str:
-    return registry.stage_fingerprint(STAGE, env.settings)
+stage_fingerprint = SPEC.fingerprint
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from lgt_ops.progress import Progress
 from lgt_ops.registry import Stage, stage_fingerprint
 from lgt_ops.stages.base import (
     ItemCommitter,
+    Rejecter,
     Rows,
     Shard,
     StageEnv,
@@ -235,6 +236,18 @@ def record_early(env: StageEnv, work: Plan, stats: StageStats) -> None:
         return
     commit(env, work.early.tables)
     count_rejections(stats, rejected)
+
+
+def one_answer(
+    env: StageEnv, stage: str, fp: str, item: WorkItem, outcomes: list[Outcome]
+) -> tuple[Outcome, Rows, Rejecter]:
+    """For a one-request item: its outcome, its rows (holding the request's rejection if it
+    ended without usable output) and a Rejecter bound to the item and the request."""
+    (outcome,) = outcomes
+    rows = Rows()
+    if not outcome.ok:
+        rows.add("rejections", request_rejection(env, stage, fp, item, outcome))
+    return outcome, rows, Rejecter(env, stage, fp, item.image_id, outcome.request.key)
 
 
 def request_rejection(

@@ -17,18 +17,17 @@ from lgt_ops.llm.schema import parse_json_reply
 from lgt_ops.reasons import Rejected, ReplyReason
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import (
-    Rejecter,
     Shard,
     StageEnv,
     already_done,
 )
-from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
+from lgt_ops.stages.runner import Plan, Rows, WorkItem, one_answer, runner_for
 from lgt_ops.traces import BEHAVIOURS, Trace
 
-STAGE = "tag"
-VERSION = 1
+SPEC = registry.Tag  # name, version, role, template, config: declared once, there
+STAGE = SPEC.name
 MAX_TOKENS = registry.Tag.reply_tokens
-TEMPLATE = "behaviours"
+TEMPLATE = SPEC.template or ""
 
 
 def enabled(env: StageEnv) -> bool:
@@ -39,8 +38,7 @@ def tagger_name(env: StageEnv) -> str:
     return f"llm:{env.settings.endpoint('llm').model}"
 
 
-def stage_fingerprint(env: StageEnv) -> str:
-    return registry.stage_fingerprint(STAGE, env.settings)
+stage_fingerprint = SPEC.fingerprint
 
 
 def build_request(env: StageEnv, t: Trace) -> ChatRequest:
@@ -71,12 +69,9 @@ def counts(reply: str) -> dict[str, int]:
 
 
 def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
-    outcome = outcomes[0]  # one request per item
     t: Trace = item.context
-    rows = Rows()
-    reject = Rejecter(env, STAGE, fp, item.image_id, outcome.request.key)
+    outcome, rows, reject = one_answer(env, STAGE, fp, item, outcomes)
     if not outcome.ok:
-        rows.add("rejections", request_rejection(env, STAGE, fp, item, outcome))
         return rows
     try:
         found = counts(outcome.contents()[0])

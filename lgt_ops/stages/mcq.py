@@ -9,6 +9,8 @@ balanced and reproducible.
 
 from __future__ import annotations
 
+from typing import Any
+
 from lgt_ops import decontam, prompts, registry
 from lgt_ops.annotations import ImageContext, current
 from lgt_ops.llm.outcome import Outcome
@@ -18,6 +20,7 @@ from lgt_ops.questions import (
     LETTERS,
     SKILLS,
     NearDuplicates,
+    Question,
     check,
     make_question,
     normalise_skill,
@@ -103,49 +106,50 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
             ),
         )
         return rows
-    n_opt = env.settings.method.mcq_options
     dedup = NearDuplicates(env.settings.method.mcq_dedup_threshold)
     for n, q in enumerate(raw):
-        ref = f"{item.item_id}#{n}"
         try:
-            if not isinstance(q, dict):
-                raise Rejected(McqReason.MALFORMED_QUESTION, f"{q!r}"[:200])
-            grounding = [str(g) for g in q.get("grounding") or []]
-            correct = check(
-                q.get("question", ""),
-                q.get("options") or [],
-                q.get("answer", ""),
-                n_options=n_opt,
-                grounding=grounding,
-                known_objects=ctx.object_ids(),
-            )
-            decontam.index_for(env).check_question(q["question"], q["options"])
-            dedup.check(f"{q['question']} {correct}")
+            question = accept(env, fp, ctx, q, dedup)
         except Rejected as exc:
-            rows.add("rejections", reject("question", ref, exc))
+            rows.add("rejections", reject("question", f"{item.item_id}#{n}", exc))
             continue
-        question = make_question(
-            image_id=ctx.image_id,
-            stage=1,
+        row = question_row(
+            question,
             fingerprint=fp,
-            skill=normalise_skill(q.get("skill", "")),
-            question=q["question"],
-            correct=correct,
-            distractors=[str(o).strip() for o in q["options"] if str(o).strip() != correct],
-            grounding=sorted(set(grounding)),
+            item_id=item.item_id,
+            request_key=outcome.request.key,
+            run_id=env.run.run_id,
         )
-        rows.add(
-            "questions",
-            question_row(
-                question,
-                fingerprint=fp,
-                item_id=item.item_id,
-                request_key=outcome.request.key,
-                run_id=env.run.run_id,
-            ),
-        )
+        rows.add("questions", row)
         rows.outputs += 1
     return rows
+
+
+def accept(env: StageEnv, fp: str, ctx: ImageContext, q: Any, dedup: NearDuplicates) -> Question:
+    """One question of the reply, checked (rules, benchmarks, near-duplicates) or Rejected."""
+    if not isinstance(q, dict):
+        raise Rejected(McqReason.MALFORMED_QUESTION, f"{q!r}"[:200])
+    grounding = [str(g) for g in q.get("grounding") or []]
+    correct = check(
+        q.get("question", ""),
+        q.get("options") or [],
+        q.get("answer", ""),
+        n_options=env.settings.method.mcq_options,
+        grounding=grounding,
+        known_objects=ctx.object_ids(),
+    )
+    decontam.index_for(env).check_question(q["question"], q["options"])
+    dedup.check(f"{q['question']} {correct}")
+    return make_question(
+        image_id=ctx.image_id,
+        stage=1,
+        fingerprint=fp,
+        skill=normalise_skill(q.get("skill", "")),
+        question=q["question"],
+        correct=correct,
+        distractors=[str(o).strip() for o in q["options"] if str(o).strip() != correct],
+        grounding=sorted(set(grounding)),
+    )
 
 
 def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:

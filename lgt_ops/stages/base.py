@@ -130,6 +130,21 @@ def recorded(env: StageEnv, stage: str, shard: Shard, fingerprint: str) -> Itera
     ensure_pipeline_run(env)
     stats = StageStats()
     started = time.monotonic()
+    attempt = _start_attempt(env, stage, shard, fingerprint)
+    status, detail = "success", None
+    try:
+        yield stats
+    except BaseException as exc:
+        status = "failed"
+        detail = error_line(exc)
+        raise
+    finally:
+        ended = {"status": status, "detail": detail, "w": round(time.monotonic() - started, 3)}
+        _end_attempt(env, stage, shard, attempt, stats, ended)
+
+
+def _start_attempt(env: StageEnv, stage: str, shard: Shard, fingerprint: str) -> int:
+    """Close this shard's abandoned attempts and insert the new one, `running`; its number."""
     with env.db.begin() as conn:
         close_abandoned_stages(conn, env.run.run_id, stage, shard.index)
         attempt = conn.execute(
@@ -139,57 +154,53 @@ def recorded(env: StageEnv, stage: str, shard: Shard, fingerprint: str) -> Itera
             ),
             {"r": env.run.run_id, "s": stage, "i": shard.index},
         ).scalar_one()
-        insert_ignore(
-            conn,
-            "stage_runs",
-            [
-                {
-                    "run_id": env.run.run_id,
-                    "stage": stage,
-                    "shard_index": shard.index,
-                    "num_shards": shard.count,
-                    "attempt": attempt,
-                    "fingerprint": fingerprint,
-                    "dag_id": env.run.dag_id,
-                    "task_id": env.run.task_id,
-                    "map_index": env.run.map_index,
-                    "status": "running",
-                    **liveness.current().as_row(),
-                }
-            ],
+        row = {
+            "run_id": env.run.run_id,
+            "stage": stage,
+            "shard_index": shard.index,
+            "num_shards": shard.count,
+            "attempt": attempt,
+            "fingerprint": fingerprint,
+            "dag_id": env.run.dag_id,
+            "task_id": env.run.task_id,
+            "map_index": env.run.map_index,
+            "status": "running",
+            **liveness.current().as_row(),
+        }
+        insert_ignore(conn, "stage_runs", [row])
+    return int(attempt)
+
+
+def _end_attempt(
+    env: StageEnv,
+    stage: str,
+    shard: Shard,
+    attempt: int,
+    stats: StageStats,
+    ended: dict[str, Any],
+) -> None:
+    with env.db.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE stage_runs SET status = :status, finished_at = :t, wall_seconds = :w,"
+                " items_in = :items_in, items_skipped = :items_skipped,"
+                " items_out = :items_out, items_rejected = :items_rejected,"
+                " requests_sent = :requests_sent, cache_hits = :cache_hits,"
+                " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,"
+                " errors = :errors, error_detail = :detail"
+                " WHERE run_id = :r AND stage = :s AND shard_index = :i AND attempt = :a"
+            ),
+            {
+                **{k: v for k, v in stats.as_dict().items() if k != "rejected_by_reason"},
+                "errors": json.dumps(dict(stats.errors), sort_keys=True),
+                **ended,
+                "t": utcnow(),
+                "r": env.run.run_id,
+                "s": stage,
+                "i": shard.index,
+                "a": attempt,
+            },
         )
-    status, detail = "success", None
-    try:
-        yield stats
-    except BaseException as exc:
-        status = "failed"
-        detail = error_line(exc)
-        raise
-    finally:
-        with env.db.begin() as conn:
-            conn.execute(
-                text(
-                    "UPDATE stage_runs SET status = :status, finished_at = :t, wall_seconds = :w,"
-                    " items_in = :items_in, items_skipped = :items_skipped,"
-                    " items_out = :items_out, items_rejected = :items_rejected,"
-                    " requests_sent = :requests_sent, cache_hits = :cache_hits,"
-                    " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,"
-                    " errors = :errors, error_detail = :detail"
-                    " WHERE run_id = :r AND stage = :s AND shard_index = :i AND attempt = :a"
-                ),
-                {
-                    **{k: v for k, v in stats.as_dict().items() if k != "rejected_by_reason"},
-                    "errors": json.dumps(dict(stats.errors), sort_keys=True),
-                    "status": status,
-                    "t": utcnow(),
-                    "w": round(time.monotonic() - started, 3),
-                    "detail": detail,
-                    "r": env.run.run_id,
-                    "s": stage,
-                    "i": shard.index,
-                    "a": attempt,
-                },
-            )
 
 
 def rejection(

@@ -207,26 +207,9 @@ class ParamsError(PermanentFailure, ValueError):
 
 
 class _RunParams(BaseModel):
-    """The run's parameters: PARAM_SCHEMA's fields (see `RunParams`, which adds the knobs)."""
+    """The run's parameters' behaviour; `RunParams` adds one field per PARAM_SCHEMA entry."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-    source: str = "sources/"
-    stages: tuple[str, ...] = STAGES
-    sample_size: int | None = None
-    k_rollouts: int = 10
-    mcq_per_image: int = 8
-    behaviour_tagger: str = "heuristic"
-    vlm_model: str | None = None
-    llm_model: str | None = None
-    reasoner_model: str | None = None
-    vlm_base_url: str | None = None
-    llm_base_url: str | None = None
-    reasoner_base_url: str | None = None
-    release_name: str = "lgt"
-    release_version: str | None = None
-    dry_run: bool = False
-    allow_simulated: bool = False
 
     @classmethod
     def from_conf(cls, conf: dict[str, Any] | None) -> _RunParams:
@@ -274,13 +257,27 @@ class _RunParams(BaseModel):
         return settings.model_copy(update={"endpoints": endpoints}).with_method(**knobs)
 
 
-def _knob_fields() -> dict[str, Any]:
-    fields = registry.config_fields()
-    return {
-        name: (fields[name][1].annotation | None, None)
-        for name in PARAM_SCHEMA
-        if name in fields and name not in _RunParams.model_fields
-    }
+_JSON_TYPES: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": bool}
 
 
-RunParams = create_model("RunParams", __base__=_RunParams, **_knob_fields())
+def _field(name: str, schema: dict[str, Any]) -> tuple[Any, Any]:
+    """(type, default) of a run parameter: a stage knob's own type, else from its schema."""
+    knobs = registry.config_fields()
+    field = KNOB_PARAMS.get(name)
+    if field is not None and field in knobs:
+        return knobs[field][1].annotation | None, schema["default"]
+    types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    kind = next(t for t in types if t != "null")
+    py = tuple[str, ...] if kind == "array" else _JSON_TYPES[kind]
+    default = schema["default"]
+    return (py | None if "null" in types else py), (
+        tuple(default) if isinstance(default, list) else default
+    )
+
+
+# One field per entry of PARAM_SCHEMA: the form, the CLI and this model cannot disagree.
+RunParams = create_model(
+    "RunParams",
+    __base__=_RunParams,
+    **{name: _field(name, schema) for name, schema in PARAM_SCHEMA.items()},
+)

@@ -77,18 +77,39 @@ def _scan(
     env: StageEnv, spec: Any, store: ObjectStore, fp: str, shard_size: int | None
 ) -> ScanResult:
     result = ScanResult()
-    limits = env.settings.ingest
     everything = list(store.list(spec.prefix))
     result.listed = len(everything)
     listed, problems = _sort_out(everything, spec.prefix, result)
     meta_files = [o for o in listed if is_metadata(o.key)]
     candidates = {o.key: o for o in listed if not is_metadata(o.key)}
     result.metadata_files, result.images_listed = len(meta_files), len(candidates)
-    refused = {p.item_ref for p in problems}
+    merged = _metadata(env, store, meta_files, candidates, problems, result)
+    result.problems = len(problems)
+    existing = _record(env, spec, fp, candidates, problems, result)
+    pending = []
+    for key, info in sorted(candidates.items()):
+        meta = merged.get(key)
+        have = existing.get(key)
+        if have is None or have[2] == "removed" or have[:2] != (info.etag, _metadata_sha(meta)):
+            pending.append((info, meta))
+    result.pending = len(pending)
+    _write_shards(env, spec, pending, shard_size, result)
+    return result
 
+
+def _metadata(
+    env: StageEnv,
+    store: ObjectStore,
+    meta_files: list[ObjectInfo],
+    candidates: dict[str, ObjectInfo],
+    problems: list[Rejected],
+    result: ScanResult,
+) -> dict[str, Metadata]:
+    """key -> its merged metadata; the metadata files' problems are added to `problems`."""
+    refused = {p.item_ref for p in problems}
     parsed: list[Metadata] = []
     for info in meta_files:
-        entries, found = _read_metadata(store, info, limits)
+        entries, found = _read_metadata(store, info, env.settings.ingest)
         parsed += entries
         problems += found
     merged, dup_problems = merge(parsed)
@@ -97,8 +118,18 @@ def _scan(
         if key not in candidates and key not in refused and key not in result.skipped_keys:
             where = ", ".join(meta.origin.values())
             problems.append(Rejected.at(key, R.MISSING_OBJECT, f"named in {where}, no such object"))
-    result.problems = len(problems)
+    return merged
 
+
+def _record(
+    env: StageEnv,
+    spec: Any,
+    fp: str,
+    candidates: dict[str, ObjectInfo],
+    problems: list[Rejected],
+    result: ScanResult,
+) -> dict[str, tuple[Any, Any, Any]]:
+    """Record the problems and the removed keys; key -> (etag, metadata sha, status) known."""
     with env.db.begin() as conn:
         existing = {
             r.key: (r.etag, r.metadata_sha256, r.status)
@@ -124,14 +155,17 @@ def _scan(
                 [{"r": env.run.run_id, "t": utcnow(), "b": spec.store_url, "k": k} for k in keys],
             )
         result.removed = len(gone)
+    return existing
 
-    pending = []
-    for key, info in sorted(candidates.items()):
-        meta = merged.get(key)
-        have = existing.get(key)
-        if have is None or have[2] == "removed" or have[:2] != (info.etag, _metadata_sha(meta)):
-            pending.append((info, meta))
-    result.pending = len(pending)
+
+def _write_shards(
+    env: StageEnv,
+    spec: Any,
+    pending: list[tuple[ObjectInfo, Metadata | None]],
+    shard_size: int | None,
+    result: ScanResult,
+) -> None:
+    """The pending keys, in shard files of at most max_map_length shards."""
     cap = env.settings.max_map_length
     size = fan_out(len(pending), shard_size or env.settings.shard_size, cap).shard_size
     for n, chunk in enumerate(chunked(pending, size)):
@@ -152,7 +186,6 @@ def _scan(
         ]
         env.store.put(key, ("\n".join(lines) + "\n").encode("utf-8"))
         result.shard_keys.append(key)
-    return result
 
 
 def _hidden(key: str, prefix: str) -> bool:

@@ -160,18 +160,7 @@ def _ingest_batch(
     benchmarks = decontam.index_for(env)
     for entry, facts in zip(batch, fetched, strict=True):
         facts = decontam.screen_image(benchmarks, facts)  # contaminated:<benchmark>, unseen
-        meta_sha = sha256_hex(dumps(entry["metadata"])) if entry["metadata"] is not None else None
-        source_row: dict[str, Any] = {
-            "bucket": entry["source"],
-            "key": entry["key"],
-            "etag": entry["etag"],
-            "size": entry["size"],
-            "metadata": dumps(entry["metadata"]) if entry["metadata"] is not None else None,
-            "metadata_sha256": meta_sha,
-            "first_run_id": env.run.run_id,
-            "last_run_id": env.run.run_id,
-            "updated_at": utcnow(),
-        }
+        source_row = _source_row(env, entry)
         if isinstance(facts, Rejected):
             stats.items_rejected += 1
             stats.rejected_by_reason[facts.reason] += 1
@@ -189,20 +178,7 @@ def _ingest_batch(
                 }
             )
             continue
-        rows["images"].append(
-            {
-                "image_id": facts.image_id,
-                "hbucket": hbucket(facts.image_id),
-                "width": facts.width,
-                "height": facts.height,
-                "format": facts.format,
-                "mode": facts.mode,
-                "bytes": facts.bytes,
-                "exif_orientation": facts.exif_orientation,
-                "phash": facts.phash,
-                "created_run_id": env.run.run_id,
-            }
-        )
+        rows["images"].append(_image_row(env, facts))
         caption_id, objects_id = None, None
         for ann in _annotations(env, fp, entry, facts, rows["rejections"], stats):
             rows["annotations"].append(ann)
@@ -222,6 +198,37 @@ def _ingest_batch(
         )
         stats.items_out += 1
     return rows
+
+
+def _source_row(env: StageEnv, entry: dict[str, Any]) -> dict[str, Any]:
+    """The sources row of a shard file's entry (its outcome columns are added by the caller)."""
+    meta = entry["metadata"]
+    return {
+        "bucket": entry["source"],
+        "key": entry["key"],
+        "etag": entry["etag"],
+        "size": entry["size"],
+        "metadata": dumps(meta) if meta is not None else None,
+        "metadata_sha256": sha256_hex(dumps(meta)) if meta is not None else None,
+        "first_run_id": env.run.run_id,
+        "last_run_id": env.run.run_id,
+        "updated_at": utcnow(),
+    }
+
+
+def _image_row(env: StageEnv, facts: ImageFacts) -> dict[str, Any]:
+    return {
+        "image_id": facts.image_id,
+        "hbucket": hbucket(facts.image_id),
+        "width": facts.width,
+        "height": facts.height,
+        "format": facts.format,
+        "mode": facts.mode,
+        "bytes": facts.bytes,
+        "exif_orientation": facts.exif_orientation,
+        "phash": facts.phash,
+        "created_run_id": env.run.run_id,
+    }
 
 
 _BUDGETS: dict[int, PixelBudget] = {}

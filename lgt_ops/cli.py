@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _close_runs(status: str, detail: str | None = None) -> None:
     """Close the pipeline run this command opened, if it made one and left it running."""
-    from lgt_ops.stages.base import close_pipeline_run
+    from lgt_ops.runs import close_pipeline_run
 
     for env in _OPENED:
         try:

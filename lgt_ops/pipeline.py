@@ -28,15 +28,13 @@ from lgt_ops.llm import preflight as endpoint_preflight
 from lgt_ops.llm.preflight import PreflightReport
 from lgt_ops.params import RunParams
 from lgt_ops.release.publish import Published, publish
+from lgt_ops.runs import ensure_pipeline_run, error_line, finish_pipeline_run
 from lgt_ops.sources import count_images, resolve_source
 from lgt_ops.stages import ingest
 from lgt_ops.stages.base import (
     Shard,
     StageEnv,
     StageStats,
-    ensure_pipeline_run,
-    error_line,
-    finish_pipeline_run,
 )
 from lgt_ops.stages.runner import run_stage as run_shard
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,10 +20,9 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, text
 
 from lgt_ops import chaos, liveness
-from lgt_ops.abandon import close_abandoned_runs, close_abandoned_stages
+from lgt_ops.abandon import close_abandoned_stages
 from lgt_ops.db.repo import (
     chunked,
-    dumps,
     insert_ignore,
     select_in,  # noqa: F401 - re-exported for the stages
     utcnow,
@@ -32,6 +30,7 @@ from lgt_ops.db.repo import (
 from lgt_ops.env import HBUCKETS, Shard, StageEnv  # noqa: F401 - re-exported
 from lgt_ops.ids import content_id
 from lgt_ops.reasons import Rejected
+from lgt_ops.runs import ensure_pipeline_run, error_line
 
 
 @dataclass
@@ -68,60 +67,6 @@ class StageStats:
             "errors": dict(self.errors),
             "rejected_by_reason": dict(self.rejected_by_reason),
         }
-
-
-def ensure_pipeline_run(env: StageEnv, params: dict[str, Any] | None = None) -> None:
-    """The run's row, `running`. A run outside Airflow lives in this one process, so its row
-    records the process (a later run closes it as abandoned if the process was killed)."""
-    process = liveness.current().as_row() if env.run.dag_id is None else {}
-    with env.db.begin() as conn:
-        close_abandoned_runs(conn)
-        insert_ignore(
-            conn,
-            "pipeline_runs",
-            [
-                {
-                    "run_id": env.run.run_id,
-                    "run_type": env.run.run_type,
-                    "dag_id": env.run.dag_id,
-                    "airflow_run_id": env.run.airflow_run_id,
-                    "params": dumps(params or {}),
-                    "status": "running",
-                    **process,
-                }
-            ],
-        )
-
-
-def finish_pipeline_run(env: StageEnv, status: str, detail: str | None = None) -> None:
-    with env.db.begin() as conn:
-        conn.execute(
-            text(
-                "UPDATE pipeline_runs SET status = :s, finished_at = :t, error_detail = :d"
-                " WHERE run_id = :r"
-            ),
-            {"s": status, "t": utcnow(), "d": _clip(detail), "r": env.run.run_id},
-        )
-
-
-def close_pipeline_run(env: StageEnv, status: str, detail: str | None = None) -> None:
-    """Close the run's row if it exists and is still `running` (a CLI command's run)."""
-    with env.db.begin() as conn:
-        conn.execute(
-            text(
-                "UPDATE pipeline_runs SET status = :s, finished_at = :t, error_detail = :d"
-                " WHERE run_id = :r AND status = 'running'"
-            ),
-            {"s": status, "t": utcnow(), "d": _clip(detail), "r": env.run.run_id},
-        )
-
-
-def _clip(detail: str | None) -> str | None:
-    return detail[:4000] if detail else None
-
-
-def error_line(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()[:4000]
 
 
 @contextmanager

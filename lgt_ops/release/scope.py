@@ -40,8 +40,13 @@ def iter_chunks(env: StageEnv, spec: SourceSpec, sample_size: int | None) -> Ite
 
     with env.db.connect() as conn:
         all_rows = image_set(conn, spec, None, sample_size)  # ids and sizes only
-    for start in range(0, len(all_rows), CHUNK):
-        rows = all_rows[start : start + CHUNK]
+    yield from chunks_of(env, all_rows)
+
+
+def chunks_of(env: StageEnv, image_rows: list[Any]) -> Iterator[ImageChunk]:
+    """These images (rows of `image_set`), `CHUNK` at a time, with their context."""
+    for start in range(0, len(image_rows), CHUNK):
+        rows = image_rows[start : start + CHUNK]
         with env.db.connect() as conn:
             contexts = current(conn, rows, annotate.stage_fingerprint(env))
             locations = image_locations(conn, [r.image_id for r in rows])

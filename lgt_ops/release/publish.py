@@ -47,7 +47,7 @@ from lgt_ops.storage import ObjectExists
 SCHEMA_VERSION = 1
 KILL_POINTS = (
     "claimed",  # the version's row is `staging`, nothing written
-    "part_staged",  # the first Parquet part is staged (others not yet)
+    "part_staged",  # the first Parquet part is staged or reused (others not yet)
     "staged",  # every part staged, every member row recorded
     "promoted",  # the first part copied to its final place
     "before_commit",  # parts, plots and card in place; manifest.json not written
@@ -435,6 +435,7 @@ class _Layout:
 
     def reuse(self, files: list[dict[str, Any]]) -> None:
         self.copied.extend(files)
+        kill_point("part_staged")  # an incremental publish may stage nothing
 
     def split_files(
         self, names: list[str], builders: list[Any], states: dict[int, incremental.BucketState]

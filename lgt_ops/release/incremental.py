@@ -43,28 +43,28 @@ def bucket_of(image_id: str, buckets: int) -> int:
 
 
 def _q(table: str, column: str) -> str:
-    """(image_id, id) of a question-keyed table's rows under the current fingerprint."""
+    """(image_id, ident) of a question-keyed table's rows under the current fingerprint."""
     return (
-        f"SELECT q.image_id, x.{column} FROM {table} x"
+        f"SELECT q.image_id, x.{column} AS ident FROM {table} x"
         " JOIN questions q ON q.question_id = x.question_id WHERE x.fingerprint = :fp"
     )
 
 
-# Every lineage table a release row is built from, as (image_id, id) under a fingerprint.
+# Every lineage table a release row is built from, as (image_id, ident) under a fingerprint.
 _SOURCES: tuple[tuple[str, str | None], ...] = (
     (
         "SELECT image_id, bucket || '|' || key || '|' || COALESCE(caption_annotation_id, '')"
-        " || '|' || COALESCE(objects_annotation_id, '') FROM sources"
+        " || '|' || COALESCE(objects_annotation_id, '') AS ident FROM sources"
         " WHERE status = 'ok' AND image_id IS NOT NULL",
         None,
     ),
     (
-        "SELECT image_id, annotation_id FROM annotations"
+        "SELECT image_id, annotation_id AS ident FROM annotations"
         " WHERE source = 'model' AND fingerprint = :fp",
         "annotate",
     ),
-    ("SELECT image_id, question_id FROM questions WHERE fingerprint = :fp", "mcq"),
-    ("SELECT image_id, question_id FROM questions WHERE fingerprint = :fp", "compose"),
+    ("SELECT image_id, question_id AS ident FROM questions WHERE fingerprint = :fp", "mcq"),
+    ("SELECT image_id, question_id AS ident FROM questions WHERE fingerprint = :fp", "compose"),
     (_q("rollouts", "rollout_id"), "cot"),
     (_q("difficulty", "question_id"), "cot"),
     (_q("expansions", "expansion_id"), "expand"),
@@ -73,45 +73,72 @@ _SOURCES: tuple[tuple[str, str | None], ...] = (
     (_q("pairs", "pair_id"), "pairs"),
 )
 
+# A row's 60-bit hash: the first 15 hex digits of md5("<image_id> <ident>"). Per bucket and
+# table the digest keeps (rows, sum of hashes): order-free, so Postgres sums it server-side
+# (B rows back instead of every id) and Python computes the very same numbers elsewhere.
+_PG_HASH = "('x' || substr(md5(image_id || ' ' || ident), 1, 15))::bit(60)::bigint"
+_PG_BUCKET = "((('x' || substr(image_id, 1, 8))::bit(32)::bigint & 2147483647) % :n)"
+
+
+def _row_hash(image_id: str, ident: str) -> int:
+    return int(hashlib.md5(f"{image_id} {ident}".encode()).hexdigest()[:15], 16)
+
 
 def bucket_digests(
     conn: Connection, image_ids: list[str], buckets: int, fps: dict[str, str]
 ) -> dict[int, str]:
-    """bucket -> digest of its images and every lineage row their release rows depend on."""
-    of = {i: bucket_of(i, buckets) for i in image_ids}
-    lines: dict[int, list[str]] = {}
-    for i, b in of.items():
-        lines.setdefault(b, []).append(f"image {i}")
-    for n, (sql, stage) in enumerate(_SOURCES):
-        if stage is not None and stage not in fps:
-            continue  # a stage that is off (the LLM tagger) adds nothing
-        rows = conn.execute(text(sql), {"fp": fps.get(stage or "", "")})
-        _add_lines(lines, of, n, rows)
-    _add_lines(lines, of, len(_SOURCES), _rejection_rows(conn, fps))
-    return {
-        b: hashlib.sha256("\n".join(sorted(ls)).encode()).hexdigest()
-        for b, ls in sorted(lines.items())
-    }
+    """bucket -> digest of its images and every lineage row their release rows depend on.
+
+    Rows of images outside the release may count too: that can only force a rebuild."""
+    sums: dict[int, list[str]] = {}
+    images: dict[int, list[int]] = {}
+    for i in image_ids:
+        acc = images.setdefault(bucket_of(i, buckets), [0, 0])
+        acc[0] += 1
+        acc[1] += _row_hash(i, "image")
+    for b, (n, total) in images.items():
+        sums[b] = [f"images {n} {total}"]
+    queries = [
+        (sql, {"fp": fps[stage]} if stage else {})
+        for sql, stage in _SOURCES
+        if not stage or stage in fps
+    ]
+    queries.append(_rejections(fps))
+    for n, (sql, params) in enumerate(queries):
+        for b, count, total in _aggregate(conn, sql, params, buckets):
+            if b in sums:  # buckets without a release image do not matter
+                sums[b].append(f"{n} {count} {total}")
+    return {b: hashlib.sha256("\n".join(v).encode()).hexdigest() for b, v in sorted(sums.items())}
 
 
-def _add_lines(
-    lines: dict[int, list[str]], of: dict[str, int], n: int, rows: Iterable[Any]
-) -> None:
-    for image_id, ident in rows:
-        b = of.get(image_id)
-        if b is not None:  # rows of images outside the release do not matter
-            lines[b].append(f"{n} {image_id} {ident}")
-
-
-def _rejection_rows(conn: Connection, fps: dict[str, str]) -> Iterable[tuple[str, str]]:
+def _rejections(fps: dict[str, str]) -> tuple[str, dict[str, Any]]:
     """Rejections of images counted by the release: those under a current fingerprint."""
-    rows = conn.execute(
-        text(
-            "SELECT image_id, rejection_id, stage, fingerprint FROM rejections"
-            " WHERE image_id IS NOT NULL"
-        )
+    stages = sorted(fps)
+    where = " OR ".join(f"(stage = :s{k} AND fingerprint = :f{k})" for k in range(len(stages)))
+    params = {f"s{k}": s for k, s in enumerate(stages)} | {
+        f"f{k}": fps[s] for k, s in enumerate(stages)
+    }
+    sql = (
+        "SELECT image_id, rejection_id AS ident FROM rejections"
+        f" WHERE image_id IS NOT NULL AND ({where or 'FALSE'})"
     )
-    return [(r[0], r[1]) for r in rows if fps.get(r[2]) == r[3]]
+    return sql, params
+
+
+def _aggregate(
+    conn: Connection, sql: str, params: dict[str, Any], buckets: int
+) -> Iterable[tuple[int, int, int]]:
+    """(bucket, rows, sum of row hashes) of the (image_id, ident) rows of `sql`."""
+    if conn.dialect.name == "postgresql":
+        agg = f"SELECT {_PG_BUCKET} AS b, COUNT(*), SUM({_PG_HASH}) FROM ({sql}) t GROUP BY 1"
+        rows = conn.execute(text(agg), {**params, "n": buckets}).all()
+        return [(int(b), int(c), int(t)) for b, c, t in rows]
+    out: dict[int, list[int]] = {}
+    for image_id, ident in conn.execute(text(sql), params):
+        acc = out.setdefault(bucket_of(image_id, buckets), [0, 0])
+        acc[0] += 1
+        acc[1] += _row_hash(image_id, ident)
+    return [(b, c, t) for b, (c, t) in out.items()]
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 Order of events, each step safe to crash in:
 1. a `releases` row in state `staging` (a unique (name, version) claims the version);
-2. splits streamed into Parquet parts under `releases/<name>/.staging/<version>/`, members
-   recorded as they are written;
+2. splits written bucket by bucket (`lgt_ops.release.incremental`): a bucket whose digest
+   equals the previous version's is reused (its parts copied from that version at step 3,
+   its members copied by the database), any other is streamed into Parquet parts under
+   `releases/<name>/.staging/<version>/`, members recorded as they are written;
 3. every staged part verified (size and sha256 re-read), then copied to the final prefix;
 4. `manifest.json` written with a conditional create: the commit point in the store;
 5. the row set to `published` and the `latest` pointer moved (an object overwrite and a
@@ -25,6 +27,7 @@ import json
 import os
 import signal
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,15 +39,17 @@ from lgt_ops.ids import sha256_hex
 from lgt_ops.llm.simulator.server import MODEL_PREFIX
 from lgt_ops.progress import Progress
 from lgt_ops.release import card, incremental, report, splits
+from lgt_ops.release.build import build_buckets
 from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
 from lgt_ops.release.parquet import encode_part, with_hf_features
 from lgt_ops.release.recovery import publisher_lock, recover
-from lgt_ops.release.scope import chunks_of, rejection_counts, source_rejection_counts
+from lgt_ops.release.scope import source_rejection_counts
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages.base import StageEnv
 from lgt_ops.storage import ObjectExists
 
 SCHEMA_VERSION = 1
+_COPY_THREADS = 8  # server-side copies of reused parts are round trips, not work
 KILL_POINTS = (
     "claimed",  # the version's row is `staging`, nothing written
     "part_staged",  # the first Parquet part is staged or reused (others not yet)
@@ -60,10 +65,6 @@ def kill_point(point: str) -> None:
     """Test hook: LGT_TEST_KILL_AT=<point> SIGKILLs this process at `point` (crash tests)."""
     if os.environ.get("LGT_TEST_KILL_AT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# Every release_members row names all id columns (a batch insert takes the first row's keys).
-_NO_IDS = {"question_id": None, "image_id": None, "trace_id": None, "pair_id": None}
 
 
 @dataclass
@@ -273,7 +274,7 @@ def _publish_locked(
         by_bucket.setdefault(incremental.bucket_of(r.image_id, n_buckets), []).append(r)
     states: dict[int, incremental.BucketState] = {}
     reused: list[int] = []
-    progress = Progress(f"release {release_id}", len(images), enabled=env.show_progress)
+    todo: list[tuple[int, list[Any], str]] = []
     for b, rows in sorted(by_bucket.items()):
         old = prior.get(b)
         if old is not None and old.digest == digests[b]:
@@ -282,8 +283,13 @@ def _publish_locked(
             for files in old.parts.values():
                 layout.reuse(files)
         else:
-            states[b] = _build_bucket(env, release_id, layout, builders, fps, b, rows, digests[b])
-        progress.update(len(rows))
+            todo.append((b, rows, digests[b]))
+    progress = Progress(f"release {release_id}", len(images), enabled=env.show_progress)
+    progress.update(len(images) - sum(len(rows) for _, rows, _ in todo))
+    names = [b.name for b in builders]
+    for b, state in build_buckets(env, release_id, names, fps, todo, layout.add):
+        states[b] = state
+        progress.update(state.images)
     progress.close()
     with env.db.begin() as conn:
         incremental.copy_members(conn, release_id, str(parent_id), n_buckets, reused)
@@ -353,47 +359,6 @@ def _prior_states(
     return incremental.parent_states(env, prefix_of(parent_id), parent, n_buckets)
 
 
-def _build_bucket(
-    env: StageEnv,
-    release_id: str,
-    layout: _Layout,
-    builders: list[Any],
-    fps: dict[str, str],
-    bucket: int,
-    image_rows: list[Any],
-    digest: str,
-) -> incremental.BucketState:
-    """Read, encode and stage one bucket's rows of every split; record its members."""
-    names = {b.name for b in builders}  # new builders: their stats are this bucket's alone
-    fresh = [b for b in splits.builders(env) if b.name in names]
-    state = incremental.BucketState(digest, len(image_rows))
-    rows: dict[str, list[dict[str, Any]]] = {b.name: [] for b in fresh}
-    served: set[str] = set()
-    for chunk in chunks_of(env, image_rows):
-        members: list[dict[str, Any]] = []
-        with env.db.connect() as conn:
-            outputs = splits.ChunkOutputs.load(env, conn, chunk)
-            for b in fresh:
-                for row, member in b.rows(env, chunk, outputs):
-                    rows[b.name].append(row)
-                    members.append({**_NO_IDS, "release_id": release_id, "split": b.name, **member})
-                served |= b.served_models(conn)
-            for stage, reasons in rejection_counts(conn, chunk.image_ids, fps).items():
-                incremental.add_counts(state.rejections.setdefault(stage, {}), reasons)
-        with env.db.begin() as conn:
-            insert_ignore(conn, "release_members", members)
-    per_file = env.settings.method.rows_per_file
-    for b in fresh:
-        split_rows = rows[b.name]
-        state.parts[b.name] = [
-            layout.add(b, split_rows[i : i + per_file], f"part-{bucket:05d}-{i // per_file:02d}")
-            for i in range(0, len(split_rows), per_file)
-        ]
-        state.stats[b.name] = b.summary()
-    state.served = sorted(served)
-    return state
-
-
 class _Layout:
     """A release's parts as they are decided: staged (new bytes) or reused from the parent."""
 
@@ -461,13 +426,17 @@ class _Layout:
                 raise ReleaseError(f"staged file {src} does not match what was written")
             self.env.store.copy(src, f"{prefix}/{p['path']}")
             kill_point("promoted")
-        for p in self.copied:
-            src = f"{self.parent_prefix}/{p['path']}"
-            info = self.env.store.head(src)
-            if info is None or info.size != p["bytes"]:
-                raise ReleaseError(f"reused part {src} is missing or not {p['bytes']} bytes")
-            self.env.store.copy(src, f"{prefix}/{p['path']}")
-            kill_point("promoted")
+        with ThreadPoolExecutor(max_workers=_COPY_THREADS) as pool:
+            # list(): the first failed copy raises here
+            list(pool.map(lambda p: self._copy_reused(p, prefix), self.copied))
+
+    def _copy_reused(self, p: dict[str, Any], prefix: str) -> None:
+        src = f"{self.parent_prefix}/{p['path']}"
+        info = self.env.store.head(src)
+        if info is None or info.size != p["bytes"]:
+            raise ReleaseError(f"reused part {src} is missing or not {p['bytes']} bytes")
+        self.env.store.copy(src, f"{prefix}/{p['path']}")
+        kill_point("promoted")
 
     def clear_staging(self) -> None:
         for p in self.staged:

@@ -100,6 +100,24 @@ def rejection_counts(
     return out
 
 
+def rejections_by_image(
+    conn: Connection, image_ids: list[str], fingerprints: dict[str, str]
+) -> dict[str, dict[str, dict[str, int]]]:
+    """image_id -> stage -> reason -> rejections under the current fingerprints."""
+    rows = select_in(
+        conn,
+        "SELECT image_id, stage, fingerprint, reason, COUNT(*) AS n FROM rejections"
+        " WHERE image_id IN :ids GROUP BY image_id, stage, fingerprint, reason",
+        image_ids,
+    )
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for r in rows:
+        if fingerprints.get(r.stage) == r.fingerprint:
+            reasons = out.setdefault(r.image_id, {}).setdefault(r.stage, {})
+            reasons[r.reason] = reasons.get(r.reason, 0) + r.n
+    return out
+
+
 def source_rejection_counts(conn: Connection, spec: SourceSpec, fp: str) -> dict[str, int]:
     rows = conn.execute(
         text(

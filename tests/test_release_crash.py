@@ -157,7 +157,7 @@ def test_a_live_publishers_claim_is_not_taken(store, request):
     with publisher_lock(env, "busy"):  # a live publisher of "busy", in this process
         blocked = _publish(env, "busy", LGT_RELEASE_LOCK_WAIT_S="1")
         other = _publish(env, "other")  # other names do not wait
-    assert blocked.returncode == 2
+    assert blocked.returncode == 3  # a release failure (README: exit codes)
     assert "being published by another live publisher" in blocked.stderr
     assert _rows(env, "SELECT release_id FROM releases WHERE name = 'busy'") == []
     assert _ok(other)["release"].startswith("other/")

@@ -269,21 +269,8 @@ def _publish_locked(
     parent = _load_parent(env, parent_id)
     prior = _prior_states(env, parent_id, parent, request, n_buckets)
     layout = _Layout(env, f"releases/{name}/.staging/{version}", parent)
-    by_bucket: dict[int, list[Any]] = {}
-    for r in images:
-        by_bucket.setdefault(incremental.bucket_of(r.image_id, n_buckets), []).append(r)
-    states: dict[int, incremental.BucketState] = {}
-    reused: list[int] = []
-    todo: list[tuple[int, list[Any], str]] = []
-    for b, rows in sorted(by_bucket.items()):
-        old = prior.get(b)
-        if old is not None and old.digest == digests[b]:
-            states[b] = old
-            reused.append(b)
-            for files in old.parts.values():
-                layout.reuse(files)
-        else:
-            todo.append((b, rows, digests[b]))
+    states, todo = _reuse_unchanged(images, n_buckets, digests, prior, layout)
+    reused = sorted(states)
     progress = Progress(f"release {release_id}", len(images), enabled=env.show_progress)
     progress.update(len(images) - sum(len(rows) for _, rows, _ in todo))
     names = [b.name for b in builders]
@@ -336,6 +323,31 @@ def _publish_locked(
     kill_point("published")
     layout.clear_staging()
     return Published(release_id, name, version, uri, manifest["content_sha256"], manifest)
+
+
+def _reuse_unchanged(
+    images: list[Any],
+    n_buckets: int,
+    digests: dict[int, str],
+    prior: dict[int, incremental.BucketState],
+    layout: _Layout,
+) -> tuple[dict[int, incremental.BucketState], list[tuple[int, list[Any], str]]]:
+    """The parent's states of the buckets whose digest is unchanged (their parts marked for
+    reuse), and the (bucket, images, digest) of every other bucket, to rebuild."""
+    by_bucket: dict[int, list[Any]] = {}
+    for r in images:
+        by_bucket.setdefault(incremental.bucket_of(r.image_id, n_buckets), []).append(r)
+    states: dict[int, incremental.BucketState] = {}
+    todo: list[tuple[int, list[Any], str]] = []
+    for b, rows in sorted(by_bucket.items()):
+        old = prior.get(b)
+        if old is not None and old.digest == digests[b]:
+            states[b] = old
+            for files in old.parts.values():
+                layout.reuse(files)
+        else:
+            todo.append((b, rows, digests[b]))
+    return states, todo
 
 
 def _load_parent(env: StageEnv, parent_id: str | None) -> dict[str, Any] | None:

@@ -102,6 +102,7 @@ def test_incremental_publishes_reuse_unchanged_parts(counted):
     assert fresh.content_sha256 == v3.content_sha256 and _parts(fresh.manifest) == parts_v3
     assert fresh.counts == v3.counts
     assert fresh.manifest["counts"] == v3.manifest["counts"]
+    assert _members(env, "fresh/1") == _members(env, "method/v3")  # copied + rebuilt members
 
     # verify re-hashes the incremental version's reused parts too.
     assert verify(env, "method/v3").ok

@@ -196,20 +196,28 @@ def add_counts(into: dict[str, int], more: dict[str, int]) -> None:
 
 
 def copy_members(
-    conn: Connection, release_id: str, parent_id: str, buckets: int, reused: list[int]
+    conn: Connection,
+    release_id: str,
+    parent_id: str,
+    buckets: int,
+    reused: list[int],
+    every_bucket: bool,
 ) -> None:
-    """The parent's release_members rows of the reused buckets, copied by the database."""
+    """The parent's release_members rows of the reused buckets (`every_bucket`: all the
+    parent had), copied by the database."""
     if not reused:
         return
-    sql = (
+    select = (
         f"INSERT INTO release_members (release_id, split, row_id, {_IDS})"
-        f" SELECT :r, m.split, m.row_id, m.question_id, m.image_id, m.trace_id, m.pair_id"
-        " FROM release_members m JOIN images i ON i.image_id = m.image_id"
-        " WHERE m.release_id = :p"
+        " SELECT :r, m.split, m.row_id, m.question_id, m.image_id, m.trace_id, m.pair_id"
+        " FROM release_members m"
     )
     params: dict[str, Any] = {"r": release_id, "p": parent_id}
-    stmt = text(sql)
-    if len(reused) < buckets:
-        stmt = text(sql + " AND i.hbucket % :n IN :b").bindparams(bindparam("b", expanding=True))
-        params.update(n=buckets, b=sorted(reused))
-    conn.execute(stmt, params)
+    if every_bucket:
+        conn.execute(text(select + " WHERE m.release_id = :p"), params)
+        return
+    stmt = text(
+        select + " JOIN images i ON i.image_id = m.image_id"
+        " WHERE m.release_id = :p AND i.hbucket % :n IN :b"
+    ).bindparams(bindparam("b", expanding=True))
+    conn.execute(stmt, {**params, "n": buckets, "b": sorted(reused)})

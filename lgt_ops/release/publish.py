@@ -279,7 +279,8 @@ def _publish_locked(
         progress.update(state.images)
     progress.close()
     with env.db.begin() as conn:
-        incremental.copy_members(conn, release_id, str(parent_id), n_buckets, reused)
+        every = len(reused) == len(prior)  # no bucket of the parent's dropped or rebuilt
+        incremental.copy_members(conn, release_id, str(parent_id), n_buckets, reused, every)
     parts = layout.split_files([b.name for b in builders], builders, states)
     kill_point("staged")
     counts, served = _counts(env, spec, fps, builders, states)

@@ -152,12 +152,17 @@ def cmd_release_publish(args: argparse.Namespace) -> int:
     env = _env().for_run(params)  # the fingerprints the run flags select, as `lgt run` had
     published = release(env, params)
     assert published is not None
+    inc = published.manifest.get("incremental", {})
     _print(
         {
             "release": published.release_id,
             "uri": published.uri,
             "content_sha256": published.content_sha256,
             "rows": published.counts,
+            "parts": {  # reused: copied unchanged from the previous version
+                "written": inc.get("parts_written"),
+                "reused": inc.get("parts_reused"),
+            },
         }
     )
     return 0

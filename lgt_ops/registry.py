@@ -350,6 +350,9 @@ class ReleaseConfig(StageConfig):
     rl_include_saturated: bool = False  # RL prompts with pass rate 0 or 1 carry no signal
     embed_images: bool = False
     rows_per_file: int = Field(default=50_000, ge=100)
+    # rows are partitioned by hash(image_id) % release_buckets: one part per bucket and split,
+    # so a new image rewrites one part per split (lgt_ops.release.incremental)
+    release_buckets: int = Field(default=256, ge=1, le=4096)
 
 
 class Release(Stage):

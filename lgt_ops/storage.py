@@ -273,7 +273,19 @@ class LocalStore:
         os.replace(tmp, dst)
 
     def copy(self, src_key: str, dst_key: str) -> None:
-        self.put_file(dst_key, self._path(src_key))
+        """A hard link where the filesystem allows, else a byte copy. Sharing the inode is
+        safe: objects are only ever replaced (a new file renamed in), never edited in place."""
+        src, dst = self._path(src_key), self._path(dst_key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".lgt-tmp", dir=dst.parent)
+        os.close(fd)
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # another filesystem, or links not supported
+            self.put_file(dst_key, src)
+        else:
+            os.replace(tmp, dst)
         _written(dst_key)
 
     def delete(self, key: str) -> None:

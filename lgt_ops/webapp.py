@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from lgt_ops.config import ConfigError, Settings
 from lgt_ops.env import StageEnv
+from lgt_ops.failures import LineageDbUnreachable, StoreUnreachable
 from lgt_ops.release.errors import ReleaseError
 from lgt_ops.release.manage import list_releases, load_manifest, verify
 from lgt_ops.release.publish import prefix_of
@@ -149,12 +150,14 @@ def create_app(
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(SQLAlchemyError)
-    async def _db_down(request: Request, exc: SQLAlchemyError) -> Response:
+    @app.exception_handler(LineageDbUnreachable)
+    async def _db_down(request: Request, exc: Exception) -> Response:
         return _unavailable("lineage database (connection lgt_postgres)", exc)
 
     @app.exception_handler(BotoCoreError)
     @app.exception_handler(ClientError)
     @app.exception_handler(OSError)
+    @app.exception_handler(StoreUnreachable)
     async def _store_down(request: Request, exc: Exception) -> Response:
         return _unavailable("release store (connection lgt_s3)", exc)
 

@@ -107,7 +107,7 @@ def test_release_pages_and_data(published):
     assert (
         ok["ok"]
         and ok["files_checked"]
-        == len(plots) + sum(len(s["files"]) for s in one["manifest"]["splits"].values()) + 1
+        == len(plots) + sum(len(s["files"]) for s in one["manifest"]["splits"].values()) + 2
     )
 
 

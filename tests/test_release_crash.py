@@ -119,7 +119,10 @@ def test_a_publish_killed_anywhere_converges_on_rerun(store, points, request):
                 " ON r.release_id = p.release_id WHERE p.name = :n",
                 n=name,
             )[0]
-            assert list(env.store.list(f"releases/{name}/.staging/"))
+            staged = list(env.store.list(f"releases/{name}/.staging/"))
+            body = env.store.get(f"releases/{name}/{claimed}/manifest.json")
+            # an incremental publish stages only the parts it rewrites (maybe none)
+            assert len(staged) == json.loads(body)["incremental"]["parts_written"]
         else:
             ((claimed,),) = _staging(env, name)  # the dead attempt's claim
         again = _ok(_publish(env, name))
@@ -137,6 +140,8 @@ def test_a_publish_killed_anywhere_converges_on_rerun(store, points, request):
             assert [tuple(s) for s in status] == [("published", ref["content_sha256"])], point
             assert _members(env, release_id) == ref_members, point
         assert again["content_sha256"] == ref["content_sha256"]
+        if point != points[0]:  # a version exists already: the re-run reused all its parts
+            assert again["parts"]["written"] == 0 and again["parts"]["reused"] > 0, point
         _assert_clean(env, name)
     versions = [v for (v,) in _rows(env, "SELECT version FROM releases WHERE name = :n", n=name)]
     # One version per kill, except the kill after publishing, whose re-run made another.

@@ -85,7 +85,8 @@ def published(s3_endpoint: str, simulator_server: Any) -> Iterator[tuple[Release
             content_sha256=manifest["content_sha256"],
             rows={s: v["rows"] for s, v in splits.items()},
             plots=[f["path"] for f in manifest["report"]],
-            files=sum(len(v["files"]) for v in splits.values()) + len(manifest["report"]) + 1,
+            # parts, plots, the bucket index and the card
+            files=sum(len(v["files"]) for v in splits.values()) + len(manifest["report"]) + 2,
         )
         s3 = {
             "conn_type": "aws",

@@ -93,6 +93,8 @@ def verify(env: StageEnv, release_id: str) -> Verification:
         out.problems.append("manifest.json: sha256 differs from the one recorded at publish")
     files = [f for s in manifest["splits"].values() for f in s["files"]]
     files += manifest.get("report", [])
+    if manifest.get("incremental"):  # the bucket index an incremental publish reads back
+        files.append(manifest["incremental"]["index"])
     for f in files:
         _check(env, prefix, f["path"], f["sha256"], f.get("bytes"), out)
     if manifest.get("card_sha256"):

@@ -2,8 +2,10 @@
 
 Order of events, each step safe to crash in:
 1. a `releases` row in state `staging` (a unique (name, version) claims the version);
-2. splits streamed into Parquet parts under `releases/<name>/.staging/<version>/`, members
-   recorded as they are written;
+2. splits written bucket by bucket (`lgt_ops.release.incremental`): a bucket whose digest
+   equals the previous version's is reused (its parts copied from that version at step 3,
+   its members copied by the database), any other is streamed into Parquet parts under
+   `releases/<name>/.staging/<version>/`, members recorded as they are written;
 3. every staged part verified (size and sha256 re-read), then copied to the final prefix;
 4. `manifest.json` written with a conditional create: the commit point in the store;
 5. the row set to `published` and the `latest` pointer moved (an object overwrite and a
@@ -25,6 +27,7 @@ import json
 import os
 import signal
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,19 +39,21 @@ from lgt_ops.env import StageEnv
 from lgt_ops.ids import sha256_hex
 from lgt_ops.llm.simulated import MODEL_PREFIX
 from lgt_ops.progress import Progress
-from lgt_ops.release import card, goodput, report, splits
+from lgt_ops.release import card, goodput, incremental, report, splits
+from lgt_ops.release.build import build_buckets
 from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
-from lgt_ops.release.parquet import Part, encode_part, with_hf_features
+from lgt_ops.release.parquet import encode_part, with_hf_features
 from lgt_ops.release.pointers import mark_published, release_prefix
 from lgt_ops.release.recovery import publisher_lock, recover
-from lgt_ops.release.scope import iter_chunks, rejection_counts, source_rejection_counts
-from lgt_ops.sources import SourceSpec
+from lgt_ops.release.scope import source_rejection_counts
+from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.storage import ObjectExists
 
 SCHEMA_VERSION = 1
+_COPY_THREADS = 8  # server-side copies of reused parts are round trips, not work
 KILL_POINTS = (
     "claimed",  # the version's row is `staging`, nothing written
-    "part_staged",  # the first Parquet part is staged (others not yet)
+    "part_staged",  # the first Parquet part is staged or reused (others not yet)
     "staged",  # every part staged, every member row recorded
     "promoted",  # the first part copied to its final place
     "before_commit",  # parts, plots and card in place; manifest.json not written
@@ -61,10 +66,6 @@ def kill_point(point: str) -> None:
     """Test hook: LGT_TEST_KILL_AT=<point> SIGKILLs this process at `point` (crash tests)."""
     if os.environ.get("LGT_TEST_KILL_AT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# Every release_members row names all id columns (a batch insert takes the first row's keys).
-_NO_IDS = {"question_id": None, "image_id": None, "trace_id": None, "pair_id": None}
 
 
 @dataclass
@@ -169,7 +170,7 @@ def publish(
         if version is None:
             version = min(recovered.reusable) if recovered.reusable else next_version(env, name)
         return _publish_locked(
-            env, spec, name, version, sample_size, allow_simulated, builders, fps
+            env, spec, name, version, sample_size, allow_simulated, builders, fps, request
         )
 
 
@@ -249,56 +250,42 @@ def _publish_locked(
     allow_simulated: bool,
     builders: list[Any],
     fps: dict[str, str],
+    request: dict[str, Any],
 ) -> Published:
     release_id = f"{name}/{version}"
     prefix = release_prefix(name, version)
     uri = env.store.uri(prefix)
     _claim(env, release_id, name, version, uri)
     kill_point("claimed")
-    staging = f"releases/{name}/.staging/{version}"
-    m = env.settings.method
-    parts: dict[str, list[Part]] = {}
-    writers = {
-        b.name: _SplitWriter(env, staging, b, m.rows_per_file, parts.setdefault(b.name, []))
-        for b in builders
-    }
-    counts: dict[str, Any] = {"images": 0, "rejections": {}}
-    served: set[str] = set()
-    progress = Progress(f"release {release_id}", None, enabled=env.show_progress)
-    for chunk in iter_chunks(env, spec, sample_size):
-        counts["images"] += len(chunk.rows)
-        members: list[dict[str, Any]] = []
-        with env.db.connect() as conn:
-            outputs = splits.ChunkOutputs.load(env, conn, chunk)
-            for b in builders:
-                for row, member in b.rows(env, chunk, outputs):
-                    writers[b.name].add(row)
-                    members.append({**_NO_IDS, "release_id": release_id, "split": b.name, **member})
-                served |= b.served_models(conn)
-            for stage, reasons in rejection_counts(conn, chunk.image_ids, fps).items():
-                merged = counts["rejections"].setdefault(stage, {})
-                for reason, n in reasons.items():
-                    merged[reason] = merged.get(reason, 0) + n
-        with env.db.begin() as conn:
-            insert_ignore(conn, "release_members", members)
-        progress.update(len(chunk.rows), rows=sum(w.rows for w in writers.values()))
-    for w in writers.values():
-        w.close()
-    kill_point("staged")
-    counts["splits"] = {b.name: b.summary() for b in builders}
-    progress.close()
+    n_buckets = env.settings.method.release_buckets
     with env.db.connect() as conn:
-        src = source_rejection_counts(conn, spec, fps["ingest"])
-    if src:
-        merged = counts["rejections"].setdefault("ingest", {})
-        for reason, n in src.items():
-            merged[reason] = merged.get(reason, 0) + n
-
-    rows = sum(w.rows for w in writers.values())
+        images = image_set(conn, spec, None, sample_size)  # ids and sizes only
+        # Digests before any row is read: a row written meanwhile can only force a rebuild.
+        digests = incremental.bucket_digests(conn, [r.image_id for r in images], n_buckets, fps)
+    parent_id = _parent(env, name)
+    parent = _load_parent(env, parent_id)
+    prior = _prior_states(env, parent_id, parent, request, n_buckets)
+    layout = _Layout(env, f"releases/{name}/.staging/{version}", parent)
+    states, todo = _reuse_unchanged(images, n_buckets, digests, prior, layout)
+    reused = sorted(states)
+    progress = Progress(f"release {release_id}", len(images), enabled=env.show_progress)
+    progress.update(len(images) - sum(len(rows) for _, rows, _ in todo))
+    names = [b.name for b in builders]
+    for b, state in build_buckets(env, release_id, names, fps, todo, layout.add):
+        states[b] = state
+        progress.update(state.images)
+    progress.close()
+    with env.db.begin() as conn:
+        every = len(reused) == len(prior)  # no bucket of the parent's dropped or rebuilt
+        incremental.copy_members(conn, release_id, str(parent_id), n_buckets, reused, every)
+    parts = layout.split_files([b.name for b in builders], builders, states)
+    kill_point("staged")
+    counts, served = _counts(env, spec, fps, builders, states)
+    rows = sum(p["rows"] for ps in parts.values() for p in ps)
     counts["goodput"] = goodput.measure(env, spec, sample_size, fps, counts, rows)
     simulated = any(s.startswith(MODEL_PREFIX) for s in served)
     if simulated and not allow_simulated:
-        _abandon(env, release_id, staging, parts)
+        _abandon(env, release_id, layout)
         raise SimulatedOutputRefused(
             f"release {release_id}: the selected outputs were produced by the simulator (a"
             " test double); refusing to publish them. Point the endpoints at real models, or"
@@ -307,7 +294,20 @@ def _publish_locked(
     manifest = _manifest(
         env, name, version, spec, sample_size, parts, fps, counts, served, simulated
     )
-    _promote(env, staging, prefix, parts)
+    layout.promote(prefix)
+    index = incremental.render_index(n_buckets, states)
+    env.store.put(f"{prefix}/{incremental.INDEX}", index)
+    manifest["incremental"] = {
+        "buckets": n_buckets,
+        "index": {
+            "path": incremental.INDEX,
+            "sha256": hashlib.sha256(index).hexdigest(),
+            "bytes": len(index),
+        },
+        "buckets_reused": len(reused),
+        "parts_written": layout.written,
+        "parts_reused": layout.reused,
+    }
     manifest["report"] = _write_report(env, prefix, manifest)
     card_md = card.render(manifest).encode("utf-8")
     env.store.put(f"{prefix}/README.md", card_md)
@@ -321,43 +321,167 @@ def _publish_locked(
     kill_point("committed")
     mark_published(env, release_id, name, manifest, hashlib.sha256(body).hexdigest(), simulated)
     kill_point("published")
-    _clear_staging(env, staging, parts)
+    layout.clear_staging()
     return Published(release_id, name, version, uri, manifest["content_sha256"], manifest)
 
 
-class _SplitWriter:
-    """Buffers at most one part of rows, stages each part as soon as it is full."""
+def _reuse_unchanged(
+    images: list[Any],
+    n_buckets: int,
+    digests: dict[int, str],
+    prior: dict[int, incremental.BucketState],
+    layout: _Layout,
+) -> tuple[dict[int, incremental.BucketState], list[tuple[int, list[Any], str]]]:
+    """The parent's states of the buckets whose digest is unchanged (their parts marked for
+    reuse), and the (bucket, images, digest) of every other bucket, to rebuild."""
+    by_bucket: dict[int, list[Any]] = {}
+    for r in images:
+        by_bucket.setdefault(incremental.bucket_of(r.image_id, n_buckets), []).append(r)
+    states: dict[int, incremental.BucketState] = {}
+    todo: list[tuple[int, list[Any], str]] = []
+    for b, rows in sorted(by_bucket.items()):
+        old = prior.get(b)
+        if old is not None and old.digest == digests[b]:
+            states[b] = old
+            for files in old.parts.values():
+                layout.reuse(files)
+        else:
+            todo.append((b, rows, digests[b]))
+    return states, todo
 
-    def __init__(
-        self, env: StageEnv, staging: str, builder: Any, rows_per_file: int, parts: list[Part]
-    ) -> None:
+
+def _load_parent(env: StageEnv, parent_id: str | None) -> dict[str, Any] | None:
+    if parent_id is None:
+        return None
+    key = f"{prefix_of(parent_id)}/manifest.json"
+    return json.loads(env.store.get(key)) if env.store.head(key) is not None else None
+
+
+def _prior_states(
+    env: StageEnv,
+    parent_id: str | None,
+    parent: dict[str, Any] | None,
+    request: dict[str, Any],
+    n_buckets: int,
+) -> dict[int, incremental.BucketState]:
+    """The parent's buckets, when it was made under the same request (else nothing to reuse:
+    a bucket digest covers the lineage rows, not the configuration that selects them)."""
+    if parent_id is None or parent is None or _request_of(parent) != request:
+        return {}
+    return incremental.parent_states(env, prefix_of(parent_id), parent, n_buckets)
+
+
+class _Layout:
+    """A release's parts as they are decided: staged (new bytes) or reused from the parent."""
+
+    def __init__(self, env: StageEnv, staging: str, parent: dict[str, Any] | None) -> None:
         self.env = env
         self.staging = staging
-        self.builder = builder
-        self.schema = with_hf_features(builder.schema, builder.image_columns)
-        self.rows_per_file = rows_per_file
-        self.parts = parts
-        self.rows = 0
-        self._buf: list[dict[str, Any]] = []
-
-    def add(self, row: dict[str, Any]) -> None:
-        self._buf.append(row)
-        self.rows += 1
-        if len(self._buf) >= self.rows_per_file:
-            self._flush()
-
-    def _flush(self) -> None:
-        rows, self._buf = self._buf, []
-        part = encode_part(
-            rows, self.schema, f"{self.builder.path}/part-{len(self.parts):05d}.parquet"
+        self.parent_prefix = (
+            release_prefix(parent["name"], parent["version"]) if parent is not None else None
         )
-        self.env.store.put(f"{self.staging}/{part.path}", part.data)
-        self.parts.append(Part(part.path, part.rows, part.sha256, part.bytes, b""))
-        kill_point("part_staged")
+        self.parent_files = {
+            f["path"]: f["sha256"]
+            for s in (parent or {}).get("splits", {}).values()
+            for f in s["files"]
+        }
+        self.staged: list[dict[str, Any]] = []
+        self.copied: list[dict[str, Any]] = []
 
-    def close(self) -> None:
-        if self._buf or not self.parts:  # an empty split still gets a part with its schema
-            self._flush()
+    @property
+    def written(self) -> int:
+        return len(self.staged)
+
+    @property
+    def reused(self) -> int:
+        return len(self.copied)
+
+    def add(self, builder: Any, rows: list[dict[str, Any]], stem: str) -> dict[str, Any]:
+        """Encode one part; stage it unless the parent holds the same bytes at the same path."""
+        schema = with_hf_features(builder.schema, builder.image_columns)
+        part = encode_part(rows, schema, "")
+        path = f"{builder.path}/{stem}-{part.sha256[:16]}.parquet"
+        entry = {"path": path, "rows": part.rows, "sha256": part.sha256, "bytes": part.bytes}
+        if self.parent_files.get(path) == part.sha256:
+            self.reuse([entry])
+        else:
+            self.env.store.put(f"{self.staging}/{path}", part.data)
+            self.staged.append(entry)
+            kill_point("part_staged")
+        return entry
+
+    def reuse(self, files: list[dict[str, Any]]) -> None:
+        self.copied.extend(files)
+        kill_point("part_staged")  # an incremental publish may stage nothing
+
+    def split_files(
+        self, names: list[str], builders: list[Any], states: dict[int, incremental.BucketState]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """split -> its files in path order; a split without rows gets one empty part (its
+        schema), so every config still loads."""
+        out: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        for state in states.values():
+            for split, files in state.parts.items():
+                out[split].extend(files)
+        for b in builders:
+            if not out[b.name]:
+                out[b.name] = [self.add(b, [], "part-empty")]
+        return {n: sorted(fs, key=lambda f: f["path"]) for n, fs in out.items()}
+
+    def promote(self, prefix: str) -> None:
+        """Staged parts re-read and checked, then copied in; reused parts copied server-side
+        from the parent (size checked; `verify` re-hashes them)."""
+        for p in self.staged:
+            src = f"{self.staging}/{p['path']}"
+            data = self.env.store.get(src)
+            if len(data) != p["bytes"] or hashlib.sha256(data).hexdigest() != p["sha256"]:
+                raise ReleaseError(f"staged file {src} does not match what was written")
+            self.env.store.copy(src, f"{prefix}/{p['path']}")
+            kill_point("promoted")
+        with ThreadPoolExecutor(max_workers=_COPY_THREADS) as pool:
+            # list(): the first failed copy raises here
+            list(pool.map(lambda p: self._copy_reused(p, prefix), self.copied))
+
+    def _copy_reused(self, p: dict[str, Any], prefix: str) -> None:
+        src = f"{self.parent_prefix}/{p['path']}"
+        info = self.env.store.head(src)
+        if info is None or info.size != p["bytes"]:
+            raise ReleaseError(f"reused part {src} is missing or not {p['bytes']} bytes")
+        self.env.store.copy(src, f"{prefix}/{p['path']}")
+        kill_point("promoted")
+
+    def clear_staging(self) -> None:
+        for p in self.staged:
+            self.env.store.delete(f"{self.staging}/{p['path']}")
+
+
+def _counts(
+    env: StageEnv,
+    spec: SourceSpec,
+    fps: dict[str, str],
+    builders: list[Any],
+    states: dict[int, incremental.BucketState],
+) -> tuple[dict[str, Any], set[str]]:
+    """The manifest's counts and the served models, summed over the buckets."""
+    rejections: dict[str, dict[str, int]] = {}
+    stats: dict[str, dict[str, int]] = {b.name: {} for b in builders}
+    served: set[str] = set()
+    for state in states.values():
+        for stage, reasons in state.rejections.items():
+            incremental.add_counts(rejections.setdefault(stage, {}), reasons)
+        for split, s in state.stats.items():
+            incremental.add_counts(stats[split], s)
+        served.update(state.served)
+    with env.db.connect() as conn:
+        src = source_rejection_counts(conn, spec, fps["ingest"])
+    if src:
+        incremental.add_counts(rejections.setdefault("ingest", {}), src)
+    counts = {
+        "images": sum(s.images for s in states.values()),
+        "rejections": {k: dict(sorted(v.items())) for k, v in sorted(rejections.items())},
+        "splits": {k: dict(sorted(v.items())) for k, v in stats.items()},
+    }
+    return counts, served
 
 
 def _manifest(
@@ -366,21 +490,13 @@ def _manifest(
     version: str,
     spec: SourceSpec,
     sample_size: int | None,
-    parts: dict[str, list[Part]],
+    parts: dict[str, list[dict[str, Any]]],
     fps: dict[str, str],
     counts: dict[str, Any],
     served: set[str],
     simulated: bool,
 ) -> dict[str, Any]:
-    files = {
-        split: {
-            "rows": sum(p.rows for p in ps),
-            "files": [
-                {"path": p.path, "rows": p.rows, "sha256": p.sha256, "bytes": p.bytes} for p in ps
-            ],
-        }
-        for split, ps in parts.items()
-    }
+    files = {s: {"rows": sum(p["rows"] for p in ps), "files": ps} for s, ps in parts.items()}
     content = sha256_hex(
         "\n".join(f"{f['path']} {f['sha256']}" for s in sorted(files) for f in files[s]["files"])
     )
@@ -422,25 +538,8 @@ def _write_report(env: StageEnv, prefix: str, manifest: dict[str, Any]) -> list[
     return files
 
 
-def _promote(env: StageEnv, staging: str, prefix: str, parts: dict[str, list[Part]]) -> None:
-    for ps in parts.values():
-        for p in ps:
-            src = f"{staging}/{p.path}"
-            data = env.store.get(src)
-            if len(data) != p.bytes or hashlib.sha256(data).hexdigest() != p.sha256:
-                raise ReleaseError(f"staged file {src} does not match what was written")
-            env.store.copy(src, f"{prefix}/{p.path}")
-            kill_point("promoted")
-
-
-def _clear_staging(env: StageEnv, staging: str, parts: dict[str, list[Part]]) -> None:
-    for ps in parts.values():
-        for p in ps:
-            env.store.delete(f"{staging}/{p.path}")
-
-
-def _abandon(env: StageEnv, release_id: str, staging: str, parts: dict[str, list[Part]]) -> None:
-    _clear_staging(env, staging, parts)
+def _abandon(env: StageEnv, release_id: str, layout: _Layout) -> None:
+    layout.clear_staging()
     with env.db.begin() as conn:
         conn.execute(text("DELETE FROM release_members WHERE release_id = :r"), {"r": release_id})
         conn.execute(text("DELETE FROM releases WHERE release_id = :r"), {"r": release_id})

@@ -41,8 +41,13 @@ def iter_chunks(env: StageEnv, spec: SourceSpec, sample_size: int | None) -> Ite
 
     with env.db.connect() as conn:
         all_rows = image_set(conn, spec, None, sample_size)  # ids and sizes only
-    for start in range(0, len(all_rows), CHUNK):
-        rows = all_rows[start : start + CHUNK]
+    yield from chunks_of(env, all_rows)
+
+
+def chunks_of(env: StageEnv, image_rows: list[Any]) -> Iterator[ImageChunk]:
+    """These images (rows of `image_set`), `CHUNK` at a time, with their context."""
+    for start in range(0, len(image_rows), CHUNK):
+        rows = image_rows[start : start + CHUNK]
         with env.db.connect() as conn:
             contexts = current(conn, rows, registry.stage_fingerprint("annotate", env.settings))
             locations = image_locations(conn, [r.image_id for r in rows])
@@ -82,6 +87,24 @@ def rejection_counts(
         if fingerprints.get(r.stage) == r.fingerprint:
             out.setdefault(r.stage, {})
             out[r.stage][r.reason] = out[r.stage].get(r.reason, 0) + r.n
+    return out
+
+
+def rejections_by_image(
+    conn: Connection, image_ids: list[str], fingerprints: dict[str, str]
+) -> dict[str, dict[str, dict[str, int]]]:
+    """image_id -> stage -> reason -> rejections under the current fingerprints."""
+    rows = select_in(
+        conn,
+        "SELECT image_id, stage, fingerprint, reason, COUNT(*) AS n FROM rejections"
+        " WHERE image_id IN :ids GROUP BY image_id, stage, fingerprint, reason",
+        image_ids,
+    )
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for r in rows:
+        if fingerprints.get(r.stage) == r.fingerprint:
+            reasons = out.setdefault(r.image_id, {}).setdefault(r.stage, {})
+            reasons[r.reason] = reasons.get(r.reason, 0) + r.n
     return out
 
 

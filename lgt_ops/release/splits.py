@@ -181,8 +181,13 @@ class SplitBuilder:
 
     def served_models(self, conn: Connection) -> set[str]:
         """Models that answered the requests behind the rows emitted since the last call."""
-        keys, self._request_keys = self._request_keys, []
+        keys = self.take_request_keys()
         return served_models(conn, keys) if keys else set()
+
+    def take_request_keys(self) -> list[str]:
+        """The request keys behind the rows emitted since the last call."""
+        keys, self._request_keys = self._request_keys, []
+        return keys
 
     def _used(self, *keys: str | None) -> None:
         self._request_keys.extend(k for k in keys if k)

@@ -1,0 +1,132 @@
+"""Rebuilding the buckets of a release that changed, streamed in chunks of images.
+
+The images of every bucket to rebuild are visited in (bucket, image_id) order, `CHUNK` at a
+time, so a chunk usually spans several small buckets: one set of lineage queries per chunk
+(not per bucket), while a bucket is encoded as soon as its last image is read. Memory stays
+bounded by one chunk plus the rows of the buckets it left open.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection
+
+from lgt_ops.db.repo import insert_ignore, select_in
+from lgt_ops.env import StageEnv
+from lgt_ops.release import incremental, splits
+from lgt_ops.release.scope import CHUNK, chunks_of, rejections_by_image
+
+# Every release_members row names all id columns (a batch insert takes the first row's keys).
+_NO_IDS = {"question_id": None, "image_id": None, "trace_id": None, "pair_id": None}
+
+# (builder, rows, file stem) -> the part's manifest entry, staged or reused by the caller
+AddPart = Callable[[splits.SplitBuilder, list[dict[str, Any]], str], dict[str, Any]]
+
+
+@dataclass
+class _Open:
+    """A bucket being rebuilt: its own builders (their stats are the bucket's), its rows."""
+
+    builders: list[splits.SplitBuilder]
+    state: incremental.BucketState
+    left: int  # images not read yet
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    served: set[str] = field(default_factory=set)
+
+
+def build_buckets(
+    env: StageEnv,
+    release_id: str,
+    names: list[str],
+    fps: dict[str, str],
+    todo: list[tuple[int, list[Any], str]],
+    add_part: AddPart,
+) -> Iterator[tuple[int, incremental.BucketState]]:
+    """(bucket, state) of each bucket in `todo` ((bucket, image rows, digest)), rebuilt."""
+    n_buckets = env.settings.method.release_buckets
+    pending = {b: (rows, digest) for b, rows, digest in todo}
+    flat = [r for _, rows, _ in todo for r in rows]
+    open_: dict[int, _Open] = {}
+    for start in range(0, len(flat), CHUNK):
+        (chunk,) = chunks_of(env, flat[start : start + CHUNK])
+        members: list[dict[str, Any]] = []
+        with env.db.connect() as conn:
+            outputs = splits.ChunkOutputs.load(env, conn, chunk)
+            questions: dict[int, list[Any]] = {}
+            for q in outputs.questions:
+                questions.setdefault(incremental.bucket_of(q.image_id, n_buckets), []).append(q)
+            keys: dict[int, list[str]] = {}
+            for b in dict.fromkeys(incremental.bucket_of(i, n_buckets) for i in chunk.image_ids):
+                if b not in open_:
+                    rows, digest = pending[b]
+                    fresh = [x for x in splits.builders(env) if x.name in names]
+                    state = incremental.BucketState(digest, len(rows))
+                    open_[b] = _Open(fresh, state, len(rows), {x.name: [] for x in fresh})
+                view = dataclasses.replace(outputs, questions=questions.get(b, []))
+                keys[b] = _rows(env, release_id, open_[b], chunk, view, members)
+            _served(conn, open_, keys)
+            _rejections(conn, open_, chunk.image_ids, fps, n_buckets)
+        with env.db.begin() as conn:
+            insert_ignore(conn, "release_members", members)
+        for i in chunk.image_ids:
+            open_[incremental.bucket_of(i, n_buckets)].left -= 1
+        for b in [b for b, o in open_.items() if o.left == 0]:
+            yield b, _close(env, b, open_.pop(b), add_part)
+
+
+def _rows(
+    env: StageEnv,
+    release_id: str,
+    bucket: _Open,
+    chunk: Any,
+    outputs: splits.ChunkOutputs,
+    members: list[dict[str, Any]],
+) -> list[str]:
+    """Add this chunk's rows of one bucket; the request keys behind them."""
+    keys: list[str] = []
+    for b in bucket.builders:
+        for row, member in b.rows(env, chunk, outputs):
+            bucket.rows[b.name].append(row)
+            members.append({**_NO_IDS, "release_id": release_id, "split": b.name, **member})
+        keys += b.take_request_keys()
+    return keys
+
+
+def _served(conn: Connection, open_: dict[int, _Open], keys: dict[int, list[str]]) -> None:
+    """Served models of each bucket's rows, with one query for the chunk."""
+    wanted = sorted({k for ks in keys.values() for k in ks})
+    rows = select_in(
+        conn,
+        "SELECT request_key, served_model FROM model_requests WHERE request_key IN :ids",
+        wanted,
+    )
+    model = {r.request_key: r.served_model for r in rows if r.served_model}
+    for b, ks in keys.items():
+        open_[b].served.update(model[k] for k in ks if k in model)
+
+
+def _rejections(
+    conn: Connection, open_: dict[int, _Open], image_ids: list[str], fps: dict[str, str], n: int
+) -> None:
+    for image_id, by_stage in rejections_by_image(conn, image_ids, fps).items():
+        state = open_[incremental.bucket_of(image_id, n)].state
+        for stage, reasons in by_stage.items():
+            incremental.add_counts(state.rejections.setdefault(stage, {}), reasons)
+
+
+def _close(env: StageEnv, bucket: int, o: _Open, add_part: AddPart) -> incremental.BucketState:
+    """Encode the bucket's parts (a bucket past `rows_per_file` rows gets several)."""
+    per_file = env.settings.method.rows_per_file
+    for b in o.builders:
+        rows = o.rows[b.name]
+        o.state.parts[b.name] = [
+            add_part(b, rows[i : i + per_file], f"part-{bucket:05d}-{i // per_file:02d}")
+            for i in range(0, len(rows), per_file)
+        ]
+        o.state.stats[b.name] = b.summary()
+    o.state.served = sorted(o.served)
+    return o.state

@@ -87,6 +87,8 @@ def sim_process(tmp_path: Path) -> Iterator[SimProcess]:
             str(port),
             "--latency-ms",
             str(FAST_MS),
+            "--served-models",  # the connections name test-<role> models (the preflight checks)
+            ",".join(f"test-{role}" for role in ("vlm", "llm", "reasoner")),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -86,7 +86,11 @@ def test_a_correct_configuration_passes_and_its_table_is_stored(local_env, sim, 
     caps = {r: json.loads(row["capabilities"]) for r, row in stored.items()}
     assert caps["vlm"] == {"model_listed": True, "image": "data_url", "json_schema": True}
     assert caps["llm"] == {"model_listed": True, "json_schema": True}
-    assert caps["reasoner"] == {"model_listed": True, "thinking": "reasoning_content"}
+    assert caps["reasoner"] == {
+        "model_listed": True,
+        "thinking": "reasoning_content",
+        "bad_words": True,  # expand sends vLLM's bad_words (the simulator honours them)
+    }
     assert stored["vlm"]["stages"] == "annotate,cot" and stored["reasoner"]["stages"] == "expand"
     for row in stored.values():
         assert row["endpoint"] == sim.base_url and row["server_version"]

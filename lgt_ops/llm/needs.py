@@ -30,7 +30,7 @@ class StageNeed:
     image: bool = False  # sends an image part
     structured: bool = False  # relies on response_format json_schema
     thinking: bool = False  # reads the reasoner's thinking (reasoning_content or inline)
-    bad_words: bool = False  # sends vLLM's bad_words (no stage does today)
+    bad_words: bool = False  # sends vLLM's bad_words (expand, unless its list is empty)
 
     @property
     def tokens(self) -> int:
@@ -110,7 +110,7 @@ def stage_needs(settings: Settings, stages: Iterable[str]) -> list[StageNeed]:
         "expand": StageNeed(
             "expand", "reasoner",
             _template("expand") + described + question + m.cot_max_tokens,
-            m.expand_max_tokens, thinking=True,
+            m.expand_max_tokens, thinking=True, bad_words=bool(m.expand_bad_words),
         ),
         "tag": StageNeed(
             "tag", "llm", _template("behaviours") + _tokens(m.trace_max_chars),

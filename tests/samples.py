@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from PIL import Image
 
-SAMPLE = Path(__file__).resolve().parents[1] / "lgt_ops" / "sample"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "lgt_ops" / "sample"
+
+
+def run_demo(data_dir: Path, cwd: Path | None = None) -> str:
+    """`lgt demo` in a subprocess on embedded defaults under `data_dir`; its stdout."""
+    env = {**os.environ, "LGT_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT)}
+    for var in [v for v in env if v.startswith(("LGT_DATABASE", "LGT_STORE"))]:
+        del env[var]
+    return subprocess.run(
+        [sys.executable, "-m", "lgt_ops.cli", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        cwd=cwd,
+    ).stdout
 
 
 def jpeg(w: int, h: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

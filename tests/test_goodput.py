@@ -6,9 +6,7 @@ dataset card."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -24,7 +22,7 @@ from lgt_ops.pipeline import run_local
 from lgt_ops.release import card
 from lgt_ops.runctx import RunContext
 from lgt_ops.summary import print_summary
-from tests.samples import upload_sample
+from tests.samples import run_demo, upload_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "sources/sample/"
@@ -335,18 +333,7 @@ def test_goodput_on_postgres_after_a_failed_and_resumed_run(pg_s3_env, tmp_path)
 
 def test_the_demo_prints_goodput_and_its_card_has_it(tmp_path):
     data_dir = tmp_path / "demo"
-    env = {**os.environ, "LGT_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT)}
-    for var in [v for v in env if v.startswith(("LGT_DATABASE", "LGT_STORE"))]:
-        del env[var]
-    out = subprocess.run(
-        [sys.executable, "-m", "lgt_ops.cli", "demo"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-        cwd=tmp_path,
-    ).stdout
+    out = run_demo(data_dir, cwd=tmp_path)
     assert "goodput (this run; requests = distinct model requests it made)" in out
     assert "share of each stage's output removed, by filter (this run)" in out
     (release_id,) = re.findall(r"^release (\S+)  \(SIMULATED", out, re.M)

@@ -32,6 +32,7 @@ from lgt_ops.ids import canonical_json, sha256_hex
 from lgt_ops.llm.simulator import SimConfig
 from lgt_ops.llm.simulator.world import World
 from tests.conftest import ROOT, free_port
+from tests.samples import run_demo
 
 SEED = 7
 
@@ -319,19 +320,9 @@ def test_presigned_image_urls_do_not_change_the_reply():
 # -- the demo, twice from scratch ------------------------------------------------------------------
 def _demo(data_dir: Path) -> str:
     shutil.rmtree(data_dir, ignore_errors=True)
-    env = {**os.environ, "LGT_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT)}
-    for var in [v for v in env if v.startswith(("LGT_DATABASE", "LGT_STORE"))]:
-        del env[var]
-    out = subprocess.run(
-        [sys.executable, "-m", "lgt_ops.cli", "demo"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    m = re.search(r"content sha256: ([0-9a-f]{64})", out.stdout)
-    assert m, out.stdout + out.stderr
+    out = run_demo(data_dir)
+    m = re.search(r"content sha256: ([0-9a-f]{64})", out)
+    assert m, out
     return m.group(1)
 
 

@@ -18,7 +18,7 @@ from lgt_ops.llm.schema import parse_json_reply
 from lgt_ops.reasons import IngestReason, Rejected, ReplyReason
 from lgt_ops.sources import SourceSpec, image_locations, image_set
 from lgt_ops.stages.base import Shard, StageEnv, already_done
-from lgt_ops.stages.ingest import annotation_row
+from lgt_ops.stages.manifest_rows import annotation_row
 from lgt_ops.stages.runner import (
     Plan,
     Rows,

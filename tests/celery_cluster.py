@@ -34,7 +34,8 @@ from tests.airflow_server import (
     python_path,
     stop_all,
 )
-from tests.conftest import PG_ADMIN_URL, ROOT, _admin, free_port
+from tests.conftest import ROOT, _admin, free_port
+from tests.pg import database_url
 
 REDIS_URL = os.environ.get("LGT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DAG_ID = "lgt_synthesis"
@@ -289,8 +290,7 @@ def celery_cluster(
     name = f"lgt_af_{uuid.uuid4().hex[:10]}"
     queue = f"lgt-test-{uuid.uuid4().hex[:10]}"
     _admin(f"CREATE DATABASE {name}")
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")
-    metadata_url = f"{base}/{name}"
+    metadata_url = database_url(name)
     port = free_port()
     env = metadata_env(workdir, metadata_url, queue)
     env.update(extra_env or {})

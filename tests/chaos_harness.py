@@ -31,8 +31,9 @@ from typing import Any
 
 from sqlalchemy import create_engine, inspect, text
 
+from tests.pg import admin, database_url
+
 ROOT = Path(__file__).resolve().parents[1]
-PG_ADMIN = os.environ.get("LGT_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 PREFIX = "sources/chaos/"
 
 # Tables that log attempts by design: a crashed and resumed run has more of them than an
@@ -48,18 +49,6 @@ MODEL_POINTS = frozenset({"annotate", "mcq", "compose", "cot", "expand"})
 RUN_ARGS = ("--mcq-per-image", "2", "--k-rollouts", "3", "--allow-simulated")
 
 
-def admin(sql: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(PG_ADMIN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
-
-
 @dataclass
 class World:
     """A lineage database and a store holding the corpus."""
@@ -69,8 +58,7 @@ class World:
 
     @property
     def db_url(self) -> str:
-        base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")
-        return f"{base}/{self.db_name}"
+        return database_url(self.db_name)
 
     @property
     def store_dir(self) -> Path:

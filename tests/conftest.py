@@ -37,7 +37,8 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
 
-PG_ADMIN_URL = os.environ.get("LGT_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+from tests.pg import admin as _admin  # noqa: E402
+from tests.pg import database_url  # noqa: E402 - after the environment above
 
 
 def free_port() -> int:
@@ -47,25 +48,12 @@ def free_port() -> int:
 
 
 # -- Postgres ----------------------------------------------------------------------------------
-def _admin(sql: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(PG_ADMIN_URL)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
-
-
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh, empty Postgres database for one test, dropped afterwards."""
     name = f"lgt_test_{uuid.uuid4().hex[:10]}"
     _admin(f"CREATE DATABASE {name}")
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")
-    yield f"{base}/{name}"
+    yield database_url(name)
     from lgt_ops.db.repo import _META
 
     _META.clear()

@@ -27,7 +27,8 @@ from lgt_ops.runctx import RunContext, new_cli_run
 from lgt_ops.sources import resolve_source
 from lgt_ops.stages import ingest, mcq
 from lgt_ops.stages.base import Shard, StageEnv
-from tests.conftest import PG_ADMIN_URL, ROOT, _admin, make_settings
+from tests.conftest import ROOT, _admin, make_settings
+from tests.pg import database_url
 from tests.samples import jpeg
 
 N_IMAGES = 40
@@ -71,8 +72,7 @@ def second_pg_url() -> Iterator[str]:
     """Another fresh database, for the uninterrupted reference run."""
     name = f"lgt_test_{uuid.uuid4().hex[:10]}"
     _admin(f"CREATE DATABASE {name}")
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")
-    yield f"{base}/{name}"
+    yield database_url(name)
     _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 

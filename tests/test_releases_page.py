@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from tests.airflow_server import ApiServer, api_server
-from tests.conftest import PG_ADMIN_URL, _admin, make_settings
+from tests.conftest import _admin, make_settings
+from tests.pg import PG_ADMIN_URL
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.s3]
 

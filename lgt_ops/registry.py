@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from lgt_ops import prompts
 from lgt_ops.ids import canonical_json, fingerprint
@@ -32,6 +32,17 @@ class StageConfig(BaseModel):
     `MethodParams` fields), so each is prefixed with its stage, except the shared `seed`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _non_empty(v: tuple[str, ...]) -> tuple[str, ...]:
+    if not v:
+        raise ValueError("must not be empty")
+    return v
+
+
+# An annotated type, not a per-class validator: MethodParams inherits every stage config, and
+# same-named validators of two bases would shadow each other there.
+NonEmptyStrs = Annotated[tuple[str, ...], AfterValidator(_non_empty)]
 
 
 class Seeded(StageConfig):
@@ -171,15 +182,8 @@ class Mcq(Stage):
 class ComposeConfig(Seeded):
     compose_per_image: int = Field(default=4, ge=0, le=64)
     compose_per_parent: int = Field(default=2, ge=1, le=16)
-    compose_operators: tuple[str, ...] = ("chain", "compare", "count_over", "conjunction")
+    compose_operators: NonEmptyStrs = ("chain", "compare", "count_over", "conjunction")
     compose_temperature: float = Field(default=0.7, ge=0, le=2)
-
-    @field_validator("compose_operators")
-    @classmethod
-    def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if not v:
-            raise ValueError("must not be empty")
-        return v
 
 
 class Compose(Stage):
@@ -229,7 +233,7 @@ class Cot(Stage):
 
 
 class ExpandConfig(Seeded):
-    expand_cues: tuple[str, ...] = ("Wait,", "Hmm,", "Alternatively,")
+    expand_cues: NonEmptyStrs = ("Wait,", "Hmm,", "Alternatively,")
     expand_per_rollout: int = Field(default=2, ge=1, le=8)  # >= 2: X->O>X->X needs siblings
     expand_rollouts_per_question: int = Field(default=4, ge=1, le=64)
     expand_max_tokens: int = Field(default=1024, ge=16)
@@ -259,13 +263,6 @@ class ExpandConfig(Seeded):
         "mental image",
     )
     # -- end of trace quality --
-
-    @field_validator("expand_cues")
-    @classmethod
-    def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if not v:
-            raise ValueError("must not be empty")
-        return v
 
 
 class Expand(Stage):

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from lgt_ops import prompts, registry
-from lgt_ops.config import ConfigError, settings_from_env
+from lgt_ops.config import ConfigError, MethodParams, settings_from_env
 from lgt_ops.params import PARAM_SCHEMA, ParamsError, RunParams
 from tests.conftest import ROOT
 
@@ -98,6 +98,13 @@ def test_unknown_settings_and_parameters_are_errors_naming_them():
         RunParams.from_conf({"cot_temprature": 0.1})
     with pytest.raises(ParamsError, match="parameter 'easy_at_least'"):
         RunParams.from_conf({"easy_at_least": 2})
+
+
+@pytest.mark.parametrize("knob", ["compose_operators", "expand_cues"])
+def test_an_empty_list_knob_is_refused_in_the_merged_method_params(knob):
+    # MethodParams inherits every stage config: each knob keeps its own check there.
+    with pytest.raises(ValidationError, match="must not be empty"):
+        MethodParams(**{knob: ()})
 
 
 def test_every_method_knob_is_a_run_parameter_with_a_cli_option():

@@ -38,23 +38,20 @@ def ensure_pipeline_run(env: StageEnv, params: dict[str, Any] | None = None) -> 
 
 
 def finish_pipeline_run(env: StageEnv, status: str, detail: str | None = None) -> None:
-    with env.db.begin() as conn:
-        conn.execute(
-            text(
-                "UPDATE pipeline_runs SET status = :s, finished_at = :t, error_detail = :d"
-                " WHERE run_id = :r"
-            ),
-            {"s": status, "t": utcnow(), "d": _clip(detail), "r": env.run.run_id},
-        )
+    _set_run_status(env, status, detail, "")
 
 
 def close_pipeline_run(env: StageEnv, status: str, detail: str | None = None) -> None:
     """Close the run's row if it exists and is still `running` (a CLI command's run)."""
+    _set_run_status(env, status, detail, " AND status = 'running'")
+
+
+def _set_run_status(env: StageEnv, status: str, detail: str | None, guard: str) -> None:
     with env.db.begin() as conn:
         conn.execute(
             text(
                 "UPDATE pipeline_runs SET status = :s, finished_at = :t, error_detail = :d"
-                " WHERE run_id = :r AND status = 'running'"
+                " WHERE run_id = :r" + guard
             ),
             {"s": status, "t": utcnow(), "d": _clip(detail), "r": env.run.run_id},
         )

@@ -38,8 +38,8 @@ def _cli_env(env, **extra: str) -> dict[str, str]:
     return {**out, **extra}
 
 
-def _publish(env, name: str, **extra: str) -> subprocess.CompletedProcess:
-    cmd = [
+def _publish_cmd(name: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "lgt_ops.cli",
@@ -51,8 +51,11 @@ def _publish(env, name: str, **extra: str) -> subprocess.CompletedProcess:
         name,
         "--allow-simulated",
     ]
+
+
+def _publish(env, name: str, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cmd, env=_cli_env(env, **extra), capture_output=True, text=True, timeout=300
+        _publish_cmd(name), env=_cli_env(env, **extra), capture_output=True, text=True, timeout=300
     )
 
 
@@ -164,18 +167,7 @@ def test_a_live_publishers_claim_is_not_taken(store, request):
     # Two publishers at once: one waits for the other; two versions, nothing left staging.
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lgt_ops.cli",
-                "release",
-                "publish",
-                "--source",
-                "sources/sample/",
-                "--release-name",
-                "busy",
-                "--allow-simulated",
-            ],
+            _publish_cmd("busy"),
             env=_cli_env(env),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

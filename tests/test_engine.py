@@ -4,6 +4,7 @@ the ledger makes every successful call happen once, and the request key means co
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 from sqlalchemy import text
@@ -228,6 +229,19 @@ def test_unreachable_endpoint_fails_the_run(ledger):
             run(engine, [req(i) for i in range(5)])
 
 
+def wait_until_quiet(simulator, quiet_s: float = 0.3, limit_s: float = 10.0) -> None:
+    """Return once the simulator has received no request for `quiet_s`."""
+    deadline = time.monotonic() + limit_s
+    seen, since = simulator.received, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if simulator.received != seen:
+            seen, since = simulator.received, time.monotonic()
+        elif time.monotonic() - since >= quiet_s and simulator.inflight == 0:
+            return
+    raise AssertionError("the simulator kept receiving requests after the engine stopped")
+
+
 def test_down_mid_run_then_resume_sends_only_the_rest(sim, ledger):
     """The task fails cleanly when the endpoint goes away; its retry resumes from the ledger."""
     requests = [req(i) for i in range(60)]
@@ -240,6 +254,9 @@ def test_down_mid_run_then_resume_sends_only_the_rest(sim, ledger):
     ledger.flush_now()
     recorded = {k for k, r in ledger_rows(ledger).items() if r["status"] == "ok"}
     assert len(recorded) == 20
+    # Retries the failed engine cancelled may already be on the wire; the server still reads
+    # them. Let them meet the endpoint while it is down, so the resumed run's count is its own.
+    wait_until_quiet(sim.sim)
     sim.sim.cfg.down_after_served = None
     sim.sim.reset()
     outs = run(RequestEngine(endpoint(sim.base_url), ledger), requests, ledger)

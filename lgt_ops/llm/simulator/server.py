@@ -139,18 +139,7 @@ class Simulator:
         if not probe:
             self.received += 1
         key, attempt = _request_key(req.headers.get("X-Request-Id", ""))
-        try:
-            body = await req.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return self._error(400, "request body is not JSON", "bad_request", tally)
-        if not isinstance(body.get("messages"), list) or not body.get("model"):
-            return self._error(400, "'model' and 'messages' are required", "bad_request", tally)
-        if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
-            return self._error(401, "invalid API key", "authentication_error", tally)
-        limit = self.cfg.down_after_served
-        if self.cfg.down or (not probe and limit is not None and self.admitted >= limit):
-            return self._error(503, "service unavailable", "overload", tally)
-        refused = self._refusal(body, tally)
+        body, refused = await self._admit(req, probe, tally)
         if refused is not None:
             return refused
         if probe:
@@ -164,6 +153,39 @@ class Simulator:
             attempt = self._seen_bodies[digest]
             self._seen_bodies[digest] += 1
         fault = self._draw_fault(digest, attempt)
+        failed = await self._fault_before_reply(req, fault)
+        if failed is not None:
+            return failed
+        payload = await self._generate(body, digest)
+        failed = self._fault_in_reply(fault, body, payload)
+        if failed is not None:
+            return failed
+        if generation == self._generation:  # not served across a reset
+            self._count_served(key)
+        return web.json_response(payload)
+
+    # -- helpers ------------------------------------------------------------------------------
+    async def _admit(
+        self, req: web.Request, probe: bool, tally: Counter[str]
+    ) -> tuple[dict[str, Any], web.Response | None]:
+        """The request body, or the error a server answers before generating anything."""
+        try:
+            body = await req.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}, self._error(400, "request body is not JSON", "bad_request", tally)
+        if not isinstance(body.get("messages"), list) or not body.get("model"):
+            return body, self._error(
+                400, "'model' and 'messages' are required", "bad_request", tally
+            )
+        if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
+            return body, self._error(401, "invalid API key", "authentication_error", tally)
+        limit = self.cfg.down_after_served
+        if self.cfg.down or (not probe and limit is not None and self.admitted >= limit):
+            return body, self._error(503, "service unavailable", "overload", tally)
+        return body, self._refusal(body, tally)
+
+    async def _fault_before_reply(self, req: web.Request, fault: str | None) -> web.Response | None:
+        """Faults that replace the reply (429, 500, a dropped connection); a timeout stalls."""
         if fault == "429":
             self.outcomes["429"] += 1
             return web.json_response(
@@ -181,8 +203,11 @@ class Simulator:
         if fault == "timeout":  # a stall on the way in: the client gives up first
             self.outcomes["timeout"] += 1
             await asyncio.sleep(self.cfg.timeout_sleep_s)
-        sem = self._slots_sem()
-        async with sem:
+        return None
+
+    async def _generate(self, body: dict[str, Any], digest: str) -> dict[str, Any]:
+        """The reply, taking one of the server's slots for its latency and token time."""
+        async with self._slots_sem():
             self.inflight += 1
             self.max_inflight_seen = max(self.max_inflight_seen, self.inflight)
             try:
@@ -193,6 +218,13 @@ class Simulator:
                 await asyncio.sleep(delay)
             finally:
                 self.inflight -= 1
+        return payload
+
+    def _fault_in_reply(
+        self, fault: str | None, body: dict[str, Any], payload: dict[str, Any]
+    ) -> web.Response | None:
+        """Faults that damage a generated reply: cut JSON (returned), or the payload changed in
+        place (content truncated at `length`, or prose where a JSON schema was asked for)."""
         if fault == "malformed":
             self.outcomes["malformed"] += 1
             return web.Response(text=json.dumps(payload)[:40], content_type="application/json")
@@ -206,14 +238,14 @@ class Simulator:
             self.outcomes["invalid_json"] += 1
             for choice in payload["choices"]:
                 choice["message"]["content"] = "Sure! Here are the questions you asked for."
-        if generation == self._generation:
-            self.served += 1
-            self.outcomes["200"] += 1
-            if key:
-                self.served_by_key[key] += 1
-        return web.json_response(payload)
+        return None
 
-    # -- helpers ------------------------------------------------------------------------------
+    def _count_served(self, key: str) -> None:
+        self.served += 1
+        self.outcomes["200"] += 1
+        if key:
+            self.served_by_key[key] += 1
+
     def _refusal(self, body: dict[str, Any], tally: Counter[str]) -> web.Response | None:
         """vLLM's 4xx for a request this server cannot take (model, modality, context)."""
         served = self.served_models()

@@ -283,6 +283,25 @@ def _publish_locked(
     counts, served = _counts(env, spec, fps, builders, states)
     rows = sum(p["rows"] for ps in parts.values() for p in ps)
     counts["goodput"] = goodput.measure(env, spec, sample_size, fps, counts, rows)
+    simulated = _refuse_simulated(env, release_id, layout, served, allow_simulated)
+    manifest = _manifest(
+        env, name, version, spec, sample_size, parts, fps, counts, served, simulated
+    )
+    layout.promote(prefix)
+    manifest["incremental"] = _write_index(env, prefix, n_buckets, states, len(reused), layout)
+    manifest["report"] = _write_report(env, prefix, manifest)
+    manifest["card_sha256"] = _write_card(env, prefix, manifest)
+    body = _commit_manifest(env, prefix, uri, manifest)
+    mark_published(env, release_id, name, manifest, hashlib.sha256(body).hexdigest(), simulated)
+    kill_point("published")
+    layout.clear_staging()
+    return Published(release_id, name, version, uri, manifest["content_sha256"], manifest)
+
+
+def _refuse_simulated(
+    env: StageEnv, release_id: str, layout: _Layout, served: set[str], allow_simulated: bool
+) -> bool:
+    """Whether the simulator served any selected output; refused unless allowed."""
     simulated = any(s.startswith(MODEL_PREFIX) for s in served)
     if simulated and not allow_simulated:
         _abandon(env, release_id, layout)
@@ -291,27 +310,42 @@ def _publish_locked(
             " test double); refusing to publish them. Point the endpoints at real models, or"
             " set allow_simulated (--allow-simulated) for a demo/test release."
         )
-    manifest = _manifest(
-        env, name, version, spec, sample_size, parts, fps, counts, served, simulated
-    )
-    layout.promote(prefix)
+    return simulated
+
+
+def _write_index(
+    env: StageEnv,
+    prefix: str,
+    n_buckets: int,
+    states: dict[int, incremental.BucketState],
+    buckets_reused: int,
+    layout: _Layout,
+) -> dict[str, Any]:
+    """Write the bucket index next to the parts; the manifest's `incremental` section."""
     index = incremental.render_index(n_buckets, states)
     env.store.put(f"{prefix}/{incremental.INDEX}", index)
-    manifest["incremental"] = {
+    return {
         "buckets": n_buckets,
         "index": {
             "path": incremental.INDEX,
             "sha256": hashlib.sha256(index).hexdigest(),
             "bytes": len(index),
         },
-        "buckets_reused": len(reused),
+        "buckets_reused": buckets_reused,
         "parts_written": layout.written,
         "parts_reused": layout.reused,
     }
-    manifest["report"] = _write_report(env, prefix, manifest)
+
+
+def _write_card(env: StageEnv, prefix: str, manifest: dict[str, Any]) -> str:
+    """Write the dataset card (README.md); its sha256 for the manifest."""
     card_md = card.render(manifest).encode("utf-8")
     env.store.put(f"{prefix}/README.md", card_md)
-    manifest["card_sha256"] = hashlib.sha256(card_md).hexdigest()
+    return hashlib.sha256(card_md).hexdigest()
+
+
+def _commit_manifest(env: StageEnv, prefix: str, uri: str, manifest: dict[str, Any]) -> bytes:
+    """Write manifest.json if absent: the commit point of a release (its bytes returned)."""
     body = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
     kill_point("before_commit")
     try:
@@ -319,10 +353,7 @@ def _publish_locked(
     except ObjectExists as exc:
         raise ReleaseExists(f"{uri}/manifest.json appeared while publishing") from exc
     kill_point("committed")
-    mark_published(env, release_id, name, manifest, hashlib.sha256(body).hexdigest(), simulated)
-    kill_point("published")
-    layout.clear_staging()
-    return Published(release_id, name, version, uri, manifest["content_sha256"], manifest)
+    return body
 
 
 def _reuse_unchanged(

@@ -14,6 +14,7 @@ light lgt_ops modules (ids, prompts); a stage's work lives in its implementation
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -21,7 +22,9 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from lgt_ops import prompts
+from lgt_ops import request_size as size
 from lgt_ops.ids import canonical_json, fingerprint
+from lgt_ops.request_size import StageNeed
 
 if TYPE_CHECKING:
     from lgt_ops.config import Settings
@@ -67,7 +70,11 @@ class Stage:
     per_shard: ClassVar[bool] = True  # runs per image shard (else once per run)
     timeout_minutes: ClassVar[int] = 360
     impl: ClassVar[str | None] = None  # module with plan()/run() (or handle()/parse())
-    reply_tokens: ClassVar[int | None] = None  # fixed reply budget (the preflight checks it)
+    # what a model stage asks of its endpoint (`needs`, checked by the preflight); a VLM stage
+    # sends an image
+    reply_tokens: ClassVar[int | None] = None  # fixed reply budget (else override reply_budget)
+    structured: ClassVar[bool] = False  # relies on response_format json_schema
+    thinking: ClassVar[bool] = False  # reads the reasoner's thinking
 
     # -- derived --------------------------------------------------------------------------
     @classmethod
@@ -107,6 +114,36 @@ class Stage:
     @classmethod
     def has_plan(cls) -> bool:
         return cls.role is not None
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        """Tokens of the largest input one request carries besides its template (an upper
+        bound, lgt_ops.request_size); a VLM stage's image by default."""
+        return size.image_tokens(settings.image_spec) if cls.role == "vlm" else 0
+
+    @classmethod
+    def reply_budget(cls, settings: Settings) -> int:
+        """The largest reply one request asks for (its max_tokens)."""
+        if cls.reply_tokens is None:
+            raise NotImplementedError(
+                f"stage {cls.name}: set reply_tokens or override reply_budget"
+            )
+        return cls.reply_tokens
+
+    @classmethod
+    def needs(cls, settings: Settings) -> StageNeed | None:
+        """What this stage asks of its endpoint; None when it calls no model (rule stage, off)."""
+        if cls.role is None or not cls.enabled(settings):
+            return None
+        return StageNeed(
+            cls.name,
+            cls.role,
+            size.template_tokens(cls.template) + cls.request_inputs(settings),
+            cls.reply_budget(settings),
+            image=cls.role == "vlm",
+            structured=cls.structured,
+            thinking=cls.thinking,
+        )
 
     @classmethod
     def fingerprint(cls, env: Any) -> str:
@@ -159,6 +196,7 @@ class Annotate(Stage):
     upstream = ("ingest",)
     Config = AnnotateConfig
     reply_tokens = 2048
+    structured = True
     impl = "lgt_ops.stages.annotate"
 
 
@@ -176,7 +214,16 @@ class Mcq(Stage):
     template = "mcq"
     upstream = ("annotate",)
     Config = McqConfig
+    structured = True
     impl = "lgt_ops.stages.mcq"
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        return size.described_tokens(settings)
+
+    @classmethod
+    def reply_budget(cls, settings: Settings) -> int:
+        return settings.method.mcq_max_tokens
 
 
 class ComposeConfig(Seeded):
@@ -193,7 +240,12 @@ class Compose(Stage):
     upstream = ("mcq",)
     Config = ComposeConfig
     reply_tokens = 1024
+    structured = True
     impl = "lgt_ops.stages.compose"
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        return size.question_tokens() * 3  # two parents + options
 
     @classmethod
     def fan_out(cls, settings: Settings) -> tuple[int, int]:
@@ -230,6 +282,14 @@ class Cot(Stage):
         questions = m.mcq_per_image + m.compose_per_image
         supports_n = settings.endpoint("vlm").supports_n
         return questions, 1 if supports_n else m.cot_rollouts
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        return super().request_inputs(settings) + size.question_tokens()
+
+    @classmethod
+    def reply_budget(cls, settings: Settings) -> int:
+        return settings.method.cot_max_tokens
 
 
 class ExpandConfig(Seeded):
@@ -271,7 +331,24 @@ class Expand(Stage):
     template = "expand"
     upstream = ("cot",)
     Config = ExpandConfig
+    thinking = True
     impl = "lgt_ops.stages.expand"
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        # the description, the question and the simple chain of thought it continues
+        m = settings.method
+        return size.described_tokens(settings) + size.question_tokens() + m.cot_max_tokens
+
+    @classmethod
+    def reply_budget(cls, settings: Settings) -> int:
+        return settings.method.expand_max_tokens
+
+    @classmethod
+    def needs(cls, settings: Settings) -> StageNeed | None:
+        need = super().needs(settings)
+        bad_words = bool(settings.method.expand_bad_words)  # an empty list is not sent
+        return need and dataclasses.replace(need, bad_words=bad_words)
 
     @classmethod
     def fingerprint_extra(cls, settings: Settings) -> dict[str, Any]:
@@ -326,7 +403,12 @@ class Tag(Stage):
     upstream = ("filter",)
     Config = TagConfig
     reply_tokens = 128
+    structured = True
     impl = "lgt_ops.stages.tag"
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        return size.tokens(settings.method.trace_max_chars)  # the longest trace kept
 
     @classmethod
     def enabled(cls, settings: Settings) -> bool:

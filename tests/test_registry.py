@@ -146,6 +146,8 @@ class Toy(registry.Stage):
     template = "behaviours"
     upstream = ("filter",)
     Config = ToyConfig
+    reply_tokens = 40_000  # more than the simulator's context: the preflight must say so
+    structured = True
 
     @classmethod
     def plan(cls, env, spec, shard, sample_size):
@@ -177,13 +179,22 @@ out["dry_run"] = report["stages"].get("toy")
 from airflow.dag_processing.dagbag import DagBag
 dag = DagBag(dag_folder=sys.argv[1]).get_dag("lgt_synthesis")
 out["dag"] = {t.task_id: t.pool for t in dag.tasks if "toy" in t.task_id}
+from lgt_ops.llm import needs, preflight
+settings = settings_from_env()
+(row,) = preflight.check(settings, ["toy"]).checks
+out["preflight"] = [row.role, row.stages, row.needed_tokens, row.problem]
+probe = preflight.probe_request(
+    settings.endpoint("llm"), needs.role_needs(settings, ["toy"])["llm"], settings
+)
+out["probe_structured"] = probe.response_schema is not None
 print(json.dumps(out))
 """
 
 
-def test_a_toy_stage_is_one_class_and_one_registry_entry(airflow_db, tmp_path):
+def test_a_toy_stage_is_one_class_and_one_registry_entry(airflow_db, tmp_path, sim):
     env = {**__import__("os").environ, "LGT_DATA_DIR": str(tmp_path / "lgt")}
     env["PYTHONPATH"] = str(ROOT)
+    env["LGT_LLM_BASE_URL"] = sim.base_url  # the toy's endpoint, for the preflight
     done = subprocess.run(
         [sys.executable, "-c", _TOY, str(ROOT / "dags")],
         capture_output=True,
@@ -201,6 +212,12 @@ def test_a_toy_stage_is_one_class_and_one_registry_entry(airflow_db, tmp_path):
     assert out["fingerprint_changes"]
     assert out["dry_run"]["ready_items"] == 1
     assert out["dag"] == {"shard_stages.toy": "lgt_llm"}
+    # its needs (role, largest request, structured output) reach the preflight
+    role, stages, needed, problem = out["preflight"]
+    assert (role, stages) == ("llm", ["toy"])
+    assert needed > 40_000
+    assert f"toy stage sends requests of up to {needed} tokens" in problem
+    assert out["probe_structured"]  # the probe asks for what the toy relies on
 
 
 # -- the import graph -----------------------------------------------------------------------------

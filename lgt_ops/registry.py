@@ -8,8 +8,8 @@ role needs, the dry run, the method settings (`config.MethodParams` is the union
 stage configs) and every stage's fingerprint (`fingerprints`).
 
 This module is imported when the DAG file is parsed, so it imports only pydantic and the
-light lgt_ops modules (ids, prompts); a stage's work lives in its implementation module
-(`impl`), imported when the stage runs.
+light lgt_ops modules (ids, prompts, request_size); a stage's work lives in its
+implementation module (`impl`), imported when the stage runs.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ DESCRIPTIONS = {
     "conjunction": "The composed question requires both answers at once; each option pairs "
     "one candidate answer to each simple question.",
 }
+SAME = "the same number of each"  # compare's option for equal counts
 MIN_COUNT = 1  # a counting parent is grounded on its objects: at least one of each kind
 
 
@@ -80,8 +81,8 @@ class Candidate:
 
 def compare_text(first: str, second: str, diff: int) -> str:
     """The option for `count(first) - count(second) == diff`."""
-    if diff == 0:
-        return f"as many {plural(first)} as {plural(second)}"
+    if diff == 0:  # short: as long as the others, so its length is no clue
+        return SAME
     more, by = (first, diff) if diff > 0 else (second, -diff)
     return f"more {plural(more)}, by {by}"
 

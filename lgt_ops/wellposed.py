@@ -124,3 +124,15 @@ def check_well_posed(
     hop1, hop2 = parents
     obj = bridge(hop1, hop2, objects)
     check_chain_text(composed.question, entity_names(obj, hop1))
+
+
+def ill_posed(
+    composed: Question, parents: Sequence[Question], objects: Sequence[Mapping[str, Any]]
+) -> Rejected | None:
+    """`check_well_posed` as a value: the rejection (reason and detail), or None if well posed
+    (for a validator that counts rather than stops)."""
+    try:
+        check_well_posed(composed, parents, objects)
+    except Rejected as exc:
+        return exc
+    return None

@@ -20,7 +20,7 @@ from lgt_ops.ids import content_id
 from lgt_ops.questions import LETTERS, Question
 from lgt_ops.reasons import ComposeReason, Rejected
 from lgt_ops.stages.compose import compose_question
-from lgt_ops.wellposed import check_well_posed
+from lgt_ops.wellposed import check_well_posed, ill_posed
 
 LABELS = ("cup", "plate", "dog", "chair", "bottle", "lamp", "book", "kite", "bus", "berry")
 COLOURS = ("red", "blue", "green", "white", "black", "yellow")
@@ -157,6 +157,14 @@ def test_every_option_kind_is_correct_sometimes(made):
         assert abs(shapes[shape] - count / n) / total <= TOLERANCE, (shape, shapes, offered)
 
 
+def test_every_composition_is_consistent_and_well_posed_as_a_validator_sees_it(made):
+    _, out = made
+    for operator, rows in out.items():
+        for cand, q, objects in rows:
+            assert composition.expected_answer(operator, cand.parents, objects) == q.answer_text
+            assert ill_posed(q, cand.parents, objects) is None
+
+
 def test_compositions_are_the_same_on_a_rerun():
     def made(seed: int) -> list[tuple]:
         return [(c.operator, [p.question_id for p in c.parents], c.options, c.avoid,
@@ -244,6 +252,7 @@ def test_a_chain_whose_second_hop_does_not_hang_on_the_first_is_refused(hop1, ho
     with pytest.raises(Rejected) as exc:
         check_well_posed(row, [hop1, hop2], OBJECTS)
     assert exc.value.reason == ComposeReason.CHAIN_NOT_BRIDGED
+    assert ill_posed(row, [hop1, hop2], OBJECTS).reason == ComposeReason.CHAIN_NOT_BRIDGED
 
 
 def test_unrelated_questions_make_no_chain():

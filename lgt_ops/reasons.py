@@ -127,6 +127,10 @@ class McqReason(StrEnum):
 class ComposeReason(StrEnum):
     ANSWER_MISMATCH = "answer_mismatch"  # the marked option is not the derived answer
     NOT_COMPOSED = "not_composed"  # repeats a parent
+    OPTIONS_CHANGED = "options_changed"  # the reply's options are not the ones laid out
+    # chains (lgt_ops.wellposed): hop 2 must ask about the one object hop 1 resolves ...
+    CHAIN_NOT_BRIDGED = "chain_not_bridged"
+    NAMES_BRIDGE_ENTITY = "names_bridge_entity"  # ... and the question must not name it
 
 
 class TraceReason(StrEnum):

@@ -235,6 +235,7 @@ class ComposeConfig(Seeded):
 
 class Compose(Stage):
     name = "compose"
+    version = 2  # shortcut-free options, well-posed chains (lgt_ops.composition, wellposed)
     role = "llm"
     template = "compose"
     upstream = ("mcq",)

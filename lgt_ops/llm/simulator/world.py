@@ -277,7 +277,8 @@ class World:
         suggested = _search(r"Suggested options \(the correct one included\): (.*)", text, "")
         options = [s.strip() for s in suggested.split(" | ") if s.strip()]
         parents = re.findall(r"^\d+\. (.*?) -> (.*)$", text, re.M)
-        stems = _compose_stems(operator, parents)
+        avoid = [n for n in _search(r"Never name it: (.*?)\.\s*$", text, "").split(", ") if n]
+        stems = _compose_stems(operator, parents, avoid)
         rng.shuffle(stems)
         # Word the question so that the world's answer key agrees with the given answer; if no
         # wording does, the "model" marks the option its world holds right (a realistic
@@ -725,7 +726,17 @@ def _count_noun(question: str) -> str:
     return q
 
 
-def _compose_stems(operator: str, parents: list[tuple[str, str]]) -> list[str]:
+def _unname(question: str, names: Sequence[str]) -> str:
+    """The question with every forbidden name (and its article) replaced by "that object"."""
+    for name in sorted(names, key=len, reverse=True):
+        pattern = rf"\b(?:the |a |an )?{re.escape(name)}\b"
+        question = re.sub(pattern, "that object", question, flags=re.I)
+    return question
+
+
+def _compose_stems(
+    operator: str, parents: list[tuple[str, str]], avoid: Sequence[str] = ()
+) -> list[str]:
     """Equivalent wordings of the composed question (the answer key picks among them)."""
     qs = [q.rstrip("?") for q, _ in parents]
     leads = ("", "Looking at the image, ", "In this image, ", "Based on the image, ")
@@ -740,18 +751,21 @@ def _compose_stems(operator: str, parents: list[tuple[str, str]]) -> list[str]:
             )
         else:
             bodies = (
-                f"are there more {a} or more {b} in the image?",
-                f"which are more numerous, the {a} or the {b}?",
-                f"does the image show more {a} or more {b}?",
-                f"which is there more of: {a} or {b}?",
+                f"are there more {a} or more {b} in the image, and how many more?",
+                f"which are more numerous, the {a} or the {b}, and by how many?",
+                f"does the image show more {a} or more {b}, and by how many?",
+                f"which is there more of, {a} or {b}, and how many more?",
             )
     elif operator == "chain" and len(qs) >= 2:
+        # The second question asks about the object the first one resolves: refer to it
+        # through the first question and never by the names the prompt forbids.
         first = qs[0][0].lower() + qs[0][1:]
+        second = _unname(qs[1], avoid)
         bodies = (
-            f'consider the answer to "{first}". {qs[1]}, for that object?',
-            f'take the object that answers "{first}". {qs[1]}, for that object?',
-            f'first answer "{first}". Then: {qs[1]}, for that object?',
-            f'think of the answer to "{first}". {qs[1]}, for that object?',
+            f'take the answer to "{first}". {second}?',
+            f'consider the object that answers "{first}". {second}?',
+            f'first answer "{first}". Then: {second}?',
+            f'think of the answer to "{first}". {second}?',
         )
     else:
         lowered = "; and ".join(q[0].lower() + q[1:] for q in qs if q)

@@ -18,7 +18,6 @@ FILE_LENGTH = "<file length>"
 SPLIT_IN_PROGRESS: dict[str, tuple[str, ...]] = {
     "lgt_ops/llm/engine.py": ("_main", "_execute"),
     "lgt_ops/release/card.py": ("render",),
-    "lgt_ops/stages/compose.py": (FILE_LENGTH,),
     # 61 lines; its module is being changed in parallel (the shared run loop)
     "lgt_ops/stages/runner.py": ("run_model_stage",),
 }

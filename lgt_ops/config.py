@@ -80,9 +80,9 @@ class EndpointSettings(BaseModel):
             )
         return self.urls
 
-    def require_url(self) -> str:
-        """The first replica's base URL."""
-        return self.require_urls()[0]
+    def replicas(self) -> list[EndpointSettings]:
+        """One endpoint per replica, each with a single base URL (the preflight checks each)."""
+        return [self.model_copy(update={"base_url": url}) for url in self.require_urls()]
 
 
 class ImageSpec(BaseModel):

@@ -54,7 +54,7 @@ def endpoint_hint(role: str) -> str:
 
 
 @dataclass
-class _Slot:
+class Slot:
     """The replica whose window slot a request holds (None while it waits out a backoff)."""
 
     replica: Replica | None
@@ -83,18 +83,15 @@ class Attempts:
     rng: random.Random
     schema: SchemaCheck
 
-    async def execute(
-        self, session: aiohttp.ClientSession, req: ChatRequest, replica: Replica
-    ) -> Outcome:
-        slot = _Slot(replica)
-        try:
-            return await self._attempts(session, req, slot)
-        finally:
-            self._release(slot)
+    def take(self, replica: Replica) -> Slot:
+        replica.busy += 1
+        return Slot(replica)
 
-    async def _attempts(
-        self, session: aiohttp.ClientSession, req: ChatRequest, slot: _Slot
+    async def execute(
+        self, session: aiohttp.ClientSession, req: ChatRequest, slot: Slot
     ) -> Outcome:
+        """The request's outcome; the caller gives its slot back (`release`) once the outcome
+        is recorded, so nothing new is sent before the journal counts this answer."""
         outcome = Outcome(request=req, status="failed")
         try:
             urls = await self._image_urls(req)
@@ -114,7 +111,7 @@ class Attempts:
     async def _post(
         self,
         session: aiohttp.ClientSession,
-        slot: _Slot,
+        slot: Slot,
         req: ChatRequest,
         urls: dict[str, str],
         outcome: Outcome,
@@ -149,7 +146,7 @@ class Attempts:
             return None
 
     async def _judge(
-        self, slot: _Slot, req: ChatRequest, outcome: Outcome, reply: _Reply
+        self, slot: Slot, req: ChatRequest, outcome: Outcome, reply: _Reply
     ) -> Outcome | object | None:
         """What a reply means: an outcome, regenerate, or None (retried after a pause)."""
         replica = slot.replica
@@ -204,7 +201,7 @@ class Attempts:
         self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
         return self._finish(outcome, "ok", None)
 
-    async def _retry(self, slot: _Slot, outcome: Outcome, detail: str) -> Outcome | None:
+    async def _retry(self, slot: Slot, outcome: Outcome, detail: str) -> Outcome | None:
         """A transient failure: the final outcome once attempts are used up, else None after
         a backoff (the retry goes to the least loaded replica, another one if any is up)."""
         assert slot.replica is not None
@@ -215,18 +212,18 @@ class Attempts:
         return None
 
     # -- slots, replicas, the down limit ----------------------------------------------------
-    def _release(self, slot: _Slot) -> None:
+    def release(self, slot: Slot) -> None:
         if slot.replica is not None:
             slot.replica.busy -= 1
             slot.replica = None
             self.notify()
 
-    async def _move(self, slot: _Slot, seconds: float) -> None:
+    async def _move(self, slot: Slot, seconds: float) -> None:
         """Give the slot back, sleep (without holding a window slot), and take one on the
         least loaded replica that is up, preferring another than the one just used. With
         none up, wait for one until the endpoint counts as down."""
         avoid = slot.replica
-        self._release(slot)
+        self.release(slot)
         if seconds > 0:
             await asyncio.sleep(seconds)
         while (replica := self.pool.least_loaded(avoid)) is None:

@@ -36,7 +36,7 @@ import aiohttp
 
 from lgt_ops import chaos
 from lgt_ops.config import EndpointSettings
-from lgt_ops.llm.attempts import Attempts
+from lgt_ops.llm.attempts import Attempts, Slot
 from lgt_ops.llm.image_cache import ImageCache, ImageUrls
 from lgt_ops.llm.ledger import Ledger
 from lgt_ops.llm.outcome import Outcome
@@ -238,12 +238,12 @@ class RequestEngine:
             replica = self.pool.pick()
             if replica is None:
                 return
-            replica.busy += 1
-            task = loop.create_task(self._attempts.execute(session, run.ready.popleft(), replica))
+            slot = self._attempts.take(replica)
+            task = loop.create_task(self._attempts.execute(session, run.ready.popleft(), slot))
             run.inflight.add(task)
-            task.add_done_callback(functools.partial(self._on_done, run))
+            task.add_done_callback(functools.partial(self._on_done, run, slot))
 
-    def _on_done(self, run: _Run, task: asyncio.Task[Outcome]) -> None:
+    def _on_done(self, run: _Run, slot: Slot, task: asyncio.Task[Outcome]) -> None:
         run.inflight.discard(task)
         if task.cancelled():
             pass
@@ -254,6 +254,7 @@ class RequestEngine:
             # include this answer when the next send is decided.
             self._record(task.result(), len(run.inflight))
             run.completed.append(task.result())
+        self._attempts.release(slot)
         self._notify()
 
     async def _cancel(self, run: _Run) -> None:

@@ -151,6 +151,7 @@ class Attempts:
         """What a reply means: an outcome, regenerate, or None (retried after a pause)."""
         replica = slot.replica
         assert replica is not None
+        outcome.replica = replica.url
         text_head = reply.raw[:4000].decode("utf-8", "replace")
         failure = classify_http(reply.status, text_head)
         if failure is FailureClass.OVERLOAD:

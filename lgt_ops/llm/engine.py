@@ -68,11 +68,18 @@ class _Run:
     followers: dict[str, list[ChatRequest]] = field(default_factory=dict)  # key -> twins
     inflight: set[asyncio.Task[Outcome]] = field(default_factory=set)
     exhausted: bool = False
+    lookup: asyncio.Future[tuple[list[ChatRequest], dict[str, Outcome]]] | None = None
     fatal: BaseException | None = None
 
     @property
     def finished(self) -> bool:
-        return self.exhausted and not self.ready and not self.inflight and not self.completed
+        return (
+            self.exhausted
+            and self.lookup is None
+            and not self.ready
+            and not self.inflight
+            and not self.completed
+        )
 
 
 class RequestEngine:
@@ -164,7 +171,7 @@ class RequestEngine:
             self.pool.start(session, self._headers, lambda n: self._backoff(n), wake.set)
             try:
                 while not self._should_stop(run):
-                    await self._refill(run)
+                    self._refill(run)
                     self._dispatch(session, run)
                     while run.completed:
                         await self._emit(run, run.completed.popleft(), out)
@@ -200,29 +207,40 @@ class RequestEngine:
             await asyncio.wait_for(wake.wait(), limit)
         wake.clear()
 
-    async def _refill(self, run: _Run) -> None:
-        """Pull requests into `ready`, answering from the ledger what it holds."""
-        loop = asyncio.get_running_loop()
+    def _refill(self, run: _Run) -> None:
+        """Keep `ready` topped up. The ledger looks a chunk up in a worker thread while the
+        loop goes on sending and emitting: a lookup never leaves the windows idle."""
+        if run.lookup is not None:
+            if not run.lookup.done():
+                return
+            chunk, cached = run.lookup.result()
+            run.lookup = None
+            self._sort(run, chunk, cached)
         while not run.exhausted and len(run.ready) < max(_LOOKUP_CHUNK, 2 * self.pool.window_total):
             chunk = list(islice(run.requests, _LOOKUP_CHUNK))
             if not chunk:
                 run.exhausted = True
+            elif self.ledger is None:
+                self._sort(run, chunk, {})
+            else:
+                run.lookup = asyncio.get_running_loop().run_in_executor(
+                    None, _lookup, self.ledger, chunk
+                )
+                run.lookup.add_done_callback(lambda _: self._notify())
                 return
-            cached = (
-                await loop.run_in_executor(None, self.ledger.lookup, chunk)
-                if self.ledger is not None
-                else {}
-            )
-            for req in chunk:
-                if req.key in cached:
-                    self.stats.cache_hits += 1
-                    self.stats.statuses[cached[req.key].status] += 1
-                    run.completed.append(cached[req.key])
-                elif req.key in run.followers:
-                    run.followers[req.key].append(req)  # same request twice: one call
-                else:
-                    run.followers[req.key] = []
-                    run.ready.append(req)
+
+    def _sort(self, run: _Run, chunk: list[ChatRequest], cached: dict[str, Outcome]) -> None:
+        """Answered (from the ledger), a twin of a request already on its way, or to send."""
+        for req in chunk:
+            if req.key in cached:
+                self.stats.cache_hits += 1
+                self.stats.statuses[cached[req.key].status] += 1
+                run.completed.append(cached[req.key])
+            elif req.key in run.followers:
+                run.followers[req.key].append(req)  # same request twice: one call
+            else:
+                run.followers[req.key] = []
+                run.ready.append(req)
 
     def _dispatch(self, session: aiohttp.ClientSession, run: _Run) -> None:
         """Send ready requests while a replica has room in its window."""
@@ -310,6 +328,12 @@ class RequestEngine:
             "p99_ms": self.stats.percentile(99),
             "window": self.window.size,
         }
+
+
+def _lookup(
+    ledger: Ledger, chunk: list[ChatRequest]
+) -> tuple[list[ChatRequest], dict[str, Outcome]]:
+    return chunk, ledger.lookup(chunk)
 
 
 def _replay(outcome: Outcome, twin: ChatRequest) -> Outcome:

@@ -326,7 +326,8 @@ class RequestEngine:
             "completion_tokens": self.stats.completion_tokens,
             "p50_ms": self.stats.percentile(50),
             "p99_ms": self.stats.percentile(99),
-            "window": self.window.size,
+            "window": self.pool.window_total,
+            "replicas": self.pool.summary(),
         }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ import aiohttp
 
 from lgt_ops.config import EndpointSettings
 from lgt_ops.llm.window import AdaptiveWindow
+
+log = logging.getLogger(__name__)
 
 EJECT_AFTER = 5  # failures in a row: at 10% random faults, 1e-5 per request
 
@@ -75,7 +78,7 @@ class ReplicaPool:
     def pick(self) -> Replica | None:
         """The up replica with the fewest outstanding requests and room in its window."""
         room = [r for r in self.replicas if r.up and r.busy < r.window.size]
-        return min(room, key=_load, default=None) if room else None
+        return min(room, key=_load, default=None)
 
     def least_loaded(self, avoid: Replica | None = None) -> Replica | None:
         """The up replica with the fewest outstanding requests, window full or not (a retry
@@ -108,6 +111,12 @@ class ReplicaPool:
         if replica.up and (refused or replica.streak >= EJECT_AFTER):
             replica.ejected_at = time.monotonic()
             replica.ejections += 1
+            log.warning(
+                "%s replica %s ejected (%s); probing it until it answers",
+                self.endpoint.role,
+                public_url(replica.url),
+                " ".join(detail.split())[:200],
+            )
             if self._up is not None and not any(r.up for r in self.replicas):
                 self._up.clear()
             self._start_probe(replica)
@@ -188,6 +197,7 @@ class ReplicaPool:
         replica.streak = 0
         replica.readmissions += 1
         replica.window = new_window(self.endpoint)
+        log.warning("%s replica %s is back", self.endpoint.role, public_url(replica.url))
         if self._up is not None:
             self._up.set()
 

@@ -208,7 +208,8 @@ class Simulator:
                 choice["message"]["content"] = "Sure! Here are the questions you asked for."
         # Served = answered on a connection still open: a request whose connection was cut
         # (a crash, see BackgroundSimulator.crash) never reached its client.
-        if generation == self._generation and req.transport is not None:
+        open_ = req.transport is not None and not req.transport.is_closing()
+        if generation == self._generation and open_:
             self.served += 1
             self.outcomes["200"] += 1
             if key:

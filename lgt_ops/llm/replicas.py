@@ -111,7 +111,7 @@ class ReplicaPool:
         if replica.up and (refused or replica.streak >= EJECT_AFTER):
             replica.ejected_at = time.monotonic()
             replica.ejections += 1
-            log.warning(
+            log.info(  # INFO: a task log line; the CLI's failure stays one line
                 "%s replica %s ejected (%s); probing it until it answers",
                 self.endpoint.role,
                 public_url(replica.url),
@@ -197,7 +197,7 @@ class ReplicaPool:
         replica.streak = 0
         replica.readmissions += 1
         replica.window = new_window(self.endpoint)
-        log.warning("%s replica %s is back", self.endpoint.role, public_url(replica.url))
+        log.info("%s replica %s is back", self.endpoint.role, public_url(replica.url))
         if self._up is not None:
             self._up.set()
 

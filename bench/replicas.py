@@ -1,6 +1,6 @@
 """Endpoint replicas: throughput of two simulator replicas, and a replica killed mid-run.
 
-    python bench/replicas.py                 # 16 slots x 50 ms per replica, 6k/12k requests
+    python bench/replicas.py                 # 32 slots x 200 ms per replica, 3k/6k requests
     python bench/replicas.py --quick         # a third of the requests
 
 Each replica is a simulator in its own process (`lgt sim serve`) with `--slots S --latency-ms L`,
@@ -139,9 +139,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=6_000, help="one-replica run")
-    parser.add_argument("--slots", type=int, default=16)
-    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--requests", type=int, default=3_000, help="one-replica run")
+    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--window", type=int, default=256, help="upper bound per replica")
     parser.add_argument("--fixed", action="store_true", help="fixed window instead of adaptive")
     parser.add_argument("--quick", action="store_true")

@@ -9,7 +9,7 @@ change to them re-runs exactly the stages that depend on them.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,10 +32,10 @@ class ConfigError(PermanentFailure, ValueError):
     exit_code = EXIT_USAGE
 
 
-def joined_urls(urls: object) -> str | None:
+def joined_urls(urls: str | Iterable[object] | None) -> str | None:
     """Replica base URLs as `EndpointSettings.base_url` holds them: a list (or a string of
     comma-separated URLs) -> one comma-separated string."""
-    items = urls.split(",") if isinstance(urls, str) else list(urls or [])  # type: ignore[call-overload]
+    items = urls.split(",") if isinstance(urls, str) else list(urls or [])
     return ",".join(s for u in items if (s := str(u).strip())) or None
 
 

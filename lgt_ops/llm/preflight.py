@@ -14,7 +14,8 @@ Per role (vlm, llm, reasoner) the selected stages call (lgt_ops.llm.needs):
    stage reads it: `reasoning_content` (a reasoning parser) or inline before `</think>` (no
    parser). Which one is recorded; expand reads both.
 
-The result is one row per role (`RoleCheck`): logged as a table, stored in the lineage DB
+The result is one row per role and replica (`RoleCheck`; every replica of a role is checked,
+and a replica's problem names its URL): logged as a table, stored in the lineage DB
 (`endpoint_preflight`, per pipeline run) and shown in the run summary. A problem fails the
 preflight with one line naming the role, the endpoint, what is wrong and what to set:
 `PreflightFailed` (permanent: Airflow does not retry it), or `EndpointDown` when an endpoint
@@ -31,7 +32,6 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from lgt_ops import prompts
 from lgt_ops.config import ROLES, EndpointSettings, Settings
@@ -41,6 +41,7 @@ from lgt_ops.llm.engine import RequestEngine, run_all
 from lgt_ops.llm.errors import EndpointAuthError, EndpointDown
 from lgt_ops.llm.needs import RoleNeed, role_needs
 from lgt_ops.llm.outcome import Outcome
+from lgt_ops.llm.replicas import public_url
 from lgt_ops.llm.request import CONTINUE, ChatRequest, image_part
 from lgt_ops.storage import ObjectStore, S3Store
 
@@ -116,13 +117,14 @@ class PreflightReport:
 def check(
     settings: Settings, stages: Iterable[str], store: ObjectStore | None = None
 ) -> PreflightReport:
-    """Check each role the selected stages need; never raises for an endpoint's problem."""
+    """Check each replica of each role the selected stages need; never raises for an
+    endpoint's problem."""
     needs = role_needs(settings, stages)
     listings: dict[str, Any] = {}  # base URL -> control-plane answer (once per endpoint)
     checks = []
     for role, need in needs.items():
-        ep = settings.endpoint(role)
-        checks.append(check_role(ep, need, settings, store, listings))
+        for replica in settings.endpoint(role).replicas():  # every replica of the role
+            checks.append(check_role(replica, need, settings, store, listings))
     report = PreflightReport(checks)
     log_table(report)
     return report
@@ -135,7 +137,8 @@ def check_role(
     store: ObjectStore | None,
     listings: dict[str, Any] | None = None,
 ) -> RoleCheck:
-    url = ep.require_url()
+    """One replica of a role (`ep` has a single base URL: see `EndpointSettings.replicas`)."""
+    (url,) = ep.require_urls()
     row = RoleCheck(
         role=ep.role,
         endpoint=public_url(url),
@@ -191,7 +194,7 @@ def _control_plane(ep: EndpointSettings) -> tuple[dict[str, dict[str, Any]], str
     """(model id -> model card, server version or None)."""
     import openai
 
-    url = ep.require_url()
+    (url,) = ep.require_urls()
     key = ep.api_key.get_secret_value() if ep.api_key is not None else "EMPTY"
     client = openai.OpenAI(
         base_url=url,
@@ -430,16 +433,6 @@ def _read_thinking(ep: EndpointSettings, outcome: Outcome, caps: dict[str, Any])
 
 
 # -- reporting -----------------------------------------------------------------------------------
-def public_url(url: str) -> str:
-    """The URL without credentials or query (a key may ride in either)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def capabilities_text(caps: dict[str, Any]) -> str:
     parts = []
     if "image" in caps:
@@ -525,7 +518,8 @@ _COLUMNS = ("role", "endpoint", "model", "stages", "server_version", "max_model_
 
 
 def record(db: Any, run_id: str, report: PreflightReport) -> None:
-    """Store the table for this pipeline run; a repeated preflight (a retry) replaces it."""
+    """Store the table (a row per role and replica) for this pipeline run; a repeated
+    preflight (a retry) replaces it."""
     from sqlalchemy import text
 
     rows = [
@@ -564,4 +558,4 @@ def stored(db: Any, run_id: str) -> list[dict[str, Any]]:
         )
         rows = [dict(r._mapping) for r in result]
     order = {role: n for n, role in enumerate(ROLES)}
-    return sorted(rows, key=lambda r: order.get(r["role"], len(order)))
+    return sorted(rows, key=lambda r: (order.get(r["role"], len(order)), r["endpoint"]))

@@ -160,7 +160,11 @@ class Simulator:
         failed = self._fault_in_reply(fault, body, payload)
         if failed is not None:
             return failed
-        if generation == self._generation:  # not served across a reset
+        # Served = answered on a connection still open, and not across a reset: a request
+        # whose connection was cut (a crash, see BackgroundSimulator.crash) never reached
+        # its client.
+        open_ = req.transport is not None and not req.transport.is_closing()
+        if generation == self._generation and open_:
             self._count_served(key)
         return web.json_response(payload)
 
@@ -411,6 +415,7 @@ class BackgroundSimulator:
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="lgt-simulator", daemon=True)
 
@@ -423,7 +428,7 @@ class BackgroundSimulator:
         asyncio.set_event_loop(self._loop)
         self._runner = web.AppRunner(self.sim.app(), access_log=None)
         self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = self._site = web.TCPSite(self._runner, self.host, self.port)
         self._loop.run_until_complete(site.start())
         sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.port = sock.getsockname()[1]
@@ -431,6 +436,33 @@ class BackgroundSimulator:
         self._loop.run_forever()
         self._loop.run_until_complete(self._runner.cleanup())
         self._loop.close()
+
+    def crash(self) -> None:
+        """What a killed server looks like to its clients: the port stops listening (new
+        connections are refused) and every open connection is reset, so requests in flight
+        get no answer (and are not counted). The counters stay readable; `revive` listens
+        again on the same port."""
+
+        async def _crash() -> None:
+            assert self._runner is not None and self._site is not None
+            await self._site.stop()
+            for handler in self._runner.server.connections if self._runner.server else []:
+                if handler.transport is not None:
+                    handler.transport.abort()
+
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(_crash(), self._loop).result(10)
+
+    def revive(self) -> None:
+        """Listen again on the same port after `crash` (same counters and settings)."""
+
+        async def _listen() -> None:
+            assert self._runner is not None
+            self._site = web.TCPSite(self._runner, self.host, self.port)
+            await self._site.start()
+
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(_listen(), self._loop).result(10)
 
     def start(self) -> BackgroundSimulator:
         self._thread.start()

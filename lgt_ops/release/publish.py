@@ -39,7 +39,7 @@ from lgt_ops.env import StageEnv
 from lgt_ops.ids import sha256_hex
 from lgt_ops.llm.simulated import MODEL_PREFIX
 from lgt_ops.progress import Progress
-from lgt_ops.release import card, goodput, incremental, report, splits
+from lgt_ops.release import card, goodput, incremental, report, splits, validate
 from lgt_ops.release.build import build_buckets
 from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
 from lgt_ops.release.parquet import encode_part, with_hf_features
@@ -308,6 +308,9 @@ def _publish_locked(
         "parts_written": layout.written,
         "parts_reused": layout.reused,
     }
+    # Measured on the promoted parts, before the card and the commit point: a crash here
+    # leaves an uncommitted attempt, which the next publish removes.
+    manifest["quality"] = validate.measure(env, release_id, prefix, manifest).as_dict()
     manifest["report"] = _write_report(env, prefix, manifest)
     card_md = card.render(manifest).encode("utf-8")
     env.store.put(f"{prefix}/README.md", card_md)

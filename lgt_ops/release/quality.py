@@ -1,0 +1,340 @@
+"""A release's quality figures: what makes the data right (METHOD.md), measured on its rows.
+
+Each check is a small function over the release's rows (as the Parquet files hold them) and,
+for stage 2, the parent questions and object labels from the lineage DB. A check gives a
+`Figure`: the measured value, the largest value it may take, the population it was measured
+on, and, when it fails, the first offending item and why. `lgt_ops.release.validate` loads
+the rows and runs every check; the figures go into the manifest, the card's "Quality" section
+and the `release_quality` table.
+
+Counts (invalid questions, ill-posed chains, leaked traces, ...) must be 0. Uniformity (the
+correct letter, and the correct value's rank among numeric options) is the largest deviation
+of a share from 1/k; it may reach `tolerance` (2 %), or, on a sample too small to show 2 %,
+three standard errors of a uniform share (so a 50-question demo is not failed by chance).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import Connection
+
+from lgt_ops.db.repo import insert_ignore
+from lgt_ops.questions import LETTERS, Question
+from lgt_ops.traces import leaks
+
+TOLERANCE = 0.02
+_FINAL = re.compile(r"</think>\s*Answer:\s*([A-H])\s*$")
+
+
+@dataclass(frozen=True)
+class Figure:
+    metric: str
+    scope: str  # all | stage1 | stage2 | op:<operator> | a split name
+    value: float
+    max_allowed: float
+    n: int  # the rows (questions, traces, ...) it was measured on
+    detail: str | None = None  # the first offending item and why, when it fails
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.max_allowed + 1e-12
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Figure:
+        return cls(d["metric"], d["scope"], d["value"], d["max_allowed"], d["n"], d.get("detail"))
+
+
+def count_figure(metric: str, scope: str, n: int, problems: list[str]) -> Figure:
+    """A count that must be zero; the detail names the first problem and how many there are."""
+    detail = None
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        detail = problems[0] + more
+    return Figure(metric, scope, float(len(problems)), 0.0, n, detail)
+
+
+def uniform_limit(n: int, k: int, tolerance: float = TOLERANCE) -> float:
+    """The largest deviation of a share from 1/k that n fair draws still show often."""
+    if n == 0 or k < 2:
+        return 1.0
+    p = 1 / k
+    return max(tolerance, 3 * math.sqrt(p * (1 - p) / n))
+
+
+def deviation_figure(
+    metric: str, scope: str, picks: Sequence[tuple[int, int]], tolerance: float = TOLERANCE
+) -> Figure:
+    """Largest |share - 1/k| over the positions 0..k-1, from (position, k) picks."""
+    n = len(picks)
+    k = max((kk for _, kk in picks), default=0)
+    shares = Counter(pos for pos, _ in picks)
+    worst, at = 0.0, 0
+    for pos in range(k):
+        dev = abs(shares.get(pos, 0) / n - 1 / k)
+        if dev > worst:
+            worst, at = dev, pos
+    limit = uniform_limit(n, k, tolerance)
+    detail = None
+    if worst > limit:
+        detail = f"position {at + 1} of {k} holds {shares.get(at, 0)} of {n} correct answers"
+    return Figure(metric, scope, round(worst, 6), round(limit, 6), n, detail)
+
+
+# -- questions ---------------------------------------------------------------------------------
+def mcq_problem(row: dict[str, Any], n_options: int) -> str | None:
+    """Why a question row is not a valid multiple-choice question, if it is not."""
+    opts = [str(o).strip() for o in row.get("options") or []]
+    if len(opts) != n_options:
+        return f"{len(opts)} options, want {n_options}"
+    if any(not o for o in opts):
+        return "an option is empty"
+    if len({" ".join(o.lower().split()) for o in opts}) != len(opts):
+        return "options repeat"
+    letter = row.get("answer") or ""
+    if len(letter) != 1 or letter not in LETTERS[:n_options]:
+        return f"answer letter {letter!r} is not one of {LETTERS[:n_options]}"
+    if opts[LETTERS.index(letter)] != str(row.get("answer_text") or "").strip():
+        return f"option {letter} is not the answer {row.get('answer_text')!r}"
+    return None
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def value_rank(row: dict[str, Any]) -> int | None:
+    """The correct value's rank (0 = smallest) among numeric options; None if not numeric."""
+    values = [_number(o) for o in row.get("options") or []]
+    if not values or any(v is None for v in values) or len(set(values)) != len(values):
+        return None
+    correct = _number(row.get("answer_text") or "")
+    return sorted(values).index(correct) if correct in values else None  # type: ignore[arg-type]
+
+
+def scopes(row: dict[str, Any]) -> list[str]:
+    """The groups a question counts in: all, its stage, and its operator (stage 2)."""
+    out = ["all", f"stage{row['stage']}"]
+    if row.get("operator"):
+        out.append(f"op:{row['operator']}")
+    return out
+
+
+def question_figures(
+    questions: list[dict[str, Any]], n_options: int, tolerance: float = TOLERANCE
+) -> list[Figure]:
+    """Structural validity, and letter and value-rank uniformity per scope."""
+    invalid = []
+    letters: dict[str, list[tuple[int, int]]] = {}
+    ranks: dict[str, list[tuple[int, int]]] = {}
+    for row in questions:
+        problem = mcq_problem(row, n_options)
+        if problem:
+            invalid.append(f"question {row['question_id']}: {problem}")
+            continue
+        k = len(row["options"])
+        rank = value_rank(row)
+        for scope in scopes(row):
+            letters.setdefault(scope, []).append((LETTERS.index(row["answer"]), k))
+            if rank is not None:
+                ranks.setdefault(scope, []).append((rank, k))
+    out = [count_figure("mcq_invalid", "all", len(questions), invalid)]
+    for scope, picks in sorted(letters.items(), key=lambda kv: _scope_order(kv[0])):
+        out.append(deviation_figure("letter_deviation", scope, picks, tolerance))
+    for scope, picks in sorted(ranks.items(), key=lambda kv: _scope_order(kv[0])):
+        out.append(deviation_figure("value_rank_deviation", scope, picks, tolerance))
+    return out
+
+
+def _scope_order(scope: str) -> tuple[int, str]:
+    return ({"all": 0, "stage1": 1, "stage2": 2}.get(scope, 3), scope)
+
+
+# -- stage 2 -----------------------------------------------------------------------------------
+def _norm(text: str) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def subject(q: Question, labels: dict[str, str]) -> str | None:
+    """The one object label a question is about, if its grounding has a single label."""
+    found = {labels.get(g) for g in q.grounding}
+    return found.pop() if len(found) == 1 and None not in found else None
+
+
+def _compare(parents: Sequence[Question], labels: dict[str, str]) -> str | None:
+    a, b = (_number(p.answer_text) for p in parents)
+    if a is None or b is None:
+        return None
+    if a == b:
+        return "both equally"
+    return subject(parents[0] if a > b else parents[1], labels)
+
+
+def _count_over(parents: Sequence[Question], labels: dict[str, str]) -> str | None:
+    a, b = (_number(p.answer_text) for p in parents)
+    return None if a is None or b is None else str(int(a + b))
+
+
+DERIVE: dict[str, Callable[[Sequence[Question], dict[str, str]], str | None]] = {
+    "chain": lambda ps, _: ps[1].answer_text,
+    "conjunction": lambda ps, _: f"{ps[0].answer_text}; {ps[1].answer_text}",
+    "count_over": _count_over,
+    "compare": _compare,
+}
+
+
+def consistency_problem(
+    row: dict[str, Any], parents: Sequence[Question], labels: dict[str, str]
+) -> str | None:
+    """Why a composed question's answer is not the one its parents' answers give."""
+    if len(parents) != 2 or len(row.get("parent_ids") or []) != 2:
+        return f"{len(parents)} parent question(s) found, want 2"
+    derive = DERIVE.get(row.get("operator") or "")
+    if derive is None:
+        return f"unknown operator {row.get('operator')!r}"
+    want = derive(parents, labels)
+    if want is None or _norm(want) != _norm(row["answer_text"]):
+        return f"answer {row['answer_text']!r}, the parents give {want!r}"
+    return None
+
+
+def chain_ill_posed(
+    text: str, hop1: Question, hop2: Question, labels: dict[str, str]
+) -> str | None:
+    """Why a chain is ill-posed, if it is: hop 2 must be grounded on the single object hop 1
+    resolves (the one of hop 1's objects whose label is hop 1's answer), and the composed
+    question must not name that object. (Swappable for the compose stage's own check.)"""
+    entity = _norm(hop1.answer_text)
+    grounded = sorted(set(hop2.grounding))
+    if len(grounded) != 1:
+        return f"hop 2 is grounded on {len(grounded)} objects, not on hop 1's answer alone"
+    obj = grounded[0]
+    if _norm(labels.get(obj, "")) != entity:
+        return f"hop 2 is about {labels.get(obj, obj)!r}, hop 1 resolves {hop1.answer_text!r}"
+    if obj not in hop1.grounding:
+        return f"hop 2's object {obj} is not among hop 1's objects"
+    if re.search(r"\b" + re.escape(entity) + r"(?:e?s)?\b", text, re.I):
+        return f"the composed question names hop 1's answer {hop1.answer_text!r}"
+    return None
+
+
+WELL_POSED_CHECKS: dict[str, Callable[[str, Question, Question, dict[str, str]], str | None]] = {
+    "chain": chain_ill_posed,
+}
+
+
+def stage2_figures(
+    composed: list[dict[str, Any]],
+    parents: dict[str, Question],
+    labels: dict[str, dict[str, str]],
+) -> list[Figure]:
+    """Consistency of every composed question, and well-posedness of those whose operator
+    has a check (chains). `parents` by question id, `labels` object id -> label per image."""
+    inconsistent, ill_posed, checked = [], [], 0
+    for row in composed:
+        ps = [parents[p] for p in row.get("parent_ids") or [] if p in parents]
+        image_labels = labels.get(row["image_id"], {})
+        problem = consistency_problem(row, ps, image_labels)
+        if problem:
+            inconsistent.append(f"question {row['question_id']}: {problem}")
+        check = WELL_POSED_CHECKS.get(row.get("operator") or "")
+        if check is not None and len(ps) == 2:
+            checked += 1
+            why = check(row["question"], ps[0], ps[1], image_labels)
+            if why:
+                ill_posed.append(f"question {row['question_id']}: {why}")
+    return [
+        count_figure("stage2_inconsistent", "stage2", len(composed), inconsistent),
+        count_figure("chain_ill_posed", "op:chain", checked, ill_posed),
+    ]
+
+
+# -- traces ------------------------------------------------------------------------------------
+def final_letter(trace: str) -> str | None:
+    """The letter of the release's answer line (`</think>` then `Answer: X` at the end)."""
+    m = _FINAL.search(trace or "")
+    return m.group(1) if m else None
+
+
+def reply(messages: Sequence[dict[str, Any]] | None) -> str:
+    """The text of a conversation's last assistant turn."""
+    for m in reversed(list(messages or [])):
+        if m.get("role") == "assistant":
+            return "".join(p.get("text") or "" for p in m.get("content") or [])
+    return ""
+
+
+def sft_figure(rows: Iterable[dict[str, Any]], answers: dict[str, str]) -> Figure:
+    """Every SFT row ends with its question's verified answer (`answers` by question id)."""
+    bad, n = [], 0
+    for row in rows:
+        n += 1
+        want = answers.get(row["question_id"], row["answer"])
+        got = final_letter(reply(row["messages"]))
+        if got != want or row["answer"] != want:
+            bad.append(f"sft row {row['row_id']}: ends with {got!r}, the answer is {want!r}")
+    return count_figure("sft_wrong_answer", "sft", n, bad)
+
+
+def dpo_figure(rows: Iterable[dict[str, Any]], answers: dict[str, str]) -> Figure:
+    """Every DPO pair's chosen trace answers right and its rejected trace answers wrong."""
+    bad, n = [], 0
+    for row in rows:
+        n += 1
+        want = answers.get(row["question_id"], row["answer"])
+        chosen, rejected = final_letter(reply(row["chosen"])), final_letter(reply(row["rejected"]))
+        if chosen != want:
+            bad.append(f"dpo row {row['row_id']}: chosen answers {chosen!r}, want {want!r}")
+        elif rejected is None or rejected == want:
+            bad.append(f"dpo row {row['row_id']}: rejected answers {rejected!r}, not wrong")
+    return count_figure("dpo_misordered", "dpo", n, bad)
+
+
+def leak_figure(traces: Iterable[tuple[str, str]]) -> Figure:
+    """Traces (SFT targets, DPO chosen and rejected) that cite the reasoner's text context;
+    `traces` are (trace id, text), each distinct pair judged once."""
+    distinct = sorted(set(traces))
+    bad = [f"trace {tid}: mentions {hit!r}" for tid, text in distinct if (hit := leaks(text))]
+    return count_figure("leaked_traces", "all", len(distinct), bad)
+
+
+def passed(figures: Iterable[Figure]) -> bool:
+    return all(f.passed for f in figures)
+
+
+# -- the lineage DB ------------------------------------------------------------------------------
+def db_rows(release_id: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """release_quality rows from a manifest (none for a release published without them)."""
+    figures = (manifest.get("quality") or {}).get("figures") or []
+    return [
+        {
+            "release_id": release_id,
+            "metric": f["metric"],
+            "scope": f["scope"],
+            "value": float(f["value"]),
+            "max_allowed": float(f["max_allowed"]),
+            "n": int(f["n"]),
+            "passed": bool(f["passed"]),
+            "detail": f.get("detail"),
+        }
+        for f in figures
+    ]
+
+
+def record(conn: Connection, release_id: str, manifest: dict[str, Any]) -> None:
+    """Store the release's quality figures (in the caller's transaction; idempotent)."""
+    rows = db_rows(release_id, manifest)
+    if rows:
+        insert_ignore(conn, "release_quality", rows)

@@ -1,0 +1,244 @@
+"""The release validator: its figures on a simulated release of 300 images (card, manifest and
+Postgres agree), and a tampered release it fails, naming the check, the item and the reason."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+from sqlalchemy import text
+
+from lgt_ops import cli
+from lgt_ops.failures import EXIT_OK, EXIT_VERIFY_FAILED
+from lgt_ops.questions import Question
+from lgt_ops.release import quality
+from lgt_ops.release.card import quality_section
+from lgt_ops.release.validate import validate
+from tests import release_checks as checks
+from tests.samples import upload_sample
+
+N_IMAGES = 300
+
+
+def _figures(report_or_manifest) -> dict[tuple[str, str], dict]:
+    figures = (
+        report_or_manifest["quality"]["figures"]
+        if isinstance(report_or_manifest, dict)
+        else [f.as_dict() for f in report_or_manifest.figures]
+    )
+    return {(f["metric"], f["scope"]): f for f in figures}
+
+
+# -- the checks, one by one -------------------------------------------------------------------
+def _q(qid, question, answer, options, grounding, skill="spatial"):
+    return Question(qid, "img", 1, skill, question, tuple(options),
+                    "ABCD"[options.index(answer)], answer, tuple(grounding))
+
+
+def test_a_chain_is_well_posed_only_if_hop_two_is_about_hop_ones_answer_unnamed():
+    labels = {"o1": "cup", "o2": "table", "o3": "cup", "o4": "lamp"}
+    hop1 = _q("p", "Which object is left of the table?", "cup",
+              ["cup", "lamp", "kite", "boat"], ["o1", "o2"])
+    colour = _q("c", "What colour is the cup?", "red", ["red", "blue", "green", "pink"], ["o1"])
+    other_cup = _q("c2", "What colour is the cup?", "red", ["red", "blue", "green", "pink"],
+                   ["o3"])
+    lamp = _q("l", "What colour is the lamp?", "red", ["red", "blue", "green", "pink"], ["o4"])
+    two = _q("t", "What colour is the cup?", "red", ["red", "blue", "green", "pink"],
+             ["o1", "o2"])
+    good = "What colour is the object to the left of the table?"
+    assert quality.chain_ill_posed(good, hop1, colour, labels) is None
+    assert "names hop 1's answer" in quality.chain_ill_posed(
+        "What colour is the cup left of the table?", hop1, colour, labels)
+    assert "names hop 1's answer" in quality.chain_ill_posed(
+        "How many cups are left of the table?", hop1, colour, labels)
+    assert "hop 1 resolves 'cup'" in quality.chain_ill_posed(good, hop1, lamp, labels)
+    assert "not among hop 1's objects" in quality.chain_ill_posed(good, hop1, other_cup, labels)
+    assert "grounded on 2 objects" in quality.chain_ill_posed(good, hop1, two, labels)
+
+
+def test_uniformity_fails_a_skew_and_tolerates_chance_on_a_small_sample():
+    fair = [(i % 4, 4) for i in range(6000)]
+    assert quality.deviation_figure("letter_deviation", "all", fair).value == 0
+    skewed = [(0, 4)] * 600 + [(i % 4, 4) for i in range(5400)]  # A: 32.5 %, not 25 %
+    f = quality.deviation_figure("letter_deviation", "all", skewed)
+    assert not f.passed and f.max_allowed == 0.02 and "position 1 of 4" in f.detail
+    small = [(0, 4)] * 5 + [(1, 4)] * 3 + [(2, 4)] * 2 + [(3, 4)] * 2  # 12 fair-ish draws
+    assert quality.deviation_figure("letter_deviation", "all", small).passed
+
+
+def test_value_rank_reads_numeric_options_only():
+    assert quality.value_rank({"options": ["3", "1", "4", "2"], "answer_text": "2"}) == 1
+    assert quality.value_rank({"options": ["red", "1", "4", "2"], "answer_text": "2"}) is None
+
+
+# -- a tampered release fails, naming what and why --------------------------------------------
+def _rewrite(env, prefix, files, change) -> None:
+    """Rewrite a split's Parquet parts in place with `change(rows) -> rows`."""
+    for f in files:
+        key = f"{prefix}/{f['path']}"
+        table = pq.read_table(io.BytesIO(env.store.get(key)))
+        rows = change(table.to_pylist())
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), buf)
+        env.store.put(key, buf.getvalue())
+
+
+def _all_answers_a(rows):
+    for r in rows:
+        opts = list(r["options"])
+        opts.remove(r["answer_text"])
+        r["options"], r["answer"] = [r["answer_text"], *opts], "A"
+    return rows
+
+
+def _leak_first(rows):
+    text_ = rows[0]["messages"][1]["content"][0]["text"]
+    rows[0]["messages"][1]["content"][0]["text"] = text_.replace(
+        "</think>", "The caption says the same.\n</think>", 1)
+    return rows
+
+
+def _swap_first(rows):
+    rows[0]["chosen"], rows[0]["rejected"] = rows[0]["rejected"], rows[0]["chosen"]
+    return rows
+
+
+def test_a_tampered_release_fails_with_the_check_item_and_reason(local_env, monkeypatch, capsys):
+    env = local_env
+    upload_sample(env.store, "sources/sample/")
+    published = checks.run_pipeline(env, release_version="t").release
+    rid, prefix = published.release_id, "releases/method/t"
+    clean = _figures(validate(env, rid))
+    assert clean == _figures(published.manifest)  # re-measuring gives what publishing recorded
+    splits = published.manifest["splits"]
+    sft_row = pq.read_table(io.BytesIO(env.store.get(
+        f"{prefix}/{splits['sft_stage1']['files'][0]['path']}"))).to_pylist()[0]
+    dpo_row = pq.read_table(io.BytesIO(env.store.get(
+        f"{prefix}/{splits['dpo_stage1']['files'][0]['path']}"))).to_pylist()[0]
+    _rewrite(env, prefix, splits["questions"]["files"], _all_answers_a)
+    _rewrite(env, prefix, splits["sft_stage1"]["files"][:1], _leak_first)
+    _rewrite(env, prefix, splits["dpo_stage1"]["files"][:1], _swap_first)
+    with env.db.begin() as conn:
+        conn.execute(text("DELETE FROM release_members WHERE release_id = :r AND split = 'rl'"
+                          " AND row_id = (SELECT MIN(row_id) FROM release_members"
+                          " WHERE release_id = :r AND split = 'rl')"), {"r": rid})
+
+    report = validate(env, rid)
+    got = _figures(report)
+    assert not report.ok
+    letters = got[("letter_deviation", "all")]
+    assert not letters["passed"] and letters["value"] == 0.75
+    assert "position 1 of 4" in letters["detail"]
+    leak = got[("leaked_traces", "all")]
+    assert leak["value"] == 1 and sft_row["trace_id"] in leak["detail"]
+    assert "'caption'" in leak["detail"]
+    dpo = got[("dpo_misordered", "dpo")]
+    assert dpo["value"] == 1 and dpo_row["row_id"] in dpo["detail"] and "chosen" in dpo["detail"]
+    lineage = got[("lineage_unresolved", "rl")]
+    assert lineage["value"] == 1 and "not in release_members" in lineage["detail"]
+    assert got[("mcq_invalid", "all")]["passed"]  # still well-formed questions, only skewed
+    for key in set(clean) - {("letter_deviation", "all"), ("leaked_traces", "all"),
+                             ("dpo_misordered", "dpo"), ("lineage_unresolved", "rl")}:
+        if key[0] != "letter_deviation":
+            assert got[key]["value"] == clean[key]["value"], key
+
+    monkeypatch.setenv("LGT_DATABASE_URL", str(env.settings.database_url))
+    monkeypatch.setenv("LGT_STORE_URL", env.store.url)
+    assert cli.main(["release", "validate", rid]) == EXIT_VERIFY_FAILED
+    out = capsys.readouterr().out
+    assert "FAIL leaked_traces" in out and sft_row["trace_id"] in out
+    assert "FAIL letter_deviation" in out
+
+
+# -- 300 simulated images ---------------------------------------------------------------------
+def _photo(i: int) -> bytes:
+    """A distinct synthetic picture: seeded shapes on a seeded background."""
+    rng = random.Random(i)
+    im = Image.new("RGB", (320, 240), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(im)
+    for _ in range(6):
+        x0, y0 = rng.randrange(280), rng.randrange(200)
+        box = (x0, y0, x0 + rng.randrange(10, 120), y0 + rng.randrange(10, 90))
+        fill = tuple(rng.randrange(256) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _card_figures(card: str) -> dict[tuple[str, str], tuple[str, str, str]]:
+    section = card.split("## Quality", 1)[1].split("\n## ", 1)[0]
+    rows = [ln.split("|")[1:-1] for ln in section.splitlines() if ln.startswith("| ")][1:]
+    return {(c[0].strip(), c[1].strip()): (c[2].strip(), c[3].strip(), c[4].strip())
+            for c in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.s3
+def test_validator_on_300_simulated_images(pg_s3_env):
+    env = pg_s3_env
+    for i in range(N_IMAGES):
+        env.store.put(f"sources/many/img-{i:04d}.jpg", _photo(i))
+    result = checks.run_pipeline(env, source="sources/many/", release_version="q300")
+    manifest = result.release.manifest
+    assert manifest["counts"]["images"] >= N_IMAGES
+    rid = result.release.release_id
+    recorded = _figures(manifest)
+
+    # The card, the manifest, Postgres and a fresh validation carry the same figures.
+    card = env.store.get(f"releases/method/q300/README.md").decode()
+    shown = _card_figures(card)
+    assert shown.keys() == recorded.keys()
+    for key, f in recorded.items():
+        assert shown[key][2] == str(f["n"]), key
+    assert quality_section(manifest["quality"])[2:] == card.split("## Quality\n\n", 1)[1].split(
+        "\n## ", 1)[0].splitlines()[:len(quality_section(manifest["quality"])) - 2]
+    with env.db.connect() as conn:
+        stored = conn.execute(text(
+            "SELECT metric, scope, value, max_allowed, n, passed, detail FROM release_quality"
+            " WHERE release_id = :r"), {"r": rid}).all()
+    assert {(r.metric, r.scope): {**r._asdict()} for r in stored} == {
+        k: {"metric": f["metric"], "scope": f["scope"], "value": f["value"],
+            "max_allowed": f["max_allowed"], "n": f["n"], "passed": f["passed"],
+            "detail": f["detail"]} for k, f in recorded.items()}
+    assert _figures(validate(env, rid)) == recorded
+
+    # The figures the method asks for (METHOD.md "What makes the data right").
+    wanted = {("mcq_invalid", "all"): 0, ("stage2_inconsistent", "stage2"): 0,
+              ("chain_ill_posed", "op:chain"): 0, ("leaked_traces", "all"): 0,
+              ("sft_wrong_answer", "sft"): 0, ("dpo_misordered", "dpo"): 0}
+    wanted.update({k: 0 for k in recorded if k[0] == "lineage_unresolved"})
+    problems = [f"{k}: {recorded[k]['value']} (n={recorded[k]['n']}), want {v}:"
+                f" {recorded[k]['detail']}" for k, v in wanted.items() if recorded[k]["value"] != v]
+    for metric in ("letter_deviation", "value_rank_deviation"):
+        for scope in ("all", "stage1", "stage2"):
+            f = recorded.get((metric, scope))
+            if f is None or f["value"] > 0.02:
+                problems.append(f"{metric} {scope}: {f and f['value']} (n={f and f['n']}),"
+                                f" want <= 0.02")
+    assert recorded[("chain_ill_posed", "op:chain")]["n"] > 0
+    summary = "\n".join(f"{k}: {f['value']} n={f['n']}" for k, f in sorted(recorded.items()))
+    assert not problems, "\n".join(problems) + "\n-- all figures --\n" + summary
+    assert manifest["quality"]["passed"]
+    assert json.loads(env.store.get("releases/method/q300/manifest.json"))["quality"]
+
+
+def test_validate_exits_zero_on_a_release_that_passes(local_env, monkeypatch):
+    env = local_env
+    upload_sample(env.store, "sources/sample/")
+    # Stage 1 only: no composition to be ill-posed, so every check this release has passes.
+    published = checks.run_pipeline(env, release_version="s1",
+                                    stages=["ingest", "annotate", "mcq", "cot", "expand",
+                                            "filter", "pairs", "release"]).release
+    report = validate(env, published.release_id)
+    failed = [(f.metric, f.scope, f.value, f.detail) for f in report.failed]
+    monkeypatch.setenv("LGT_DATABASE_URL", str(env.settings.database_url))
+    monkeypatch.setenv("LGT_STORE_URL", env.store.url)
+    code = cli.main(["release", "validate", published.release_id])
+    assert code == (EXIT_OK if report.ok else EXIT_VERIFY_FAILED), failed

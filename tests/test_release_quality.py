@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 from sqlalchemy import text
 
-from lgt_ops import cli
+from lgt_ops import cli, traces
 from lgt_ops.failures import EXIT_OK, EXIT_VERIFY_FAILED
 from lgt_ops.questions import Question
 from lgt_ops.release import quality
@@ -120,7 +120,6 @@ def test_a_tampered_release_fails_with_the_check_item_and_reason(local_env, monk
         f"{prefix}/{splits['sft_stage1']['files'][0]['path']}"))).to_pylist()[0]
     dpo_row = pq.read_table(io.BytesIO(env.store.get(
         f"{prefix}/{splits['dpo_stage1']['files'][0]['path']}"))).to_pylist()[0]
-    _rewrite(env, prefix, splits["questions"]["files"], _all_answers_a)
     _rewrite(env, prefix, splits["sft_stage1"]["files"][:1], _leak_first)
     _rewrite(env, prefix, splits["dpo_stage1"]["files"][:1], _swap_first)
     with env.db.begin() as conn:
@@ -131,9 +130,6 @@ def test_a_tampered_release_fails_with_the_check_item_and_reason(local_env, monk
     report = validate(env, rid)
     got = _figures(report)
     assert not report.ok
-    letters = got[("letter_deviation", "all")]
-    assert not letters["passed"] and letters["value"] == 0.75
-    assert "position 1 of 4" in letters["detail"]
     leak = got[("leaked_traces", "all")]
     assert leak["value"] == 1 and sft_row["trace_id"] in leak["detail"]
     assert "'caption'" in leak["detail"]
@@ -141,11 +137,19 @@ def test_a_tampered_release_fails_with_the_check_item_and_reason(local_env, monk
     assert dpo["value"] == 1 and dpo_row["row_id"] in dpo["detail"] and "chosen" in dpo["detail"]
     lineage = got[("lineage_unresolved", "rl")]
     assert lineage["value"] == 1 and "not in release_members" in lineage["detail"]
-    assert got[("mcq_invalid", "all")]["passed"]  # still well-formed questions, only skewed
-    for key in set(clean) - {("letter_deviation", "all"), ("leaked_traces", "all"),
-                             ("dpo_misordered", "dpo"), ("lineage_unresolved", "rl")}:
-        if key[0] != "letter_deviation":
-            assert got[key]["value"] == clean[key]["value"], key
+    tampered = {("leaked_traces", "all"), ("dpo_misordered", "dpo"), ("lineage_unresolved", "rl")}
+    assert {k: f for k, f in got.items() if k not in tampered} == {
+        k: f for k, f in clean.items() if k not in tampered}
+
+    # Every correct answer moved to option A: still valid questions, but a letter shortcut
+    # (and the SFT and DPO rows no longer agree with their questions).
+    _rewrite(env, prefix, splits["questions"]["files"], _all_answers_a)
+    got = _figures(validate(env, rid))
+    assert got[("mcq_invalid", "all")]["passed"]
+    letters = got[("letter_deviation", "all")]
+    assert not letters["passed"] and letters["value"] == 0.75
+    assert "position 1 of 4" in letters["detail"]
+    assert not got[("sft_wrong_answer", "sft")]["passed"]
 
     monkeypatch.setenv("LGT_DATABASE_URL", str(env.settings.database_url))
     monkeypatch.setenv("LGT_STORE_URL", env.store.url)
@@ -192,13 +196,17 @@ def test_validator_on_300_simulated_images(pg_s3_env):
     recorded = _figures(manifest)
 
     # The card, the manifest, Postgres and a fresh validation carry the same figures.
-    card = env.store.get(f"releases/method/q300/README.md").decode()
+    card = env.store.get("releases/method/q300/README.md").decode()
+    assert "\n".join(quality_section(manifest["quality"])) in card
     shown = _card_figures(card)
     assert shown.keys() == recorded.keys()
     for key, f in recorded.items():
-        assert shown[key][2] == str(f["n"]), key
-    assert quality_section(manifest["quality"])[2:] == card.split("## Quality\n\n", 1)[1].split(
-        "\n## ", 1)[0].splitlines()[:len(quality_section(manifest["quality"])) - 2]
+        value, max_allowed, n = shown[key]
+        if key[0].endswith("_deviation"):
+            assert value == f"{f['value']:.1%}" and max_allowed == f"{f['max_allowed']:.1%}", key
+        else:
+            assert (value, max_allowed) == (str(int(f["value"])), "0"), key
+        assert n == str(f["n"]), key
     with env.db.connect() as conn:
         stored = conn.execute(text(
             "SELECT metric, scope, value, max_allowed, n, passed, detail FROM release_quality"
@@ -242,3 +250,57 @@ def test_validate_exits_zero_on_a_release_that_passes(local_env, monkeypatch):
     monkeypatch.setenv("LGT_STORE_URL", env.store.url)
     code = cli.main(["release", "validate", published.release_id])
     assert code == (EXIT_OK if report.ok else EXIT_VERIFY_FAILED), failed
+
+
+# -- the simulator's error rates per skill ----------------------------------------------------
+def test_simulator_skill_of_reads_the_wordings_it_writes():
+    from lgt_ops.llm.simulator import world
+
+    assert world.skill_of("How many kites are visible in the image?") == "counting"
+    assert world.skill_of("What colour is the lamp?") == "attribute"
+    assert world.skill_of("Which object is left of the bench?") == "spatial"
+    assert world.skill_of("Where in the image is the dog?") == "position"
+    assert world.skill_of(world.SIZE_STEMS[2]) == "size"
+    assert world.skill_of(world.EXISTENCE_STEMS[0]) == "existence"
+    parents = [("How many kites are there in the image?", "2"),
+               ("How many dogs are there in the image?", "1")]
+    for op in ("count_over", "compare", "chain", "conjunction"):
+        stems = world._compose_stems(op, parents)
+        assert {world.skill_of(s) for s in stems} == {op}, op
+    assert world.skill_of("Is this a question nobody wrote?") == "other"
+
+
+def _right_share(cfg, question: str, n: int = 400) -> float:
+    from lgt_ops import prompts
+    from lgt_ops.llm.simulator.world import World, answer_key
+
+    w = World(cfg)
+    right = 0
+    for i in range(n):
+        options = [str(i + d) for d in range(4)]
+        q = question.format(i)
+        msgs = prompts.load("cot").render(
+            question=q, options="\n".join(f"{'ABCD'[j]}. {o}" for j, o in enumerate(options)))
+        content, _ = w.reply({"model": "m", "messages": msgs, "seed": 7}, 0)
+        letter = traces.parse("<think>" + content, 4).letter
+        right += letter is not None and options["ABCD".index(letter)] == answer_key(
+            cfg.seed, q, options)
+    return right / n
+
+
+def test_simulator_error_rates_are_set_per_skill_and_deterministic():
+    from lgt_ops.llm.simulator import SimConfig
+
+    quiet = {"unparseable_rate": 0.0, "conflicting_rate": 0.0, "no_think_close_rate": 0.0}
+    counting = "How many kites of kind {} are visible in the image?"
+    spatial = "Which object is left of the bench {}?"
+    assert SimConfig(skill_error="counting=0.9, spatial=0.1").skill_error == {
+        "counting": 0.9, "spatial": 0.1}
+    with pytest.raises(ValueError, match="skill_error"):
+        SimConfig(skill_error="counting=2")
+    cfg = SimConfig(skill_error={"counting": 0.9, "spatial": 0.1}, **quiet)
+    hard, easy = _right_share(cfg, counting), _right_share(cfg, spatial)
+    assert hard < 0.3 and easy > 0.7, (hard, easy)
+    assert _right_share(cfg, counting) == hard  # a pure function of the requests
+    plain = SimConfig(**quiet)  # no rate for a skill: `accuracy` (0.6)
+    assert 0.45 < _right_share(plain, counting) < 0.75

@@ -4,6 +4,7 @@ Postgres agree), and a tampered release it fails, naming the check, the item and
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 
@@ -225,11 +226,14 @@ def test_validator_on_300_simulated_images(pg_s3_env):
     problems = [f"{k}: {recorded[k]['value']} (n={recorded[k]['n']}), want {v}:"
                 f" {recorded[k]['detail']}" for k, v in wanted.items() if recorded[k]["value"] != v]
     for metric in ("letter_deviation", "value_rank_deviation"):
-        for scope in ("all", "stage1", "stage2"):
+        overall = recorded[(metric, "all")]
+        if overall["value"] > 0.02:
+            problems.append(f"{metric} all: {overall['value']} (n={overall['n']}), want <= 0.02")
+        for scope in ("stage1", "stage2"):  # uniform, allowing for chance on fewer rows
             f = recorded.get((metric, scope))
-            if f is None or f["value"] > 0.02:
+            if f is None or not f["passed"]:
                 problems.append(f"{metric} {scope}: {f and f['value']} (n={f and f['n']}),"
-                                f" want <= 0.02")
+                                f" want <= {f and f['max_allowed']}: {f and f['detail']}")
     assert recorded[("chain_ill_posed", "op:chain")]["n"] > 0
     summary = "\n".join(f"{k}: {f['value']} n={f['n']}" for k, f in sorted(recorded.items()))
     assert not problems, "\n".join(problems) + "\n-- all figures --\n" + summary
@@ -237,19 +241,36 @@ def test_validator_on_300_simulated_images(pg_s3_env):
     assert json.loads(env.store.get("releases/method/q300/manifest.json"))["quality"]
 
 
-def test_validate_exits_zero_on_a_release_that_passes(local_env, monkeypatch):
+def _spread_numeric(counter):
+    """A rewrite giving numeric options in which the correct value's rank cycles through 1..4
+    (`counter` runs on across parts; the correct letter and value stay, so the SFT and DPO
+    rows still agree with their questions)."""
+
+    def change(rows):
+        for r in (r for r in rows if quality.value_rank(r) is not None):
+            v, rank, at = int(r["answer_text"]), next(counter) % 4, "ABCD".index(r["answer"])
+            others = [str(v - rank + j) for j in range(4) if j != rank]
+            r["options"] = others[:at] + [r["answer_text"]] + others[at:]
+        return rows
+
+    return change
+
+
+def test_validate_exits_zero_when_every_check_passes(local_env, monkeypatch, capsys):
     env = local_env
     upload_sample(env.store, "sources/sample/")
-    # Stage 1 only: no composition to be ill-posed, so every check this release has passes.
-    published = checks.run_pipeline(env, release_version="s1",
-                                    stages=["ingest", "annotate", "mcq", "cot", "expand",
-                                            "filter", "pairs", "release"]).release
+    # Stage 1 only (no composition), its numeric options spread over every rank.
+    stages = ["ingest", "annotate", "mcq", "cot", "expand", "filter", "pairs", "release"]
+    published = checks.run_pipeline(env, release_version="s1", stages=stages).release
+    files = published.manifest["splits"]["questions"]["files"]
+    _rewrite(env, "releases/method/s1", files, _spread_numeric(itertools.count()))
     report = validate(env, published.release_id)
-    failed = [(f.metric, f.scope, f.value, f.detail) for f in report.failed]
+    assert report.ok, [(f.metric, f.scope, f.value, f.detail) for f in report.failed]
     monkeypatch.setenv("LGT_DATABASE_URL", str(env.settings.database_url))
     monkeypatch.setenv("LGT_STORE_URL", env.store.url)
-    code = cli.main(["release", "validate", published.release_id])
-    assert code == (EXIT_OK if report.ok else EXIT_VERIFY_FAILED), failed
+    assert cli.main(["release", "validate", published.release_id, "--json"]) == EXIT_OK
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["passed"] and shown["figures"] == report.as_dict()["figures"]
 
 
 # -- the simulator's error rates per skill ----------------------------------------------------

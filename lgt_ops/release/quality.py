@@ -15,6 +15,7 @@ three standard errors of a uniform share (so a 50-question demo is not failed by
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections import Counter
@@ -276,38 +277,57 @@ def reply(messages: Sequence[dict[str, Any]] | None) -> str:
     return ""
 
 
-def sft_figure(rows: Iterable[dict[str, Any]], answers: dict[str, str]) -> Figure:
-    """Every SFT row ends with its question's verified answer (`answers` by question id)."""
-    bad, n = [], 0
-    for row in rows:
-        n += 1
-        want = answers.get(row["question_id"], row["answer"])
-        got = final_letter(reply(row["messages"]))
+class TraceChecks:
+    """SFT rows end with their question's verified answer; DPO pairs have a right chosen and a
+    wrong rejected trace; no trace (SFT target, DPO side) cites the reasoner's text context.
+    Rows are fed one at a time, so a release's traces need not fit in memory; `answers` are
+    the verified letters by question id (the questions split)."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+        self.sft_rows, self.dpo_rows = 0, 0
+        self.sft_bad: list[str] = []
+        self.dpo_bad: list[str] = []
+        self.seen: set[tuple[str, str]] = set()  # (trace id, text hash): each text judged once
+        self.leaked: list[str] = []
+
+    def sft(self, row: dict[str, Any]) -> None:
+        self.sft_rows += 1
+        want = self.answers.get(row["question_id"], row["answer"])
+        text = reply(row["messages"])
+        got = final_letter(text)
         if got != want or row["answer"] != want:
-            bad.append(f"sft row {row['row_id']}: ends with {got!r}, the answer is {want!r}")
-    return count_figure("sft_wrong_answer", "sft", n, bad)
+            self.sft_bad.append(
+                f"sft row {row['row_id']}: ends with {got!r}, the answer is {want!r}"
+            )
+        self._trace(row["trace_id"], text)
 
+    def dpo(self, row: dict[str, Any]) -> None:
+        self.dpo_rows += 1
+        want = self.answers.get(row["question_id"], row["answer"])
+        chosen, rejected = reply(row["chosen"]), reply(row["rejected"])
+        right, wrong = final_letter(chosen), final_letter(rejected)
+        if right != want:
+            self.dpo_bad.append(f"dpo row {row['row_id']}: chosen answers {right!r}, want {want!r}")
+        elif wrong is None or wrong == want:
+            self.dpo_bad.append(f"dpo row {row['row_id']}: rejected answers {wrong!r}, not wrong")
+        self._trace(row["chosen_id"], chosen)
+        self._trace(row["rejected_id"], rejected)
 
-def dpo_figure(rows: Iterable[dict[str, Any]], answers: dict[str, str]) -> Figure:
-    """Every DPO pair's chosen trace answers right and its rejected trace answers wrong."""
-    bad, n = [], 0
-    for row in rows:
-        n += 1
-        want = answers.get(row["question_id"], row["answer"])
-        chosen, rejected = final_letter(reply(row["chosen"])), final_letter(reply(row["rejected"]))
-        if chosen != want:
-            bad.append(f"dpo row {row['row_id']}: chosen answers {chosen!r}, want {want!r}")
-        elif rejected is None or rejected == want:
-            bad.append(f"dpo row {row['row_id']}: rejected answers {rejected!r}, not wrong")
-    return count_figure("dpo_misordered", "dpo", n, bad)
+    def _trace(self, trace_id: str, text: str) -> None:
+        key = (trace_id, hashlib.sha256(text.encode("utf-8")).hexdigest())
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        if hit := leaks(text):
+            self.leaked.append(f"trace {trace_id}: mentions {hit!r}")
 
-
-def leak_figure(traces: Iterable[tuple[str, str]]) -> Figure:
-    """Traces (SFT targets, DPO chosen and rejected) that cite the reasoner's text context;
-    `traces` are (trace id, text), each distinct pair judged once."""
-    distinct = sorted(set(traces))
-    bad = [f"trace {tid}: mentions {hit!r}" for tid, text in distinct if (hit := leaks(text))]
-    return count_figure("leaked_traces", "all", len(distinct), bad)
+    def figures(self) -> list[Figure]:
+        return [
+            count_figure("sft_wrong_answer", "sft", self.sft_rows, self.sft_bad),
+            count_figure("dpo_misordered", "dpo", self.dpo_rows, self.dpo_bad),
+            count_figure("leaked_traces", "all", len(self.seen), sorted(self.leaked)),
+        ]
 
 
 def passed(figures: Iterable[Figure]) -> bool:

@@ -91,27 +91,27 @@ def read_split(
 
 def measure(env: StageEnv, release_id: str, prefix: str, manifest: dict[str, Any]) -> Report:
     """Every quality figure of the release whose parts lie under `prefix`."""
-    rows = {
-        s: list(read_split(env, prefix, v["files"], s))
-        for s, v in sorted(manifest["splits"].items())
-    }
+    splits = manifest["splits"]
+    questions = list(
+        read_split(env, prefix, splits.get("questions", {}).get("files", []), "questions")
+    )
     n_options = int((manifest.get("method") or {}).get("mcq_options", 4))
-    questions = rows.get("questions", [])
-    answers = {q["question_id"]: q["answer"] for q in questions}
     figures = quality.question_figures(questions, n_options)
+    ids = {"questions": {q["row_id"] for q in questions}}
+    trace_checks = quality.TraceChecks({q["question_id"]: q["answer"] for q in questions})
+    for split, v in sorted(splits.items()):
+        if split == "questions":
+            continue
+        feed = {"sft": trace_checks.sft, "dpo": trace_checks.dpo}.get(_family(split))
+        ids[split] = set()
+        for row in read_split(env, prefix, v["files"], split):  # streamed, part by part
+            ids[split].add(row["row_id"])
+            if feed is not None:
+                feed(row)
     with env.db.connect() as conn:
         figures += _stage2(conn, [q for q in questions if q["stage"] == 2])
-        figures += lineage_figures(conn, release_id, rows)
-    sft = [r for s, rs in rows.items() if _family(s) == "sft" for r in rs]
-    dpo = [r for s, rs in rows.items() if _family(s) == "dpo" for r in rs]
-    figures.append(quality.sft_figure(sft, answers))
-    figures.append(quality.dpo_figure(dpo, answers))
-    traces = [(r["trace_id"], quality.reply(r["messages"])) for r in sft]
-    for r in dpo:  # a trace may be an SFT target and a DPO side: each text is judged
-        traces += [(r["chosen_id"], quality.reply(r["chosen"]))]
-        traces += [(r["rejected_id"], quality.reply(r["rejected"]))]
-    figures.append(quality.leak_figure(traces))
-    return Report(release_id, figures)
+        figures += lineage_figures(conn, release_id, ids)
+    return Report(release_id, figures + trace_checks.figures())
 
 
 def _stage2(conn: Connection, composed: list[dict[str, Any]]) -> list[Figure]:
@@ -148,9 +148,7 @@ WHERE v.release_id = :r AND (
 """
 
 
-def lineage_figures(
-    conn: Connection, release_id: str, rows: dict[str, list[dict[str, Any]]]
-) -> list[Figure]:
+def lineage_figures(conn: Connection, release_id: str, ids: dict[str, set[str]]) -> list[Figure]:
     """Per split: rows that do not resolve to their question, its request, the image and (SFT)
     the expansion and rollout requests or (DPO) the pair and both traces; a row the files
     hold and the DB does not (or the reverse) counts as unresolved."""
@@ -164,13 +162,16 @@ def lineage_figures(
         unresolved.setdefault(u.split, []).append(f"row {u.row_id}: missing lineage")
     walk = (sql_dir() / "queries" / "release_row_lineage.sql").read_text()
     out = []
-    for split, split_rows in sorted(rows.items()):
-        ids = {r["row_id"] for r in split_rows}
+    for split, in_files in sorted(ids.items()):
         held = members.get(split, set())
         problems = list(unresolved.get(split, []))
-        problems += [f"row {i}: in the files, not in release_members" for i in sorted(ids - held)]
-        problems += [f"row {i}: in release_members, not in the files" for i in sorted(held - ids)]
-        for row_id in sorted(ids & held)[:WALKED_PER_SPLIT]:
+        problems += [
+            f"row {i}: in the files, not in release_members" for i in sorted(in_files - held)
+        ]
+        problems += [
+            f"row {i}: in release_members, not in the files" for i in sorted(held - in_files)
+        ]
+        for row_id in sorted(in_files & held)[:WALKED_PER_SPLIT]:
             hops = {
                 h.hop
                 for h in conn.execute(text(walk), {"release_id": release_id, "row_id": row_id})
@@ -178,7 +179,7 @@ def lineage_figures(
             missing = _HOPS[_family(split)] - hops
             if missing:
                 problems.append(f"row {row_id}: the lineage walk lacks {sorted(missing)}")
-        out.append(count_figure("lineage_unresolved", split, len(ids | held), problems))
+        out.append(count_figure("lineage_unresolved", split, len(in_files | held), problems))
     return out
 
 

@@ -68,8 +68,12 @@ def test_uniformity_fails_a_skew_and_tolerates_chance_on_a_small_sample():
     skewed = [(0, 4)] * 600 + [(i % 4, 4) for i in range(5400)]  # A: 32.5 %, not 25 %
     f = quality.deviation_figure("letter_deviation", "all", skewed)
     assert not f.passed and f.max_allowed == 0.02 and "position 1 of 4" in f.detail
-    small = [(0, 4)] * 5 + [(1, 4)] * 3 + [(2, 4)] * 2 + [(3, 4)] * 2  # 12 fair-ish draws
-    assert quality.deviation_figure("letter_deviation", "all", small).passed
+    small = [(0, 4)] * 25 + [(1, 4)] * 15 + [(2, 4)] * 10 + [(3, 4)] * 10  # 60 draws
+    f = quality.deviation_figure("letter_deviation", "all", small)
+    assert f.passed and 0.02 < f.value < f.max_allowed
+    assert not quality.deviation_figure("letter_deviation", "all", [(0, 4)] * 40).passed
+    tiny = quality.deviation_figure("letter_deviation", "all", [(0, 4)] * 4)
+    assert tiny.passed and tiny.max_allowed == 1.0  # four draws: shown, not judged
 
 
 def test_value_rank_reads_numeric_options_only():

@@ -10,7 +10,8 @@ and the `release_quality` table.
 Counts (invalid questions, ill-posed chains, leaked traces, ...) must be 0. Uniformity (the
 correct letter, and the correct value's rank among numeric options) is the largest deviation
 of a share from 1/k; it may reach `tolerance` (2 %), or, on a sample too small to show 2 %,
-three standard errors of a uniform share (so a 50-question demo is not failed by chance).
+three standard errors of a uniform share (so a 50-question demo is not failed by chance);
+under 30 questions a scope is shown but not judged.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from lgt_ops.questions import LETTERS, Question
 from lgt_ops.traces import leaks
 
 TOLERANCE = 0.02
+MIN_JUDGED = 30  # fewer draws than this cannot tell a skew from chance: shown, not judged
 _FINAL = re.compile(r"</think>\s*Answer:\s*([A-H])\s*$")
 
 
 @dataclass(frozen=True)
 class Figure:
     metric: str
-    scope: str  # all | stage1 | stage2 | op:<operator> | a split name
+    scope: str  # all | stage1 | stage2 | skill:<skill> | op:<operator> | a split name
     value: float
     max_allowed: float
     n: int  # the rows (questions, traces, ...) it was measured on
@@ -64,8 +66,9 @@ def count_figure(metric: str, scope: str, n: int, problems: list[str]) -> Figure
 
 
 def uniform_limit(n: int, k: int, tolerance: float = TOLERANCE) -> float:
-    """The largest deviation of a share from 1/k that n fair draws still show often."""
-    if n == 0 or k < 2:
+    """The largest deviation of a share from 1/k that n fair draws still show often; below
+    MIN_JUDGED draws any deviation (1.0: the figure is shown, not judged)."""
+    if n < MIN_JUDGED or k < 2:
         return 1.0
     p = 1 / k
     return max(tolerance, 3 * math.sqrt(p * (1 - p) / n))
@@ -126,10 +129,13 @@ def value_rank(row: dict[str, Any]) -> int | None:
 
 
 def scopes(row: dict[str, Any]) -> list[str]:
-    """The groups a question counts in: all, its stage, and its operator (stage 2)."""
+    """The groups a question counts in: all, its stage, and its operator (stage 2) or its
+    skill (stage 1), so a shortcut is traced to what makes it."""
     out = ["all", f"stage{row['stage']}"]
     if row.get("operator"):
         out.append(f"op:{row['operator']}")
+    elif row.get("skill"):
+        out.append(f"skill:{row['skill']}")
     return out
 
 
@@ -160,7 +166,10 @@ def question_figures(
 
 
 def _scope_order(scope: str) -> tuple[int, str]:
-    return ({"all": 0, "stage1": 1, "stage2": 2}.get(scope, 3), scope)
+    return (
+        {"all": 0, "stage1": 1, "stage2": 2}.get(scope, 4 if scope.startswith("op:") else 3),
+        scope,
+    )
 
 
 # -- stage 2 -----------------------------------------------------------------------------------

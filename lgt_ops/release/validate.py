@@ -37,6 +37,7 @@ _COLUMNS = {
         "question_id",
         "image_id",
         "stage",
+        "skill",
         "operator",
         "parent_ids",
         "question",

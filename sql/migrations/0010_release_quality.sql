@@ -5,7 +5,7 @@
 --   metric       mcq_invalid, letter_deviation, value_rank_deviation, stage2_inconsistent,
 --                chain_ill_posed, lineage_unresolved, sft_wrong_answer, dpo_misordered,
 --                leaked_traces (README "Release quality" defines each)
---   scope        all | stage1 | stage2 | op:<operator> | sft | dpo | a split name
+--   scope        all | stage1 | stage2 | skill:<skill> | op:<operator> | sft | dpo | a split
 --   value        a count of offending rows (must be 0), or a largest deviation from uniform
 --   max_allowed  the largest value that passes
 --   n            the rows the figure was measured on

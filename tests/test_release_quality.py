@@ -17,7 +17,7 @@ from sqlalchemy import text
 from lgt_ops import cli, traces
 from lgt_ops.failures import EXIT_OK, EXIT_VERIFY_FAILED
 from lgt_ops.questions import Question
-from lgt_ops.release import quality
+from lgt_ops.release import composition_checks, quality
 from lgt_ops.release.card import quality_section
 from lgt_ops.release.validate import validate
 from tests import release_checks as checks
@@ -37,29 +37,45 @@ def _figures(report_or_manifest) -> dict[tuple[str, str], dict]:
 
 # -- the checks, one by one -------------------------------------------------------------------
 def _q(qid, question, answer, options, grounding, skill="spatial"):
-    return Question(qid, "img", 1, skill, question, tuple(options),
-                    "ABCD"[options.index(answer)], answer, tuple(grounding))
+    return Question(
+        qid,
+        "img",
+        1,
+        skill,
+        question,
+        tuple(options),
+        "ABCD"[options.index(answer)],
+        answer,
+        tuple(grounding),
+    )
 
 
 def test_a_chain_is_well_posed_only_if_hop_two_is_about_hop_ones_answer_unnamed():
     labels = {"o1": "cup", "o2": "table", "o3": "cup", "o4": "lamp"}
-    hop1 = _q("p", "Which object is left of the table?", "cup",
-              ["cup", "lamp", "kite", "boat"], ["o1", "o2"])
+    hop1 = _q(
+        "p",
+        "Which object is left of the table?",
+        "cup",
+        ["cup", "lamp", "kite", "boat"],
+        ["o1", "o2"],
+    )
     colour = _q("c", "What colour is the cup?", "red", ["red", "blue", "green", "pink"], ["o1"])
-    other_cup = _q("c2", "What colour is the cup?", "red", ["red", "blue", "green", "pink"],
-                   ["o3"])
+    other_cup = _q("c2", "What colour is the cup?", "red", ["red", "blue", "green", "pink"], ["o3"])
     lamp = _q("l", "What colour is the lamp?", "red", ["red", "blue", "green", "pink"], ["o4"])
-    two = _q("t", "What colour is the cup?", "red", ["red", "blue", "green", "pink"],
-             ["o1", "o2"])
+    two = _q("t", "What colour is the cup?", "red", ["red", "blue", "green", "pink"], ["o1", "o2"])
     good = "What colour is the object to the left of the table?"
-    assert quality.chain_ill_posed(good, hop1, colour, labels) is None
-    assert "names hop 1's answer" in quality.chain_ill_posed(
-        "What colour is the cup left of the table?", hop1, colour, labels)
-    assert "names hop 1's answer" in quality.chain_ill_posed(
-        "How many cups are left of the table?", hop1, colour, labels)
-    assert "hop 1 resolves 'cup'" in quality.chain_ill_posed(good, hop1, lamp, labels)
-    assert "not among hop 1's objects" in quality.chain_ill_posed(good, hop1, other_cup, labels)
-    assert "grounded on 2 objects" in quality.chain_ill_posed(good, hop1, two, labels)
+    assert composition_checks.chain_ill_posed(good, hop1, colour, labels) is None
+    assert "names hop 1's answer" in composition_checks.chain_ill_posed(
+        "What colour is the cup left of the table?", hop1, colour, labels
+    )
+    assert "names hop 1's answer" in composition_checks.chain_ill_posed(
+        "How many cups are left of the table?", hop1, colour, labels
+    )
+    assert "hop 1 resolves 'cup'" in composition_checks.chain_ill_posed(good, hop1, lamp, labels)
+    assert "not among hop 1's objects" in composition_checks.chain_ill_posed(
+        good, hop1, other_cup, labels
+    )
+    assert "grounded on 2 objects" in composition_checks.chain_ill_posed(good, hop1, two, labels)
 
 
 def test_uniformity_fails_a_skew_and_tolerates_chance_on_a_small_sample():
@@ -104,7 +120,8 @@ def _all_answers_a(rows):
 def _leak_first(rows):
     text_ = rows[0]["messages"][1]["content"][0]["text"]
     rows[0]["messages"][1]["content"][0]["text"] = text_.replace(
-        "</think>", "The caption says the same.\n</think>", 1)
+        "</think>", "The caption says the same.\n</think>", 1
+    )
     return rows
 
 
@@ -121,16 +138,23 @@ def test_a_tampered_release_fails_with_the_check_item_and_reason(local_env, monk
     clean = _figures(validate(env, rid))
     assert clean == _figures(published.manifest)  # re-measuring gives what publishing recorded
     splits = published.manifest["splits"]
-    sft_row = pq.read_table(io.BytesIO(env.store.get(
-        f"{prefix}/{splits['sft_stage1']['files'][0]['path']}"))).to_pylist()[0]
-    dpo_row = pq.read_table(io.BytesIO(env.store.get(
-        f"{prefix}/{splits['dpo_stage1']['files'][0]['path']}"))).to_pylist()[0]
+    sft_row = pq.read_table(
+        io.BytesIO(env.store.get(f"{prefix}/{splits['sft_stage1']['files'][0]['path']}"))
+    ).to_pylist()[0]
+    dpo_row = pq.read_table(
+        io.BytesIO(env.store.get(f"{prefix}/{splits['dpo_stage1']['files'][0]['path']}"))
+    ).to_pylist()[0]
     _rewrite(env, prefix, splits["sft_stage1"]["files"][:1], _leak_first)
     _rewrite(env, prefix, splits["dpo_stage1"]["files"][:1], _swap_first)
     with env.db.begin() as conn:
-        conn.execute(text("DELETE FROM release_members WHERE release_id = :r AND split = 'rl'"
-                          " AND row_id = (SELECT MIN(row_id) FROM release_members"
-                          " WHERE release_id = :r AND split = 'rl')"), {"r": rid})
+        conn.execute(
+            text(
+                "DELETE FROM release_members WHERE release_id = :r AND split = 'rl'"
+                " AND row_id = (SELECT MIN(row_id) FROM release_members"
+                " WHERE release_id = :r AND split = 'rl')"
+            ),
+            {"r": rid},
+        )
 
     report = validate(env, rid)
     got = _figures(report)
@@ -144,7 +168,8 @@ def test_a_tampered_release_fails_with_the_check_item_and_reason(local_env, monk
     assert lineage["value"] == 1 and "not in release_members" in lineage["detail"]
     tampered = {("leaked_traces", "all"), ("dpo_misordered", "dpo"), ("lineage_unresolved", "rl")}
     assert {k: f for k, f in got.items() if k not in tampered} == {
-        k: f for k, f in clean.items() if k not in tampered}
+        k: f for k, f in clean.items() if k not in tampered
+    }
 
     # Every correct answer moved to option A: still valid questions, but a letter shortcut
     # (and the SFT and DPO rows no longer agree with their questions).
@@ -183,8 +208,7 @@ def _photo(i: int) -> bytes:
 def _card_figures(card: str) -> dict[tuple[str, str], tuple[str, str, str]]:
     section = card.split("## Quality", 1)[1].split("\n## ", 1)[0]
     rows = [ln.split("|")[1:-1] for ln in section.splitlines() if ln.startswith("| ")][1:]
-    return {(c[0].strip(), c[1].strip()): (c[2].strip(), c[3].strip(), c[4].strip())
-            for c in rows}
+    return {(c[0].strip(), c[1].strip()): (c[2].strip(), c[3].strip(), c[4].strip()) for c in rows}
 
 
 @pytest.mark.slow
@@ -213,22 +237,42 @@ def test_validator_on_300_simulated_images(pg_s3_env):
             assert (value, max_allowed) == (str(int(f["value"])), "0"), key
         assert n == str(f["n"]), key
     with env.db.connect() as conn:
-        stored = conn.execute(text(
-            "SELECT metric, scope, value, max_allowed, n, passed, detail FROM release_quality"
-            " WHERE release_id = :r"), {"r": rid}).all()
+        stored = conn.execute(
+            text(
+                "SELECT metric, scope, value, max_allowed, n, passed, detail FROM release_quality"
+                " WHERE release_id = :r"
+            ),
+            {"r": rid},
+        ).all()
     assert {(r.metric, r.scope): {**r._asdict()} for r in stored} == {
-        k: {"metric": f["metric"], "scope": f["scope"], "value": f["value"],
-            "max_allowed": f["max_allowed"], "n": f["n"], "passed": f["passed"],
-            "detail": f["detail"]} for k, f in recorded.items()}
+        k: {
+            "metric": f["metric"],
+            "scope": f["scope"],
+            "value": f["value"],
+            "max_allowed": f["max_allowed"],
+            "n": f["n"],
+            "passed": f["passed"],
+            "detail": f["detail"],
+        }
+        for k, f in recorded.items()
+    }
     assert _figures(validate(env, rid)) == recorded
 
     # The figures the method asks for (METHOD.md "What makes the data right").
-    wanted = {("mcq_invalid", "all"): 0, ("stage2_inconsistent", "stage2"): 0,
-              ("chain_ill_posed", "op:chain"): 0, ("leaked_traces", "all"): 0,
-              ("sft_wrong_answer", "sft"): 0, ("dpo_misordered", "dpo"): 0}
+    wanted = {
+        ("mcq_invalid", "all"): 0,
+        ("stage2_inconsistent", "stage2"): 0,
+        ("chain_ill_posed", "op:chain"): 0,
+        ("leaked_traces", "all"): 0,
+        ("sft_wrong_answer", "sft"): 0,
+        ("dpo_misordered", "dpo"): 0,
+    }
     wanted.update({k: 0 for k in recorded if k[0] == "lineage_unresolved"})
-    problems = [f"{k}: {recorded[k]['value']} (n={recorded[k]['n']}), want {v}:"
-                f" {recorded[k]['detail']}" for k, v in wanted.items() if recorded[k]["value"] != v]
+    problems = [
+        f"{k}: {recorded[k]['value']} (n={recorded[k]['n']}), want {v}: {recorded[k]['detail']}"
+        for k, v in wanted.items()
+        if recorded[k]["value"] != v
+    ]
     for metric in ("letter_deviation", "value_rank_deviation"):
         overall = recorded[(metric, "all")]
         if overall["value"] > 0.02:
@@ -236,8 +280,10 @@ def test_validator_on_300_simulated_images(pg_s3_env):
         for scope in ("stage1", "stage2"):  # uniform, allowing for chance on fewer rows
             f = recorded.get((metric, scope))
             if f is None or not f["passed"]:
-                problems.append(f"{metric} {scope}: {f and f['value']} (n={f and f['n']}),"
-                                f" want <= {f and f['max_allowed']}: {f and f['detail']}")
+                problems.append(
+                    f"{metric} {scope}: {f and f['value']} (n={f and f['n']}),"
+                    f" want <= {f and f['max_allowed']}: {f and f['detail']}"
+                )
     assert recorded[("chain_ill_posed", "op:chain")]["n"] > 0
     summary = "\n".join(f"{k}: {f['value']} n={f['n']}" for k, f in sorted(recorded.items()))
     assert not problems, "\n".join(problems) + "\n-- all figures --\n" + summary
@@ -287,8 +333,10 @@ def test_simulator_skill_of_reads_the_wordings_it_writes():
     assert world.skill_of("Where in the image is the dog?") == "position"
     assert world.skill_of(world.SIZE_STEMS[2]) == "size"
     assert world.skill_of(world.EXISTENCE_STEMS[0]) == "existence"
-    parents = [("How many kites are there in the image?", "2"),
-               ("How many dogs are there in the image?", "1")]
+    parents = [
+        ("How many kites are there in the image?", "2"),
+        ("How many dogs are there in the image?", "1"),
+    ]
     for op in ("count_over", "compare", "chain", "conjunction"):
         stems = world._compose_stems(op, parents)
         assert {world.skill_of(s) for s in stems} == {op}, op
@@ -305,11 +353,13 @@ def _right_share(cfg, question: str, n: int = 400) -> float:
         options = [str(i + d) for d in range(4)]
         q = question.format(i)
         msgs = prompts.load("cot").render(
-            question=q, options="\n".join(f"{'ABCD'[j]}. {o}" for j, o in enumerate(options)))
+            question=q, options="\n".join(f"{'ABCD'[j]}. {o}" for j, o in enumerate(options))
+        )
         content, _ = w.reply({"model": "m", "messages": msgs, "seed": 7}, 0)
         letter = traces.parse("<think>" + content, 4).letter
         right += letter is not None and options["ABCD".index(letter)] == answer_key(
-            cfg.seed, q, options)
+            cfg.seed, q, options
+        )
     return right / n
 
 
@@ -320,7 +370,9 @@ def test_simulator_error_rates_are_set_per_skill_and_deterministic():
     counting = "How many kites of kind {} are visible in the image?"
     spatial = "Which object is left of the bench {}?"
     assert SimConfig(skill_error="counting=0.9, spatial=0.1").skill_error == {
-        "counting": 0.9, "spatial": 0.1}
+        "counting": 0.9,
+        "spatial": 0.1,
+    }
     with pytest.raises(ValueError, match="skill_error"):
         SimConfig(skill_error="counting=2")
     cfg = SimConfig(skill_error={"counting": 0.9, "spatial": 0.1}, **quiet)

@@ -25,7 +25,7 @@ from lgt_ops.db.migrate import sql_dir
 from lgt_ops.db.repo import select_in
 from lgt_ops.env import StageEnv
 from lgt_ops.questions import from_row
-from lgt_ops.release import quality
+from lgt_ops.release import composition_checks, quality
 from lgt_ops.release.errors import ReleaseNotFound
 from lgt_ops.release.pointers import release_prefix
 from lgt_ops.release.quality import Figure, count_figure
@@ -130,7 +130,7 @@ def _stage2(conn: Connection, composed: list[dict[str, Any]]) -> list[Figure]:
     ):
         objects = json.loads(a.content).get("objects") or []
         labels.setdefault(a.image_id, {}).update({o["id"]: o["label"] for o in objects})
-    return quality.stage2_figures(composed, parents, labels)
+    return composition_checks.stage2_figures(composed, parents, labels)
 
 
 _UNRESOLVED = """

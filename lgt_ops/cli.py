@@ -200,6 +200,25 @@ def cmd_release_verify(args: argparse.Namespace) -> int:
     return failures.EXIT_OK if result.ok else failures.EXIT_VERIFY_FAILED
 
 
+def cmd_release_validate(args: argparse.Namespace) -> int:
+    from lgt_ops.release.validate import validate
+
+    report = validate(_env(), args.release_id)
+    if args.json:
+        _print({"release": args.release_id, **report.as_dict()})
+    else:
+        for f in report.figures:
+            shown = f"{f.value:.4f}" if f.metric.endswith("_deviation") else f"{int(f.value)}"
+            state = "ok  " if f.passed else "FAIL"
+            print(
+                f"{state} {f.metric:<22} {f.scope:<18} {shown:>8} (max {f.max_allowed:g},"
+                f" n={f.n})" + (f": {f.detail}" if f.detail else "")
+            )
+        state = "ok" if report.ok else f"{len(report.failed)} check(s) failed"
+        print(f"{args.release_id}: {len(report.figures)} quality check(s): {state}")
+    return failures.EXIT_OK if report.ok else failures.EXIT_VERIFY_FAILED
+
+
 def cmd_release_diff(args: argparse.Namespace) -> int:
     from lgt_ops.release.manage import diff
 
@@ -366,6 +385,12 @@ def _add_release_commands(sub: Subparsers) -> None:
     ver = relsub.add_parser("verify", help="re-hash every file of a release against its manifest")
     ver.add_argument("release_id", help="NAME/VERSION")
     ver.set_defaults(func=cmd_release_verify)
+    val = relsub.add_parser(
+        "validate", help="measure a release's quality figures again; exit 1 if any check fails"
+    )
+    val.add_argument("release_id", help="NAME/VERSION")
+    val.add_argument("--json", action="store_true")
+    val.set_defaults(func=cmd_release_validate)
     dif = relsub.add_parser("diff", help="rows added/removed and question mix between releases")
     dif.add_argument("a", help="NAME/VERSION (older)")
     dif.add_argument("b", help="NAME/VERSION (newer)")

@@ -21,7 +21,22 @@ def _yaml_list(items: list[str], indent: int) -> str:
 
 
 def render(manifest: dict[str, Any]) -> str:
-    configs = manifest["configs"]
+    counts = manifest.get("counts", {})
+    lines = [_header(manifest), "", f"# {manifest['name']} {manifest['version']}", ""]
+    if manifest.get("simulated"):
+        lines += [_SIMULATED]
+    lines += _splits(manifest)
+    lines += _provenance(manifest)
+    lines += quality_section(manifest.get("quality"))
+    lines += _method_sections(counts.get("splits", {}))
+    lines += card_section(manifest)
+    lines += _decontamination(counts.get("rejections", {}))
+    lines += _rejections(counts.get("rejections", {}))
+    return "\n".join(lines)
+
+
+def _header(manifest: dict[str, Any]) -> str:
+    """The Hugging Face YAML header: tags and one config per split glob set."""
     header = [
         "---",
         "license: other",
@@ -37,7 +52,7 @@ def render(manifest: dict[str, Any]) -> str:
     if manifest.get("simulated"):
         header.append("- simulated")
     header.append("configs:")
-    for i, (name, globs) in enumerate(sorted(configs.items())):
+    for i, (name, globs) in enumerate(sorted(manifest["configs"].items())):
         header.append(f"- config_name: {name}")
         if i == 0:
             header.append("  default: true")
@@ -46,15 +61,11 @@ def render(manifest: dict[str, Any]) -> str:
         header.append("    path:")
         header.append(_yaml_list(globs, 4))
     header.append("---")
+    return "\n".join(header)
+
+
+def _splits(manifest: dict[str, Any]) -> list[str]:
     lines = [
-        "\n".join(header),
-        "",
-        f"# {manifest['name']} {manifest['version']}",
-        "",
-    ]
-    if manifest.get("simulated"):
-        lines += [_SIMULATED]
-    lines += [
         "Grounded multiple-choice questions and long reasoning traces about images, built by "
         'LGT-ETL following "Long Grounded Thoughts" (Acuna et al., 2025).',
         "",
@@ -65,8 +76,12 @@ def render(manifest: dict[str, Any]) -> str:
     ]
     for name, split in sorted(manifest["splits"].items()):
         lines.append(f"| {name} | {split['rows']} | {len(split['files'])} |")
+    return lines
+
+
+def _provenance(manifest: dict[str, Any]) -> list[str]:
     counts = manifest.get("counts", {})
-    lines += [
+    return [
         "",
         "## Provenance",
         "",
@@ -86,21 +101,50 @@ def render(manifest: dict[str, Any]) -> str:
         "LGT-ETL lineage database; see the project's sql/queries/.",
         "",
     ]
-    lines += _method_sections(counts.get("splits", {}))
-    lines += card_section(manifest)
-    lines += _decontamination(counts.get("rejections", {}))
-    lines += [
-        "## Rejected items by reason",
+
+
+def _value(metric: str, value: float) -> str:
+    return f"{value:.1%}" if metric.endswith("_deviation") else str(int(value))
+
+
+def quality_section(quality: dict[str, Any] | None) -> list[str]:
+    """The release validator's figures (lgt_ops/release/quality.py), as measured at publish."""
+    if not quality:
+        return []
+    figures = quality["figures"]
+    failed = [f for f in figures if not f["passed"]]
+    verdict = (
+        f"All {len(figures)} checks passed."
+        if not failed
+        else f"**{len(failed)} of {len(figures)} checks FAILED.**"
+    )
+    lines = [
+        "## Quality",
         "",
+        f"{verdict} Counts must be 0; a deviation is the largest gap between a share of the "
+        "correct letter (or of the correct value's rank among numeric options) and uniform.",
+        "",
+        "| check | scope | value | max | n | result |",
+        "|---|---|---:|---:|---:|---|",
     ]
-    rejections = counts.get("rejections", {})
+    for f in figures:
+        result = "ok" if f["passed"] else "FAIL: " + str(f["detail"]).replace("|", "\\|")
+        lines.append(
+            f"| {f['metric']} | {f['scope']} | {_value(f['metric'], f['value'])} |"
+            f" {_value(f['metric'], f['max_allowed'])} | {f['n']} | {result} |"
+        )
+    return [*lines, ""]
+
+
+def _rejections(rejections: dict[str, dict[str, int]]) -> list[str]:
+    lines = ["## Rejected items by reason", ""]
     if not rejections:
         lines.append("None.")
     for stage, reasons in sorted(rejections.items()):
         detail = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items()))
         lines.append(f"- {stage}: {detail}")
     lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def _cue_table(sft: dict[str, dict[str, int]]) -> list[str]:

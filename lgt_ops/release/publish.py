@@ -39,7 +39,7 @@ from lgt_ops.env import StageEnv
 from lgt_ops.ids import sha256_hex
 from lgt_ops.llm.simulated import MODEL_PREFIX
 from lgt_ops.progress import Progress
-from lgt_ops.release import card, goodput, incremental, report, splits
+from lgt_ops.release import card, goodput, incremental, report, splits, validate
 from lgt_ops.release.build import build_buckets
 from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
 from lgt_ops.release.parquet import encode_part, with_hf_features
@@ -289,6 +289,8 @@ def _publish_locked(
     )
     layout.promote(prefix)
     manifest["incremental"] = _write_index(env, prefix, n_buckets, states, len(reused), layout)
+    # Measured on the promoted parts before the commit point (a crash here is cleaned up).
+    manifest["quality"] = validate.measure(env, release_id, prefix, manifest).as_dict()
     manifest["report"] = _write_report(env, prefix, manifest)
     manifest["card_sha256"] = _write_card(env, prefix, manifest)
     body = _commit_manifest(env, prefix, uri, manifest)

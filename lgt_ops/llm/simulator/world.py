@@ -326,13 +326,20 @@ class World:
         letter = next((ltr for ltr, opt in options if answer is not None and opt == answer), None)
         return question, options, letter
 
+    def accuracy(self, question: str) -> float:
+        """The mean chance a rollout answers this question right: 1 - its skill's error rate."""
+        rate = self.cfg.skill_error.get(skill_of(question))
+        return self.cfg.accuracy if rate is None else 1.0 - rate
+
     def rollout(self, text: str, body: dict[str, Any], index: int, rng: random.Random) -> str:
         question, options, truth = self._truth(text)
         if not options:
             return self.generic(rng)
-        # Each question has its own difficulty; each rollout its own draw against it.
+        # Each skill its mean accuracy, each question its own difficulty around it, each
+        # rollout its own draw against that.
         p = min(
-            1.0, max(0.0, self.cfg.accuracy + (seeded_unit("difficulty", question) - 0.5) * 1.4)
+            1.0,
+            max(0.0, self.accuracy(question) + (seeded_unit("difficulty", question) - 0.5) * 1.4),
         )
         right = truth is not None and rng.random() < p
         wrong = [ltr for ltr, _ in options if ltr != truth]
@@ -714,6 +721,37 @@ def scrub(text: str, banned: Sequence[str]) -> str:
 def _other(options: list[tuple[str, str]], truth: str, rng: random.Random) -> str:
     wrong = [ltr for ltr, _ in options if ltr != truth]
     return rng.choice(wrong) if wrong else truth
+
+
+_COMPOSED_SKILLS = (
+    ("count_over", re.compile(r"altogether|in total|total number|counted together", re.I)),
+    ("compare", re.compile(r"more numerous|there more of|\bmore \w.* or more\b", re.I)),
+    ("chain", re.compile(r"for that object\?$", re.I)),
+    ("conjunction", re.compile(r"(?:pair|combination) of answers", re.I)),
+)
+_STEM_SKILLS = (
+    ("counting", COUNTING_STEMS),
+    ("spatial", SPATIAL_STEMS),
+    ("position", POSITION_STEMS),
+    ("attribute", COLOUR_STEMS),
+    ("existence", EXISTENCE_STEMS),
+    ("size", SIZE_STEMS),
+)
+
+
+def skill_of(question: str) -> str:
+    """The skill a question tests, from the wordings the simulator writes (its per-skill error
+    rates key on it); `other` for a wording it does not know."""
+    q = question.strip()
+    for skill, rx in _COMPOSED_SKILLS:
+        if rx.search(q):
+            return skill
+    for skill, stems in _STEM_SKILLS:
+        for stem in stems:
+            head, _, tail = stem.partition("{}")
+            if q.startswith(head) and q.endswith(tail) and len(q) >= len(head) + len(tail):
+                return skill
+    return "other"
 
 
 def _count_noun(question: str) -> str:

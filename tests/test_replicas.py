@@ -290,3 +290,17 @@ def test_a_replica_down_at_preflight_is_checked_before_it_gets_work(pair, ledger
     outs = list(engine.run(req(i) for i in range(200, 1200)))
     assert all(o.ok for o in outs) and engine.pool.replicas[1].readmissions == 1
     assert second.sim.served > 0
+
+
+def test_the_base_url_parameter_takes_a_list_and_names_each_bad_url():
+    from lgt_ops.params import ParamsError, RunParams
+
+    p = RunParams.from_conf({"reasoner_base_url": "http://r-0:8000/v1, https://r-1/v1"})
+    ep = p.apply(settings_from_env({})).endpoint("reasoner")
+    assert ep.urls == ("http://r-0:8000/v1", "https://r-1/v1")
+    with pytest.raises(ParamsError) as caught:
+        RunParams.from_conf({"vlm_base_url": "http://v-0/v1,ftp://v-1/v1,,http://v-2:port/v1"})
+    line = str(caught.value)
+    assert "parameter 'vlm_base_url': 'ftp://v-1/v1' is not an http(s) URL" in line
+    assert "'http://v-2:port/v1' is not an http(s) URL" in line and "an empty URL" in line
+    assert "http://v-0/v1'" not in line  # the good one is not blamed

@@ -201,16 +201,7 @@ def check_role(
         return row
     row.capabilities["model_listed"] = True
     row.max_model_len = _int_or_none(card.get("max_model_len"))
-    problems = []
-    if row.max_model_len is not None and need.largest.tokens > row.max_model_len:
-        big = need.largest
-        problems.append(
-            f"model '{ep.model}' has a context of {row.max_model_len} tokens but the"
-            f" {big.stage} stage sends requests of up to {big.tokens} tokens"
-            f" ({big.prompt_tokens} prompt + {big.max_tokens} max_tokens); start the server"
-            f" with a larger context (vLLM --max-model-len {_round_up(big.tokens)}) or serve a"
-            " model that has one"
-        )
+    problems = _context_problems(ep, need, row.max_model_len)
     try:
         problems += _probe(ep, need, settings, store, row)
     except _NoAnswer as exc:
@@ -219,6 +210,19 @@ def check_role(
     if problems:
         row.fail(f"preflight: {ep.role} endpoint {row.endpoint}: " + "; ".join(problems))
     return row
+
+
+def _context_problems(ep: EndpointSettings, need: RoleNeed, context: int | None) -> list[str]:
+    big = need.largest
+    if context is None or big.tokens <= context:
+        return []
+    return [
+        f"model '{ep.model}' has a context of {context} tokens but the"
+        f" {big.stage} stage sends requests of up to {big.tokens} tokens"
+        f" ({big.prompt_tokens} prompt + {big.max_tokens} max_tokens); start the server"
+        f" with a larger context (vLLM --max-model-len {_round_up(big.tokens)}) or serve a"
+        " model that has one"
+    ]
 
 
 # -- control plane (official client) -------------------------------------------------------------

@@ -45,7 +45,8 @@ def _free_port() -> int:
 def start_replica(port: int, slots: int, latency_ms: float) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "lgt_ops.cli", "sim", "serve", "--port", str(port),
-         "--slots", str(slots), "--latency-ms", str(latency_ms), "--completion-chars", "64"],
+         "--slots", str(slots), "--latency-ms", str(latency_ms), "--completion-chars", "64",
+         "--served-models", "bench-model"],  # a restarted replica is taken back by its model
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     for _ in range(200):

@@ -95,6 +95,8 @@ def cmd_endpoints_check(args: argparse.Namespace) -> int:
         _print(report.rows())
     elif report.checks:
         print(preflight.format_table(report.rows()))
+        for line in report.warnings():
+            print(line)
     else:
         print("the selected stages call no endpoint")
     report.raise_if_failed()

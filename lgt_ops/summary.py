@@ -36,6 +36,8 @@ def _preflight_section(env: StageEnv, run_id: str, out: TextIO) -> None:
     if rows:
         out.write("\nendpoints (preflight)\n\n")
         out.write(preflight.format_table(rows) + "\n")
+        for line in preflight.down_warnings(rows):
+            out.write(line + "\n")
 
 
 def print_summary(

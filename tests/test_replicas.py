@@ -2,11 +2,14 @@
 over both; a replica killed mid-run is ejected and the run completes with every answered
 request recorded once and never asked again; the replica is probed back in when it returns;
 with every replica down the task fails with one line naming them; the preflight checks each
-replica; the settings take the list from the environment and the Airflow connection."""
+replica, tolerates one that is down and fails on one that is misconfigured; a replica that
+comes back serving the wrong model (or too small a context) is kept out; the settings take the
+list from the environment and the Airflow connection."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 
 import pytest
@@ -34,8 +37,9 @@ def ledger(sqlite_url):
 
 @pytest.fixture
 def pair():
-    """Two simulator replicas, each serving 16 requests at a time for 20 ms."""
-    sims = [BackgroundSimulator(SimConfig(slots=16, latency_ms=20)).start() for _ in range(2)]
+    """Two simulator replicas of model "m", each serving 16 requests at a time for 20 ms."""
+    config = SimConfig(slots=16, latency_ms=20, served_models="m")
+    sims = [BackgroundSimulator(config.model_copy()).start() for _ in range(2)]
     yield sims
     for s in sims:
         s.stop()
@@ -169,10 +173,17 @@ def test_replicas_from_the_environment_and_the_airflow_connection(monkeypatch):
     assert ep.urls == tuple(extra["base_urls"]) and ep.model == "x"
 
 
+def _llm_on(settings, sims, **kw):
+    """The settings with the llm role on these replicas, each serving its configured model."""
+    model = settings.endpoint("llm").model
+    for s in sims:
+        s.sim.cfg.served_models = model
+    eps = {**settings.endpoints, "llm": endpoint(sims, model=model, **kw)}
+    return settings.model_copy(update={"endpoints": eps})
+
+
 def test_the_preflight_checks_every_replica(pair, tmp_path, sqlite_url):
-    settings = make_settings(sqlite_url, (tmp_path / "store").as_uri())
-    eps = {**settings.endpoints, "llm": endpoint(pair, model=settings.endpoint("llm").model)}
-    settings = settings.model_copy(update={"endpoints": eps})
+    settings = _llm_on(make_settings(sqlite_url, (tmp_path / "store").as_uri()), pair)
     report = preflight.check(settings, ["mcq"])
     assert [(c.role, c.endpoint, c.status) for c in report.checks] == [
         ("llm", s.base_url, "ok") for s in pair
@@ -187,11 +198,109 @@ def test_the_preflight_checks_every_replica(pair, tmp_path, sqlite_url):
     rows = preflight.stored(db, "r")  # one row per replica (role, endpoint)
     assert [r["endpoint"] for r in rows] == sorted(s.base_url for s in pair)
 
-    pair[1].crash()  # a replica missing at preflight: named in the one line
+    assert set(role_needs(settings, ["mcq"])) == {"llm"}
+
+
+def test_a_replica_down_at_preflight_is_a_warning_all_down_is_transient(
+    pair, tmp_path, sqlite_url, caplog
+):
+    settings = _llm_on(make_settings(sqlite_url, (tmp_path / "store").as_uri()), pair)
+    pair[1].crash()  # being restarted while the preflight runs
+    with caplog.at_level(logging.WARNING, logger="lgt_ops.llm.preflight"):
+        report = preflight.check(settings, ["mcq"])
+    assert [c.status for c in report.checks] == ["ok", "down"]
+    assert report.ok and report.failure_line() is None
+    report.raise_if_failed()  # the run goes on with the other replica
+    (warning,) = report.warnings()
+    assert pair[1].base_url in warning and "does not answer" in warning
+    assert pair[0].base_url not in warning
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert logged == [warning]
+
+    pair[0].crash()  # every replica of the role down: the one-line transient failure
     report = preflight.check(settings, ["mcq"])
-    assert [c.status for c in report.checks] == ["ok", "unreachable"]
+    assert [c.status for c in report.checks] == ["down", "down"] and not report.warnings()
     with pytest.raises(EndpointDown) as caught:
         report.raise_if_failed()
     line = str(caught.value)
-    assert "\n" not in line and pair[1].base_url in line and pair[0].base_url not in line
-    assert set(role_needs(settings, ["mcq"])) == {"llm"}
+    assert "\n" not in line and all(s.base_url in line for s in pair)
+
+
+def test_a_misconfigured_replica_fails_the_preflight_naming_it(pair, tmp_path, sqlite_url):
+    settings = _llm_on(make_settings(sqlite_url, (tmp_path / "store").as_uri()), pair)
+    model = settings.endpoint("llm").model
+    pair[1].sim.cfg.served_models = "some/other-model"  # answers, but is the wrong server
+    report = preflight.check(settings, ["mcq"])
+    assert [c.status for c in report.checks] == ["ok", "failed"] and not report.ok
+    with pytest.raises(preflight.PreflightFailed) as caught:
+        report.raise_if_failed()
+    line = str(caught.value)
+    assert line.startswith(f"preflight: llm endpoint {pair[1].base_url} does not serve model")
+    assert "LGT_LLM_MODEL" in line and pair[0].base_url not in line
+
+    pair[1].sim.cfg.served_models = model
+    pair[1].sim.cfg.max_model_len = 1024  # too small a context: also a wrong server
+    line = preflight.check(settings, ["mcq"]).failure_line()
+    assert f"llm endpoint {pair[1].base_url}: model '{model}' has a context of 1024" in line
+
+
+# -- who is taken (back) in ----------------------------------------------------------------------
+def test_a_replica_revived_with_the_wrong_model_is_kept_out(pair, ledger, caplog):
+    dead, live = pair
+    engine = RequestEngine(endpoint(pair), ledger)
+    engine._backoff = lambda n: 0.02
+    replica = engine.pool.replicas[0]
+    outs = []
+    with caplog.at_level(logging.WARNING, logger="lgt_ops.llm.replicas"):
+        for out in engine.run(req(i) for i in range(600)):
+            outs.append(out)
+            ledger.flush_now()
+            if len(outs) == 100:
+                dead.crash()
+            if len(outs) == 250:
+                assert not replica.up
+                got_at_revival = (dead.sim.received, dead.sim.served)
+                dead.sim.cfg.served_models = "some/other-model"  # restarted as the wrong server
+                dead.revive()
+    assert all(o.ok for o in outs) and len(outs) == 600
+    assert not replica.up and replica.readmissions == 0  # probed many times, never taken
+    assert (dead.sim.received, dead.sim.served) == got_at_revival  # no request reached it
+    kept = [r.getMessage() for r in caplog.records if "stays out" in r.getMessage()]
+    assert len(kept) == 1, kept  # logged once
+    assert dead.base_url in kept[0] and "does not serve model 'm'" in kept[0]
+
+
+def test_a_replica_down_at_preflight_is_checked_before_it_gets_work(pair, ledger):
+    first, second = pair
+    second.sim.cfg.max_model_len = 512  # answers, lists "m", but its context is too small
+    engine = RequestEngine(
+        endpoint(pair), ledger, needed_tokens=4096, unchecked=[second.base_url]
+    )
+    engine._backoff = lambda n: 0.02
+    assert [r.up for r in engine.pool.replicas] == [True, False]
+    outs = list(engine.run(req(i) for i in range(200)))
+    assert all(o.ok for o in outs) and second.sim.received == 0
+    assert "context of 512 tokens" in engine.pool.replicas[1].kept_out
+
+    second.sim.cfg.max_model_len = 32768  # a good server: probed in, then used
+    engine = RequestEngine(
+        endpoint(pair), ledger, needed_tokens=4096, unchecked=[second.base_url]
+    )
+    engine._backoff = lambda n: 0.02
+    outs = list(engine.run(req(i) for i in range(200, 1200)))
+    assert all(o.ok for o in outs) and engine.pool.replicas[1].readmissions == 1
+    assert second.sim.served > 0
+
+
+def test_the_base_url_parameter_takes_a_list_and_names_each_bad_url():
+    from lgt_ops.params import ParamsError, RunParams
+
+    p = RunParams.from_conf({"reasoner_base_url": "http://r-0:8000/v1, https://r-1/v1"})
+    ep = p.apply(settings_from_env({})).endpoint("reasoner")
+    assert ep.urls == ("http://r-0:8000/v1", "https://r-1/v1")
+    with pytest.raises(ParamsError) as caught:
+        RunParams.from_conf({"vlm_base_url": "http://v-0/v1,ftp://v-1/v1,,http://v-2:port/v1"})
+    line = str(caught.value)
+    assert "parameter 'vlm_base_url': 'ftp://v-1/v1' is not an http(s) URL" in line
+    assert "'http://v-2:port/v1' is not an http(s) URL" in line and "an empty URL" in line
+    assert "http://v-0/v1'" not in line  # the good one is not blamed

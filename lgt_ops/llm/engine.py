@@ -92,9 +92,13 @@ class RequestEngine:
         progress: Progress | None = None,
         seed: int = 0,
         headers: dict[str, str] | None = None,
+        needed_tokens: int | None = None,
+        unchecked: Iterable[str] = (),
     ) -> None:
+        """`needed_tokens` (the largest request) and `unchecked` (replicas down at preflight)
+        go to the replica pool: what a replica must show before it gets work."""
         self.endpoint = endpoint
-        self.pool = ReplicaPool.of(endpoint)
+        self.pool = ReplicaPool.of(endpoint, needed_tokens, unchecked)
         self.ledger = ledger
         self.progress = progress
         self.stats = EngineStats()

@@ -5,7 +5,10 @@ count of outstanding requests (window slots taken). A request goes to the replic
 fewest outstanding requests that still has room in its window. A replica that refuses
 connections, or fails `EJECT_AFTER` times in a row (resets, timeouts, 5xx, garbled bodies),
 is ejected: it gets no requests until a probe (GET /models, with backoff) finds it answering
-again, and it comes back with a fresh window (a restarted server starts cold). The task fails
+again and listing the configured model (with a context that fits the stage's largest request,
+when the pool knows it), and it comes back with a fresh window (a restarted server starts
+cold). A replica the preflight found down starts out ejected, so it too is probed before it
+gets work: a server restarted with the wrong model never joins a run. The task fails
 only when no replica has answered for `down_after_s` (the engine asks `silent_for`). One
 replica is the same code with a pool of one.
 """
@@ -14,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
@@ -51,6 +55,7 @@ class Replica:
     last_error: str | None = None
     sent: int = 0
     answered: int = 0
+    kept_out: str | None = None  # why the last probe answered but did not take it back
 
     @property
     def chat_url(self) -> str:
@@ -70,9 +75,24 @@ class ReplicaPool:
     _up: asyncio.Event | None = None
     _probe_with: tuple | None = None  # (session, headers, delay, on_back) of the running loop
 
+    needed_tokens: int | None = None  # the largest request sent: a probed context must fit
+
     @classmethod
-    def of(cls, ep: EndpointSettings) -> ReplicaPool:
-        return cls(ep, [Replica(url, new_window(ep)) for url in ep.require_urls()])
+    def of(
+        cls, ep: EndpointSettings, needed_tokens: int | None = None, unchecked: Iterable[str] = ()
+    ) -> ReplicaPool:
+        """`unchecked`: base URLs nobody has checked (down at preflight); they start ejected,
+        to be probed in."""
+        held = {public_url(u.rstrip("/")) for u in unchecked}
+        now = time.monotonic()
+        replicas = [
+            Replica(url, new_window(ep), ejected_at=now if public_url(url) in held else None)
+            for url in ep.require_urls()
+        ]
+        if held and not any(r.up for r in replicas):  # a caller's mistake: keep it working
+            for r in replicas:
+                r.ejected_at = None
+        return cls(ep, replicas, needed_tokens=needed_tokens)
 
     # -- choosing ---------------------------------------------------------------------------
     def pick(self) -> Replica | None:
@@ -184,17 +204,49 @@ class ReplicaPool:
             await asyncio.sleep(delay(min(attempt, 6)))
             try:
                 async with session.get(replica.url + "/models", headers=headers) as resp:
-                    await resp.read()
+                    body = await resp.read()
                     alive = resp.status == 200
             except (aiohttp.ClientError, TimeoutError, OSError):
                 alive = False
-            if alive:
+            if not alive:
+                continue
+            reason = self.unfit(body)
+            if reason is None:
                 self._readmit(replica)
                 on_back()
+            elif reason != replica.kept_out:  # once per reason, not once per probe
+                replica.kept_out = reason
+                log.warning(
+                    "%s replica %s answers but stays out: %s",
+                    self.endpoint.role,
+                    public_url(replica.url),
+                    reason,
+                )
+
+    def unfit(self, models_body: bytes) -> str | None:
+        """Why a replica answering GET /models with this body must not get work, or None."""
+        model = self.endpoint.model
+        try:
+            cards = {c["id"]: c for c in json.loads(models_body)["data"]}
+        except (ValueError, KeyError, TypeError):
+            return "its GET /models answer is not an OpenAI model list"
+        card = cards.get(model)
+        if card is None:
+            served = ", ".join(sorted(map(str, cards))) or "nothing"
+            return f"it does not serve model '{model}' (it serves: {served})"
+        context = card.get("max_model_len")
+        need = self.needed_tokens
+        if need is not None and isinstance(context, int) and context < need:
+            return (
+                f"model '{model}' has a context of {context} tokens but requests of up to"
+                f" {need} tokens are sent"
+            )
+        return None
 
     def _readmit(self, replica: Replica) -> None:
         replica.ejected_at = None
         replica.streak = 0
+        replica.kept_out = None
         replica.readmissions += 1
         replica.window = new_window(self.endpoint)
         log.info("%s replica %s is back", self.endpoint.role, public_url(replica.url))

@@ -10,8 +10,9 @@ Determinism: a 200 reply's body (id, created, choices, usage) is a pure function
 body, seed) -- same request, same bytes, in any run, process, order or concurrency. Injected
 faults are drawn from (request body, seed, attempt), the attempt being the engine's
 X-Request-Id suffix (or, for other clients, how often this process has seen that body), so a
-retry draws again. Only the test-control switches (`down`, `down_after_served`) and the
-counters depend on history.
+retry draws again. Only the test-control switches (`down`, `down_after_served`), the
+counters and, without `served_models`, the model list (the defaults plus the names asked for)
+depend on history.
 
 Endpoints: POST /v1/chat/completions, GET /v1/models (with vLLM's `max_model_len`),
 GET /version, GET /health, and for tests GET /sim/stats, POST /sim/reset, GET|POST /sim/config.
@@ -70,6 +71,9 @@ class Simulator:
         self.image_transports: Counter[str] = Counter()  # data | http(s)
         self.max_image_side = 0
         self._seen_bodies: Counter[str] = Counter()  # attempts of header-less clients
+        # Without served_models the server answers any model name; GET /v1/models lists the
+        # stack's defaults and the names it has answered, as a server of those models would.
+        self.asked_models: dict[str, None] = {}
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -102,7 +106,9 @@ class Simulator:
     async def models(self, req: web.Request) -> web.Response:
         if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
             return self._error(401, "invalid API key", "authentication_error", Counter())
-        ids = self.served_models() or list(dict.fromkeys(DEFAULT_MODELS.values()))
+        ids = self.served_models() or list(
+            dict.fromkeys([*DEFAULT_MODELS.values(), *self.asked_models])
+        )
         card = {
             "object": "model",
             "created": CREATED_BASE,
@@ -142,6 +148,8 @@ class Simulator:
         body, refused = await self._admit(req, probe, tally)
         if refused is not None:
             return refused
+        if self.cfg.served_models is None and isinstance(body.get("model"), str):
+            self.asked_models[body["model"]] = None
         if probe:
             payload = self._complete(body, self.digest(body))
             self.probes["200"] += 1

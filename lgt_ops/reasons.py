@@ -124,9 +124,17 @@ class McqReason(StrEnum):
     MISSING_OBJECTS = "missing_objects"  # an image without object annotations: not asked
 
 
+class BlindReason(StrEnum):
+    ANSWERABLE_WITHOUT_IMAGE = "answerable_without_image"  # text-only LLM right too often
+
+
 class ComposeReason(StrEnum):
     ANSWER_MISMATCH = "answer_mismatch"  # the marked option is not the derived answer
     NOT_COMPOSED = "not_composed"  # repeats a parent
+
+
+class HardenReason(StrEnum):
+    NOT_HARDER = "not_harder"  # composed question's pass rate not below its parents' bound
 
 
 class TraceReason(StrEnum):
@@ -155,8 +163,10 @@ class FilterReason(StrEnum):
 REGISTRY: dict[str, tuple[type[StrEnum], ...]] = {
     "ingest": (IngestReason,),
     "mcq": (McqReason, QuestionReason, ReplyReason),
-    "compose": (ComposeReason, QuestionReason, ReplyReason),
+    "blind": (BlindReason,),
     "cot": (TraceReason,),
+    "compose": (ComposeReason, QuestionReason, ReplyReason),
+    "harden": (HardenReason, TraceReason),
     "expand": (TraceReason,),
     "filter": (FilterReason,),
     "tag": (ReplyReason,),

@@ -179,6 +179,42 @@ class Mcq(Stage):
     impl = "lgt_ops.stages.mcq"
 
 
+class BlindConfig(Seeded):
+    # questions a text-only LLM answers from their text and options alone: n samples each
+    blind_samples: int = Field(default=4, ge=0, le=32)  # 0 = off
+    blind_temperature: float = Field(default=0.7, ge=0, le=2)
+    # share of samples right at or above which a question is `answerable_without_image`
+    blind_reject_at: float = Field(default=0.75, gt=0, le=1)
+
+
+class Blind(Stage):
+    """Stage-1 questions answered without the image, before any VLM rollout (cheap: text
+    only, one short reply per sample); a rejected question gets no rollouts and is no parent."""
+
+    name = "blind"
+    role = "llm"
+    template = "blind"
+    upstream = ("mcq",)
+    Config = BlindConfig
+    reply_tokens = 16
+    impl = "lgt_ops.stages.blind"
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.method.blind_samples > 0
+
+    @classmethod
+    def fingerprint_extra(cls, settings: Settings) -> dict[str, Any]:
+        return {"n": settings.endpoint("llm").supports_n}
+
+    @classmethod
+    def fan_out(cls, settings: Settings) -> tuple[int, int]:
+        m = settings.method
+        if not cls.enabled(settings):
+            return 0, 1
+        return m.mcq_per_image, 1 if settings.endpoint("llm").supports_n else m.blind_samples
+
+
 class ComposeConfig(Seeded):
     compose_per_image: int = Field(default=4, ge=0, le=64)
     compose_per_parent: int = Field(default=2, ge=1, le=16)
@@ -190,7 +226,7 @@ class Compose(Stage):
     name = "compose"
     role = "llm"
     template = "compose"
-    upstream = ("mcq",)
+    upstream = ("mcq", "cot")  # parents: stage-1 questions the VLM answers (pass rate > 0)
     Config = ComposeConfig
     reply_tokens = 1024
     impl = "lgt_ops.stages.compose"
@@ -211,10 +247,12 @@ class CotConfig(Seeded):
 
 
 class Cot(Stage):
+    """k VLM rollouts per stage-1 question (that passed the blind check) and its pass rate."""
+
     name = "cot"
     role = "vlm"
     template = "cot"
-    upstream = ("mcq", "compose")
+    upstream = ("mcq", "blind")
     Config = CotConfig
     impl = "lgt_ops.stages.cot"
 
@@ -227,9 +265,33 @@ class Cot(Stage):
     @classmethod
     def fan_out(cls, settings: Settings) -> tuple[int, int]:
         m = settings.method
-        questions = m.mcq_per_image + m.compose_per_image
         supports_n = settings.endpoint("vlm").supports_n
-        return questions, 1 if supports_n else m.cot_rollouts
+        return cls.questions_per_image(settings), 1 if supports_n else m.cot_rollouts
+
+    @classmethod
+    def questions_per_image(cls, settings: Settings) -> int:
+        return settings.method.mcq_per_image
+
+
+class HardenConfig(StageConfig):
+    # a composed question is kept only if its pass rate < reference(parents' rates) - margin
+    harden_reference: Literal["min", "mean"] = "min"
+    harden_margin: float = Field(default=0.0, ge=0, le=1)
+
+
+class Harden(Cot):
+    """Stage 2's rollouts: cot's requests and sampling on the composed questions, then the
+    hardness rule (`HardenConfig`). A stage of its own, not cot run twice, so that its task,
+    fingerprint, stage_runs rows and selection in `stages` follow from the registry alone."""
+
+    name = "harden"
+    upstream = ("compose", "cot")
+    Config = HardenConfig
+    impl = "lgt_ops.stages.harden"
+
+    @classmethod
+    def questions_per_image(cls, settings: Settings) -> int:
+        return settings.method.compose_per_image
 
 
 class ExpandConfig(Seeded):
@@ -269,7 +331,7 @@ class Expand(Stage):
     name = "expand"
     role = "reasoner"
     template = "expand"
-    upstream = ("cot",)
+    upstream = ("cot", "harden")
     Config = ExpandConfig
     impl = "lgt_ops.stages.expand"
 
@@ -292,7 +354,7 @@ class FilterConfig(StageConfig):
 
 class Filter(Stage):
     name = "filter"
-    upstream = ("cot", "expand")
+    upstream = ("cot", "harden", "expand")
     Config = FilterConfig
     timeout_minutes = 120
     impl = "lgt_ops.stages.filter"
@@ -354,7 +416,19 @@ class ReleaseConfig(StageConfig):
 
 class Release(Stage):
     name = "release"
-    upstream = ("ingest", "annotate", "mcq", "compose", "cot", "expand", "filter", "pairs", "tag")
+    upstream = (
+        "ingest",
+        "annotate",
+        "mcq",
+        "blind",
+        "cot",
+        "compose",
+        "harden",
+        "expand",
+        "filter",
+        "pairs",
+        "tag",
+    )
     Config = ReleaseConfig
     per_shard = False
     timeout_minutes = 240
@@ -369,8 +443,10 @@ PIPELINE: list[type[Stage]] = [
     Ingest,
     Annotate,
     Mcq,
-    Compose,
+    Blind,
     Cot,
+    Compose,
+    Harden,
     Expand,
     Filter,
     Pairs,

@@ -6,6 +6,7 @@ import ast
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,9 @@ def _other_value(info) -> object:
         return default / 2 if default else 0.1
     if isinstance(default, tuple):
         return default[:1] if len(default) > 1 else (*default, "x")
-    if default == "heuristic":
-        return "llm"
+    choices = typing.get_args(info.annotation)  # a Literal: another of its values
+    if default in choices:
+        return next(c for c in choices if c != default)
     raise AssertionError(f"no other value for {default!r}")
 
 
@@ -282,7 +284,7 @@ def test_release_publish_honours_the_run_flags(tmp_path, sim, monkeypatch, capsy
     store.ensure_bucket()
     upload_sample(store, "sources/sample/")
     flags = ["--source", "sources/sample/", "--k-rollouts", "2", "--sample-size", "3"]
-    stages = "ingest,annotate,mcq,compose,cot,expand,filter,pairs"
+    stages = "ingest,annotate,mcq,blind,cot,compose,harden,expand,filter,pairs"
     assert main(["run", *flags, "--stages", stages]) == 0
     capsys.readouterr()
     assert main(["release", "publish", *flags, "--allow-simulated", "--release-name", "f"]) == 0

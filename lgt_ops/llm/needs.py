@@ -100,12 +100,18 @@ def stage_needs(settings: Settings, stages: Iterable[str]) -> list[StageNeed]:
         "mcq": StageNeed(
             "mcq", "llm", _template("mcq") + described, m.mcq_max_tokens, structured=True
         ),
+        "blind": StageNeed(
+            "blind", "llm", _template("blind") + question, registry.Blind.reply_tokens
+        ),
         "compose": StageNeed(
             "compose", "llm", _template("compose") + question * 3,  # two parents + options
             registry.Compose.reply_tokens, structured=True,
         ),
         "cot": StageNeed(
             "cot", "vlm", _template("cot") + image + question, m.cot_max_tokens, image=True
+        ),
+        "harden": StageNeed(  # cot's prompt and budget on a composed question
+            "harden", "vlm", _template("cot") + image + question, m.cot_max_tokens, image=True
         ),
         "expand": StageNeed(
             "expand", "reasoner",

@@ -276,7 +276,7 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
     with env.db.connect() as conn:
         images = image_set(conn, spec, shard, sample_size)
         contexts = image_contexts(conn, images, annotate.stage_fingerprint(env))
-        per_image = current.by_image(current.stage1(conn, env, contexts))
+        per_image = current.by_image(current.compose_parents(conn, env, contexts))
         inputs = {
             img: current.compose_input_id(img, [q.question_id for q in qs])
             for img, qs in per_image.items()

@@ -28,9 +28,9 @@ def _fp(env: StageEnv, stage: str) -> str:
 
 
 def _rollout_fps(env: StageEnv) -> dict[str, str]:
-    """Rollouts and pass rates come from cot (stage 1) and harden (stage 2); a question's
-    id names its stage, so one query over both fingerprints finds each question's own."""
-    return {"fp1": _fp(env, "cot"), "fp2": _fp(env, "harden")}
+    """Rollouts and pass rates come from cot (stage 1) and cot2 (stage 2); a question's id
+    names its stage, so one query over both fingerprints finds each question's own."""
+    return {"fp1": _fp(env, "cot"), "fp2": _fp(env, "cot2")}
 
 
 def compose_input_id(image_id: str, stage1_ids: list[str]) -> str:

@@ -273,25 +273,40 @@ class Cot(Stage):
         return settings.method.mcq_per_image
 
 
+class Cot2Config(StageConfig):
+    """No knobs of its own: cot's sampling applies (cot is upstream, so it is in the print)."""
+
+
+class Cot2(Cot):
+    """Stage 2's rollouts: cot's prompt, sampling and difficulty on the composed questions.
+    A stage of its own, not cot run twice, so that its task, fingerprint, stage_runs rows and
+    selection in `stages` follow from the registry alone; its knobs are cot's (upstream)."""
+
+    name = "cot2"
+    upstream = ("compose", "cot")
+    Config = Cot2Config
+    impl = "lgt_ops.stages.cot2"
+
+    @classmethod
+    def questions_per_image(cls, settings: Settings) -> int:
+        return settings.method.compose_per_image
+
+
 class HardenConfig(StageConfig):
     # a composed question is kept only if its pass rate < reference(parents' rates) - margin
     harden_reference: Literal["min", "mean"] = "min"
     harden_margin: float = Field(default=0.0, ge=0, le=1)
 
 
-class Harden(Cot):
-    """Stage 2's rollouts: cot's requests and sampling on the composed questions, then the
-    hardness rule (`HardenConfig`). A stage of its own, not cot run twice, so that its task,
-    fingerprint, stage_runs rows and selection in `stages` follow from the registry alone."""
+class Harden(Stage):
+    """The hardness rule over cot2's pass rates (a rule stage: no model). Apart from the
+    rollouts, so changing the rule re-judges without touching a rollout's identity."""
 
     name = "harden"
-    upstream = ("compose", "cot")
+    upstream = ("cot", "cot2")
     Config = HardenConfig
+    timeout_minutes = 60
     impl = "lgt_ops.stages.harden"
-
-    @classmethod
-    def questions_per_image(cls, settings: Settings) -> int:
-        return settings.method.compose_per_image
 
 
 class ExpandConfig(Seeded):
@@ -331,7 +346,7 @@ class Expand(Stage):
     name = "expand"
     role = "reasoner"
     template = "expand"
-    upstream = ("cot", "harden")
+    upstream = ("cot", "cot2", "harden")
     Config = ExpandConfig
     impl = "lgt_ops.stages.expand"
 
@@ -354,7 +369,7 @@ class FilterConfig(StageConfig):
 
 class Filter(Stage):
     name = "filter"
-    upstream = ("cot", "harden", "expand")
+    upstream = ("cot", "cot2", "harden", "expand")
     Config = FilterConfig
     timeout_minutes = 120
     impl = "lgt_ops.stages.filter"
@@ -423,6 +438,7 @@ class Release(Stage):
         "blind",
         "cot",
         "compose",
+        "cot2",
         "harden",
         "expand",
         "filter",
@@ -446,6 +462,7 @@ PIPELINE: list[type[Stage]] = [
     Blind,
     Cot,
     Compose,
+    Cot2,
     Harden,
     Expand,
     Filter,

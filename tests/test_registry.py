@@ -284,7 +284,7 @@ def test_release_publish_honours_the_run_flags(tmp_path, sim, monkeypatch, capsy
     store.ensure_bucket()
     upload_sample(store, "sources/sample/")
     flags = ["--source", "sources/sample/", "--k-rollouts", "2", "--sample-size", "3"]
-    stages = "ingest,annotate,mcq,blind,cot,compose,harden,expand,filter,pairs"
+    stages = "ingest,annotate,mcq,blind,cot,compose,cot2,harden,expand,filter,pairs"
     assert main(["run", *flags, "--stages", stages]) == 0
     capsys.readouterr()
     assert main(["release", "publish", *flags, "--allow-simulated", "--release-name", "f"]) == 0

@@ -110,8 +110,8 @@ def stage_needs(settings: Settings, stages: Iterable[str]) -> list[StageNeed]:
         "cot": StageNeed(
             "cot", "vlm", _template("cot") + image + question, m.cot_max_tokens, image=True
         ),
-        "harden": StageNeed(  # cot's prompt and budget on a composed question
-            "harden", "vlm", _template("cot") + image + question, m.cot_max_tokens, image=True
+        "cot2": StageNeed(  # cot's prompt and budget on a composed question
+            "cot2", "vlm", _template("cot") + image + question, m.cot_max_tokens, image=True
         ),
         "expand": StageNeed(
             "expand", "reasoner",

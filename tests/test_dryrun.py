@@ -38,8 +38,9 @@ def test_expand_counts_what_the_pending_cot_rollouts_will_need():
     # per stage-1 question to roll out: its rollouts to expand, and those of the compositions
     # it will feed (compose runs after cot): (mcq + compose) questions per mcq question
     per_question = min(m.expand_rollouts_per_question, m.cot_rollouts)
-    expand = ceil(Fraction(65 * per_question * (m.mcq_per_image + m.compose_per_image),
-                           m.mcq_per_image))
+    expand = ceil(
+        Fraction(65 * per_question * (m.mcq_per_image + m.compose_per_image), m.mcq_per_image)
+    )
     assert report["expand"] == {
         "ready_items": 0,
         "waiting_images": 10,
@@ -97,7 +98,8 @@ def test_dry_run_after_questions_exist_reports_the_expansions_to_come(local_env)
     assert stages["expand"]["waiting_images"] > 0
     m = env.settings.method  # per cot question: min(4 chosen, k=2), for it and its compositions
     assert stages["expand"]["pending_items_at_most"] == ceil(
-        Fraction(questions * 2 * (m.mcq_per_image + m.compose_per_image), m.mcq_per_image))
+        Fraction(questions * 2 * (m.mcq_per_image + m.compose_per_image), m.mcq_per_image)
+    )
     assert stages["filter"] == stages["harden"] == {"model_calls": 0}
 
     later = ["cot", "compose", "cot2", "harden", "expand"]

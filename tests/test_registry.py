@@ -291,3 +291,9 @@ def test_release_publish_honours_the_run_flags(tmp_path, sim, monkeypatch, capsy
     rows = json.loads(capsys.readouterr().out)["rows"]
     # made under k=2: without the flag, publish would look for k=10 outputs and find none
     assert rows["sft_stage1"] > 0 and rows["rl"] > 0, rows
+
+
+def test_every_stage_names_the_tables_it_reads_and_writes_for_lineage():
+    from lgt_ops.lineage_edges import TASK_TABLES
+
+    assert set(registry.stage_names()) <= set(TASK_TABLES)  # a missing one fails its task

@@ -14,8 +14,9 @@ import re
 
 from sqlalchemy import text
 
-from lgt_ops import registry
-from lgt_ops.llm.simulator.world import prior_answer
+from lgt_ops import prompts, registry
+from lgt_ops.llm.simulator import SimConfig
+from lgt_ops.llm.simulator.world import World, answer_key, prior_answer
 from lgt_ops.params import RunParams
 from lgt_ops.questions import LETTERS
 from lgt_ops.runctx import RunContext
@@ -62,6 +63,40 @@ SCENES = [  # (caption, objects as (label, box)) on 640 x 480 images
         ],
     ),
 ]
+
+
+def _blind_letters(question: str, options: list[str], seed: int) -> list[str]:
+    """What the simulator's text-only model answers to the blind prompt, 8 samples."""
+    block = "\n".join(f"{LETTERS[j]}. {o}" for j, o in enumerate(options))
+    body = {"messages": prompts.load("blind").render(question=question, options=block),
+            "seed": seed}
+    world = World(SimConfig())
+    out = []
+    for i in range(8):
+        content, _ = world.reply(body, i)
+        assert re.fullmatch(r"Answer: [A-D]", content), content
+        out.append(content[-1])
+    assert out == [world.reply(body, i)[0][-1] for i in range(8)]  # a pure function
+    return out
+
+
+def test_the_simulated_text_only_model_guesses_unless_the_wording_gives_it_away():
+    seed = SimConfig().seed
+    # a tree is green unless the image says otherwise: right when the key agrees ...
+    greens = [["green", "red", "blue", "white"], ["red", "green", "white", "blue"],
+              ["blue", "white", "green", "red"], ["white", "blue", "red", "green"]]
+    for question in ("What colour is the tree?", "What is the colour of the tree?"):
+        for options in greens:
+            letter = LETTERS[options.index("green")]
+            key = answer_key(seed, question, options)
+            got = _blind_letters(question, options, seed=1)
+            assert got == [letter] * 8  # the guess, every sample
+            assert (key == "green") == (got[0] == LETTERS[options.index(key)])
+    # ... and at chance for wording that gives nothing away
+    spread: set[str] = set()
+    for k in range(6):
+        spread |= set(_blind_letters("How many cars are there?", ["1", "2", "3", "4"], seed=k))
+    assert spread == set("ABCD")
 
 
 def upload_scenes(store, prefix: str) -> None:  # noqa: ANN001

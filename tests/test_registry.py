@@ -297,3 +297,13 @@ def test_every_stage_names_the_tables_it_reads_and_writes_for_lineage():
     from lgt_ops.lineage_edges import TASK_TABLES
 
     assert set(registry.stage_names()) <= set(TASK_TABLES)  # a missing one fails its task
+
+
+def test_the_blind_check_can_be_turned_off():
+    from lgt_ops.dryrun import FanOut, fan_outs
+    from lgt_ops.llm.needs import stage_needs
+
+    off = _settings(blind_samples=0)
+    assert registry.Blind.enabled(_settings()) and not registry.Blind.enabled(off)
+    assert fan_outs(off)["blind"] == FanOut(0, 1)
+    assert [n.stage for n in stage_needs(off, ["blind", "cot"])] == ["cot"]

@@ -163,14 +163,16 @@ def _given_away(q) -> bool:  # noqa: ANN001
 
 def check_blind(env, fps, summary) -> set[str]:  # noqa: ANN001
     rows = _blind_checks(env, fps)
-    assert rows and all(r.kept is not None and r.n == 4 for r in rows)  # every question checked
+    assert rows and all(r.kept is not None and r.n == 8 for r in rows)  # every question checked
     for r in rows:
         assert r.bound == 0.75 and r.kept == (r.score < r.bound)
     rejected = {r.question_id for r in rows if not r.kept}
     given = {r.question_id for r in rows if _given_away(r)}
     assert given and given <= rejected  # answered right every time from the wording
-    by_chance = rejected - given  # 3 or 4 of 4 right at chance (1 in 20 for 4 options)
-    assert len(by_chance) <= 0.15 * (len(rows) - len(given))
+    # 6 or more of 8 right by chance: 0.4 % of guessed questions (binomial, 4 options); the
+    # bound is loose because the set is small (about 70 questions)
+    by_chance = rejected - given
+    assert len(by_chance) <= 0.1 * (len(rows) - len(given))
     assert len(rows) - len(rejected) > 0.6 * len(rows)
     reasons = _rows(
         env,

@@ -502,7 +502,7 @@ def config_fields() -> dict[str, tuple[type[Stage], Any]]:
 # -- fingerprints ---------------------------------------------------------------------------
 # Deliberately NOT in a fingerprint (they change how a stage runs, not what it makes):
 # - endpoint URL, API key, concurrency, timeouts, retries (EndpointSettings other than
-#   `model`; cot also hashes `supports_n`, which changes the sampling);
+#   `model`; cot, cot2 and blind also hash `supports_n`, which changes the sampling);
 # - image_spec.transport (data URL or presigned URL carry the same pixels);
 # - IngestLimits.decode_pixel_budget (how many pixels are decoded at once);
 # - run-scoped values: source, sample_size, shard layout, release name/version.

@@ -5,7 +5,8 @@ Wiring only: every task calls one function of `lgt_ops.pipeline` (the same funct
 on-call runbook (the DAG's doc_md) is lgt_synthesis.md beside this file.
 
     start -> preflight -> scan -> ingest[shard files] -> plan
-          -> shard[annotate -> mcq -> compose -> cot -> expand -> filter -> pairs -> tag]
+          -> shard[annotate -> mcq -> blind -> cot -> compose -> cot2 -> harden
+                   -> expand -> filter -> pairs -> tag]
           -> release (the lgt_release Asset) -> finish
 """
 

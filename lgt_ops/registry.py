@@ -226,6 +226,48 @@ class Mcq(Stage):
         return settings.method.mcq_max_tokens
 
 
+class BlindConfig(Seeded):
+    # questions a text-only LLM answers from their text and options alone: n samples each.
+    # 8 (one request with n=8): a question the model can only guess (1 in 4) reaches 0.75 in
+    # 0.4 % of cases (binomial), against 5 % with 4 samples.
+    blind_samples: int = Field(default=8, ge=0, le=32)  # 0 = off
+    blind_temperature: float = Field(default=0.7, ge=0, le=2)
+    # share of samples right at or above which a question is `answerable_without_image`
+    blind_reject_at: float = Field(default=0.75, gt=0, le=1)
+
+
+class Blind(Stage):
+    """Stage-1 questions answered without the image, before any VLM rollout (cheap: text
+    only, one short reply per sample); a rejected question gets no rollouts and is no parent."""
+
+    name = "blind"
+    role = "llm"
+    template = "blind"
+    upstream = ("mcq",)
+    Config = BlindConfig
+    reply_tokens = 16
+    impl = "lgt_ops.stages.blind"
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        return size.question_tokens()  # text only: the question and its options
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.method.blind_samples > 0
+
+    @classmethod
+    def fingerprint_extra(cls, settings: Settings) -> dict[str, Any]:
+        return {"n": settings.endpoint("llm").supports_n}
+
+    @classmethod
+    def fan_out(cls, settings: Settings) -> tuple[int, int]:
+        m = settings.method
+        if not cls.enabled(settings):
+            return 0, 1
+        return m.mcq_per_image, 1 if settings.endpoint("llm").supports_n else m.blind_samples
+
+
 class ComposeConfig(Seeded):
     compose_per_image: int = Field(default=4, ge=0, le=64)
     compose_per_parent: int = Field(default=2, ge=1, le=16)
@@ -238,7 +280,7 @@ class Compose(Stage):
     version = 2  # shortcut-free options, well-posed chains (lgt_ops.composition, wellposed)
     role = "llm"
     template = "compose"
-    upstream = ("mcq",)
+    upstream = ("mcq", "cot")  # parents: stage-1 questions the VLM answers (pass rate > 0)
     Config = ComposeConfig
     reply_tokens = 1024
     structured = True
@@ -264,10 +306,12 @@ class CotConfig(Seeded):
 
 
 class Cot(Stage):
+    """k VLM rollouts per stage-1 question (that passed the blind check) and its pass rate."""
+
     name = "cot"
     role = "vlm"
     template = "cot"
-    upstream = ("mcq", "compose")
+    upstream = ("mcq", "blind")
     Config = CotConfig
     impl = "lgt_ops.stages.cot"
 
@@ -280,9 +324,12 @@ class Cot(Stage):
     @classmethod
     def fan_out(cls, settings: Settings) -> tuple[int, int]:
         m = settings.method
-        questions = m.mcq_per_image + m.compose_per_image
         supports_n = settings.endpoint("vlm").supports_n
-        return questions, 1 if supports_n else m.cot_rollouts
+        return cls.questions_per_image(settings), 1 if supports_n else m.cot_rollouts
+
+    @classmethod
+    def questions_per_image(cls, settings: Settings) -> int:
+        return settings.method.mcq_per_image
 
     @classmethod
     def request_inputs(cls, settings: Settings) -> int:
@@ -291,6 +338,42 @@ class Cot(Stage):
     @classmethod
     def reply_budget(cls, settings: Settings) -> int:
         return settings.method.cot_max_tokens
+
+
+class Cot2Config(StageConfig):
+    """No knobs of its own: cot's sampling applies (cot is upstream, so it is in the print)."""
+
+
+class Cot2(Cot):
+    """Stage 2's rollouts: cot's prompt, sampling and difficulty on the composed questions.
+    A stage of its own, not cot run twice, so that its task, fingerprint, stage_runs rows and
+    selection in `stages` follow from the registry alone; its knobs are cot's (upstream)."""
+
+    name = "cot2"
+    upstream = ("compose", "cot")
+    Config = Cot2Config
+    impl = "lgt_ops.stages.cot2"
+
+    @classmethod
+    def questions_per_image(cls, settings: Settings) -> int:
+        return settings.method.compose_per_image
+
+
+class HardenConfig(StageConfig):
+    # a composed question is kept only if its pass rate < reference(parents' rates) - margin
+    harden_reference: Literal["min", "mean"] = "min"
+    harden_margin: float = Field(default=0.0, ge=0, le=1)
+
+
+class Harden(Stage):
+    """The hardness rule over cot2's pass rates (a rule stage: no model). Apart from the
+    rollouts, so changing the rule re-judges without touching a rollout's identity."""
+
+    name = "harden"
+    upstream = ("cot", "cot2")
+    Config = HardenConfig
+    timeout_minutes = 60
+    impl = "lgt_ops.stages.harden"
 
 
 class ExpandConfig(Seeded):
@@ -330,7 +413,7 @@ class Expand(Stage):
     name = "expand"
     role = "reasoner"
     template = "expand"
-    upstream = ("cot",)
+    upstream = ("cot", "cot2", "harden")
     Config = ExpandConfig
     thinking = True
     impl = "lgt_ops.stages.expand"
@@ -370,7 +453,7 @@ class FilterConfig(StageConfig):
 
 class Filter(Stage):
     name = "filter"
-    upstream = ("cot", "expand")
+    upstream = ("cot", "cot2", "harden", "expand")
     Config = FilterConfig
     timeout_minutes = 120
     impl = "lgt_ops.stages.filter"
@@ -437,7 +520,20 @@ class ReleaseConfig(StageConfig):
 
 class Release(Stage):
     name = "release"
-    upstream = ("ingest", "annotate", "mcq", "compose", "cot", "expand", "filter", "pairs", "tag")
+    upstream = (
+        "ingest",
+        "annotate",
+        "mcq",
+        "blind",
+        "cot",
+        "compose",
+        "cot2",
+        "harden",
+        "expand",
+        "filter",
+        "pairs",
+        "tag",
+    )
     Config = ReleaseConfig
     per_shard = False
     timeout_minutes = 240
@@ -452,8 +548,11 @@ PIPELINE: list[type[Stage]] = [
     Ingest,
     Annotate,
     Mcq,
-    Compose,
+    Blind,
     Cot,
+    Compose,
+    Cot2,
+    Harden,
     Expand,
     Filter,
     Pairs,
@@ -490,7 +589,7 @@ def config_fields() -> dict[str, tuple[type[Stage], Any]]:
 # -- fingerprints ---------------------------------------------------------------------------
 # Deliberately NOT in a fingerprint (they change how a stage runs, not what it makes):
 # - endpoint URL, API key, concurrency, timeouts, retries (EndpointSettings other than
-#   `model`; cot also hashes `supports_n`, which changes the sampling);
+#   `model`; cot, cot2 and blind also hash `supports_n`, which changes the sampling);
 # - image_spec.transport (data URL or presigned URL carry the same pixels);
 # - IngestLimits.decode_pixel_budget (how many pixels are decoded at once);
 # - run-scoped values: source, sample_size, shard layout, release name/version.

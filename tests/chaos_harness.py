@@ -43,8 +43,11 @@ PREFIX = "sources/chaos/"
 ATTEMPT_LOGS = frozenset({"stage_runs", "pipeline_runs", "endpoint_preflight"})
 # Crash points in pipeline order; a kill sequence visits them in this order, so each resumed
 # run gets past the previous kill before it reaches the next one.
-POINTS = ("ingest", "annotate", "mcq", "compose", "cot", "expand", "filter", "pairs", "release")
-MODEL_POINTS = frozenset({"annotate", "mcq", "compose", "cot", "expand"})
+POINTS = (
+    "ingest", "annotate", "mcq", "blind", "cot", "compose", "cot2", "harden", "expand", "filter",
+    "pairs", "release",
+)
+MODEL_POINTS = frozenset({"annotate", "mcq", "blind", "cot", "compose", "cot2", "expand"})
 # A small corpus and cheap method settings: every stage has work, a run takes seconds.
 RUN_ARGS = ("--mcq-per-image", "2", "--k-rollouts", "3", "--allow-simulated")
 

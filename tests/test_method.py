@@ -224,7 +224,7 @@ def test_reasoning_content_is_kept_when_the_server_separates_it(local_env, sim):
     sim.sim.cfg.unparseable_rate = 0.0
     sim.sim.cfg.conflicting_rate = 0.0  # every expansion answers, so every tail is checked
     sim.sim.cfg.no_think_close_rate = 0.0  # (tests/test_trace_quality.py has unclosed replies)
-    _run(env, stages=["ingest", "annotate", "mcq", "cot", "expand"], k_rollouts=2)
+    _run(env, stages=["ingest", "annotate", "mcq", "blind", "cot", "expand"], k_rollouts=2)
     with env.db.connect() as conn:
         rows = conn.execute(text(
             "SELECT e.*, q.answer_letter FROM expansions e"

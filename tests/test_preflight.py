@@ -92,7 +92,9 @@ def test_a_correct_configuration_passes_and_its_table_is_stored(local_env, sim, 
         "thinking": "reasoning_content",
         "bad_words": True,  # expand sends vLLM's bad_words (the simulator honours them)
     }
-    assert stored["vlm"]["stages"] == "annotate,cot" and stored["reasoner"]["stages"] == "expand"
+    assert stored["vlm"]["stages"] == "annotate,cot,cot2"
+    assert stored["reasoner"]["stages"] == "expand"
+    assert stored["llm"]["stages"] == "mcq,blind,compose"
     for row in stored.values():
         assert row["endpoint"] == sim.base_url and row["server_version"]
         assert row["max_model_len"] == 32768 and 0 < row["needed_tokens"] <= 32768

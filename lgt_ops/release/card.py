@@ -31,6 +31,7 @@ def render(manifest: dict[str, Any]) -> str:
     lines += _method_sections(counts.get("splits", {}))
     lines += card_section(manifest)
     lines += _decontamination(counts.get("rejections", {}))
+    lines += question_checks(manifest)
     lines += _rejections(counts.get("rejections", {}))
     return "\n".join(lines)
 
@@ -228,3 +229,29 @@ def _decontamination(rejections: dict[str, dict[str, int]]) -> list[str]:
     for name, per in sorted(hits.items()):
         lines.append(f"| {name} | {per.get('images', 0)} | {per.get('questions', 0)} |")
     return lines + [""]
+
+
+# (stage, reason, questions-split stat of the questions that passed, what the check asks)
+_CHECKS = (
+    ("blind", "answerable_without_image", "stage1", "answerable without the image"),
+    ("harden", "not_harder", "stage2", "composed, not harder than its parents"),
+)
+
+
+def question_checks(manifest: dict[str, Any]) -> list[str]:
+    """Questions each check removed: the blind check (a text-only LLM answers from the text
+    and options alone) and the hardness rule of composed questions (when they ran)."""
+    counts = manifest.get("counts", {})
+    rejections = counts.get("rejections", {})
+    questions = counts.get("splits", {}).get("questions", {})
+    rows = []
+    for stage, reason, passed, what in _CHECKS:
+        removed = rejections.get(stage, {}).get(reason, 0)
+        checked = removed + questions.get(passed, 0)
+        if stage in manifest.get("fingerprints", {}):
+            share = f"{removed / checked:.1%}" if checked else "-"
+            rows.append(f"| {what} (`{reason}`) | {checked} | {removed} | {share} |")
+    if not rows:
+        return []
+    head = ["## Question checks", "", "| check | checked | rejected | rate |"]
+    return [*head, "|---|---:|---:|---:|", *rows, ""]

@@ -198,8 +198,9 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
 def parent_rows(
     conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]
 ) -> dict[str, list[Any]]:
-    """The stage-1 question rows composition may build on, by image."""
-    return current.by_image(current.stage1(conn, env, contexts))
+    """The stage-1 question rows composition may build on (the VLM answers them: cot pass
+    rate > 0), by image."""
+    return current.by_image(current.compose_parents(conn, env, contexts))
 
 
 def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:

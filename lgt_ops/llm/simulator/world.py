@@ -83,6 +83,30 @@ _BEHAVIOUR_WORDS = {
     "backward": ("working backwards", "rule out"),
 }
 _OPT_LINE = re.compile(r"^([A-H])\. (.*)$", re.M)
+# How the blind-check prompt (a text-only model, no image) announces itself.
+BLIND_MARKER = "an image you cannot see"
+# What a text-only model guesses for "What colour is the X?" without seeing X: the colour
+# the word suggests. Right when the image agrees, wrong otherwise (a red tree).
+COLOUR_PRIORS = {
+    "tree": "green",
+    "grass": "green",
+    "leaf": "green",
+    "leaves": "green",
+    "sky": "blue",
+    "snow": "white",
+    "cloud": "white",
+    "whiskers": "white",
+    "space shuttle": "white",
+    "rocket": "white",
+    "banana": "yellow",
+    "lemon": "yellow",
+    "school bus": "yellow",
+    "tomato": "red",
+    "strawberry": "red",
+    "fire truck": "red",
+    "stop sign": "red",
+    "coffee": "brown",
+}
 # How the pipeline's expansion prompts (v1, v2) announce themselves.
 EXPAND_MARKERS = ("instead of the image", "Reason as someone who sees this image")
 # Ways real reasoners cite the text context they were given instead of the image (METHOD.md
@@ -226,6 +250,8 @@ class World:
             return self.expand(text_of(user), prefill, body, index, rng)
         if prefill.startswith("<think>"):
             return self.rollout(text_of(user), body, index, rng), None
+        if messages and BLIND_MARKER in text_of(messages[0]):
+            return self.blind(text_of(user), rng), None
         return self.generic(rng), None
 
     # -- stage 1 ----------------------------------------------------------------------------
@@ -421,6 +447,14 @@ class World:
         if rng.random() < c.answer_style_rate:
             style = rng.choice(ANSWER_STYLES[1:])
         return f"{thinking}\n</think>\n\n{style.format(x=letter)}"
+
+    def blind(self, text: str, rng: random.Random) -> str:
+        """A text-only answer: at chance, unless the wording gives the answer away."""
+        question, options, _ = self._truth(text)
+        if not options:
+            return self.generic(rng)
+        letter = prior_answer(question, options) or rng.choice([ltr for ltr, _ in options])
+        return f"Answer: {letter}"
 
     # -- behaviour tagging -------------------------------------------------------------------
     def behaviours(self, text: str) -> dict[str, int]:
@@ -762,6 +796,19 @@ def _count_noun(question: str) -> str:
         if q.startswith(head) and q.endswith(tail) and len(q) > len(head) + len(tail):
             return q[len(head) : len(q) - len(tail)]
     return q
+
+
+def prior_answer(question: str, options: list[tuple[str, str]]) -> str | None:
+    """The letter a text-only model picks from the wording alone, if the wording suggests one:
+    the usual colour of the thing a colour question names (COLOUR_PRIORS)."""
+    q = question.strip()
+    for stem in COLOUR_STEMS:
+        head, tail = stem.split("{}")
+        if q.startswith(head) and q.endswith(tail) and len(q) > len(head) + len(tail):
+            thing = q[len(head) : len(q) - len(tail)].lower()
+            colour = COLOUR_PRIORS.get(thing) or COLOUR_PRIORS.get(thing.split()[-1])
+            return next((ltr for ltr, opt in options if opt.lower() == colour), None)
+    return None
 
 
 def _unname(question: str, names: Sequence[str]) -> str:

@@ -53,6 +53,7 @@ def build_buckets(
     open_: dict[int, _Open] = {}
     for start in range(0, len(flat), CHUNK):
         (chunk,) = chunks_of(env, flat[start : start + CHUNK])
+        chunk.load_images(env)
         members: list[dict[str, Any]] = []
         with env.db.connect() as conn:
             outputs = splits.ChunkOutputs.load(env, conn, chunk)

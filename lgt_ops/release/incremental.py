@@ -17,8 +17,9 @@ so a row written concurrently at worst makes the next publish rebuild that bucke
 
 `buckets.json` (listed and hashed in the manifest) keeps, per bucket, its digest, its parts
 and what the manifest's counts need (images, split stats, rejections, served models), so a
-reused bucket costs a server-side copy of its parts and an `INSERT ... SELECT` of its
-`release_members` rows from the parent: no row is read, encoded or hashed again.
+reused bucket costs a server-side copy of its parts and one `release_member_sets` row linking
+the member rows its builder wrote (`release_members` is a view over the two tables, migration
+0013): no row is read, encoded, hashed or copied again.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 
+from lgt_ops.db.repo import insert_ignore
 from lgt_ops.env import StageEnv
 from lgt_ops.ids import hbucket
+from lgt_ops.release.errors import ReleaseError
 
 INDEX = "buckets.json"
-_IDS = ", ".join(("question_id", "image_id", "trace_id", "pair_id"))
 
 
 def bucket_of(image_id: str, buckets: int) -> int:
@@ -195,29 +197,41 @@ def add_counts(into: dict[str, int], more: dict[str, int]) -> None:
         into[k] = into.get(k, 0) + v
 
 
-def copy_members(
-    conn: Connection,
-    release_id: str,
-    parent_id: str,
-    buckets: int,
-    reused: list[int],
-    every_bucket: bool,
+def link_members(
+    conn: Connection, release_id: str, parent_id: str | None, rebuilt: list[int], reused: list[int]
 ) -> None:
-    """The parent's release_members rows of the reused buckets (`every_bucket`: all the
-    parent had), copied by the database."""
+    """Record the member sets of a version: its own for the buckets it rebuilt, and its
+    parent's (one row per bucket, the rows themselves are shared) for the ones it reused."""
+    own = [{"release_id": release_id, "bucket": b, "owner_release_id": release_id} for b in rebuilt]
+    insert_ignore(conn, "release_member_sets", own)
     if not reused:
         return
-    select = (
-        f"INSERT INTO release_members (release_id, split, row_id, {_IDS})"
-        " SELECT :r, m.split, m.row_id, m.question_id, m.image_id, m.trace_id, m.pair_id"
-        " FROM release_members m"
-    )
-    params: dict[str, Any] = {"r": release_id, "p": parent_id}
-    if every_bucket:
-        conn.execute(text(select + " WHERE m.release_id = :p"), params)
-        return
     stmt = text(
-        select + " JOIN images i ON i.image_id = m.image_id"
-        " WHERE m.release_id = :p AND i.hbucket % :n IN :b"
+        "INSERT INTO release_member_sets (release_id, bucket, owner_release_id)"
+        " SELECT :r, bucket, owner_release_id FROM release_member_sets"
+        " WHERE release_id = :p AND bucket IN :b"
     ).bindparams(bindparam("b", expanding=True))
-    conn.execute(stmt, {**params, "n": buckets, "b": sorted(reused)})
+    linked = conn.execute(stmt, {"r": release_id, "p": parent_id, "b": sorted(reused)}).rowcount
+    if linked != len(reused):
+        raise ReleaseError(
+            f"release {release_id}: {len(reused) - linked} reused buckets have no member set"
+            f" in {parent_id}"
+        )
+
+
+def shares_members(conn: Connection, parent_id: str) -> bool:
+    """Whether the parent's members are kept per bucket (else it predates shared sets and
+    nothing of it is reused)."""
+    legacy = conn.execute(
+        text("SELECT 1 FROM release_member_sets WHERE release_id = :p AND bucket < 0"),
+        {"p": parent_id},
+    ).first()
+    return legacy is None
+
+
+def delete_members(conn: Connection, release_id: str) -> None:
+    """Remove an unpublished release's member sets and the rows it wrote (no other version
+    links a set of a release that was never published)."""
+    params = {"r": release_id}
+    conn.execute(text("DELETE FROM release_member_sets WHERE release_id = :r"), params)
+    conn.execute(text("DELETE FROM member_rows WHERE owner_release_id = :r"), params)

@@ -282,7 +282,10 @@ def _publish_locked(
     kill_point("staged")
     counts, served = _counts(env, spec, fps, builders, states)
     rows = sum(p["rows"] for ps in parts.values() for p in ps)
-    counts["goodput"] = goodput.measure(env, spec, sample_size, fps, counts, rows)
+    unchanged = bool(prior) and not todo and len(reused) == len(prior)
+    counts["goodput"] = incremental.unchanged_goodput(parent, counts, unchanged)
+    if counts["goodput"] is None:
+        counts["goodput"] = goodput.measure(env, spec, sample_size, fps, counts, rows)
     simulated = any(s.startswith(MODEL_PREFIX) for s in served)
     if simulated and not allow_simulated:
         _abandon(env, release_id, layout)

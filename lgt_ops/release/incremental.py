@@ -173,7 +173,8 @@ class BucketState:
 
 def render_index(buckets: int, states: dict[int, BucketState]) -> bytes:
     body = {"buckets": buckets, "entries": {str(b): s.as_dict() for b, s in sorted(states.items())}}
-    return json.dumps(body, indent=1, sort_keys=True).encode("utf-8")
+    # compact: the C encoder (an indented dump takes the pure-Python one, 10x slower)
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 def parent_states(

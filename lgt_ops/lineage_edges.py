@@ -30,7 +30,7 @@ TASK_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "tag": (("rollouts", "expansions", "trace_verdicts"), ("behaviour_tags", "rejections")),
     "release": (
         ("questions", "rollouts", "expansions", "trace_verdicts", "pairs", "difficulty"),
-        ("releases", "release_members", "release_pointers"),
+        ("releases", "member_rows", "release_member_sets", "release_pointers"),
     ),
 }
 # Tasks that read the images under the source prefix.

@@ -156,3 +156,23 @@ def test_card_configs_load_exactly_the_release(local_env):
         if name != "sft_stage2_merged":
             want = members.get(name, set())
         assert sorted(ds["row_id"]) == sorted(want), name
+
+
+def test_a_parent_with_members_from_before_shared_sets_is_rebuilt(local_env):
+    """Members recorded before per-bucket sets (one set per release, bucket -1, as migration
+    0013 carries them over) are not reused by bucket: the next version rebuilds every bucket
+    and records its own sets, with the same rows."""
+    env = local_env
+    upload_sample(env.store, "sources/sample/")
+    v1 = run_pipeline(env, release_version="v1", k_rollouts=2).release
+    with env.db.begin() as conn:  # v1 as migrated: one legacy set
+        conn.execute(text("UPDATE member_rows SET bucket = -1"))
+        conn.execute(text("DELETE FROM release_member_sets WHERE release_id = 'method/v1'"))
+        conn.execute(text("INSERT INTO release_member_sets VALUES ('method/v1', -1, 'method/v1')"))
+    spec, _ = resolve_source(env, "sources/sample/")
+    v2 = publish(_as_run(env), spec, name="method", version="v2", allow_simulated=True)
+    assert v2.manifest["incremental"]["buckets_reused"] == 0
+    assert v2.content_sha256 == v1.content_sha256
+    assert _members(env, "method/v2") == _members(env, "method/v1")
+    owned = "SELECT COUNT(*) FROM member_rows WHERE owner_release_id = 'method/v2'"
+    assert _count(env, owned) == sum(v2.counts.values())

@@ -18,6 +18,7 @@ import datasets
 import yaml
 from PIL import Image
 
+from lgt_ops.release.manage import verify
 from lgt_ops.runctx import new_cli_run
 from lgt_ops.stages.base import StageEnv
 from tests.conftest import make_settings
@@ -80,6 +81,8 @@ def test_a_copied_release_loads_without_its_store(tmp_path, sim):
     env_b, rel_b = _publish(tmp_path / "elsewhere" / "b", sim.base_url)
     assert rel_a.content_sha256 == rel_b.content_sha256  # the store's place is not content
     assert rel_a.manifest["method"]["embed_images"] is True
+
+    assert verify(env_a, "method/v1").ok  # every listed file re-hashed, embedded images too
 
     copy = tmp_path / "downloaded" / "method-v1"
     shutil.copytree(env_a.store.local_path("releases/method/v1"), copy)

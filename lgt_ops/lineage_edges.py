@@ -50,7 +50,7 @@ TASK_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "pairs",
             "difficulty",
         ),
-        ("releases", "release_members", "release_pointers"),
+        ("releases", "member_rows", "release_member_sets", "release_pointers"),
     ),
 }
 # Tasks that read the images under the source prefix.

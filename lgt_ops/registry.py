@@ -511,7 +511,9 @@ class Tag(Stage):
 class ReleaseConfig(StageConfig):
     sft_per_question: int = Field(default=2, ge=1, le=64)
     rl_include_saturated: bool = False  # RL prompts with pass rate 0 or 1 carry no signal
-    embed_images: bool = False
+    # the image bytes inside the release (self-contained, loads anywhere); False: rows point
+    # at the store (a path or URI a loader must reach), and the content hash covers where
+    embed_images: bool = True
     rows_per_file: int = Field(default=50_000, ge=100)
     # rows are partitioned by hash(image_id) % release_buckets: one part per bucket and split,
     # so a new image rewrites one part per split (lgt_ops.release.incremental)

@@ -172,6 +172,13 @@ def snapshot(world: World) -> Snapshot:
                     " WHERE r.release_id IS NULL OR r.status <> 'published'"
                 )
             ).scalar_one()
+            orphans += conn.execute(  # member rows of an attempt that never published
+                text(
+                    "SELECT COUNT(*) FROM member_rows m LEFT JOIN releases r"
+                    " ON r.release_id = m.owner_release_id"
+                    " WHERE r.release_id IS NULL OR r.status <> 'published'"
+                )
+            ).scalar_one()
     finally:
         db.dispose()
     return Snapshot(counts, hashes, staging, orphans)

@@ -79,7 +79,7 @@ def check_splits(loaded: dict[str, datasets.Dataset]) -> None:
     splits = {}
     for name, ds in loaded.items():
         assert set(ds.column_names) == COLUMNS[name.split("_")[0]], name
-        # Image paths may point at the bucket: read everything but the pixels.
+        # Everything but the pixels (tests/test_release_portable.py decodes those).
         splits[name] = ds.remove_columns([c for c in ("image", "images") if c in ds.column_names])
     for name in ("sft_stage1", "sft_stage2"):
         ds = splits[name]

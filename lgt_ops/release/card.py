@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from typing import Any
 
@@ -18,6 +19,14 @@ _SIMULATED = (
 def _yaml_list(items: list[str], indent: int) -> str:
     pad = " " * indent
     return "\n".join(f"{pad}- {json.dumps(i)}" for i in items)
+
+
+def config_files(manifest: dict[str, Any], globs: list[str]) -> list[str]:
+    """A config's part files by name, not by glob: the names carry the parts' hashes, so
+    `datasets`, which keys its cache on a folder's config and file names, can never serve one
+    release's rows for another's with the same name and version in the same folder."""
+    paths = [f["path"] for s in manifest["splits"].values() for f in s["files"]]
+    return sorted(p for p in paths if any(fnmatch.fnmatchcase(p, g) for g in globs))
 
 
 def render(manifest: dict[str, Any]) -> str:
@@ -60,7 +69,7 @@ def _header(manifest: dict[str, Any]) -> str:
         header.append("  data_files:")
         header.append("  - split: train")
         header.append("    path:")
-        header.append(_yaml_list(globs, 4))
+        header.append(_yaml_list(config_files(manifest, globs), 4))
     header.append("---")
     return "\n".join(header)
 

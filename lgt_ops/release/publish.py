@@ -4,7 +4,7 @@ Order of events, each step safe to crash in:
 1. a `releases` row in state `staging` (a unique (name, version) claims the version);
 2. splits written bucket by bucket (`lgt_ops.release.incremental`): a bucket whose digest
    equals the previous version's is reused (its parts copied from that version at step 3,
-   its members copied by the database), any other is streamed into Parquet parts under
+   its member rows linked, not copied), any other is streamed into Parquet parts under
    `releases/<name>/.staging/<version>/`, members recorded as they are written;
 3. every staged part verified (size and sha256 re-read), then copied to the final prefix;
 4. `manifest.json` written with a conditional create: the commit point in the store;
@@ -275,14 +275,17 @@ def _publish_locked(
         states[b] = state
         progress.update(state.images)
     progress.close()
-    with env.db.begin() as conn:
-        every = len(reused) == len(prior)  # no bucket of the parent's dropped or rebuilt
-        incremental.copy_members(conn, release_id, str(parent_id), n_buckets, reused, every)
+    with env.db.begin() as conn:  # reused buckets link the parent's member rows, not copy them
+        rebuilt = sorted(set(states) - set(reused))
+        incremental.link_members(conn, release_id, parent_id, rebuilt, reused)
     parts = layout.split_files([b.name for b in builders], builders, states)
     kill_point("staged")
     counts, served = _counts(env, spec, fps, builders, states)
     rows = sum(p["rows"] for ps in parts.values() for p in ps)
-    counts["goodput"] = goodput.measure(env, spec, sample_size, fps, counts, rows)
+    unchanged = bool(prior) and not todo and len(reused) == len(prior)
+    counts["goodput"] = incremental.unchanged_goodput(parent, counts, unchanged)
+    if counts["goodput"] is None:
+        counts["goodput"] = goodput.measure(env, spec, sample_size, fps, counts, rows)
     simulated = _refuse_simulated(env, release_id, layout, served, allow_simulated)
     manifest = _manifest(
         env, name, version, spec, sample_size, parts, fps, counts, served, simulated
@@ -401,6 +404,9 @@ def _prior_states(
     a bucket digest covers the lineage rows, not the configuration that selects them)."""
     if parent_id is None or parent is None or _request_of(parent) != request:
         return {}
+    with env.db.connect() as conn:
+        if not incremental.shares_members(conn, parent_id):
+            return {}
     return incremental.parent_states(env, prefix_of(parent_id), parent, n_buckets)
 
 
@@ -574,5 +580,5 @@ def _write_report(env: StageEnv, prefix: str, manifest: dict[str, Any]) -> list[
 def _abandon(env: StageEnv, release_id: str, layout: _Layout) -> None:
     layout.clear_staging()
     with env.db.begin() as conn:
-        conn.execute(text("DELETE FROM release_members WHERE release_id = :r"), {"r": release_id})
+        incremental.delete_members(conn, release_id)
         conn.execute(text("DELETE FROM releases WHERE release_id = :r"), {"r": release_id})

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from lgt_ops.params import RunParams
-from lgt_ops.release import goodput, incremental, splits
+from lgt_ops.release import goodput, incremental, splits, validate
 from lgt_ops.release.manage import verify
 from lgt_ops.release.publish import publish
 from lgt_ops.runctx import RunContext
@@ -95,6 +95,9 @@ def test_incremental_publishes_reuse_unchanged_parts(counted):
     rows = sum(v2.counts.values())
     measured = goodput.measure(_as_run(env), spec, None, fps, counts, rows)
     assert v2.manifest["counts"]["goodput"] == measured
+    # ... and so are its quality figures: reused from v1, equal to validating v2 afresh.
+    revalidated = validate.measure(_as_run(env), "method/v2", "releases/method/v2", v2.manifest)
+    assert v2.manifest["quality"] == v1.manifest["quality"] == revalidated.as_dict()
 
     # Two new images: only the parts of their buckets change.
     new_ids = new_photos(env.store, "sources/sample/images/")

@@ -368,7 +368,11 @@ def test_validator_on_300_simulated_images(pg_s3_env):
                     f" want <= {f and f['max_allowed']}: {f and f['detail']}"
                 )
     assert recorded[("chain_ill_posed", "op:chain")]["n"] > 0
-    summary = "\n".join(f"{k}: {f['value']} n={f['n']}" for k, f in sorted(recorded.items()))
+    summary = "\n".join(
+        f"{k}: {f['value']} max={f['max_allowed']} n={f['n']} passed={f['passed']}"
+        for k, f in sorted(recorded.items())
+    )
+    print("-- the release's quality figures --\n" + summary)  # shown with `pytest -s`
     assert not problems, "\n".join(problems) + "\n-- all figures --\n" + summary
     assert manifest["quality"]["passed"]
     assert json.loads(env.store.get("releases/method/q300/manifest.json"))["quality"]

@@ -68,15 +68,6 @@ def count_figure(metric: str, scope: str, n: int, problems: list[str]) -> Figure
     return Figure(metric, scope, float(len(problems)), 0.0, n, detail)
 
 
-def uniform_limit(n: int, k: int, tolerance: float = TOLERANCE) -> float:
-    """The largest deviation of a share from 1/k that n fair draws still show often; below
-    MIN_JUDGED draws any deviation (1.0: the figure is shown, not judged)."""
-    if n < MIN_JUDGED or k < 2:
-        return 1.0
-    p = 1 / k
-    return max(tolerance, 3 * math.sqrt(p * (1 - p) / n))
-
-
 Pick = tuple[int, int] | tuple[int, int, int]  # (position, k) or (position, k, feasible)
 
 

@@ -213,7 +213,7 @@ def cmd_release_validate(args: argparse.Namespace) -> int:
             shown = f"{f.value:.4f}" if f.metric.endswith("_deviation") else f"{int(f.value)}"
             state = "ok  " if f.passed else "FAIL"
             print(
-                f"{state} {f.metric:<22} {f.scope:<18} {shown:>8} (max {f.max_allowed:g},"
+                f"{state} {f.metric:<24} {f.scope:<18} {shown:>8} (max {f.max_allowed:g},"
                 f" n={f.n})" + (f": {f.detail}" if f.detail else "")
             )
         state = "ok" if report.ok else f"{len(report.failed)} check(s) failed"

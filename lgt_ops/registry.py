@@ -210,6 +210,7 @@ class McqConfig(Seeded):
 
 class Mcq(Stage):
     name = "mcq"
+    version = 2  # counting options laid out by code (stages/mcq.laid_out)
     role = "llm"
     template = "mcq"
     upstream = ("annotate",)

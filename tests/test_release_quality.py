@@ -4,9 +4,9 @@ Postgres agree), and a tampered release it fails, naming the check, the item and
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import random
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 from sqlalchemy import text
 
-from lgt_ops import cli, traces
+from lgt_ops import cli, composition, traces
 from lgt_ops.failures import EXIT_OK, EXIT_VERIFY_FAILED
 from lgt_ops.questions import Question
 from lgt_ops.release import composition_checks, quality
@@ -50,8 +50,33 @@ def _q(qid, question, answer, options, grounding, skill="spatial"):
     )
 
 
-def test_a_chain_is_well_posed_only_if_hop_two_is_about_hop_ones_answer_unnamed():
-    labels = {"o1": "cup", "o2": "table", "o3": "cup", "o4": "lamp"}
+def _row(q: Question, parents: list[Question]) -> dict:
+    return {
+        "question_id": q.question_id,
+        "image_id": q.image_id,
+        "stage": 2,
+        "skill": q.skill,
+        "operator": q.operator,
+        "parent_ids": [p.question_id for p in parents],
+        "question": q.question,
+        "options": list(q.options),
+        "answer": q.answer_letter,
+        "answer_text": q.answer_text,
+    }
+
+
+def _composed(qid, operator, question, answer, options):
+    return replace(_q(qid, question, answer, options, []), stage=2, operator=operator)
+
+
+def test_stage_two_is_judged_by_the_composition_module():
+    objects = [
+        {"id": "o1", "label": "cup"},
+        {"id": "o2", "label": "table"},
+        {"id": "o3", "label": "lamp"},
+        {"id": "o4", "label": "lamp"},
+        {"id": "o5", "label": "dog"},
+    ]
     hop1 = _q(
         "p",
         "Which object is left of the table?",
@@ -60,22 +85,49 @@ def test_a_chain_is_well_posed_only_if_hop_two_is_about_hop_ones_answer_unnamed(
         ["o1", "o2"],
     )
     colour = _q("c", "What colour is the cup?", "red", ["red", "blue", "green", "pink"], ["o1"])
-    other_cup = _q("c2", "What colour is the cup?", "red", ["red", "blue", "green", "pink"], ["o3"])
-    lamp = _q("l", "What colour is the lamp?", "red", ["red", "blue", "green", "pink"], ["o4"])
-    two = _q("t", "What colour is the cup?", "red", ["red", "blue", "green", "pink"], ["o1", "o2"])
-    good = "What colour is the object to the left of the table?"
-    assert composition_checks.chain_ill_posed(good, hop1, colour, labels) is None
-    assert "names hop 1's answer" in composition_checks.chain_ill_posed(
-        "What colour is the cup left of the table?", hop1, colour, labels
+    lamp = _q("l", "What colour is the lamp?", "red", ["red", "blue", "green", "pink"], ["o3"])
+    lamps = _q(
+        "n1", "How many lamps are there?", "2", ["1", "2", "3", "4"], ["o3", "o4"], "counting"
     )
-    assert "names hop 1's answer" in composition_checks.chain_ill_posed(
-        "How many cups are left of the table?", hop1, colour, labels
+    dogs = _q("n2", "How many dogs are there?", "1", ["1", "2", "3", "4"], ["o5"], "counting")
+    good = _composed(
+        "g",
+        "chain",
+        "What colour is the object left of the table?",
+        "red",
+        ["red", "blue", "green", "pink"],
     )
-    assert "hop 1 resolves 'cup'" in composition_checks.chain_ill_posed(good, hop1, lamp, labels)
-    assert "not among hop 1's objects" in composition_checks.chain_ill_posed(
-        good, hop1, other_cup, labels
+    names = _composed(
+        "x",
+        "chain",
+        "What colour is the cup left of the table?",
+        "red",
+        ["red", "blue", "green", "pink"],
     )
-    assert "grounded on 2 objects" in composition_checks.chain_ill_posed(good, hop1, two, labels)
+    options = [composition.compare_text("lamp", "dog", d) for d in (-1, 0, 1, 2)]
+    more = _composed("m", "compare", "More lamps or dogs, by how many?", options[2], options)
+    wrong = _composed(
+        "w", "count_over", "How many lamps and dogs in all?", "4", ["2", "3", "4", "5"]
+    )
+    rows = [
+        _row(good, [hop1, colour]),
+        _row(names, [hop1, colour]),
+        _row(good, [hop1, lamp]),
+        _row(more, [lamps, dogs]),
+        _row(wrong, [lamps, dogs]),
+    ]
+    rows[2]["question_id"] = "g2"
+    parents = {p.question_id: p for p in (hop1, colour, lamp, lamps, dogs)}
+    checks = composition_checks.stage2_checks(rows, parents, {"img": objects})
+    figures = {f.metric: f for f in checks.figures()}
+    ill = figures["chain_ill_posed"]
+    assert (ill.value, ill.n) == (2, 3)  # the same check, and reasons, compose applies
+    assert "question x: names_bridge_entity" in ill.detail and "(and 1 more)" in ill.detail
+    assert checks.ill_posed[1].startswith("question g2: chain_not_bridged")
+    bad = figures["stage2_inconsistent"]
+    assert bad.value == 1 and "question w: answer '4', the parents give '3'" in bad.detail
+    # compare's options sort on their signed difference: "more lamps, by 1" is 3rd of 4
+    assert checks.ranks == {"m": 2}
 
 
 def test_uniformity_fails_a_skew_and_tolerates_chance_on_a_small_sample():
@@ -95,6 +147,37 @@ def test_uniformity_fails_a_skew_and_tolerates_chance_on_a_small_sample():
 def test_value_rank_reads_numeric_options_only():
     assert quality.value_rank({"options": ["3", "1", "4", "2"], "answer_text": "2"}) == 1
     assert quality.value_rank({"options": ["red", "1", "4", "2"], "answer_text": "2"}) is None
+
+
+def test_a_count_is_judged_against_the_ranks_it_can_take():
+    def row(i, value, rank):
+        options = [str(value - rank + j) for j in range(4)]
+        options.remove(str(value))
+        options.insert(i % 4, str(value))  # the letter: A, B, C, D in turn
+        return {
+            "question_id": f"q{i}",
+            "stage": 1,
+            "skill": "counting",
+            "options": options,
+            "answer": "ABCD"[i % 4],
+            "answer_text": str(value),
+        }
+
+    assert quality.feasible_ranks(row(0, 1, 0)) == 2 and quality.feasible_ranks(row(0, 5, 3)) == 4
+    assert quality.feasible_ranks({"options": ["-1", "0", "1", "2"], "answer_text": "0"}) == 4
+    # Half the counts are 1 (1st or 2nd, evenly), half 5 (any rank): fair, though skewed raw.
+    fair = [row(i, 1, i % 2) for i in range(400)] + [row(i, 5, i % 4) for i in range(400)]
+    got = {(f.metric, f.scope): f for f in quality.question_figures(fair, 4)}
+    judged = got[("value_rank_deviation", "skill:counting")]
+    assert judged.passed and judged.value == 0 and judged.n == 800
+    raw = got[("value_rank_raw_deviation", "skill:counting")]
+    assert raw.value == 0.125 and raw.max_allowed == 1.0 and raw.passed  # shown, not judged
+    # Counts of 1 always 1st: a shortcut, even where it is feasible.
+    skewed = [row(i, 1, 0) for i in range(400)] + [row(i, 5, i % 4) for i in range(400)]
+    got = {(f.metric, f.scope): f for f in quality.question_figures(skewed, 4)}
+    f = got[("value_rank_deviation", "stage1")]
+    assert not f.passed and f.value == 0.25 and "position 1 of 4" in f.detail
+    assert "37.5% expected" in f.detail
 
 
 # -- a tampered release fails, naming what and why --------------------------------------------
@@ -285,35 +368,22 @@ def test_validator_on_300_simulated_images(pg_s3_env):
                     f" want <= {f and f['max_allowed']}: {f and f['detail']}"
                 )
     assert recorded[("chain_ill_posed", "op:chain")]["n"] > 0
-    summary = "\n".join(f"{k}: {f['value']} n={f['n']}" for k, f in sorted(recorded.items()))
+    summary = "\n".join(
+        f"{k}: {f['value']} max={f['max_allowed']} n={f['n']} passed={f['passed']}"
+        for k, f in sorted(recorded.items())
+    )
+    print("-- the release's quality figures --\n" + summary)  # shown with `pytest -s`
     assert not problems, "\n".join(problems) + "\n-- all figures --\n" + summary
     assert manifest["quality"]["passed"]
     assert json.loads(env.store.get("releases/method/q300/manifest.json"))["quality"]
 
 
-def _spread_numeric(counter):
-    """A rewrite giving numeric options in which the correct value's rank cycles through 1..4
-    (`counter` runs on across parts; the correct letter and value stay, so the SFT and DPO
-    rows still agree with their questions)."""
-
-    def change(rows):
-        for r in (r for r in rows if quality.value_rank(r) is not None):
-            v, rank, at = int(r["answer_text"]), next(counter) % 4, "ABCD".index(r["answer"])
-            others = [str(v - rank + j) for j in range(4) if j != rank]
-            r["options"] = others[:at] + [r["answer_text"]] + others[at:]
-        return rows
-
-    return change
-
-
 def test_validate_exits_zero_when_every_check_passes(local_env, monkeypatch, capsys):
     env = local_env
     upload_sample(env.store, "sources/sample/")
-    # Stage 1 only (no composition), its numeric options spread over every rank.
+    # Stage 1 only (no composition), as the pipeline makes it (counting options laid out).
     stages = ["ingest", "annotate", "mcq", "cot", "expand", "filter", "pairs", "release"]
     published = checks.run_pipeline(env, release_version="s1", stages=stages).release
-    files = published.manifest["splits"]["questions"]["files"]
-    _rewrite(env, "releases/method/s1", files, _spread_numeric(itertools.count()))
     report = validate(env, published.release_id)
     assert report.ok, [(f.metric, f.scope, f.value, f.detail) for f in report.failed]
     monkeypatch.setenv("LGT_DATABASE_URL", str(env.settings.database_url))

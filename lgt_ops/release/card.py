@@ -132,7 +132,9 @@ def quality_section(quality: dict[str, Any] | None) -> list[str]:
         "## Quality",
         "",
         f"{verdict} Counts must be 0; a deviation is the largest gap between a share of the "
-        "correct letter (or of the correct value's rank among numeric options) and uniform.",
+        "correct letter (or of the correct value's rank among numeric options) and uniform "
+        "(for a count, uniform over the ranks it can take; `value_rank_raw_deviation`, shown "
+        "and not judged, is the gap to 1/k).",
         "",
         "| check | scope | value | max | n | result |",
         "|---|---|---:|---:|---:|---|",

@@ -9,9 +9,12 @@ and the `release_quality` table.
 
 Counts (invalid questions, ill-posed chains, leaked traces, ...) must be 0. Uniformity (the
 correct letter, and the correct value's rank among numeric options) is the largest deviation
-of a share from 1/k; it may reach `tolerance` (2 %), or, on a sample too small to show 2 %,
-three standard errors of a uniform share (so a 50-question demo is not failed by chance);
-under 30 questions a scope is shown but not judged.
+of a share from the share expected of a fair layout; it may reach `tolerance` (2 %), or, on a
+sample too small to show 2 %, three standard errors of that share (so a 50-question demo is
+not failed by chance); under 30 questions a scope is shown but not judged. A fair letter is
+1/k; a fair value rank is 1/f over the f ranks the correct value can take (a count of 1 among
+non-negative options is 1st or 2nd), so stage-1 counts are judged against that expectation,
+and their raw deviation from 1/k is shown, not judged (`value_rank_raw_deviation`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import hashlib
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -65,31 +68,49 @@ def count_figure(metric: str, scope: str, n: int, problems: list[str]) -> Figure
     return Figure(metric, scope, float(len(problems)), 0.0, n, detail)
 
 
-def uniform_limit(n: int, k: int, tolerance: float = TOLERANCE) -> float:
-    """The largest deviation of a share from 1/k that n fair draws still show often; below
-    MIN_JUDGED draws any deviation (1.0: the figure is shown, not judged)."""
-    if n < MIN_JUDGED or k < 2:
-        return 1.0
-    p = 1 / k
-    return max(tolerance, 3 * math.sqrt(p * (1 - p) / n))
+Pick = tuple[int, int] | tuple[int, int, int]  # (position, k) or (position, k, feasible)
+
+
+def expected_shares(picks: Sequence[Pick]) -> tuple[list[float], list[float]]:
+    """Per position: the share a fair layout gives it, and that share's standard error. A pick
+    (position, k, f) could only be at positions 0..f-1 (1/f each); (position, k) at any."""
+    n = len(picks)
+    k = max((p[1] for p in picks), default=0)
+    mean, var = [0.0] * k, [0.0] * k
+    for pick in picks:
+        f = pick[2] if len(pick) > 2 else pick[1]  # type: ignore[misc]
+        for pos in range(f):
+            mean[pos] += 1 / f
+            var[pos] += (1 / f) * (1 - 1 / f)
+    return [m / n for m in mean], [math.sqrt(v) / n for v in var]
 
 
 def deviation_figure(
-    metric: str, scope: str, picks: Sequence[tuple[int, int]], tolerance: float = TOLERANCE
+    metric: str,
+    scope: str,
+    picks: Sequence[Pick],
+    tolerance: float = TOLERANCE,
+    judged: bool = True,
 ) -> Figure:
-    """Largest |share - 1/k| over the positions 0..k-1, from (position, k) picks."""
+    """Largest |share - expected share| over the positions 0..k-1, from (position, k) picks
+    (expected 1/k) or (position, k, feasible) picks; `judged=False`: shown (max 100 %)."""
     n = len(picks)
-    k = max((kk for _, kk in picks), default=0)
-    shares = Counter(pos for pos, _ in picks)
+    k = max((p[1] for p in picks), default=0)
+    shares = Counter(p[0] for p in picks)
+    expected, se = expected_shares(picks)
     worst, at = 0.0, 0
     for pos in range(k):
-        dev = abs(shares.get(pos, 0) / n - 1 / k)
+        dev = abs(shares.get(pos, 0) / n - expected[pos])
         if dev > worst:
             worst, at = dev, pos
-    limit = uniform_limit(n, k, tolerance)
+    limit = 1.0
+    if judged and n >= MIN_JUDGED and k >= 2:
+        limit = max(tolerance, 3 * max(se))
     detail = None
     if worst > limit:
         detail = f"position {at + 1} of {k} holds {shares.get(at, 0)} of {n} correct answers"
+        if abs(expected[at] - 1 / k) > 1e-9:
+            detail += f", {expected[at]:.1%} expected"
     return Figure(metric, scope, round(worst, 6), round(limit, 6), n, detail)
 
 
@@ -128,6 +149,16 @@ def value_rank(row: dict[str, Any]) -> int | None:
     return sorted(values).index(correct) if correct in values else None  # type: ignore[arg-type]
 
 
+def feasible_ranks(row: dict[str, Any]) -> int:
+    """How many ranks the correct value can take among the options: among k distinct
+    non-negative integers a value v has at most v below it (a count of 1 is 1st or 2nd)."""
+    k = len(row.get("options") or [])
+    values = [number(o) for o in [*(row.get("options") or []), row.get("answer_text") or ""]]
+    if any(v is None or v < 0 or v != int(v) for v in values):
+        return k
+    return min(int(values[-1]), k - 1) + 1  # type: ignore[arg-type]
+
+
 def scopes(row: dict[str, Any]) -> list[str]:
     """The groups a question counts in: all, its stage, and its operator (stage 2) or its
     skill (stage 1), so a shortcut is traced to what makes it."""
@@ -140,28 +171,41 @@ def scopes(row: dict[str, Any]) -> list[str]:
 
 
 def question_figures(
-    questions: list[dict[str, Any]], n_options: int, tolerance: float = TOLERANCE
+    questions: list[dict[str, Any]],
+    n_options: int,
+    stage2_ranks: Mapping[str, int] | None = None,
+    tolerance: float = TOLERANCE,
 ) -> list[Figure]:
-    """Structural validity, and letter and value-rank uniformity per scope."""
+    """Structural validity, and letter and value-rank uniformity per scope. A stage-1 value
+    rank is read from numeric options and judged against the ranks its value can take; a
+    composed question's comes from `stage2_ranks` (the operator's own number line, see
+    composition_checks) and every rank is open to it."""
     invalid = []
-    letters: dict[str, list[tuple[int, int]]] = {}
-    ranks: dict[str, list[tuple[int, int]]] = {}
+    letters: dict[str, list[Pick]] = {}
+    ranks: dict[str, list[Pick]] = {}
     for row in questions:
         problem = mcq_problem(row, n_options)
         if problem:
             invalid.append(f"question {row['question_id']}: {problem}")
             continue
         k = len(row["options"])
-        rank = value_rank(row)
+        if row["stage"] == 2:
+            rank, feasible = (stage2_ranks or {}).get(row["question_id"]), k
+        else:
+            rank, feasible = value_rank(row), feasible_ranks(row)
         for scope in scopes(row):
             letters.setdefault(scope, []).append((LETTERS.index(row["answer"]), k))
             if rank is not None:
-                ranks.setdefault(scope, []).append((rank, k))
+                ranks.setdefault(scope, []).append((rank, k, feasible))
     out = [count_figure("mcq_invalid", "all", len(questions), invalid)]
     for scope, picks in sorted(letters.items(), key=lambda kv: _scope_order(kv[0])):
         out.append(deviation_figure("letter_deviation", scope, picks, tolerance))
     for scope, picks in sorted(ranks.items(), key=lambda kv: _scope_order(kv[0])):
         out.append(deviation_figure("value_rank_deviation", scope, picks, tolerance))
+    for scope, picks in sorted(ranks.items(), key=lambda kv: _scope_order(kv[0])):
+        if any(p[2] < p[1] for p in picks):  # some ranks were closed: the raw skew, shown
+            raw = [(p[0], p[1]) for p in picks]
+            out.append(deviation_figure("value_rank_raw_deviation", scope, raw, judged=False))
     return out
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from sqlalchemy import Connection, text
 
+from lgt_ops.annotations import current as image_contexts
 from lgt_ops.db.migrate import sql_dir
 from lgt_ops.db.repo import select_in
 from lgt_ops.env import StageEnv
@@ -97,7 +98,10 @@ def measure(env: StageEnv, release_id: str, prefix: str, manifest: dict[str, Any
         read_split(env, prefix, splits.get("questions", {}).get("files", []), "questions")
     )
     n_options = int((manifest.get("method") or {}).get("mcq_options", 4))
-    figures = quality.question_figures(questions, n_options)
+    composed = [q for q in questions if q["stage"] == 2]
+    with env.db.connect() as conn:
+        stage2 = _stage2(conn, composed, (manifest.get("fingerprints") or {}).get("annotate"))
+    figures = quality.question_figures(questions, n_options, stage2.ranks)
     ids = {"questions": {q["row_id"] for q in questions}}
     trace_checks = quality.TraceChecks({q["question_id"]: q["answer"] for q in questions})
     for split, v in sorted(splits.items()):
@@ -109,28 +113,33 @@ def measure(env: StageEnv, release_id: str, prefix: str, manifest: dict[str, Any
             ids[split].add(row["row_id"])
             if feed is not None:
                 feed(row)
+    figures += stage2.figures()
     with env.db.connect() as conn:
-        figures += _stage2(conn, [q for q in questions if q["stage"] == 2])
         figures += lineage_figures(conn, release_id, ids)
     return Report(release_id, figures + trace_checks.figures())
 
 
-def _stage2(conn: Connection, composed: list[dict[str, Any]]) -> list[Figure]:
+def _stage2(
+    conn: Connection, composed: list[dict[str, Any]], annotate_fp: str | None
+) -> composition_checks.Stage2Checks:
+    """The stage-2 checks on the inputs the compose stage had: the parents as stored and the
+    image's current object annotations (`annotations.current` under the release's annotate
+    fingerprint, as compose reads them)."""
     parent_ids = sorted({p for r in composed for p in r["parent_ids"] or []})
     parents = {
         r.question_id: from_row(r)
         for r in select_in(conn, "SELECT * FROM questions WHERE question_id IN :ids", parent_ids)
     }
-    labels: dict[str, dict[str, str]] = {}
-    images = sorted({r["image_id"] for r in composed})
-    for a in select_in(
+    images = select_in(
         conn,
-        "SELECT image_id, content FROM annotations WHERE kind = 'objects' AND image_id IN :ids",
-        images,
-    ):
-        objects = json.loads(a.content).get("objects") or []
-        labels.setdefault(a.image_id, {}).update({o["id"]: o["label"] for o in objects})
-    return composition_checks.stage2_figures(composed, parents, labels)
+        "SELECT image_id, width, height FROM images WHERE image_id IN :ids",
+        sorted({r["image_id"] for r in composed}),
+    )
+    objects = {
+        image_id: list(ctx.objects or ())
+        for image_id, ctx in image_contexts(conn, list(images), annotate_fp).items()
+    }
+    return composition_checks.stage2_checks(composed, parents, objects)
 
 
 _UNRESOLVED = """

@@ -70,6 +70,8 @@ COLOURS = (
     "gold",
     "golden",
 )
+# Instances of a kind in one image, COCO-like: mostly one, often a few, sometimes many.
+INSTANCES = (1, 1, 1, 1, 1, 1, 2, 2, 3, 4, 6, 8)
 POSITIONS = ("on the left side", "in the middle", "on the right side", "along the top edge")
 LETTERS = "ABCDEFGH"
 
@@ -322,24 +324,29 @@ class World:
         size = image_size(user) or (640, 480)
         w, h = size
         labels = rng.sample(VOCAB, k=rng.randint(3, 6))
+        counts = [rng.choice(INSTANCES) for _ in labels]
         objects = []
-        for i, label in enumerate(labels):
-            x0 = rng.uniform(0, w * 0.7)
-            y0 = rng.uniform(0, h * 0.7)
-            x1 = min(w, x0 + rng.uniform(w * 0.1, w * 0.3))
-            y1 = min(h, y0 + rng.uniform(h * 0.1, h * 0.3))
-            box = [round(x0), round(y0), round(x1), round(y1)]
-            if i == 0 and rng.random() < self.cfg.bad_question_rate:
-                box = [round(w * 0.8), round(h * 0.8), round(w * 1.3), round(h * 1.2)]
-            objects.append({"label": label, "box": box})
-        listed = ", ".join(f"a {o['label']}" for o in objects)
+        for label, count in zip(labels, counts, strict=True):
+            scale = 0.3 if count == 1 else 0.15  # several of a kind: smaller each
+            for _ in range(count):
+                x0 = rng.uniform(0, w * 0.7)
+                y0 = rng.uniform(0, h * 0.7)
+                x1 = min(w, x0 + rng.uniform(w * scale / 3, w * scale))
+                y1 = min(h, y0 + rng.uniform(h * scale / 3, h * scale))
+                box = [round(x0), round(y0), round(x1), round(y1)]
+                if not objects and rng.random() < self.cfg.bad_question_rate:
+                    box = [round(w * 0.8), round(h * 0.8), round(w * 1.3), round(h * 1.2)]
+                objects.append({"label": label, "box": box})
+        kinds = zip(labels, counts, strict=True)
+        listed = ", ".join(f"a {label}" if c == 1 else f"{c} {label}s" for label, c in kinds)
+        firsts = [next(o for o in objects if o["label"] == label) for label in labels]
         caption = (
             f"[simulated annotation of a {w}x{h} image, not a model's description] "
             f"The scene contains {listed}. "
             + " ".join(
-                f"The {a['label']} is {'left of' if a['box'][0] < b['box'][0] else 'right of'}"
-                f" the {b['label']}."
-                for a, b in zip(objects, objects[1:], strict=False)
+                f"A {a['label']} is {'left of' if a['box'][0] < b['box'][0] else 'right of'}"
+                f" a {b['label']}."
+                for a, b in zip(firsts, firsts[1:], strict=False)
             )
         )
         return {"caption": caption, "objects": objects}
@@ -494,7 +501,19 @@ def answer_key(seed: int, question: str, options: Sequence[str]) -> str | None:
     if not options:
         return None
     q = norm(question)
+    if _consecutive_counts(options):
+        # A count among consecutive options: the one at the question's residue, so the key
+        # is the same for every window of counts the pipeline may lay out around it.
+        at = int(sha256_hex(canonical_json(["count", seed, q])), 16) % len(options)
+        return next(o for o in options if int(o) % len(options) == at)
     return min(options, key=lambda o: sha256_hex(canonical_json(["answer", seed, q, norm(o)])))
+
+
+def _consecutive_counts(options: Sequence[str]) -> bool:
+    if not all(re.fullmatch(r"[0-9]+", o.strip()) for o in options):
+        return False
+    values = sorted(int(o) for o in options)
+    return values == list(range(values[0], values[0] + len(values)))
 
 
 def canonical_messages(messages: Any) -> Any:
@@ -580,6 +599,11 @@ COUNTING_STEMS = (
     "How many {} are there in the image?",
     "How many {} does the image show?",
     "How many {} appear in the image?",
+    "How many {} can you see in the image?",
+    "How many {} does the picture show?",
+    "How many {} are visible in the picture?",
+    "How many {} can be seen in the picture?",
+    "How many {} are in the picture?",
 )
 SPATIAL_STEMS = (
     "Which object is to the left of the {}?",
@@ -628,7 +652,10 @@ def _counting(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
     counts = Counter(o.label for o in objs)
     label = rng.choice(sorted(counts))
     n = counts[label]
-    pool = [str(v) for v in (n + 1, n + 2, n + 3, n - 1, n - 2) if v >= 1]
+    # Like a real writer: consecutive counts with the true one at or near the bottom (the
+    # pipeline lays counting options out again; the answer key survives any such window).
+    low = max(1, n - 1)
+    pool = [str(v) for v in range(low, low + n_opt) if v != n]
     noun = label if label.endswith("s") else label + "s"
     return Draft(
         f"counting:{label}",
@@ -760,7 +787,7 @@ def _other(options: list[tuple[str, str]], truth: str, rng: random.Random) -> st
 _COMPOSED_SKILLS = (
     ("count_over", re.compile(r"altogether|in total|total number|counted together", re.I)),
     ("compare", re.compile(r"more numerous|there more of|\bmore \w.* or more\b", re.I)),
-    ("chain", re.compile(r"for that object\?$", re.I)),
+    ("chain", re.compile(r"\banswers? (?:to )?\"", re.I)),  # refers to hop 1 by its question
     ("conjunction", re.compile(r"(?:pair|combination) of answers", re.I)),
 )
 _STEM_SKILLS = (

@@ -232,9 +232,10 @@ def test_a_tampered_release_fails_with_the_check_item_and_reason(local_env, monk
     with env.db.begin() as conn:
         conn.execute(
             text(
-                "DELETE FROM release_members WHERE release_id = :r AND split = 'rl'"
-                " AND row_id = (SELECT MIN(row_id) FROM release_members"
-                " WHERE release_id = :r AND split = 'rl')"
+                # release_members is a view over the rows each release owns (migration 0013)
+                "DELETE FROM member_rows WHERE owner_release_id = :r AND split = 'rl'"
+                " AND row_id = (SELECT MIN(row_id) FROM member_rows"
+                " WHERE owner_release_id = :r AND split = 'rl')"
             ),
             {"r": rid},
         )

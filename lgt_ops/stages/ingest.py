@@ -57,6 +57,7 @@ def _fetch(
     max_pixels: int,
     limits: IngestLimits,
     budget: PixelBudget,
+    crops: bool = True,
 ) -> ImageFacts | Rejected:
     """The facts of one image, or why not.
 
@@ -73,7 +74,7 @@ def _fetch(
             data = head if len(head) < _HEADER_BYTES else _read_capped(store, entry["key"], cap)
             if len(data) > cap:  # grew after the listing
                 return Rejected(R.FILE_TOO_LARGE, f"more than {cap} bytes")
-            return inspect(data, max_pixels=max_pixels)
+            return inspect(data, max_pixels=max_pixels, crops=crops)
     except ObjectMissing:
         return Rejected(R.MISSING_OBJECT, "listed, then gone before it was read")
     except ObjectRefused as exc:  # became a link or a FIFO after the scan
@@ -155,9 +156,12 @@ def _ingest_batch(
     limits = env.settings.ingest
     store = env.store_for(batch[0]["source"])
     budget = _budget(limits.decode_pixel_budget)
-    with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
-        fetched = list(pool.map(lambda e: _fetch(store, e, max_pixels, limits, budget), batch))
     benchmarks = decontam.index_for(env)
+    crops = bool(benchmarks.images)  # the 80 crop hashes only matter against benchmark images
+    with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
+        fetched = list(
+            pool.map(lambda e: _fetch(store, e, max_pixels, limits, budget, crops), batch)
+        )
     for entry, facts in zip(batch, fetched, strict=True):
         facts = decontam.screen_image(benchmarks, facts)  # contaminated:<benchmark>, unseen
         source_row = _source_row(env, entry)

@@ -182,8 +182,18 @@ def timed_run(env, params, sim) -> dict:  # noqa: ANN001
                                          for s in shards])
     step("release", lambda: pipeline.release(env, params))
     pipeline.finish(env)
+    for name in ("filter", "pairs"):  # their unit of work: the traces they judge or pair
+        steps[name]["traces"] = _verdicts_made(env)
     steps["peak_rss_mb"] = peak_rss_mb()
     return steps
+
+
+def _verdicts_made(env) -> int:  # noqa: ANN001
+    from sqlalchemy import text
+
+    with env.db.connect() as conn:
+        return conn.execute(text("SELECT COUNT(*) FROM trace_verdicts WHERE run_id = :r"),
+                            {"r": env.run.run_id}).scalar_one()
 
 
 def _rate(n: float, seconds: float) -> str:
@@ -206,6 +216,9 @@ def report(title: str, steps: dict) -> None:
     print(f"  end to end (stages, release apart): {requests:,} model requests in {seconds:.1f} s"
           f" = {_rate(requests, seconds)} requests/s; release {steps['release']['seconds']:.1f} s;"
           f" simulator CPU {sim_cpu:.1f} s; peak RSS {rss:,.0f} MB")
+    for name in ("filter", "pairs"):
+        n, sec = steps[name]["traces"], steps[name]["seconds"]
+        print(f"  {name}: {n:,} traces in {sec:.1f} s = {_rate(n, sec)} traces/s")
     parts = steps["release"].get("parts")
     if parts:
         print(f"  release parts: {parts['parts_written']} written, "

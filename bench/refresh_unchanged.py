@@ -15,7 +15,7 @@ apart, with the Parquet parts it wrote and the ones it reused from the previous 
 Each run prints one table: per step its seconds, items worked (considered minus skipped),
 items/s, model requests, requests/s, this process's CPU seconds (all its threads) and the
 simulator's; under it the end-to-end model requests/s of the stages (scan to the last stage,
-the release apart), the traces/s of filter and pairs, and this process's peak RSS. The
+the release apart), the traces/s of filter and pairs, and the run's peak RSS. The
 simulator runs in its own process (`lgt sim serve`), as a model server would;
 `--sim-in-process` runs it in a thread of this process instead (it then shares the GIL).
 Targets (2 cores): first run >= 600 model requests/s end to end at 10k images, ingest >= 1,000
@@ -25,6 +25,7 @@ small images/s, filter and pairs >= 10,000 traces/s, peak RSS flat from 10k to 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -147,7 +148,21 @@ def _cpu_seconds(stat_path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: clear_refs 5), so a run's peak is its own and
+    not, say, the corpus generation's."""
+    with contextlib.suppress(OSError):  # else the peak is the process's since it started
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_rss_mb() -> float:
+    """Peak RSS since the last reset_peak_rss (VmHWM), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -173,6 +188,7 @@ def timed_run(env, params, sim) -> dict:  # noqa: ANN001
         if getattr(stats, "manifest", None):  # the release: what it wrote and reused
             steps[name]["parts"] = stats.manifest.get("incremental", {})
 
+    reset_peak_rss()
     pipeline.start(env, params)
     scan: list = []
     step("scan", lambda: scan.append(pipeline.scan(env, params)))

@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode
 
 from pydantic import SecretStr
 
-from lgt_ops.config import ROLES, Settings, settings_from_env
+from lgt_ops.config import ROLES, Settings, joined_urls, settings_from_env
 from lgt_ops.failures import describe
 from lgt_ops.fanout import DEFAULT_MAX_MAP_LENGTH
 from lgt_ops.params import RunParams
@@ -86,7 +86,9 @@ def settings_from_airflow(base: Settings | None = None) -> Settings:
             continue
         extra = _extra(conn)
         ep_update: dict[str, Any] = {}
-        if conn.host:
+        if extra.get("base_urls"):  # several replicas of one model: a list (or commas)
+            ep_update["base_url"] = joined_urls(extra["base_urls"])
+        elif conn.host:
             ep_update["base_url"] = _base_url(conn)
         if conn.password:
             ep_update["api_key"] = SecretStr(conn.password)

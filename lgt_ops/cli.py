@@ -14,12 +14,15 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lgt_ops import failures
 from lgt_ops.config import Settings, settings_from_env
 from lgt_ops.params import PARAM_SCHEMA, SHARD_STAGES, RunParams
 from lgt_ops.runctx import new_cli_run
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 log = logging.getLogger("lgt_ops.cli")
 _OPENED: list[Any] = []  # StageEnvs this command opened; their pipeline runs close at exit
@@ -92,6 +95,8 @@ def cmd_endpoints_check(args: argparse.Namespace) -> int:
         _print(report.rows())
     elif report.checks:
         print(preflight.format_table(report.rows()))
+        for line in report.warnings():
+            print(line)
     else:
         print("the selected stages call no endpoint")
     report.raise_if_failed()
@@ -197,6 +202,25 @@ def cmd_release_verify(args: argparse.Namespace) -> int:
     return failures.EXIT_OK if result.ok else failures.EXIT_VERIFY_FAILED
 
 
+def cmd_release_validate(args: argparse.Namespace) -> int:
+    from lgt_ops.release.validate import validate
+
+    report = validate(_env(), args.release_id)
+    if args.json:
+        _print({"release": args.release_id, **report.as_dict()})
+    else:
+        for f in report.figures:
+            shown = f"{f.value:.4f}" if f.metric.endswith("_deviation") else f"{int(f.value)}"
+            state = "ok  " if f.passed else "FAIL"
+            print(
+                f"{state} {f.metric:<24} {f.scope:<18} {shown:>8} (max {f.max_allowed:g},"
+                f" n={f.n})" + (f": {f.detail}" if f.detail else "")
+            )
+        state = "ok" if report.ok else f"{len(report.failed)} check(s) failed"
+        print(f"{args.release_id}: {len(report.figures)} quality check(s): {state}")
+    return failures.EXIT_OK if report.ok else failures.EXIT_VERIFY_FAILED
+
+
 def cmd_release_diff(args: argparse.Namespace) -> int:
     from lgt_ops.release.manage import diff
 
@@ -275,7 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_store_commands(sub)
+    _add_sim_command(sub)
+    _add_endpoints_command(sub)
+    _add_pipeline_commands(sub)
+    _add_release_commands(sub)
+    demo = sub.add_parser("demo", help="the whole pipeline on the bundled sample, offline")
+    demo.add_argument("--reset", action="store_true", help="start from an empty demo directory")
+    demo.set_defaults(func=cmd_demo)
+    return parser
 
+
+def _add_store_commands(sub: Subparsers) -> None:
+    """`lgt db upgrade` and `lgt store init`."""
     db = sub.add_parser("db", help="lineage database").add_subparsers(dest="db_cmd", required=True)
     db.add_parser("upgrade", help="apply pending migrations").set_defaults(func=cmd_db_upgrade)
 
@@ -284,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     store.add_parser("init", help="create the bucket if missing").set_defaults(func=cmd_store_init)
 
+
+def _add_sim_command(sub: Subparsers) -> None:
+    """`lgt sim serve`, one option per simulator setting."""
     sim = sub.add_parser("sim", help="the OpenAI-compatible simulator (a test double)")
     simsub = sim.add_subparsers(dest="sim_cmd", required=True)
     serve = simsub.add_parser("serve", help="serve /v1/chat/completions")
@@ -303,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
             serve.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind)
     serve.set_defaults(func=cmd_sim_serve)
 
+
+def _add_endpoints_command(sub: Subparsers) -> None:
     eps = sub.add_parser("endpoints", help="model endpoints").add_subparsers(
         dest="endpoints_cmd", required=True
     )
@@ -315,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--json", action="store_true")
     chk.set_defaults(func=cmd_endpoints_check)
 
+
+def _add_pipeline_commands(sub: Subparsers) -> None:
+    """`lgt ingest`, one subcommand per shard stage (from the registry), `lgt run`."""
     ing = sub.add_parser("ingest", help="scan a source prefix and ingest new or changed images")
     ing.add_argument("--source")
     ing.set_defaults(func=cmd_ingest)
@@ -329,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_params(run)
     run.set_defaults(func=cmd_run)
 
+
+def _add_release_commands(sub: Subparsers) -> None:
     rel = sub.add_parser("release", help="publish and manage releases")
     relsub = rel.add_subparsers(dest="release_cmd", required=True)
     pub = relsub.add_parser("publish", help="publish the current outputs as a new version")
@@ -341,17 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
     ver = relsub.add_parser("verify", help="re-hash every file of a release against its manifest")
     ver.add_argument("release_id", help="NAME/VERSION")
     ver.set_defaults(func=cmd_release_verify)
+    val = relsub.add_parser(
+        "validate", help="measure a release's quality figures again; exit 1 if any check fails"
+    )
+    val.add_argument("release_id", help="NAME/VERSION")
+    val.add_argument("--json", action="store_true")
+    val.set_defaults(func=cmd_release_validate)
     dif = relsub.add_parser("diff", help="rows added/removed and question mix between releases")
     dif.add_argument("a", help="NAME/VERSION (older)")
     dif.add_argument("b", help="NAME/VERSION (newer)")
     dif.add_argument("--ids", action="store_true", help="list every added/removed row id")
     dif.add_argument("--json", action="store_true")
     dif.set_defaults(func=cmd_release_diff)
-
-    demo = sub.add_parser("demo", help="the whole pipeline on the bundled sample, offline")
-    demo.add_argument("--reset", action="store_true", help="start from an empty demo directory")
-    demo.set_defaults(func=cmd_demo)
-    return parser
 
 
 def _close_runs(status: str, detail: str | None = None) -> None:

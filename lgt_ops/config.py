@@ -9,11 +9,11 @@ change to them re-runs exactly the stages that depend on them.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, field_validator
 
 from lgt_ops.failures import EXIT_USAGE, PermanentFailure
 
@@ -32,12 +32,21 @@ class ConfigError(PermanentFailure, ValueError):
     exit_code = EXIT_USAGE
 
 
+def joined_urls(urls: str | Iterable[object] | None) -> str | None:
+    """Replica base URLs as `EndpointSettings.base_url` holds them: a list (or a string of
+    comma-separated URLs) -> one comma-separated string."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls or [])
+    return ",".join(s for u in items if (s := str(u).strip())) or None
+
+
 class EndpointSettings(BaseModel):
-    """One OpenAI-compatible endpoint (a vLLM server, or the simulator in tests)."""
+    """One role's OpenAI-compatible endpoint: one server (vLLM, or the simulator in tests) or
+    several replicas serving the same model, which the request engine balances."""
 
     model_config = ConfigDict(frozen=True)
 
     role: str
+    # One base URL, or several replicas separated by commas (a list is joined so).
     base_url: str | None = None
     model: str
     api_key: SecretStr | None = None
@@ -51,14 +60,29 @@ class EndpointSettings(BaseModel):
     down_after_s: float = Field(default=120.0, gt=0)
     supports_n: bool = True
 
-    def require_url(self) -> str:
-        if not self.base_url:
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _join_replicas(cls, value: object) -> object:
+        return joined_urls(value) if isinstance(value, list | tuple) else value
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The replicas' base URLs (none when unset), without trailing slashes or repeats."""
+        parts = (u.strip().rstrip("/") for u in (self.base_url or "").split(","))
+        return tuple(dict.fromkeys(u for u in parts if u))
+
+    def require_urls(self) -> tuple[str, ...]:
+        if not self.urls:
             raise ConfigError(
                 f"no endpoint configured for role '{self.role}': set LGT_{self.role.upper()}"
-                "_BASE_URL (or the Airflow connection lgt_"
-                f"{self.role}), or run `lgt demo`, which starts the simulator"
+                "_BASE_URL (one URL, or several replicas separated by commas; or the Airflow"
+                f" connection lgt_{self.role}), or run `lgt demo`, which starts the simulator"
             )
-        return self.base_url.rstrip("/")
+        return self.urls
+
+    def replicas(self) -> list[EndpointSettings]:
+        """One endpoint per replica, each with a single base URL (the preflight checks each)."""
+        return [self.model_copy(update={"base_url": url}) for url in self.require_urls()]
 
 
 class ImageSpec(BaseModel):

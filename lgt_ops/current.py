@@ -27,12 +27,19 @@ def _fp(env: StageEnv, stage: str) -> str:
     return stage_fingerprint(stage, env.settings)
 
 
+def _rollout_fps(env: StageEnv) -> dict[str, str]:
+    """Rollouts and pass rates come from cot (stage 1) and cot2 (stage 2); a question's id
+    names its stage, so one query over both fingerprints finds each question's own."""
+    return {"fp1": _fp(env, "cot"), "fp2": _fp(env, "cot2")}
+
+
 def compose_input_id(image_id: str, stage1_ids: list[str]) -> str:
-    """Identity of what composition sees for an image: its current stage-1 questions."""
+    """Identity of what composition sees for an image: its current parent candidates."""
     return content_id("compose-input", image_id, sorted(stage1_ids))
 
 
-def stage1(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
+def mcq_questions(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
+    """Every stage-1 question mcq made for these contexts (what the blind check reads)."""
     return select_in(
         conn,
         "SELECT * FROM questions WHERE stage = 1 AND fingerprint = :fp AND item_id IN :ids"
@@ -42,6 +49,41 @@ def stage1(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -
     )
 
 
+def _kept(conn: Connection, env: StageEnv, stage: str, rows: list[Any]) -> list[Any]:
+    """The rows whose question passed `stage`'s check (question_checks) under its fingerprint."""
+    kept = {
+        r.question_id
+        for r in select_in(
+            conn,
+            "SELECT question_id FROM question_checks WHERE fingerprint = :fp AND kept = :yes"
+            " AND question_id IN :ids",
+            [r.question_id for r in rows],
+            fp=_fp(env, stage),
+            yes=True,
+        )
+    }
+    return [r for r in rows if r.question_id in kept]
+
+
+def stage1(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
+    """Current stage-1 questions: mcq's, less those answerable without the image (when the
+    blind check is on; a question it has not checked yet is not current)."""
+    rows = mcq_questions(conn, env, contexts)
+    if not registry.get("blind").enabled(env.settings):
+        return rows
+    return _kept(conn, env, "blind", rows)
+
+
+def compose_parents(
+    conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]
+) -> list[Any]:
+    """Stage-1 questions composition may build on: those the VLM answers (cot pass rate > 0),
+    so a wrong answer key is not carried into stage 2."""
+    rows = stage1(conn, env, contexts)
+    rates = difficulty(conn, env, [r.question_id for r in rows])
+    return [r for r in rows if r.question_id in rates and rates[r.question_id].pass_rate > 0]
+
+
 def by_image(rows: list[Any]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = defaultdict(list)
     for r in rows:
@@ -49,29 +91,36 @@ def by_image(rows: list[Any]) -> dict[str, list[Any]]:
     return out
 
 
-def questions(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
-    """Current stage-1 and stage-2 questions of these images, ordered by image."""
-    first = stage1(conn, env, contexts)
+def composed(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
+    """Every stage-2 question compose made from the current parents (before hardening)."""
     inputs = [
-        compose_input_id(img, [q.question_id for q in qs]) for img, qs in by_image(first).items()
+        compose_input_id(img, [q.question_id for q in qs])
+        for img, qs in by_image(compose_parents(conn, env, contexts)).items()
     ]
-    second = select_in(
+    return select_in(
         conn,
         "SELECT * FROM questions WHERE stage = 2 AND fingerprint = :fp AND item_id IN :ids"
         " ORDER BY image_id, question_id",
         inputs,
         fp=_fp(env, "compose"),
     )
+
+
+def questions(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
+    """Current questions of these images, ordered by image: stage 1, and the composed ones
+    the harden stage kept (harder than their parents)."""
+    first = stage1(conn, env, contexts)
+    second = _kept(conn, env, "harden", composed(conn, env, contexts))
     return sorted(first + second, key=lambda q: (q.image_id, q.stage, q.question_id))
 
 
 def rollouts(conn: Connection, env: StageEnv, question_ids: list[str]) -> list[Any]:
     return select_in(
         conn,
-        "SELECT * FROM rollouts WHERE fingerprint = :fp AND question_id IN :ids"
+        "SELECT * FROM rollouts WHERE fingerprint IN (:fp1, :fp2) AND question_id IN :ids"
         " ORDER BY question_id, sample_index",
         question_ids,
-        fp=_fp(env, "cot"),
+        **_rollout_fps(env),
     )
 
 
@@ -88,9 +137,9 @@ def expansions(conn: Connection, env: StageEnv, rollout_ids: list[str]) -> list[
 def difficulty(conn: Connection, env: StageEnv, question_ids: list[str]) -> dict[str, Any]:
     rows = select_in(
         conn,
-        "SELECT * FROM difficulty WHERE fingerprint = :fp AND question_id IN :ids",
+        "SELECT * FROM difficulty WHERE fingerprint IN (:fp1, :fp2) AND question_id IN :ids",
         question_ids,
-        fp=_fp(env, "cot"),
+        **_rollout_fps(env),
     )
     return {r.question_id: r for r in rows}
 

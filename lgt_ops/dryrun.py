@@ -11,7 +11,7 @@ So per stage the report counts:
   questions -> new rollouts), so they count what that earlier stage's pending items will
   fan out to: for each image, the pending items of the first earlier stage u with work on
   it, times this stage's items per item of u, from the method parameters (questions asked
-  per image, rollouts expanded per question, ...);
+  per image, rollouts expanded per question, ...), rounded up per image;
 - pending_items_at_most = ready_items + those waiting items;
 - requests_at_most = the ready items' requests + waiting items x requests per item.
 
@@ -61,11 +61,11 @@ def estimate(ready: dict[str, list[Ready]], fan: dict[str, FanOut]) -> dict[str,
     for stage, items in ready.items():
         f = fan[stage]
         now = [r for r in items if r.image_id is None or r.image_id not in upstream]
-        waiting = sum(
-            (Fraction(n * f.items_per_image, per_image) for n, per_image in upstream.values()),
-            Fraction(0),
+        # per image, rounded up: one compose item per image waits on its 8 cot items
+        waiting_items = sum(
+            math.ceil(Fraction(n * f.items_per_image, per_image))
+            for n, per_image in upstream.values()
         )
-        waiting_items = math.ceil(waiting)
         report[stage] = {
             "ready_items": len(now),
             "waiting_images": len(upstream),

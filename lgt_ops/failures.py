@@ -16,7 +16,7 @@ from typing import ClassVar
 
 # `lgt` exit codes (README "Failures and exit codes" mirrors this table).
 EXIT_OK = 0
-EXIT_VERIFY_FAILED = 1  # `lgt release verify` found problems
+EXIT_VERIFY_FAILED = 1  # `lgt release verify` found problems, `validate` a failed check
 EXIT_USAGE = 2  # bad parameters or configuration (argparse also uses 2)
 EXIT_RELEASE = 3  # release exists / simulated output refused / not found
 EXIT_ENDPOINT_AUTH = 4

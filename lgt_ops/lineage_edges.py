@@ -19,22 +19,42 @@ TASK_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ingest": ((), ("images", "sources", "annotations", "rejections")),
     "annotate": (("images", "annotations"), ("annotations", "rejections", "model_requests")),
     "mcq": (("annotations",), ("questions", "rejections", "model_requests")),
+    "blind": (("questions",), ("question_checks", "rejections", "model_requests")),
+    "cot": (
+        ("questions", "question_checks"),
+        ("rollouts", "difficulty", "rejections", "model_requests"),
+    ),
     "compose": (
-        ("questions",),
+        ("questions", "question_checks", "difficulty"),
         ("questions", "question_parents", "rejections", "model_requests"),
     ),
-    "cot": (("questions",), ("rollouts", "difficulty", "rejections", "model_requests")),
-    "expand": (("rollouts",), ("expansions", "rejections", "model_requests")),
+    "cot2": (
+        ("questions", "question_parents", "question_checks", "difficulty"),
+        ("rollouts", "difficulty", "rejections", "model_requests"),
+    ),
+    "harden": (
+        ("questions", "question_parents", "difficulty"),
+        ("question_checks", "rejections"),
+    ),
+    "expand": (("rollouts", "question_checks"), ("expansions", "rejections", "model_requests")),
     "filter": (("rollouts", "expansions"), ("trace_verdicts", "rejections")),
     "pairs": (("rollouts", "expansions", "trace_verdicts"), ("pairs",)),
     "tag": (("rollouts", "expansions", "trace_verdicts"), ("behaviour_tags", "rejections")),
     "release": (
-        ("questions", "rollouts", "expansions", "trace_verdicts", "pairs", "difficulty"),
-        ("releases", "release_members", "release_pointers"),
+        (
+            "questions",
+            "question_checks",
+            "rollouts",
+            "expansions",
+            "trace_verdicts",
+            "pairs",
+            "difficulty",
+        ),
+        ("releases", "member_rows", "release_member_sets", "release_pointers"),
     ),
 }
 # Tasks that read the images under the source prefix.
-READS_SOURCE = frozenset({"scan", "ingest", "annotate", "cot", "release"})
+READS_SOURCE = frozenset({"scan", "ingest", "annotate", "cot", "cot2", "release"})
 
 
 def table_uri(database_url: str, table: str) -> str | None:

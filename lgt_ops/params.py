@@ -8,12 +8,13 @@ that span fields, with messages that name the parameter.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from jsonschema import Draft7Validator
 from pydantic import BaseModel, ConfigDict, create_model
 
 from lgt_ops import registry
-from lgt_ops.config import Settings
+from lgt_ops.config import ROLES, Settings
 from lgt_ops.failures import EXIT_USAGE, PermanentFailure
 
 STAGES: tuple[str, ...] = registry.stage_names()
@@ -111,24 +112,23 @@ PARAM_SCHEMA: dict[str, dict[str, Any]] = {
     "vlm_base_url": {
         "type": ["null", "string"],
         "default": None,
-        "format": "uri",
         "title": "VLM endpoint override",
-        "description": "OpenAI-compatible base URL ending in /v1 (e.g. http://vllm-vlm:8000/v1);"
-        " empty = the lgt_vlm connection.",
+        "description": "OpenAI-compatible base URL ending in /v1 (e.g. http://vllm-vlm:8000/v1),"
+        " or several replicas separated by commas; empty = the lgt_vlm connection.",
     },
     "llm_base_url": {
         "type": ["null", "string"],
         "default": None,
-        "format": "uri",
         "title": "Question-writer endpoint override",
-        "description": "Base URL ending in /v1; empty = the lgt_llm connection.",
+        "description": "Base URL ending in /v1, or several replicas"
+        " separated by commas; empty = the lgt_llm connection.",
     },
     "reasoner_base_url": {
         "type": ["null", "string"],
         "default": None,
-        "format": "uri",
         "title": "Reasoner endpoint override",
-        "description": "Base URL ending in /v1; empty = the lgt_reasoner connection.",
+        "description": "Base URL ending in /v1, or several replicas"
+        " separated by commas; empty = the lgt_reasoner connection.",
     },
     "release_name": {
         "type": "string",
@@ -200,6 +200,29 @@ KNOB_PARAMS: dict[str, str] = {
 }
 
 
+def url_list_problems(name: str, value: Any) -> list[str]:
+    """A base URL parameter holds one http(s) URL or several separated by commas (the
+    replicas of a role); each bad one is named."""
+    if not isinstance(value, str) or not value.strip():
+        return []  # null / empty = the connection's; a wrong type is the schema's message
+    problems = []
+    for url in (u.strip() for u in value.split(",")):
+        try:
+            parts = urlsplit(url)
+            good = parts.scheme in ("http", "https") and bool(parts.hostname) and " " not in url
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            good = False
+        if not url:
+            problems.append(f"parameter '{name}': an empty URL in the list {value!r}")
+        elif not good:
+            problems.append(
+                f"parameter '{name}': {url!r} is not an http(s) URL (a base URL such as"
+                " http://vllm:8000/v1, or several separated by commas)"
+            )
+    return problems
+
+
 class ParamsError(PermanentFailure, ValueError):
     """Invalid run parameters; the message names each offending parameter."""
 
@@ -222,6 +245,8 @@ class _RunParams(BaseModel):
                 continue
             for err in Draft7Validator(schema).iter_errors(conf[name]):
                 problems.append(f"parameter '{name}': {err.message}")
+        for role in ROLES:
+            problems += url_list_problems(f"{role}_base_url", conf.get(f"{role}_base_url"))
         stages = conf.get("stages", list(STAGES))
         if conf.get("release_version") and isinstance(stages, list) and "release" not in stages:
             problems.append(

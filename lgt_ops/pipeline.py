@@ -1,8 +1,8 @@
 """The pipeline as plain functions: the Airflow DAG and the CLI call exactly these.
 
     preflight (the endpoints the selected stages need) -> scan -> ingest[shard files] -> plan
-         -> per image shard: annotate -> mcq -> compose -> cot -> expand -> filter -> pairs
-         -> tag (optional LLM behaviour tagger)
+         -> per image shard: annotate -> mcq -> blind -> cot -> compose -> cot2 -> harden
+         -> expand -> filter -> pairs -> tag (optional LLM behaviour tagger)
          -> release
 
 Per-shard stages are independent across shards (every stage works image by image), so the

@@ -124,9 +124,21 @@ class McqReason(StrEnum):
     MISSING_OBJECTS = "missing_objects"  # an image without object annotations: not asked
 
 
+class BlindReason(StrEnum):
+    ANSWERABLE_WITHOUT_IMAGE = "answerable_without_image"  # text-only LLM right too often
+
+
 class ComposeReason(StrEnum):
     ANSWER_MISMATCH = "answer_mismatch"  # the marked option is not the derived answer
     NOT_COMPOSED = "not_composed"  # repeats a parent
+    OPTIONS_CHANGED = "options_changed"  # the reply's options are not the ones laid out
+    # chains (lgt_ops.wellposed): hop 2 must ask about the one object hop 1 resolves ...
+    CHAIN_NOT_BRIDGED = "chain_not_bridged"
+    NAMES_BRIDGE_ENTITY = "names_bridge_entity"  # ... and the question must not name it
+
+
+class HardenReason(StrEnum):
+    NOT_HARDER = "not_harder"  # composed question's pass rate not below its parents' bound
 
 
 class TraceReason(StrEnum):
@@ -155,8 +167,11 @@ class FilterReason(StrEnum):
 REGISTRY: dict[str, tuple[type[StrEnum], ...]] = {
     "ingest": (IngestReason,),
     "mcq": (McqReason, QuestionReason, ReplyReason),
-    "compose": (ComposeReason, QuestionReason, ReplyReason),
+    "blind": (BlindReason,),
     "cot": (TraceReason,),
+    "compose": (ComposeReason, QuestionReason, ReplyReason),
+    "cot2": (TraceReason,),
+    "harden": (HardenReason,),
     "expand": (TraceReason,),
     "filter": (FilterReason,),
     "tag": (ReplyReason,),

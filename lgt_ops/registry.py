@@ -8,12 +8,13 @@ role needs, the dry run, the method settings (`config.MethodParams` is the union
 stage configs) and every stage's fingerprint (`fingerprints`).
 
 This module is imported when the DAG file is parsed, so it imports only pydantic and the
-light lgt_ops modules (ids, prompts); a stage's work lives in its implementation module
-(`impl`), imported when the stage runs.
+light lgt_ops modules (ids, prompts, request_size); a stage's work lives in its
+implementation module (`impl`), imported when the stage runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -21,7 +22,9 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from lgt_ops import prompts
+from lgt_ops import request_size as size
 from lgt_ops.ids import canonical_json, fingerprint
+from lgt_ops.request_size import StageNeed
 
 if TYPE_CHECKING:
     from lgt_ops.config import Settings
@@ -67,7 +70,11 @@ class Stage:
     per_shard: ClassVar[bool] = True  # runs per image shard (else once per run)
     timeout_minutes: ClassVar[int] = 360
     impl: ClassVar[str | None] = None  # module with plan()/run() (or handle()/parse())
-    reply_tokens: ClassVar[int | None] = None  # fixed reply budget (the preflight checks it)
+    # what a model stage asks of its endpoint (`needs`, checked by the preflight); a VLM stage
+    # sends an image
+    reply_tokens: ClassVar[int | None] = None  # fixed reply budget (else override reply_budget)
+    structured: ClassVar[bool] = False  # relies on response_format json_schema
+    thinking: ClassVar[bool] = False  # reads the reasoner's thinking
 
     # -- derived --------------------------------------------------------------------------
     @classmethod
@@ -107,6 +114,36 @@ class Stage:
     @classmethod
     def has_plan(cls) -> bool:
         return cls.role is not None
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        """Tokens of the largest input one request carries besides its template (an upper
+        bound, lgt_ops.request_size); a VLM stage's image by default."""
+        return size.image_tokens(settings.image_spec) if cls.role == "vlm" else 0
+
+    @classmethod
+    def reply_budget(cls, settings: Settings) -> int:
+        """The largest reply one request asks for (its max_tokens)."""
+        if cls.reply_tokens is None:
+            raise NotImplementedError(
+                f"stage {cls.name}: set reply_tokens or override reply_budget"
+            )
+        return cls.reply_tokens
+
+    @classmethod
+    def needs(cls, settings: Settings) -> StageNeed | None:
+        """What this stage asks of its endpoint; None when it calls no model (rule stage, off)."""
+        if cls.role is None or not cls.enabled(settings):
+            return None
+        return StageNeed(
+            cls.name,
+            cls.role,
+            size.template_tokens(cls.template) + cls.request_inputs(settings),
+            cls.reply_budget(settings),
+            image=cls.role == "vlm",
+            structured=cls.structured,
+            thinking=cls.thinking,
+        )
 
     @classmethod
     def fingerprint(cls, env: Any) -> str:
@@ -159,6 +196,7 @@ class Annotate(Stage):
     upstream = ("ingest",)
     Config = AnnotateConfig
     reply_tokens = 2048
+    structured = True
     impl = "lgt_ops.stages.annotate"
 
 
@@ -172,11 +210,63 @@ class McqConfig(Seeded):
 
 class Mcq(Stage):
     name = "mcq"
+    version = 2  # counting options laid out by code (stages/mcq.laid_out)
     role = "llm"
     template = "mcq"
     upstream = ("annotate",)
     Config = McqConfig
+    structured = True
     impl = "lgt_ops.stages.mcq"
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        return size.described_tokens(settings)
+
+    @classmethod
+    def reply_budget(cls, settings: Settings) -> int:
+        return settings.method.mcq_max_tokens
+
+
+class BlindConfig(Seeded):
+    # questions a text-only LLM answers from their text and options alone: n samples each.
+    # 8 (one request with n=8): a question the model can only guess (1 in 4) reaches 0.75 in
+    # 0.4 % of cases (binomial), against 5 % with 4 samples.
+    blind_samples: int = Field(default=8, ge=0, le=32)  # 0 = off
+    blind_temperature: float = Field(default=0.7, ge=0, le=2)
+    # share of samples right at or above which a question is `answerable_without_image`
+    blind_reject_at: float = Field(default=0.75, gt=0, le=1)
+
+
+class Blind(Stage):
+    """Stage-1 questions answered without the image, before any VLM rollout (cheap: text
+    only, one short reply per sample); a rejected question gets no rollouts and is no parent."""
+
+    name = "blind"
+    role = "llm"
+    template = "blind"
+    upstream = ("mcq",)
+    Config = BlindConfig
+    reply_tokens = 16
+    impl = "lgt_ops.stages.blind"
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        return size.question_tokens()  # text only: the question and its options
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return settings.method.blind_samples > 0
+
+    @classmethod
+    def fingerprint_extra(cls, settings: Settings) -> dict[str, Any]:
+        return {"n": settings.endpoint("llm").supports_n}
+
+    @classmethod
+    def fan_out(cls, settings: Settings) -> tuple[int, int]:
+        m = settings.method
+        if not cls.enabled(settings):
+            return 0, 1
+        return m.mcq_per_image, 1 if settings.endpoint("llm").supports_n else m.blind_samples
 
 
 class ComposeConfig(Seeded):
@@ -188,12 +278,18 @@ class ComposeConfig(Seeded):
 
 class Compose(Stage):
     name = "compose"
+    version = 2  # shortcut-free options, well-posed chains (lgt_ops.composition, wellposed)
     role = "llm"
     template = "compose"
-    upstream = ("mcq",)
+    upstream = ("mcq", "cot")  # parents: stage-1 questions the VLM answers (pass rate > 0)
     Config = ComposeConfig
     reply_tokens = 1024
+    structured = True
     impl = "lgt_ops.stages.compose"
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        return size.question_tokens() * 3  # two parents + options
 
     @classmethod
     def fan_out(cls, settings: Settings) -> tuple[int, int]:
@@ -211,10 +307,12 @@ class CotConfig(Seeded):
 
 
 class Cot(Stage):
+    """k VLM rollouts per stage-1 question (that passed the blind check) and its pass rate."""
+
     name = "cot"
     role = "vlm"
     template = "cot"
-    upstream = ("mcq", "compose")
+    upstream = ("mcq", "blind")
     Config = CotConfig
     impl = "lgt_ops.stages.cot"
 
@@ -227,9 +325,56 @@ class Cot(Stage):
     @classmethod
     def fan_out(cls, settings: Settings) -> tuple[int, int]:
         m = settings.method
-        questions = m.mcq_per_image + m.compose_per_image
         supports_n = settings.endpoint("vlm").supports_n
-        return questions, 1 if supports_n else m.cot_rollouts
+        return cls.questions_per_image(settings), 1 if supports_n else m.cot_rollouts
+
+    @classmethod
+    def questions_per_image(cls, settings: Settings) -> int:
+        return settings.method.mcq_per_image
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        return super().request_inputs(settings) + size.question_tokens()
+
+    @classmethod
+    def reply_budget(cls, settings: Settings) -> int:
+        return settings.method.cot_max_tokens
+
+
+class Cot2Config(StageConfig):
+    """No knobs of its own: cot's sampling applies (cot is upstream, so it is in the print)."""
+
+
+class Cot2(Cot):
+    """Stage 2's rollouts: cot's prompt, sampling and difficulty on the composed questions.
+    A stage of its own, not cot run twice, so that its task, fingerprint, stage_runs rows and
+    selection in `stages` follow from the registry alone; its knobs are cot's (upstream)."""
+
+    name = "cot2"
+    upstream = ("compose", "cot")
+    Config = Cot2Config
+    impl = "lgt_ops.stages.cot2"
+
+    @classmethod
+    def questions_per_image(cls, settings: Settings) -> int:
+        return settings.method.compose_per_image
+
+
+class HardenConfig(StageConfig):
+    # a composed question is kept only if its pass rate < reference(parents' rates) - margin
+    harden_reference: Literal["min", "mean"] = "min"
+    harden_margin: float = Field(default=0.0, ge=0, le=1)
+
+
+class Harden(Stage):
+    """The hardness rule over cot2's pass rates (a rule stage: no model). Apart from the
+    rollouts, so changing the rule re-judges without touching a rollout's identity."""
+
+    name = "harden"
+    upstream = ("cot", "cot2")
+    Config = HardenConfig
+    timeout_minutes = 60
+    impl = "lgt_ops.stages.harden"
 
 
 class ExpandConfig(Seeded):
@@ -269,9 +414,26 @@ class Expand(Stage):
     name = "expand"
     role = "reasoner"
     template = "expand"
-    upstream = ("cot",)
+    upstream = ("cot", "cot2", "harden")
     Config = ExpandConfig
+    thinking = True
     impl = "lgt_ops.stages.expand"
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        # the description, the question and the simple chain of thought it continues
+        m = settings.method
+        return size.described_tokens(settings) + size.question_tokens() + m.cot_max_tokens
+
+    @classmethod
+    def reply_budget(cls, settings: Settings) -> int:
+        return settings.method.expand_max_tokens
+
+    @classmethod
+    def needs(cls, settings: Settings) -> StageNeed | None:
+        need = super().needs(settings)
+        bad_words = bool(settings.method.expand_bad_words)  # an empty list is not sent
+        return need and dataclasses.replace(need, bad_words=bad_words)
 
     @classmethod
     def fingerprint_extra(cls, settings: Settings) -> dict[str, Any]:
@@ -292,7 +454,7 @@ class FilterConfig(StageConfig):
 
 class Filter(Stage):
     name = "filter"
-    upstream = ("cot", "expand")
+    upstream = ("cot", "cot2", "harden", "expand")
     Config = FilterConfig
     timeout_minutes = 120
     impl = "lgt_ops.stages.filter"
@@ -326,7 +488,12 @@ class Tag(Stage):
     upstream = ("filter",)
     Config = TagConfig
     reply_tokens = 128
+    structured = True
     impl = "lgt_ops.stages.tag"
+
+    @classmethod
+    def request_inputs(cls, settings: Settings) -> int:
+        return size.tokens(settings.method.trace_max_chars)  # the longest trace kept
 
     @classmethod
     def enabled(cls, settings: Settings) -> bool:
@@ -345,7 +512,9 @@ class Tag(Stage):
 class ReleaseConfig(StageConfig):
     sft_per_question: int = Field(default=2, ge=1, le=64)
     rl_include_saturated: bool = False  # RL prompts with pass rate 0 or 1 carry no signal
-    embed_images: bool = False
+    # the image bytes inside the release (self-contained, loads anywhere); False: rows point
+    # at the store (a path or URI a loader must reach), and the content hash covers where
+    embed_images: bool = True
     rows_per_file: int = Field(default=50_000, ge=100)
     # rows are partitioned by hash(image_id) % release_buckets: one part per bucket and split,
     # so a new image rewrites one part per split (lgt_ops.release.incremental)
@@ -354,7 +523,20 @@ class ReleaseConfig(StageConfig):
 
 class Release(Stage):
     name = "release"
-    upstream = ("ingest", "annotate", "mcq", "compose", "cot", "expand", "filter", "pairs", "tag")
+    upstream = (
+        "ingest",
+        "annotate",
+        "mcq",
+        "blind",
+        "cot",
+        "compose",
+        "cot2",
+        "harden",
+        "expand",
+        "filter",
+        "pairs",
+        "tag",
+    )
     Config = ReleaseConfig
     per_shard = False
     timeout_minutes = 240
@@ -369,8 +551,11 @@ PIPELINE: list[type[Stage]] = [
     Ingest,
     Annotate,
     Mcq,
-    Compose,
+    Blind,
     Cot,
+    Compose,
+    Cot2,
+    Harden,
     Expand,
     Filter,
     Pairs,
@@ -407,7 +592,7 @@ def config_fields() -> dict[str, tuple[type[Stage], Any]]:
 # -- fingerprints ---------------------------------------------------------------------------
 # Deliberately NOT in a fingerprint (they change how a stage runs, not what it makes):
 # - endpoint URL, API key, concurrency, timeouts, retries (EndpointSettings other than
-#   `model`; cot also hashes `supports_n`, which changes the sampling);
+#   `model`; cot, cot2 and blind also hash `supports_n`, which changes the sampling);
 # - image_spec.transport (data URL or presigned URL carry the same pixels);
 # - IngestLimits.decode_pixel_budget (how many pixels are decoded at once);
 # - run-scoped values: source, sample_size, shard layout, release name/version.

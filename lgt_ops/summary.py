@@ -36,6 +36,27 @@ def _preflight_section(env: StageEnv, run_id: str, out: TextIO) -> None:
     if rows:
         out.write("\nendpoints (preflight)\n\n")
         out.write(preflight.format_table(rows) + "\n")
+        for line in preflight.down_warnings(rows):
+            out.write(line + "\n")
+
+
+def _checks_section(env: StageEnv, run_id: str, out: TextIO) -> None:
+    """Questions this run's checks removed: answerable without the image (blind) and
+    composed questions not harder than their parents (harden)."""
+    with env.db.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT stage, COUNT(*), SUM(CASE WHEN kept THEN 0 ELSE 1 END)"
+                " FROM question_checks WHERE run_id = :r GROUP BY stage ORDER BY stage"
+            ),
+            {"r": run_id},
+        ).all()
+    if rows:
+        out.write("\nquestion checks (this run)\n\n")
+        table = [("check", "checked", "rejected", "rate")]
+        for stage, n, bad in rows:
+            table.append((stage, str(n), str(bad or 0), f"{(bad or 0) / n:.1%}"))
+        _table(table, out)
 
 
 def print_summary(
@@ -83,6 +104,7 @@ def print_summary(
     if reasons:
         out.write("\nrejected by reason (this run)\n\n")
         _table([("stage", "reason", "count")] + [(s, r, str(n)) for s, r, n in reasons], out)
+    _checks_section(env, summary.run_id, out)
     _preflight_section(env, summary.run_id, out)
     rel = summary.release
     with env.db.connect() as conn:

@@ -109,6 +109,22 @@ class _Manifests:
             self._by_key[key] = load_manifest(env, row["release_id"])
         return self._by_key[key]
 
+    def required(self, env: StageEnv, row: dict[str, Any]) -> dict[str, Any]:
+        """The manifest, or 404 when the release's manifest is gone."""
+        try:
+            return self.get(env, row)
+        except ReleaseError as exc:
+            raise HTTPException(404, str(exc)) from exc
+
+    def with_rows(self, env: StageEnv, row: dict[str, Any]) -> dict[str, Any]:
+        """The listed release plus its rows per split, from its manifest (not a count query)."""
+        try:
+            splits = self.get(env, row)["splits"]
+            rows = {s: int(v["rows"]) for s, v in sorted(splits.items())}
+        except ReleaseError:
+            rows = {}  # listed in the DB but its manifest is gone: the release view says so
+        return {**row, "rows": rows}
+
 
 def create_app(
     open_env: EnvOpener,
@@ -123,23 +139,15 @@ def create_app(
         openapi_url=None,
         dependencies=[Depends(guard)],
     )
-    verified = _VerifyCache()
     manifests = _Manifests()
+    _add_error_handlers(app, login_url)
+    _add_api_routes(app, open_env, manifests, _VerifyCache())
+    _add_page_routes(app, open_env, manifests)
+    return app
 
-    def manifest(e: StageEnv, row: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return manifests.get(e, row)
-        except ReleaseError as exc:
-            raise HTTPException(404, str(exc)) from exc
 
-    def with_rows(e: StageEnv, row: dict[str, Any]) -> dict[str, Any]:
-        """The listed release plus its rows per split, from its manifest (not a count query)."""
-        try:
-            splits = manifests.get(e, row)["splits"]
-            rows = {s: int(v["rows"]) for s, v in sorted(splits.items())}
-        except ReleaseError:
-            rows = {}  # listed in the DB but its manifest is gone: the release view says so
-        return {**row, "rows": rows}
+def _add_error_handlers(app: FastAPI, login_url: Callable[[str], str] | None) -> None:
+    """Login redirects for pages; a clear 503 naming the service (connection) that is down."""
 
     @app.exception_handler(HTTPException)
     async def _login_redirect(request: Request, exc: HTTPException) -> Response:
@@ -169,19 +177,20 @@ def create_app(
     async def _misconfigured(request: Request, exc: ConfigError) -> Response:
         return _unavailable("configuration", exc)
 
-    def env() -> StageEnv:
-        return open_env()
 
+def _add_api_routes(
+    app: FastAPI, env: EnvOpener, manifests: _Manifests, verified: _VerifyCache
+) -> None:
     @app.get("/api/releases")
     def api_releases() -> list[dict[str, Any]]:
         e = env()
-        return [with_rows(e, r) for r in _listed(e)]
+        return [manifests.with_rows(e, r) for r in _listed(e)]
 
     @app.get("/api/releases/{name}/{version}")
     def api_release(name: str, version: str) -> dict[str, Any]:
         e = env()
         row = _release_row(e, name, version)
-        return {**row, "manifest": manifest(e, row)}
+        return {**row, "manifest": manifests.required(e, row)}
 
     @app.get("/api/releases/{name}/{version}/verify")
     def api_verify(name: str, version: str) -> dict[str, Any]:
@@ -189,11 +198,13 @@ def create_app(
         row = _release_row(e, name, version)
         return verified.get(e, row["release_id"])
 
+
+def _add_page_routes(app: FastAPI, env: EnvOpener, manifests: _Manifests) -> None:
     @app.get("/releases/{name}/{version}/report/{filename}")
     def report_plot(name: str, version: str, filename: str) -> Response:
         e = env()
         row = _release_row(e, name, version)
-        paths = {f["path"] for f in manifest(e, row).get("report", [])}
+        paths = {f["path"] for f in manifests.required(e, row).get("report", [])}
         path = f"report/{filename}"
         if path not in paths:
             raise HTTPException(404, f"release {row['release_id']} has no plot {path}")
@@ -203,20 +214,18 @@ def create_app(
     @app.get("/releases", response_class=HTMLResponse)
     def releases_page(request: Request) -> str:
         e = env()
-        rows = [with_rows(e, r) for r in _listed(e)]
+        rows = [manifests.with_rows(e, r) for r in _listed(e)]
         return _page("LGT-ETL releases", _list_html(request, rows))
 
     @app.get("/releases/{name}/{version}", response_class=HTMLResponse)
     def release_page(request: Request, name: str, version: str) -> str:
         e = env()
         row = _release_row(e, name, version)
-        man = manifest(e, row)
+        man = manifests.required(e, row)
         card_key = f"{prefix_of(row['release_id'])}/README.md"
         card = e.store.get(card_key).decode("utf-8", "replace") if e.store.head(card_key) else ""
         title = f"{row['release_id']} · LGT-ETL releases"
         return _page(title, _release_html(request, row, man, card))
-
-    return app
 
 
 def _unavailable(what: str, exc: Exception) -> Response:

@@ -43,8 +43,11 @@ PREFIX = "sources/chaos/"
 ATTEMPT_LOGS = frozenset({"stage_runs", "pipeline_runs", "endpoint_preflight"})
 # Crash points in pipeline order; a kill sequence visits them in this order, so each resumed
 # run gets past the previous kill before it reaches the next one.
-POINTS = ("ingest", "annotate", "mcq", "compose", "cot", "expand", "filter", "pairs", "release")
-MODEL_POINTS = frozenset({"annotate", "mcq", "compose", "cot", "expand"})
+POINTS = (
+    "ingest", "annotate", "mcq", "blind", "cot", "compose", "cot2", "harden", "expand", "filter",
+    "pairs", "release",
+)
+MODEL_POINTS = frozenset({"annotate", "mcq", "blind", "cot", "compose", "cot2", "expand"})
 # A small corpus and cheap method settings: every stage has work, a run takes seconds.
 RUN_ARGS = ("--mcq-per-image", "2", "--k-rollouts", "3", "--allow-simulated")
 
@@ -166,6 +169,13 @@ def snapshot(world: World) -> Snapshot:
                 text(
                     "SELECT COUNT(*) FROM release_members m LEFT JOIN releases r"
                     " ON r.release_id = m.release_id"
+                    " WHERE r.release_id IS NULL OR r.status <> 'published'"
+                )
+            ).scalar_one()
+            orphans += conn.execute(  # member rows of an attempt that never published
+                text(
+                    "SELECT COUNT(*) FROM member_rows m LEFT JOIN releases r"
+                    " ON r.release_id = m.owner_release_id"
                     " WHERE r.release_id IS NULL OR r.status <> 'published'"
                 )
             ).scalar_one()

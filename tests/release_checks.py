@@ -12,6 +12,10 @@ from typing import Any
 import datasets
 from sqlalchemy import Engine, text
 
+from lgt_ops.composition import compare_text
+from lgt_ops.questions import from_row
+from lgt_ops.wellposed import check_well_posed
+
 ROOT = Path(__file__).resolve().parents[1]
 LINEAGE_SQL = (ROOT / "sql" / "queries" / "release_row_lineage.sql").read_text()
 
@@ -75,7 +79,7 @@ def check_splits(loaded: dict[str, datasets.Dataset]) -> None:
     splits = {}
     for name, ds in loaded.items():
         assert set(ds.column_names) == COLUMNS[name.split("_")[0]], name
-        # Image paths may point at the bucket: read everything but the pixels.
+        # Everything but the pixels (tests/test_release_portable.py decodes those).
         splits[name] = ds.remove_columns([c for c in ("image", "images") if c in ds.column_names])
     for name in ("sft_stage1", "sft_stage2"):
         ds = splits[name]
@@ -103,7 +107,8 @@ def check_splits(loaded: dict[str, datasets.Dataset]) -> None:
 
 
 def check_composition(db: Engine) -> None:
-    """Every stage-2 answer follows from its parents' verified answers and its operator."""
+    """Every stage-2 answer follows from its parents' verified answers and its operator, and
+    every composed question is well posed (a chain never names the object it bridges by)."""
     with db.connect() as conn:
         children = conn.execute(text("SELECT * FROM questions WHERE stage = 2")).all()
         assert children, "no stage-2 question"
@@ -113,6 +118,7 @@ def check_composition(db: Engine) -> None:
                      " ON p.question_id = qp.parent_id WHERE qp.question_id = :q"
                      " ORDER BY qp.position"), {"q": q.question_id}).all()
             a, b = (p.answer_text for p in parents)
+            objects = _objects(conn, q.image_id)
             if q.operator == "conjunction":
                 assert q.answer_text == f"{a}; {b}"
             elif q.operator == "count_over":
@@ -120,24 +126,22 @@ def check_composition(db: Engine) -> None:
             elif q.operator == "chain":
                 assert q.answer_text == b
             elif q.operator == "compare":
-                labels = _labels(conn, q.image_id)
-                subject = {p.question_id: {labels[g] for g in json.loads(p.grounding)}
-                           for p in parents}
-                if int(a) == int(b):
-                    assert q.answer_text == "both equally"
-                else:
-                    more = parents[0] if int(a) > int(b) else parents[1]
-                    assert {q.answer_text} == subject[more.question_id]
+                labels = {o["id"]: o["label"] for o in objects}
+                first, second = ({labels[g] for g in json.loads(p.grounding)} for p in parents)
+                assert len(first) == len(second) == 1
+                diff = int(a) - int(b)
+                assert q.answer_text == compare_text(first.pop(), second.pop(), diff)
             else:
                 raise AssertionError(f"unknown operator {q.operator}")
+            check_well_posed(from_row(q), [from_row(p) for p in parents], objects)
 
 
-def _labels(conn: Any, image_id: str) -> dict[str, str]:
-    labels: dict[str, str] = {}
+def _objects(conn: Any, image_id: str) -> list[dict[str, Any]]:
+    objects: list[dict[str, Any]] = []
     for row in conn.execute(text("SELECT content FROM annotations WHERE image_id = :i"
                                  " AND kind = 'objects'"), {"i": image_id}):
-        labels.update({o["id"]: o["label"] for o in json.loads(row.content)["objects"]})
-    return labels
+        objects.extend(json.loads(row.content)["objects"])
+    return objects
 
 
 def check_rejections(db: Engine) -> None:

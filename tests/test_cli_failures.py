@@ -139,7 +139,7 @@ def test_endpoint_and_release_failures(cli_env, s3_url, s3_endpoint, pg_url, sim
     )
     sim.sim.cfg.api_key = None
 
-    for stage in ("annotate", "mcq"):
+    for stage in ("annotate", "mcq", "blind"):
         done = lgt(cli_env, stage, *src)
         assert done.returncode == 0, done.stderr[-2000:]
     release = ("release", "publish", *src, "--release-name", "t", "--release-version", "v1")

@@ -4,6 +4,7 @@ Postgres, the S3 server and the simulator, through the lgt_* Airflow connections
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import subprocess
@@ -126,7 +127,8 @@ def _counts(db) -> dict[str, int]:
         return {
             t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
             for t in ("images", "questions", "model_requests", "annotations", "rejections",
-                      "rollouts", "expansions", "trace_verdicts", "pairs", "question_parents")
+                      "rollouts", "expansions", "trace_verdicts", "pairs", "question_parents",
+                      "question_checks")
         }
 
 
@@ -158,7 +160,7 @@ def test_dag_runs_end_to_end_and_twice_is_free(airflow_db, connections, tmp_path
         stage_runs = {r[0] for r in conn.execute(text("SELECT DISTINCT stage FROM stage_runs"))}
         run_status = conn.execute(text("SELECT status FROM pipeline_runs")).scalar_one()
     assert {r.dag_id for r in ledger} == {"lgt_synthesis"}
-    model_stages = {"annotate", "mcq", "compose", "cot", "expand"}
+    model_stages = {"annotate", "mcq", "blind", "cot", "compose", "cot2", "expand"}
     assert {r.task_id for r in ledger} == {f"shard_stages.{s}" for s in model_stages}
     assert all(r.run_id.startswith("airflow:lgt_synthesis:") for r in ledger)
     assert {r.served_model for r in ledger} == {
@@ -170,8 +172,16 @@ def test_dag_runs_end_to_end_and_twice_is_free(airflow_db, connections, tmp_path
     manifest = json.loads(store.get("releases/dagtest/r1/manifest.json"))
     parts = [f"releases/dagtest/r1/{f['path']}" for f in manifest["splits"]["questions"]["files"]]
     rows = [r for p in parts for r in pq.read_table(io.BytesIO(store.get(p))).to_pylist()]
-    assert len(rows) == first["questions"]
-    assert all(r["image"]["path"].startswith("s3://") for r in rows)
+    with db.connect() as conn:  # current: stage 1 past the blind check, stage 2 harden kept
+        kept = conn.execute(text(
+            "SELECT COUNT(*) FROM questions q JOIN question_checks c"
+            " ON c.question_id = q.question_id AND c.kept"
+            " WHERE (q.stage = 1 AND c.stage = 'blind') OR (q.stage = 2 AND c.stage = 'harden')"
+        )).scalar_one()
+    assert 0 < len(rows) == kept < first["questions"]
+    # The image travels with the release: its bytes (its content id), no bucket path.
+    assert all(hashlib.sha256(r["image"]["bytes"]).hexdigest() == r["image_id"] for r in rows)
+    assert not any("/" in r["image"]["path"] for r in rows)
 
     # The method's invariants, read back as a trainer and an auditor would.
     local = checks.download(store, "releases/dagtest/r1", tmp_path / "r1")
@@ -219,6 +229,8 @@ def _image_of_request(conn, key: str) -> set[str]:
         "   ON q.question_id = r.question_id WHERE r.request_key = :k"
         " UNION SELECT q.image_id FROM expansions e JOIN questions q"
         "   ON q.question_id = e.question_id WHERE e.request_key = :k"
+        " UNION SELECT q.image_id FROM question_checks c JOIN questions q"
+        "   ON q.question_id = c.question_id WHERE c.request_key = :k"
         " UNION SELECT image_id FROM rejections WHERE request_key = :k"
     )
     return {r[0] for r in conn.execute(text(sql), {"k": key}) if r[0]}

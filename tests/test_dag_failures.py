@@ -147,7 +147,7 @@ def test_an_unreachable_endpoint_fails_the_preflight_which_is_retried(
     assert tis["scan"][0] == "upstream_failed" and tis["finish"][0] == "failed"
     with db.connect() as conn:
         row = conn.execute(text("SELECT role, status, problem FROM endpoint_preflight")).one()
-    assert (row.role, row.status) == ("llm", "unreachable") and "does not answer" in row.problem
+    assert (row.role, row.status) == ("llm", "down") and "does not answer" in row.problem
     _no_running_rows(db)
 
 

@@ -104,6 +104,10 @@ def _trigger(api, conf):
         ({"dry_run": "yes"}, "parameter 'dry_run': 'yes' is not of type 'boolean'"),
         ({"k_rollout": 4}, "unknown parameter 'k_rollout'"),
         (
+            {"llm_base_url": "http://vllm-0:8000/v1, vllm-1:8000/v1"},
+            "parameter 'llm_base_url': 'vllm-1:8000/v1' is not an http(s) URL",
+        ),
+        (
             {"release_version": "v1", "stages": ["mcq"]},
             "parameter 'release_version': set, but the 'release' stage is not selected",
         ),
@@ -120,7 +124,8 @@ def test_the_rest_trigger_refuses_a_bad_conf_with_a_readable_message(api, conf, 
 
 
 def test_a_valid_trigger_passes_the_guard_untouched(api):
-    conf = {"source": "sources/docci/", "stages": ["ingest", "mcq"], "dry_run": True}
+    conf = {"source": "sources/docci/", "stages": ["ingest", "mcq"], "dry_run": True,
+            "llm_base_url": "http://vllm-0:8000/v1,http://vllm-1:8000/v1"}  # replicas
     answer = _trigger(api, conf)
     assert answer.status_code == 200, answer.text
     assert answer.json()["conf"] == conf and answer.json()["state"] == "queued"

@@ -17,7 +17,7 @@ from lgt_ops.demo import upload_benchmarks
 from lgt_ops.images import crop_phashes, normalised
 from lgt_ops.release.publish import publish
 from lgt_ops.sources import resolve_source
-from lgt_ops.stages import annotate, compose, ingest, mcq
+from lgt_ops.stages import annotate, blind, compose, cot, ingest, mcq
 from lgt_ops.stages.base import Shard
 from tests.samples import SAMPLE, upload_sample
 
@@ -178,7 +178,10 @@ def test_contaminated_images_and_questions_never_reach_a_model(pg_s3_env, sim):
         ).all()
     assert len(hits) == 1 and "benchmarks/mmstar/questions.jsonl#1" in hits[0].detail
 
-    # a composed question is checked too, before it is rolled out
+    # a composed question is checked too, before it is rolled out (its parents: stage-1
+    # questions past the blind check that the VLM answers)
+    blind.run(env, spec, Shard())
+    cot.run(env, spec, Shard())
     compose.run(env, spec, Shard())
     with env.db.connect() as conn:
         row = conn.execute(

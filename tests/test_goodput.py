@@ -27,13 +27,16 @@ from tests.samples import run_demo, upload_sample
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "sources/sample/"
 RELEASE = "goodput"
-MODEL_STAGES = ("annotate", "mcq", "compose", "cot", "expand")
+MODEL_STAGES = ("annotate", "mcq", "blind", "cot", "compose", "cot2", "expand")
+_OF_STAGE = "question_id IN (SELECT question_id FROM questions WHERE stage = {})"
 # Each model stage's outputs, and the column naming the run that made them.
 OUTPUT_TABLES = {
     "annotate": "annotations WHERE source = 'model'",
     "mcq": "questions WHERE stage = 1",
+    "blind": "question_checks WHERE stage = 'blind' AND kept",
     "compose": "questions WHERE stage = 2",
-    "cot": "rollouts WHERE 1 = 1",
+    "cot": f"rollouts WHERE {_OF_STAGE.format(1)}",
+    "cot2": f"rollouts WHERE {_OF_STAGE.format(2)}",
     "expand": "expansions WHERE 1 = 1",
 }
 
@@ -189,9 +192,15 @@ def release_requests(db: Engine, image_ids: set[str] | None = None) -> dict[str,
         take("annotate", r["request_key"], r["image_id"])
     for r in _rows(db, "SELECT request_key, image_id, stage FROM questions"):
         take("mcq" if r["stage"] == 1 else "compose", r["request_key"], r["image_id"])
-    for table, stage in (("rollouts", "cot"), ("expansions", "expand")):
-        for r in _rows(db, f"SELECT request_key, question_id FROM {table}"):
-            take(stage, r["request_key"], q_image[r["question_id"]])
+    q_stage = {r["question_id"]: r["stage"] for r in _rows(db, "SELECT * FROM questions")}
+    for r in _rows(db, "SELECT request_key, question_id FROM rollouts"):
+        stage = "cot" if q_stage[r["question_id"]] == 1 else "cot2"
+        take(stage, r["request_key"], q_image[r["question_id"]])
+    for r in _rows(db, "SELECT request_key, question_id FROM expansions"):
+        take("expand", r["request_key"], q_image[r["question_id"]])
+    blind = "SELECT request_key, question_id FROM question_checks WHERE stage = 'blind'"
+    for r in _rows(db, blind):
+        take("blind", r["request_key"], q_image[r["question_id"]])
     for r in _rows(db, "SELECT stage, request_key, image_id FROM rejections"):
         take(r["stage"], r["request_key"], r["image_id"])
     return keys

@@ -31,7 +31,8 @@ def test_bad_inputs_each_get_their_own_reason(pg_s3_env):
             "key": "red.jpg",
             "caption": "A red square.",
             "objects": [
-                {"id": "o1", "label": "square", "box": [0, 0, 120, 80]},
+                {"id": "o1", "label": "square", "box": [0, 0, 120, 80],
+                 "synonyms": ["Block", " red  block ", 3, ""]},  # kept as names, lower-cased
                 {"id": "o2", "label": "ghost", "box": [100, 60, 400, 300]},
             ],
         },
@@ -64,6 +65,7 @@ def test_bad_inputs_each_get_their_own_reason(pg_s3_env):
         ).scalar_one()
     assert n_images == 11
     assert [o["id"] for o in json.loads(objects)["objects"]] == ["o1"]
+    assert json.loads(objects)["objects"][0]["synonyms"] == ["block", "red block"]
 
 
 def test_same_bytes_under_two_keys_is_one_image(pg_s3_env):

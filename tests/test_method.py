@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from lgt_ops import traces
+from lgt_ops import composition, traces
 from lgt_ops.annotations import ImageContext
 from lgt_ops.config import MethodParams
 from lgt_ops.questions import Question
 from lgt_ops.release.splits import sft_choice
 from lgt_ops.runctx import RunContext
-from lgt_ops.stages import compose, pairs
 from lgt_ops.stages import filter as trace_filter
+from lgt_ops.stages import pairs
 from lgt_ops.traces import Trace
 from tests import release_checks as checks
 from tests.samples import upload_sample
@@ -125,21 +125,28 @@ def test_composition_operators_derive_answers_from_parents():
         {"id": "o2", "label": "cup", "box": [20, 0, 30, 10]},
         {"id": "o3", "label": "plate", "box": [40, 0, 60, 10]},
         {"id": "o4", "label": "table", "box": [0, 20, 90, 90]},
+        {"id": "o5", "label": "plate", "box": [60, 0, 70, 10]},
+        {"id": "o6", "label": "plate", "box": [70, 0, 80, 10]},
     ))
     cups = q("a", "counting", "How many cups are there?", "2", ["1", "2", "3", "4"], ["o1", "o2"])
-    plates = q("b", "counting", "How many plates?", "1", ["1", "2", "3", "0"], ["o3"])
+    plates = q("b", "counting", "How many plates?", "3", ["1", "2", "3", "0"], ["o3", "o5", "o6"])
     left = q("c", "spatial", "What is on the table's left side?", "cup",
              ["cup", "plate", "fork", "spoon"], ["o1", "o4"])
     colour = q("d", "attribute", "What colour is the cup?", "red",
                ["red", "blue", "green", "white"], ["o1"])
-    found = {(c.operator, tuple(p.question_id for p in c.parents)): c.answer
-             for c in compose.candidates(ctx, [cups, plates, left, colour], 4, seed=0)}
-    assert found[("compare", ("a", "b"))] == "cup"
-    assert found[("count_over", ("a", "b"))] == "3"
-    assert found[("chain", ("c", "d"))] == "red"
-    assert found[("conjunction", ("c", "d"))] == "cup; red"
-    chosen = compose.select(compose.candidates(ctx, [cups, plates, left, colour], 4, seed=0),
-                            tuple(compose.DESCRIPTIONS), per_image=3, per_parent=1, n_options=4)
+    found = {(c.operator, tuple(p.question_id for p in c.parents)): c
+             for c in composition.candidates(ctx, [cups, plates, left, colour], 4, seed=0)}
+    assert found[("compare", ("a", "b"))].answer == "more plates, by 1"
+    assert found[("count_over", ("a", "b"))].answer == "5"
+    chain = found[("chain", ("c", "d"))]
+    assert (chain.answer, chain.problem) == ("red", None)
+    assert set(chain.avoid) == {"cup", "cups"}  # the composed text must not name the cup
+    assert found[("conjunction", ("c", "d"))].answer == "cup; red"
+    for c in found.values():  # every option set: the answer and n - 1 distinct distractors
+        assert len(set(c.options)) == 4 and c.answer not in c.distractors
+    chosen = composition.select(
+        composition.candidates(ctx, [cups, plates, left, colour], 4, seed=0),
+        composition.OPERATORS, per_image=3, per_parent=1, n_options=4)
     used = [p.question_id for c in chosen for p in c.parents]
     assert len(used) == len(set(used))  # each parent feeds at most one composition
 
@@ -217,7 +224,7 @@ def test_reasoning_content_is_kept_when_the_server_separates_it(local_env, sim):
     sim.sim.cfg.unparseable_rate = 0.0
     sim.sim.cfg.conflicting_rate = 0.0  # every expansion answers, so every tail is checked
     sim.sim.cfg.no_think_close_rate = 0.0  # (tests/test_trace_quality.py has unclosed replies)
-    _run(env, stages=["ingest", "annotate", "mcq", "cot", "expand"], k_rollouts=2)
+    _run(env, stages=["ingest", "annotate", "mcq", "blind", "cot", "expand"], k_rollouts=2)
     with env.db.connect() as conn:
         rows = conn.execute(text(
             "SELECT e.*, q.answer_letter FROM expansions e"

@@ -22,7 +22,8 @@ CORE_TABLES = {
     "rejections",
     "stage_items",
     "releases",
-    "release_members",
+    "member_rows",
+    "release_member_sets",
     "release_pointers",
     "schema_migrations",
 }

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from lgt_ops.release.publish import publish
 from lgt_ops.sources import resolve_source
-from lgt_ops.stages import annotate, ingest, mcq
+from lgt_ops.stages import annotate, blind, ingest, mcq
 from lgt_ops.stages.base import Shard
 from lgt_ops.webapp import create_app
 from tests.conftest import ROOT
@@ -74,6 +74,7 @@ def published(local_env):
     src, _ = resolve_source(env, "sources/sample/")
     annotate.run(env, src, Shard())
     mcq.run(env, src, Shard())
+    blind.run(env, src, Shard())
     rel = publish(env, src, name="web", version="1", allow_simulated=True)
     return env, rel
 

@@ -5,6 +5,7 @@ and its table is stored with the run; `lgt endpoints check` and a DAG run fail t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -91,7 +92,9 @@ def test_a_correct_configuration_passes_and_its_table_is_stored(local_env, sim, 
         "thinking": "reasoning_content",
         "bad_words": True,  # expand sends vLLM's bad_words (the simulator honours them)
     }
-    assert stored["vlm"]["stages"] == "annotate,cot" and stored["reasoner"]["stages"] == "expand"
+    assert stored["vlm"]["stages"] == "annotate,cot,cot2"
+    assert stored["reasoner"]["stages"] == "expand"
+    assert stored["llm"]["stages"] == "mcq,blind,compose"
     for row in stored.values():
         assert row["endpoint"] == sim.base_url and row["server_version"]
         assert row["max_model_len"] == 32768 and 0 < row["needed_tokens"] <= 32768
@@ -103,6 +106,37 @@ def test_a_correct_configuration_passes_and_its_table_is_stored(local_env, sim, 
     print_summary(env, RunParams(), summary)
     out = capsys.readouterr().out
     assert "endpoints (preflight)" in out and "thinking=reasoning_content" in out
+
+
+def test_a_replica_down_at_preflight_is_a_warning_and_the_run_completes_on_the_other(
+    local_env, sim, capsys, caplog
+):
+    from lgt_ops.params import RunParams
+    from lgt_ops.summary import print_summary
+
+    env = local_env
+    upload_sample(env.store, "sources/sample/")
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # a replica being restarted: nobody listens
+    with caplog.at_level(logging.WARNING, logger="lgt_ops.llm.preflight"):
+        summary = run_pipeline(env, sample_size=2, llm_base_url=f"{sim.base_url},{dead}")
+
+    with env.db.connect() as conn:
+        rows = conn.execute(
+            text("SELECT role, endpoint, status, problem FROM endpoint_preflight")
+        ).all()
+        run = conn.execute(text("SELECT status FROM pipeline_runs")).scalar_one()
+        questions = conn.execute(text("SELECT COUNT(*) FROM questions")).scalar_one()
+    llm = {r.endpoint: (r.status, r.problem) for r in rows if r.role == "llm"}
+    assert llm[sim.base_url] == ("ok", None)
+    assert llm[dead][0] == "down" and "does not answer" in llm[dead][1]
+    assert {r.status for r in rows if r.role != "llm"} == {"ok"}
+    assert run == "success" and questions > 0  # the llm stages ran on the live replica
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(dead in w and w.startswith("warning: preflight: llm endpoint") for w in warned)
+
+    print_summary(env, RunParams(), summary)
+    out = capsys.readouterr().out
+    assert f"warning: preflight: llm endpoint {dead} does not answer" in out
 
 
 def test_without_a_reasoning_parser_the_thinking_is_read_inline(sim):

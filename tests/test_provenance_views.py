@@ -24,7 +24,7 @@ from tests.samples import SAMPLE, upload_sample
 
 PREFIX = "sources/sample/"
 RELEASE = "views"
-MODEL_STAGES = ("annotate", "mcq", "compose", "cot", "expand")
+MODEL_STAGES = ("annotate", "mcq", "blind", "cot", "compose", "cot2", "expand")
 COUNTERS = (
     "items_in",
     "items_skipped",

@@ -6,6 +6,7 @@ import ast
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,9 @@ def _other_value(info) -> object:
         return default / 2 if default else 0.1
     if isinstance(default, tuple):
         return default[:1] if len(default) > 1 else (*default, "x")
-    if default == "heuristic":
-        return "llm"
+    choices = typing.get_args(info.annotation)  # a Literal: another of its values
+    if default in choices:
+        return next(c for c in choices if c != default)
     raise AssertionError(f"no other value for {default!r}")
 
 
@@ -146,6 +148,8 @@ class Toy(registry.Stage):
     template = "behaviours"
     upstream = ("filter",)
     Config = ToyConfig
+    reply_tokens = 40_000  # more than the simulator's context: the preflight must say so
+    structured = True
 
     @classmethod
     def plan(cls, env, spec, shard, sample_size):
@@ -177,13 +181,22 @@ out["dry_run"] = report["stages"].get("toy")
 from airflow.dag_processing.dagbag import DagBag
 dag = DagBag(dag_folder=sys.argv[1]).get_dag("lgt_synthesis")
 out["dag"] = {t.task_id: t.pool for t in dag.tasks if "toy" in t.task_id}
+from lgt_ops.llm import needs, preflight
+settings = settings_from_env()
+(row,) = preflight.check(settings, ["toy"]).checks
+out["preflight"] = [row.role, row.stages, row.needed_tokens, row.problem]
+probe = preflight.probe_request(
+    settings.endpoint("llm"), needs.role_needs(settings, ["toy"])["llm"], settings
+)
+out["probe_structured"] = probe.response_schema is not None
 print(json.dumps(out))
 """
 
 
-def test_a_toy_stage_is_one_class_and_one_registry_entry(airflow_db, tmp_path):
+def test_a_toy_stage_is_one_class_and_one_registry_entry(airflow_db, tmp_path, sim):
     env = {**__import__("os").environ, "LGT_DATA_DIR": str(tmp_path / "lgt")}
     env["PYTHONPATH"] = str(ROOT)
+    env["LGT_LLM_BASE_URL"] = sim.base_url  # the toy's endpoint, for the preflight
     done = subprocess.run(
         [sys.executable, "-c", _TOY, str(ROOT / "dags")],
         capture_output=True,
@@ -201,6 +214,12 @@ def test_a_toy_stage_is_one_class_and_one_registry_entry(airflow_db, tmp_path):
     assert out["fingerprint_changes"]
     assert out["dry_run"]["ready_items"] == 1
     assert out["dag"] == {"shard_stages.toy": "lgt_llm"}
+    # its needs (role, largest request, structured output) reach the preflight
+    role, stages, needed, problem = out["preflight"]
+    assert (role, stages) == ("llm", ["toy"])
+    assert needed > 40_000
+    assert f"toy stage sends requests of up to {needed} tokens" in problem
+    assert out["probe_structured"]  # the probe asks for what the toy relies on
 
 
 # -- the import graph -----------------------------------------------------------------------------
@@ -282,10 +301,26 @@ def test_release_publish_honours_the_run_flags(tmp_path, sim, monkeypatch, capsy
     store.ensure_bucket()
     upload_sample(store, "sources/sample/")
     flags = ["--source", "sources/sample/", "--k-rollouts", "2", "--sample-size", "3"]
-    stages = "ingest,annotate,mcq,compose,cot,expand,filter,pairs"
+    stages = "ingest,annotate,mcq,blind,cot,compose,cot2,harden,expand,filter,pairs"
     assert main(["run", *flags, "--stages", stages]) == 0
     capsys.readouterr()
     assert main(["release", "publish", *flags, "--allow-simulated", "--release-name", "f"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     # made under k=2: without the flag, publish would look for k=10 outputs and find none
     assert rows["sft_stage1"] > 0 and rows["rl"] > 0, rows
+
+
+def test_every_stage_names_the_tables_it_reads_and_writes_for_lineage():
+    from lgt_ops.lineage_edges import TASK_TABLES
+
+    assert set(registry.stage_names()) <= set(TASK_TABLES)  # a missing one fails its task
+
+
+def test_the_blind_check_can_be_turned_off():
+    from lgt_ops.dryrun import FanOut, fan_outs
+    from lgt_ops.llm.needs import stage_needs
+
+    off = _settings(blind_samples=0)
+    assert registry.Blind.enabled(_settings()) and not registry.Blind.enabled(off)
+    assert fan_outs(off)["blind"] == FanOut(0, 1)
+    assert [n.stage for n in stage_needs(off, ["blind", "cot"])] == ["cot"]

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from lgt_ops.release.publish import ReleaseError, ReleaseExists, publish
 from lgt_ops.sources import resolve_source
-from lgt_ops.stages import annotate, ingest, mcq
+from lgt_ops.stages import annotate, blind, ingest, mcq
 from lgt_ops.stages.base import Shard
 from tests.samples import upload_sample
 
@@ -22,6 +22,7 @@ def _stage1(env):
     spec, _ = resolve_source(env, "sources/sample/")
     annotate.run(env, spec, Shard())
     mcq.run(env, spec, Shard())
+    blind.run(env, spec, Shard())  # stage-1 questions are current once checked
     return spec
 
 
@@ -35,7 +36,9 @@ def test_publish_on_postgres_and_s3(pg_s3_env):
     tables = [pq.read_table(io.BytesIO(env.store.get(f"releases/t/v1/{f['path']}"))) for f in files]
     assert sum(t.num_rows for t in tables) == manifest["splits"]["questions"]["rows"] > 0
     with env.db.connect() as conn:
-        n_questions = conn.execute(text("SELECT COUNT(*) FROM questions")).scalar_one()
+        n_questions = conn.execute(
+            text("SELECT COUNT(*) FROM question_checks WHERE stage = 'blind' AND kept")
+        ).scalar_one()
         members = conn.execute(
             text("SELECT COUNT(*) FROM release_members WHERE release_id='t/v1'")
         ).scalar_one()

@@ -82,6 +82,12 @@ def _assert_clean(env, name: str) -> None:
         " WHERE r.status <> 'published'",
     )
     assert orphans[0][0] == 0
+    unowned = _rows(  # member rows written by an attempt that never published
+        env,
+        "SELECT COUNT(*) FROM member_rows m JOIN releases r ON r.release_id = m.owner_release_id"
+        " WHERE r.status <> 'published'",
+    )
+    assert unowned[0][0] == 0
     published = {v for (v,) in _rows(env, "SELECT version FROM releases WHERE name = :n", n=name)}
     for info in env.store.list(f"releases/{name}/"):
         top = info.key.split("/")[2]

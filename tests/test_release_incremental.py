@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from lgt_ops.params import RunParams
-from lgt_ops.release import incremental
+from lgt_ops.release import goodput, incremental, splits, validate
 from lgt_ops.release.manage import verify
 from lgt_ops.release.publish import publish
 from lgt_ops.runctx import RunContext
@@ -56,6 +56,11 @@ def _members(env, release_id: str) -> list:
         ).all()
 
 
+def _count(env, sql: str, **params) -> int:  # noqa: ANN001
+    with env.db.connect() as conn:
+        return conn.execute(text(sql), params).scalar_one()
+
+
 @pytest.fixture
 def counted(local_env):
     store = _CountingStore(local_env.store.root)
@@ -80,6 +85,19 @@ def test_incremental_publishes_reuse_unchanged_parts(counted):
     assert not [k for k in env.store.written if k.endswith(".parquet")]
     assert v2.content_sha256 == v1.content_sha256 and _parts(v2.manifest) == parts_v1
     assert _members(env, "method/v2") == _members(env, "method/v1")
+    # ... shared, not copied: v2 links v1's member sets and writes no member row itself.
+    assert _count(env, "SELECT COUNT(*) FROM member_rows WHERE owner_release_id = 'method/v2'") == 0
+    sets = "SELECT COUNT(*) FROM release_member_sets WHERE release_id = :r"
+    assert _count(env, sets, r="method/v2") == _count(env, sets, r="method/v1") > 0
+    # ... and its goodput, reused from v1, is what measuring it gives.
+    fps = splits.fingerprints(_as_run(env))
+    counts = {k: v for k, v in v2.manifest["counts"].items() if k != "goodput"}
+    rows = sum(v2.counts.values())
+    measured = goodput.measure(_as_run(env), spec, None, fps, counts, rows)
+    assert v2.manifest["counts"]["goodput"] == measured
+    # ... and so are its quality figures: reused from v1, equal to validating v2 afresh.
+    revalidated = validate.measure(_as_run(env), "method/v2", "releases/method/v2", v2.manifest)
+    assert v2.manifest["quality"] == v1.manifest["quality"] == revalidated.as_dict()
 
     # Two new images: only the parts of their buckets change.
     new_ids = new_photos(env.store, "sources/sample/images/")
@@ -102,7 +120,8 @@ def test_incremental_publishes_reuse_unchanged_parts(counted):
     assert fresh.content_sha256 == v3.content_sha256 and _parts(fresh.manifest) == parts_v3
     assert fresh.counts == v3.counts
     assert fresh.manifest["counts"] == v3.manifest["counts"]
-    assert _members(env, "fresh/1") == _members(env, "method/v3")  # copied + rebuilt members
+    assert _members(env, "fresh/1") == _members(env, "method/v3")  # linked + rebuilt members
+    assert fresh.manifest["counts"]["goodput"] == v3.manifest["counts"]["goodput"]
 
     # verify re-hashes the incremental version's reused parts too.
     assert verify(env, "method/v3").ok
@@ -140,3 +159,23 @@ def test_card_configs_load_exactly_the_release(local_env):
         if name != "sft_stage2_merged":
             want = members.get(name, set())
         assert sorted(ds["row_id"]) == sorted(want), name
+
+
+def test_a_parent_with_members_from_before_shared_sets_is_rebuilt(local_env):
+    """Members recorded before per-bucket sets (one set per release, bucket -1, as migration
+    0013 carries them over) are not reused by bucket: the next version rebuilds every bucket
+    and records its own sets, with the same rows."""
+    env = local_env
+    upload_sample(env.store, "sources/sample/")
+    v1 = run_pipeline(env, release_version="v1", k_rollouts=2).release
+    with env.db.begin() as conn:  # v1 as migrated: one legacy set
+        conn.execute(text("UPDATE member_rows SET bucket = -1"))
+        conn.execute(text("DELETE FROM release_member_sets WHERE release_id = 'method/v1'"))
+        conn.execute(text("INSERT INTO release_member_sets VALUES ('method/v1', -1, 'method/v1')"))
+    spec, _ = resolve_source(env, "sources/sample/")
+    v2 = publish(_as_run(env), spec, name="method", version="v2", allow_simulated=True)
+    assert v2.manifest["incremental"]["buckets_reused"] == 0
+    assert v2.content_sha256 == v1.content_sha256
+    assert _members(env, "method/v2") == _members(env, "method/v1")
+    owned = "SELECT COUNT(*) FROM member_rows WHERE owner_release_id = 'method/v2'"
+    assert _count(env, owned) == sum(v2.counts.values())

@@ -4,6 +4,7 @@ and re-runs make no requests."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 from sqlalchemy import text
@@ -58,10 +59,17 @@ def test_mcq_questions_are_grounded_and_rerun_is_free(local_env, sim):
         reasons = {
             r[0] for r in conn.execute(text("SELECT reason FROM rejections WHERE stage='mcq'"))
         }
+    counting = 0
     for q in qs:
         options = json.loads(q.options)
         assert options[" ABCD".index(q.answer_letter) - 1] == q.answer_text
         assert set(json.loads(q.grounding)) <= objects[q.image_id]
+        if q.skill == "counting":  # laid out by code: consecutive counts around the answer
+            counting += 1
+            values = sorted(int(o) for o in options)
+            assert values == list(range(values[0], values[0] + 4)) and values[0] >= 0
+            assert int(q.answer_text) in values
+    assert counting > 0
     # The simulator spoils some questions on purpose: they are rejected, with reasons.
     assert reasons and reasons <= {
         "duplicate_options",
@@ -102,3 +110,29 @@ def test_shards_split_the_sample_and_the_whole_set_alike(pg_s3_env, sim, sample_
                  for i in range(4)]
     assert sorted(sum(parts, [])) == sorted(whole)
     assert len(whole) == (sample_size or 10)
+
+
+def test_counting_options_are_laid_out_with_every_feasible_rank_equally_likely():
+    ranks: dict[int, Counter] = {}
+    for i in range(4000):
+        count = i % 6
+        correct, wrong = mcq.laid_out(str(count), [str(count + d) for d in range(4)], f"q{i}")
+        values = sorted(int(v) for v in (correct, *wrong))
+        assert correct == str(count) and len(wrong) == 3 and values[0] >= 0
+        assert values == list(range(values[0], values[0] + 4))
+        assert mcq.laid_out(str(count), [str(count + d) for d in range(4)], f"q{i}") == (
+            correct,
+            wrong,
+        )  # seeded per question: a re-run lays out the same options
+        ranks.setdefault(count, Counter())[values.index(count)] += 1
+    for count, seen in ranks.items():
+        feasible = min(count, 3) + 1  # a count of 1 can only be 1st or 2nd
+        assert set(seen) == set(range(feasible)), (count, seen)
+        for n in seen.values():
+            assert abs(n / seen.total() - 1 / feasible) < 0.08, (count, seen)
+    # Other options are the model's own.
+    assert mcq.laid_out("red", ["blue", "red", "green", "pink"], "q") == (
+        "red",
+        ["blue", "green", "pink"],
+    )
+    assert mcq.laid_out("2", ["2", "2.5", "3", "4"], "q") == ("2", ["2.5", "3", "4"])

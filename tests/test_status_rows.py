@@ -98,6 +98,7 @@ def test_sigkilled_stage_is_abandoned_by_the_next_attempt(
     assert runs[killed.run_id] == "abandoned" and runs[fresh.run_id] == "success"
 
     # A stage that fails is `failed` with the error; its run too; nothing stays running.
+    assert lgt(cli_env, "blind", *SRC).returncode == 0  # cot rolls out checked questions
     sim.sim.cfg.api_key = "the-right-key"
     refused = lgt(cli_env, "cot", *SRC, "--k-rollouts", "3", LGT_VLM_API_KEY="wrong")
     sim.sim.cfg.api_key = None

@@ -1,4 +1,4 @@
-"""The request engine: one event loop, a bounded (adaptive) window, a failure policy per class.
+"""The request engine: one event loop, bounded (adaptive) windows, a failure policy per class.
 
 Stages call `RequestEngine.run(requests)` from ordinary synchronous code and iterate the
 outcomes as they complete. Behind it an asyncio loop in a worker thread pulls requests lazily
@@ -7,6 +7,11 @@ holds without a call, sends the rest with aiohttp, and hands outcomes back throu
 queue. Fresh outcomes are recorded in the ledger the moment they complete, in the loop, so
 its journal can make them durable within a bounded delay whatever the consumer is doing
 (see `Ledger`); the consumer's commits write what the journal has not yet.
+
+A role may name several replicas of its endpoint (lgt_ops.llm.replicas): each request goes
+to the replica with the fewest outstanding requests and room in its own window; a request
+whose replica fails is retried on another, and an answer, once received, is recorded and
+never asked again. One replica is the same path with a pool of one.
 
 Why aiohttp and not `openai.AsyncClient`: on a 2-core machine the official client costs ~5 ms
 of CPU per call, which caps one process near 200 req/s; this loop stays well under 1 ms and
@@ -17,79 +22,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import queue
 import random
 import threading
-import time
-from collections import Counter, OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 
 from lgt_ops import chaos
 from lgt_ops.config import EndpointSettings
-from lgt_ops.llm.errors import (
-    REQUEST_SPECIFIC,
-    EndpointAuthError,
-    EndpointDown,
-    FailureClass,
-    classify_http,
-)
+from lgt_ops.llm.attempts import Attempts, Slot
+from lgt_ops.llm.image_cache import ImageCache, ImageUrls
 from lgt_ops.llm.ledger import Ledger
 from lgt_ops.llm.outcome import Outcome
+from lgt_ops.llm.replicas import ReplicaPool
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.llm.schema import SchemaCheck
+from lgt_ops.llm.stats import EngineStats
 from lgt_ops.llm.window import AdaptiveWindow
 from lgt_ops.progress import Progress
 
+__all__ = ["EngineStats", "ImageUrls", "RequestEngine", "run_all"]
+
 _LOOKUP_CHUNK = 256
-_LATENCY_SAMPLES = 4096
-
-
-def _endpoint_hint(role: str) -> str:
-    return (
-        f"check that the server is up and LGT_{role.upper()}_BASE_URL (or the Airflow"
-        f" connection lgt_{role}); a re-run resumes (answered requests are kept)"
-    )
-
-
-class ImageUrls(Protocol):
-    """Turns an image id into what the endpoint receives (data URL or presigned URL)."""
-
-    def url_for(self, image_id: str) -> str: ...
-
-
-@dataclass
-class EngineStats:
-    sent: int = 0  # HTTP attempts
-    fresh: int = 0  # outcomes from the endpoint
-    cache_hits: int = 0  # outcomes from the ledger
-    statuses: Counter = field(default_factory=Counter)
-    errors: Counter = field(default_factory=Counter)  # failure class -> occurrences
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    _seen: int = 0
-
-    def add_latency(self, ms: float) -> None:
-        # Reservoir sample: percentiles without keeping every latency.
-        self._seen += 1
-        if len(self.latencies_ms) < _LATENCY_SAMPLES:
-            self.latencies_ms.append(ms)
-        else:
-            j = random.randrange(self._seen)
-            if j < _LATENCY_SAMPLES:
-                self.latencies_ms[j] = ms
-
-    def percentile(self, p: float) -> float | None:
-        if not self.latencies_ms:
-            return None
-        data = sorted(self.latencies_ms)
-        return data[min(len(data) - 1, int(p / 100 * len(data)))]
+_DONE = object()
 
 
 class _Fatal(Exception):
@@ -97,29 +58,28 @@ class _Fatal(Exception):
         self.exc = exc
 
 
-_DONE = object()
+@dataclass
+class _Run:
+    """One `run()`'s state in the loop."""
 
+    requests: Iterator[ChatRequest]
+    ready: deque[ChatRequest] = field(default_factory=deque)
+    completed: deque[Outcome] = field(default_factory=deque)
+    followers: dict[str, list[ChatRequest]] = field(default_factory=dict)  # key -> twins
+    inflight: set[asyncio.Task[Outcome]] = field(default_factory=set)
+    exhausted: bool = False
+    lookup: asyncio.Future[tuple[list[ChatRequest], dict[str, Outcome]]] | None = None
+    fatal: BaseException | None = None
 
-class ImageCache:
-    """A small LRU of encoded images: requests are grouped by image, so hits dominate."""
-
-    def __init__(self, source: ImageUrls, size: int = 64) -> None:
-        self.source = source
-        self.size = size
-        self._items: OrderedDict[str, str] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, image_id: str) -> str:
-        with self._lock:
-            if image_id in self._items:
-                self._items.move_to_end(image_id)
-                return self._items[image_id]
-        url = self.source.url_for(image_id)
-        with self._lock:
-            self._items[image_id] = url
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return url
+    @property
+    def finished(self) -> bool:
+        return (
+            self.exhausted
+            and self.lookup is None
+            and not self.ready
+            and not self.inflight
+            and not self.completed
+        )
 
 
 class RequestEngine:
@@ -132,32 +92,39 @@ class RequestEngine:
         progress: Progress | None = None,
         seed: int = 0,
         headers: dict[str, str] | None = None,
+        needed_tokens: int | None = None,
+        unchecked: Iterable[str] = (),
     ) -> None:
+        """`needed_tokens` (the largest request) and `unchecked` (replicas down at preflight)
+        go to the replica pool: what a replica must show before it gets work."""
         self.endpoint = endpoint
-        self.url = endpoint.require_url() + "/chat/completions"
+        self.pool = ReplicaPool.of(endpoint, needed_tokens, unchecked)
         self.ledger = ledger
-        self.images = ImageCache(images) if images is not None else None
         self.progress = progress
         self.stats = EngineStats()
-        self.window = AdaptiveWindow(
-            limit=endpoint.max_inflight
-            if not endpoint.adaptive
-            else min(16, endpoint.max_inflight),
-            min_limit=min(endpoint.min_inflight, endpoint.max_inflight),
-            max_limit=endpoint.max_inflight,
-            adaptive=endpoint.adaptive,
-        )
         self._rng = random.Random(seed)
-        self._schema = SchemaCheck()
         self._stop = threading.Event()
-        self._last_answer = time.monotonic()
-        # Window slots taken: a request waiting out a backoff gives its slot back.
-        self._busy = 0
         self._wake: asyncio.Event | None = None
         headers = {"Content-Type": "application/json", **(headers or {})}
         if endpoint.api_key is not None:
             headers["Authorization"] = f"Bearer {endpoint.api_key.get_secret_value()}"
         self._headers = headers
+        self._attempts = Attempts(
+            endpoint,
+            self.pool,
+            self.stats,
+            ImageCache(images) if images is not None else None,
+            headers,
+            backoff=lambda n: self._backoff(n),  # looked up per call: tests shorten it
+            notify=self._notify,
+            rng=self._rng,
+            schema=SchemaCheck(),
+        )
+
+    @property
+    def window(self) -> AdaptiveWindow:
+        """The first replica's window (the endpoint's, when it has one replica)."""
+        return self.pool.replicas[0].window
 
     # -- synchronous face -------------------------------------------------------------------
     def run(self, requests: Iterable[ChatRequest]) -> Iterator[Outcome]:
@@ -196,96 +163,127 @@ class RequestEngine:
     # -- the loop ---------------------------------------------------------------------------
     async def _main(self, requests: Iterator[ChatRequest], out: queue.Queue[Any]) -> None:
         loop = asyncio.get_running_loop()
-        ready: deque[ChatRequest] = deque()
-        completed: deque[Outcome] = deque()
-        followers: dict[str, list[ChatRequest]] = {}
-        inflight: set[asyncio.Task[Outcome]] = set()
+        run = _Run(requests)
         wake = self._wake = asyncio.Event()
         if self.ledger is not None:  # a journal write (or failure) may unblock sending
             self.ledger.on_journal = lambda: loop.call_soon_threadsafe(wake.set)
-        self._busy = 0
-        exhausted = False
-        fatal: BaseException | None = None
-
-        def on_done(task: asyncio.Task[Outcome]) -> None:
-            nonlocal fatal
-            inflight.discard(task)
-            self._busy -= 1
-            if task.cancelled():
-                pass
-            elif task.exception() is not None:
-                fatal = fatal or task.exception()
-            else:
-                # Recorded now, before the loop sends anything else: the journal's backlog
-                # must include this answer when the next send is decided.
-                self._record(task.result(), len(inflight))
-                completed.append(task.result())
-            wake.set()
-
         timeout = aiohttp.ClientTimeout(
             total=self.endpoint.timeout_s, sock_connect=self.endpoint.connect_timeout_s
         )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            while True:
-                if self.ledger is not None and self.ledger.journal_error is not None:
-                    # Answers can no longer be made durable: stop paying for more.
-                    fatal = fatal or self.ledger.journal_error
-                if self._stop.is_set() or fatal is not None:
-                    break
-                while not exhausted and len(ready) < max(_LOOKUP_CHUNK, 2 * self.window.size):
-                    chunk = list(islice(requests, _LOOKUP_CHUNK))
-                    if not chunk:
-                        exhausted = True
+            self.pool.start(session, self._headers, lambda n: self._backoff(n), wake.set)
+            try:
+                while not self._should_stop(run):
+                    self._refill(run)
+                    self._dispatch(session, run)
+                    while run.completed:
+                        await self._emit(run, run.completed.popleft(), out)
+                    if run.finished:
                         break
-                    cached = (
-                        await loop.run_in_executor(None, self.ledger.lookup, chunk)
-                        if self.ledger is not None
-                        else {}
-                    )
-                    for req in chunk:
-                        if req.key in cached:
-                            self.stats.cache_hits += 1
-                            self.stats.statuses[cached[req.key].status] += 1
-                            completed.append(cached[req.key])
-                        elif req.key in followers:
-                            followers[req.key].append(req)  # same request twice: one call
-                        else:
-                            followers[req.key] = []
-                            ready.append(req)
-                # Tasks asleep in a backoff do not count against the window, but the number
-                # of tasks stays bounded all the same.
-                cap = 2 * self.window.size + 16
-                while (
-                    ready
-                    and self._busy < self.window.size
-                    and len(inflight) < cap
-                    and not (self.ledger is not None and self.ledger.backlogged())
-                ):
-                    self._busy += 1
-                    task = loop.create_task(self._execute(session, ready.popleft()))
-                    inflight.add(task)
-                    task.add_done_callback(on_done)
-                while completed:
-                    outcome = completed.popleft()
-                    for twin in (
-                        followers.pop(outcome.request.key, []) if not outcome.cached else []
-                    ):
-                        completed.append(_replay(outcome, twin))
-                    await self._emit(outcome, out)
-                if exhausted and not ready and not inflight and not completed:
-                    break
-                if not completed:
-                    await wake.wait()
-                    wake.clear()
-            if self.ledger is not None:
-                self.ledger.on_journal = None
-            for task in list(inflight):
-                task.cancel()
-            if inflight:
-                await asyncio.gather(*inflight, return_exceptions=True)
-        if fatal is not None:
-            raise fatal
+                    if not run.completed:
+                        await self._sleep_until_woken(wake)
+            finally:
+                if self.ledger is not None:
+                    self.ledger.on_journal = None
+                await self._cancel(run)
+                await self.pool.stop()
+        if run.fatal is not None:
+            raise run.fatal
+
+    def _should_stop(self, run: _Run) -> bool:
+        if self.ledger is not None and self.ledger.journal_error is not None:
+            # Answers can no longer be made durable: stop paying for more.
+            run.fatal = run.fatal or self.ledger.journal_error
+        if (
+            run.ready
+            and not run.inflight
+            and not self.pool.any_up()
+            and self.pool.silent_for() > self.endpoint.down_after_s
+        ):  # work waits and no request is left on a replica to notice that all are down
+            run.fatal = run.fatal or self._attempts.down_error("unreachable")
+        return self._stop.is_set() or run.fatal is not None
+
+    async def _sleep_until_woken(self, wake: asyncio.Event) -> None:
+        # With every replica ejected, look again now and then (down_after_s runs out).
+        limit = None if self.pool.any_up() else 0.25
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), limit)
+        wake.clear()
+
+    def _refill(self, run: _Run) -> None:
+        """Keep `ready` topped up. The ledger looks a chunk up in a worker thread while the
+        loop goes on sending and emitting: a lookup never leaves the windows idle."""
+        if run.lookup is not None:
+            if not run.lookup.done():
+                return
+            chunk, cached = run.lookup.result()
+            run.lookup = None
+            self._sort(run, chunk, cached)
+        while not run.exhausted and len(run.ready) < max(_LOOKUP_CHUNK, 2 * self.pool.window_total):
+            chunk = list(islice(run.requests, _LOOKUP_CHUNK))
+            if not chunk:
+                run.exhausted = True
+            elif self.ledger is None:
+                self._sort(run, chunk, {})
+            else:
+                run.lookup = asyncio.get_running_loop().run_in_executor(
+                    None, _lookup, self.ledger, chunk
+                )
+                run.lookup.add_done_callback(lambda _: self._notify())
+                return
+
+    def _sort(self, run: _Run, chunk: list[ChatRequest], cached: dict[str, Outcome]) -> None:
+        """Answered (from the ledger), a twin of a request already on its way, or to send."""
+        for req in chunk:
+            if req.key in cached:
+                self.stats.cache_hits += 1
+                self.stats.statuses[cached[req.key].status] += 1
+                run.completed.append(cached[req.key])
+            elif req.key in run.followers:
+                run.followers[req.key].append(req)  # same request twice: one call
+            else:
+                run.followers[req.key] = []
+                run.ready.append(req)
+
+    def _dispatch(self, session: aiohttp.ClientSession, run: _Run) -> None:
+        """Send ready requests while a replica has room in its window."""
+        loop = asyncio.get_running_loop()
+        # Tasks asleep in a backoff do not count against a window, but the number of tasks
+        # stays bounded all the same.
+        cap = 2 * self.pool.window_total + 16
+        while (
+            run.ready
+            and len(run.inflight) < cap
+            and not (self.ledger is not None and self.ledger.backlogged())
+        ):
+            replica = self.pool.pick()
+            if replica is None:
+                return
+            slot = self._attempts.take(replica)
+            task = loop.create_task(self._attempts.execute(session, run.ready.popleft(), slot))
+            run.inflight.add(task)
+            task.add_done_callback(functools.partial(self._on_done, run, slot))
+
+    def _on_done(self, run: _Run, slot: Slot, task: asyncio.Task[Outcome]) -> None:
+        run.inflight.discard(task)
+        if task.cancelled():
+            pass
+        elif task.exception() is not None:
+            run.fatal = run.fatal or task.exception()
+        else:
+            # Recorded now, before the loop sends anything else: the journal's backlog must
+            # include this answer when the next send is decided.
+            self._record(task.result(), len(run.inflight))
+            run.completed.append(task.result())
+        self._attempts.release(slot)
+        self._notify()
+
+    async def _cancel(self, run: _Run) -> None:
+        for task in list(run.inflight):
+            task.cancel()
+        if run.inflight:
+            await asyncio.gather(*run.inflight, return_exceptions=True)
 
     def _record(self, outcome: Outcome, inflight: int) -> None:
         """Hand a fresh outcome to the ledger the moment it completes (its journal makes it
@@ -296,12 +294,15 @@ class RequestEngine:
         ledger.record(outcome)
         chaos.point(ledger.stage, lambda: {"in_flight": inflight, "unjournaled": ledger.pending})
 
-    async def _emit(self, outcome: Outcome, out: queue.Queue[Any]) -> None:
+    async def _emit(self, run: _Run, outcome: Outcome, out: queue.Queue[Any]) -> None:
+        if not outcome.cached:  # its twins in this run get the same answer
+            for twin in run.followers.pop(outcome.request.key, []):
+                run.completed.append(_replay(outcome, twin))
         if self.progress is not None:
             self.progress.update(
                 1,
                 hits=self.stats.cache_hits,
-                window=self.window.size,
+                window=self.pool.window_total,
                 errors=dict(self.stats.errors),
             )
         try:
@@ -309,171 +310,14 @@ class RequestEngine:
         except queue.Full:
             await asyncio.to_thread(_put_blocking, out, outcome, self._stop)
 
-    # -- one request ------------------------------------------------------------------------
-    async def _execute(self, session: aiohttp.ClientSession, req: ChatRequest) -> Outcome:
-        ep = self.endpoint
-        outcome = Outcome(request=req, status="failed")
-        regen = 0
-        try:
-            urls = await self._image_urls(req)
-        except Exception as exc:  # noqa: BLE001 - any failure to load the image is the image's
-            return self._finish(outcome, "rejected", FailureClass.BAD_IMAGE, detail=str(exc))
-        while True:
-            payload = json.dumps(req.body(urls, regen)).encode("utf-8")
-            headers = {**self._headers, "X-Request-Id": f"lgt-{req.key[:32]}-{outcome.attempts}"}
-            outcome.attempts += 1
-            self.stats.sent += 1
-            started = time.monotonic()
-            try:
-                async with session.post(self.url, data=payload, headers=headers) as resp:
-                    raw = await resp.read()
-                    status = resp.status
-                    retry_after = resp.headers.get("Retry-After")
-            except (aiohttp.ClientError, TimeoutError, ConnectionError, OSError) as exc:
-                if time.monotonic() - self._last_answer > ep.down_after_s:
-                    raise EndpointDown(
-                        f"{ep.role} endpoint {ep.base_url} unreachable for more than "
-                        f"{ep.down_after_s:.0f}s (last error: {type(exc).__name__}: {exc}); "
-                        f"{_endpoint_hint(ep.role)}"
-                    ) from exc
-                if isinstance(exc, aiohttp.ClientConnectorError):
-                    # Nobody is listening: the endpoint's problem, not this request's. Wait
-                    # (it may be restarting) until the down limit, without using up attempts.
-                    outcome.error_detail = f"{type(exc).__name__}: {exc}"
-                    self.stats.errors[FailureClass.TRANSIENT] += 1
-                    await self._pause(self._backoff(min(outcome.attempts, 5)))
-                    continue
-                if self._note_transient(outcome, f"{type(exc).__name__}: {exc}"):
-                    return self._finish(outcome, "failed", FailureClass.TRANSIENT)
-                await self._pause(self._backoff(outcome.transient_errors))
-                continue
-            latency = time.monotonic() - started
-            text_head = raw[:4000].decode("utf-8", "replace")
-            failure = classify_http(status, text_head)
-            if failure is FailureClass.OVERLOAD:
-                outcome.overloads += 1
-                self.stats.errors[failure] += 1
-                self.window.on_overload()
-                if time.monotonic() - self._last_answer > ep.down_after_s:
-                    raise EndpointDown(
-                        f"{ep.role} endpoint {ep.base_url} overloaded (HTTP {status}) for more"
-                        f" than {ep.down_after_s:.0f}s; {_endpoint_hint(ep.role)}"
-                    )
-                await self._pause(self._retry_after(retry_after, outcome.overloads))
-                continue
-            if failure is FailureClass.AUTH:
-                raise EndpointAuthError(
-                    f"{ep.role} endpoint {ep.base_url} refused credentials (HTTP {status}); set"
-                    f" LGT_{ep.role.upper()}_API_KEY (or the password of the Airflow connection"
-                    f" lgt_{ep.role}) to the key the server expects"
-                )
-            if failure in REQUEST_SPECIFIC:
-                self.stats.errors[failure] += 1
-                outcome.http_status = status
-                return self._finish(outcome, "rejected", failure, detail=text_head)
-            if failure is FailureClass.TRANSIENT:
-                self._last_answer = time.monotonic()
-                outcome.http_status = status
-                if self._note_transient(outcome, f"HTTP {status}: {text_head[:200]}"):
-                    return self._finish(outcome, "failed", FailureClass.TRANSIENT)
-                await self._pause(self._backoff(outcome.transient_errors))
-                continue
-            self._last_answer = time.monotonic()
-            try:
-                data = json.loads(raw)
-                if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-                    raise ValueError("no choices")
-            except ValueError as exc:  # garbled body: the transport, not the model
-                if self._note_transient(outcome, f"unparseable response body: {exc}"):
-                    return self._finish(outcome, "failed", FailureClass.TRANSIENT)
-                await self._pause(self._backoff(outcome.transient_errors))
-                continue
-            outcome.http_status = status
-            outcome.latency_ms = round(latency * 1000, 2)
-            self.stats.add_latency(latency * 1000)
-            self.window.on_success(latency)
-            problem = self._check_output(req, data)
-            if problem is not None:
-                self.stats.errors[problem[0]] += 1
-                if regen < ep.max_regenerations:
-                    regen += 1
-                    outcome.regenerations += 1
-                    continue
-                outcome.response = data
-                return self._finish(outcome, "invalid_output", problem[0], detail=problem[1])
-            outcome.response = data
-            usage = data.get("usage") or {}
-            self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-            self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
-            return self._finish(outcome, "ok", None)
-
-    async def _pause(self, seconds: float) -> None:
-        """Sleep without holding a window slot."""
-        self._busy -= 1
-        if self._wake is not None:
-            self._wake.set()
-        try:
-            await asyncio.sleep(seconds)
-        finally:
-            self._busy += 1
-
-    def _finish(
-        self, outcome: Outcome, status: str, failure: FailureClass | None, detail: str | None = None
-    ) -> Outcome:
-        outcome.status = status
-        outcome.error_class = str(failure) if failure is not None else None
-        if detail is not None:
-            outcome.error_detail = detail
-        self.stats.fresh += 1
-        self.stats.statuses[status] += 1
-        return outcome
-
-    def _note_transient(self, outcome: Outcome, detail: str) -> bool:
-        """Count a transient failure; True when the request has used up its attempts."""
-        outcome.transient_errors += 1
-        outcome.error_detail = detail
-        self.stats.errors[FailureClass.TRANSIENT] += 1
-        return outcome.transient_errors >= self.endpoint.max_attempts
-
     def _backoff(self, n: int) -> float:
         """~0.1 s, 0.2 s, 0.4 s ... capped at 30 s, jittered so retries do not align."""
         base = min(30.0, 0.05 * (2 ** min(n, 10)))
         return base * (0.5 + self._rng.random())
 
-    def _retry_after(self, header: str | None, n: int) -> float:
-        if header:
-            with contextlib.suppress(ValueError):
-                return min(60.0, max(0.0, float(header))) * (1 + 0.2 * self._rng.random())
-        return self._backoff(n)
-
-    def _check_output(
-        self, req: ChatRequest, data: dict[str, Any]
-    ) -> tuple[FailureClass, str] | None:
-        choices = data.get("choices") or []
-        if not choices:
-            return FailureClass.INVALID_OUTPUT, "no choices in response"
-        if not req.allow_truncated and int(req.sampling.get("n", 1)) == 1:
-            for c in choices:
-                if c.get("finish_reason") == "length":
-                    return FailureClass.TRUNCATED, "finish_reason=length"
-        if req.response_schema is not None:
-            for c in choices:
-                content = (c.get("message") or {}).get("content") or ""
-                err = self._schema.check(req.response_schema, content)
-                if err is not None:
-                    return FailureClass.INVALID_OUTPUT, err
-        return None
-
-    async def _image_urls(self, req: ChatRequest) -> dict[str, str]:
-        if not req.image_ids:
-            return {}
-        if self.images is None:
-            raise RuntimeError("request has images but the engine has no image source")
-        loop = asyncio.get_running_loop()
-        urls = {}
-        for image_id in req.image_ids:
-            urls[image_id] = await loop.run_in_executor(None, self.images.get, image_id)
-        return urls
+    def _notify(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -486,8 +330,15 @@ class RequestEngine:
             "completion_tokens": self.stats.completion_tokens,
             "p50_ms": self.stats.percentile(50),
             "p99_ms": self.stats.percentile(99),
-            "window": self.window.size,
+            "window": self.pool.window_total,
+            "replicas": self.pool.summary(),
         }
+
+
+def _lookup(
+    ledger: Ledger, chunk: list[ChatRequest]
+) -> tuple[list[ChatRequest], dict[str, Outcome]]:
+    return chunk, ledger.lookup(chunk)
 
 
 def _replay(outcome: Outcome, twin: ChatRequest) -> Outcome:

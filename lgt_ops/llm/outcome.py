@@ -25,6 +25,7 @@ class Outcome:
     latency_ms: float | None = None
     error_detail: str | None = None
     cached: bool = False
+    replica: str | None = None  # base URL of the replica that gave the last answer (not stored)
 
     @property
     def ok(self) -> bool:

@@ -14,11 +14,15 @@ Per role (vlm, llm, reasoner) the selected stages call (lgt_ops.llm.needs):
    stage reads it: `reasoning_content` (a reasoning parser) or inline before `</think>` (no
    parser). Which one is recorded; expand reads both.
 
-The result is one row per role (`RoleCheck`): logged as a table, stored in the lineage DB
-(`endpoint_preflight`, per pipeline run) and shown in the run summary. A problem fails the
-preflight with one line naming the role, the endpoint, what is wrong and what to set:
-`PreflightFailed` (permanent: Airflow does not retry it), or `EndpointDown` when an endpoint
-does not answer at all (transient: it may still be starting).
+The result is one row per role and replica (`RoleCheck`; every replica of a role is checked,
+and a replica's problem names its URL): logged as a table, stored in the lineage DB
+(`endpoint_preflight`, per pipeline run) and shown in the run summary. A replica that answers
+but cannot serve the stages fails the preflight with one line naming the role, the replica,
+what is wrong and what to set: `PreflightFailed` (permanent: Airflow does not retry it). A
+replica that does not answer (refused, timed out, 5xx) is `down`: a warning, and the run goes
+on with the others (the request engine takes it in later only once its GET /models lists the
+model: lgt_ops.llm.replicas). Every replica of a role down is `EndpointDown` (transient: the
+servers may still be starting).
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from lgt_ops import prompts
 from lgt_ops.config import ROLES, EndpointSettings, Settings
@@ -41,6 +44,7 @@ from lgt_ops.llm.engine import RequestEngine, run_all
 from lgt_ops.llm.errors import EndpointAuthError, EndpointDown
 from lgt_ops.llm.needs import RoleNeed, role_needs
 from lgt_ops.llm.outcome import Outcome
+from lgt_ops.llm.replicas import public_url
 from lgt_ops.llm.request import CONTINUE, ChatRequest, image_part
 from lgt_ops.storage import ObjectStore, S3Store
 
@@ -77,7 +81,7 @@ class RoleCheck:
     needed_tokens: int | None = None  # the largest request of the selected stages
     capabilities: dict[str, Any] = field(default_factory=dict)
     latency_ms: float | None = None  # the probe request
-    status: str = "ok"  # ok | failed | refused (credentials) | unreachable (retry can help)
+    status: str = "ok"  # ok | failed | refused (credentials) | down (no answer: tolerated)
     problem: str | None = None
 
     def fail(self, problem: str, status: str = "failed") -> None:
@@ -91,18 +95,31 @@ class PreflightReport:
 
     @property
     def ok(self) -> bool:
-        return all(c.status == "ok" for c in self.checks)
+        """Nothing to stop the run (down replicas of a role that has a good one are fine)."""
+        return self.failure_line() is None
+
+    def _all_down(self) -> list[RoleCheck]:
+        """Down rows of roles where no replica passed."""
+        good = {c.role for c in self.checks if c.status == "ok"}
+        return [c for c in self.checks if c.status == "down" and c.role not in good]
+
+    def _wrong(self) -> list[RoleCheck]:
+        return [c for c in self.checks if c.status not in ("ok", "down")]
 
     def failure_line(self) -> str | None:
-        problems = [c.problem for c in self.checks if c.problem and c.status != "ok"]
-        return "; ".join(p for p in problems if p) or None
+        problems = [c.problem for c in self._wrong() + self._all_down() if c.problem]
+        return "; ".join(problems) or None
+
+    def warnings(self) -> list[str]:
+        """One line per down replica of a role that goes on with its other replicas."""
+        return down_warnings(self.rows())
 
     def raise_if_failed(self) -> None:
         line = self.failure_line()
         if line is None:
             return
-        statuses = {c.status for c in self.checks} - {"ok"}
-        if statuses == {"unreachable"}:
+        statuses = {c.status for c in self._wrong()}
+        if not statuses:  # only whole roles down: the servers may still be starting
             raise EndpointDown(line)
         if statuses == {"refused"}:
             raise EndpointAuthError(line)
@@ -112,17 +129,30 @@ class PreflightReport:
         return [asdict(c) for c in self.checks]
 
 
+def down_warnings(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """Warning lines for the down replicas of roles where another replica passed (stored
+    rows or report rows)."""
+    rows = list(rows)
+    good = {r["role"] for r in rows if r["status"] == "ok"}
+    return [
+        f"warning: {r['problem']}; the run goes on with the other {r['role']} replicas"
+        for r in rows
+        if r["status"] == "down" and r["role"] in good and r.get("problem")
+    ]
+
+
 # -- running it ----------------------------------------------------------------------------------
 def check(
     settings: Settings, stages: Iterable[str], store: ObjectStore | None = None
 ) -> PreflightReport:
-    """Check each role the selected stages need; never raises for an endpoint's problem."""
+    """Check each replica of each role the selected stages need; never raises for an
+    endpoint's problem."""
     needs = role_needs(settings, stages)
     listings: dict[str, Any] = {}  # base URL -> control-plane answer (once per endpoint)
     checks = []
     for role, need in needs.items():
-        ep = settings.endpoint(role)
-        checks.append(check_role(ep, need, settings, store, listings))
+        for replica in settings.endpoint(role).replicas():  # every replica of the role
+            checks.append(check_role(replica, need, settings, store, listings))
     report = PreflightReport(checks)
     log_table(report)
     return report
@@ -135,7 +165,8 @@ def check_role(
     store: ObjectStore | None,
     listings: dict[str, Any] | None = None,
 ) -> RoleCheck:
-    url = ep.require_url()
+    """One replica of a role (`ep` has a single base URL: see `EndpointSettings.replicas`)."""
+    (url,) = ep.require_urls()
     row = RoleCheck(
         role=ep.role,
         endpoint=public_url(url),
@@ -149,7 +180,7 @@ def check_role(
             listings[url] = _control_plane(ep)
         served, version = listings[url]
     except EndpointDown as exc:
-        row.fail(str(exc), "unreachable")
+        row.fail(str(exc), "down")
         return row
     except EndpointAuthError as exc:
         row.fail(str(exc), "refused")
@@ -170,20 +201,28 @@ def check_role(
         return row
     row.capabilities["model_listed"] = True
     row.max_model_len = _int_or_none(card.get("max_model_len"))
-    problems = []
-    if row.max_model_len is not None and need.largest.tokens > row.max_model_len:
-        big = need.largest
-        problems.append(
-            f"model '{ep.model}' has a context of {row.max_model_len} tokens but the"
-            f" {big.stage} stage sends requests of up to {big.tokens} tokens"
-            f" ({big.prompt_tokens} prompt + {big.max_tokens} max_tokens); start the server"
-            f" with a larger context (vLLM --max-model-len {_round_up(big.tokens)}) or serve a"
-            " model that has one"
-        )
-    problems += _probe(ep, need, settings, store, row)
+    problems = _context_problems(ep, need, row.max_model_len)
+    try:
+        problems += _probe(ep, need, settings, store, row)
+    except _NoAnswer as exc:
+        row.fail(f"preflight: {ep.role} endpoint {row.endpoint}: {exc}", "down")
+        return row
     if problems:
         row.fail(f"preflight: {ep.role} endpoint {row.endpoint}: " + "; ".join(problems))
     return row
+
+
+def _context_problems(ep: EndpointSettings, need: RoleNeed, context: int | None) -> list[str]:
+    big = need.largest
+    if context is None or big.tokens <= context:
+        return []
+    return [
+        f"model '{ep.model}' has a context of {context} tokens but the"
+        f" {big.stage} stage sends requests of up to {big.tokens} tokens"
+        f" ({big.prompt_tokens} prompt + {big.max_tokens} max_tokens); start the server"
+        f" with a larger context (vLLM --max-model-len {_round_up(big.tokens)}) or serve a"
+        " model that has one"
+    ]
 
 
 # -- control plane (official client) -------------------------------------------------------------
@@ -191,7 +230,7 @@ def _control_plane(ep: EndpointSettings) -> tuple[dict[str, dict[str, Any]], str
     """(model id -> model card, server version or None)."""
     import openai
 
-    url = ep.require_url()
+    (url,) = ep.require_urls()
     key = ep.api_key.get_secret_value() if ep.api_key is not None else "EMPTY"
     client = openai.OpenAI(
         base_url=url,
@@ -213,6 +252,11 @@ def _control_plane(ep: EndpointSettings) -> tuple[dict[str, dict[str, Any]], str
             f"{where} refused credentials (HTTP {exc.status_code}); set"
             f" LGT_{ep.role.upper()}_API_KEY (or the password of the Airflow connection"
             f" lgt_{ep.role}) to the key the server expects"
+        ) from exc
+    except openai.InternalServerError as exc:  # 5xx: a server in trouble, not a wrong one
+        raise EndpointDown(
+            f"{where} does not answer (GET /models: HTTP {exc.status_code}); check that the"
+            " server is up (it may still be loading the model)"
         ) from exc
     except openai.APIStatusError as exc:
         raise PreflightFailed(
@@ -317,6 +361,10 @@ def probe_request(ep: EndpointSettings, need: RoleNeed, settings: Settings) -> C
     )
 
 
+class _NoAnswer(Exception):
+    """The probe got no usable answer (connection, timeout, 5xx): the replica is down."""
+
+
 def _probe_endpoint(ep: EndpointSettings) -> EndpointSettings:
     """The endpoint's settings for one probe: no regeneration, few retries, short waits."""
     return ep.model_copy(
@@ -347,7 +395,7 @@ def _probe(
     try:
         (outcome,) = run_all(engine, [probe_request(ep, need, settings)])
     except EndpointDown as exc:
-        return [f"the probe request got no answer ({exc})"]
+        raise _NoAnswer(f"the probe request got no answer ({exc})") from exc
     except EndpointAuthError:
         return [f"chat requests refused credentials; set LGT_{ep.role.upper()}_API_KEY"]
     row.latency_ms = round((time.monotonic() - started) * 1000, 1)
@@ -387,8 +435,8 @@ def _read_probe(
             f"the probe request was refused (HTTP {outcome.http_status}: {detail}); check"
             f" LGT_{ep.role.upper()}_MODEL and the server's options"
         ]
-    if outcome.status == "failed":
-        return [f"the probe request failed ({outcome.error_class}: {detail})"]
+    if outcome.status == "failed":  # resets, timeouts, 5xx on every attempt
+        raise _NoAnswer(f"the probe request failed ({outcome.error_class}: {detail})")
     if images is not None:
         caps["image"] = images.transport
     if need.bad_words:
@@ -430,16 +478,6 @@ def _read_thinking(ep: EndpointSettings, outcome: Outcome, caps: dict[str, Any])
 
 
 # -- reporting -----------------------------------------------------------------------------------
-def public_url(url: str) -> str:
-    """The URL without credentials or query (a key may ride in either)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def capabilities_text(caps: dict[str, Any]) -> str:
     parts = []
     if "image" in caps:
@@ -491,8 +529,11 @@ def log_table(report: PreflightReport) -> None:
         return
     # INFO: the CLI prints the table itself and a failure is raised as one line.
     log.info("endpoint preflight:\n%s", format_table(report.rows()))
+    warned = report.warnings()
+    for line in warned:
+        log.warning("%s", line)
     for c in report.checks:
-        if c.problem:
+        if c.problem and not any(c.problem in w for w in warned):
             log.info("%s", c.problem)
 
 
@@ -525,7 +566,8 @@ _COLUMNS = ("role", "endpoint", "model", "stages", "server_version", "max_model_
 
 
 def record(db: Any, run_id: str, report: PreflightReport) -> None:
-    """Store the table for this pipeline run; a repeated preflight (a retry) replaces it."""
+    """Store the table (a row per role and replica) for this pipeline run; a repeated
+    preflight (a retry) replaces it."""
     from sqlalchemy import text
 
     rows = [
@@ -564,4 +606,4 @@ def stored(db: Any, run_id: str) -> list[dict[str, Any]]:
         )
         rows = [dict(r._mapping) for r in result]
     order = {role: n for n, role in enumerate(ROLES)}
-    return sorted(rows, key=lambda r: order.get(r["role"], len(order)))
+    return sorted(rows, key=lambda r: (order.get(r["role"], len(order)), r["endpoint"]))

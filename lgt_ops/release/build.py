@@ -20,7 +20,7 @@ from lgt_ops.env import StageEnv
 from lgt_ops.release import incremental, splits
 from lgt_ops.release.scope import CHUNK, chunks_of, rejections_by_image
 
-# Every release_members row names all id columns (a batch insert takes the first row's keys).
+# Every member row names all id columns (a batch insert takes the first row's keys).
 _NO_IDS = {"question_id": None, "image_id": None, "trace_id": None, "pair_id": None}
 
 # (builder, rows, file stem) -> the part's manifest entry, staged or reused by the caller
@@ -53,6 +53,7 @@ def build_buckets(
     open_: dict[int, _Open] = {}
     for start in range(0, len(flat), CHUNK):
         (chunk,) = chunks_of(env, flat[start : start + CHUNK])
+        chunk.load_images(env)
         members: list[dict[str, Any]] = []
         with env.db.connect() as conn:
             outputs = splits.ChunkOutputs.load(env, conn, chunk)
@@ -67,11 +68,11 @@ def build_buckets(
                     state = incremental.BucketState(digest, len(rows))
                     open_[b] = _Open(fresh, state, len(rows), {x.name: [] for x in fresh})
                 view = dataclasses.replace(outputs, questions=questions.get(b, []))
-                keys[b] = _rows(env, release_id, open_[b], chunk, view, members)
+                keys[b] = _rows(env, release_id, b, open_[b], chunk, view, members)
             _served(conn, open_, keys)
             _rejections(conn, open_, chunk.image_ids, fps, n_buckets)
         with env.db.begin() as conn:
-            insert_ignore(conn, "release_members", members)
+            insert_ignore(conn, "member_rows", members)
         for i in chunk.image_ids:
             open_[incremental.bucket_of(i, n_buckets)].left -= 1
         for b in [b for b, o in open_.items() if o.left == 0]:
@@ -81,6 +82,7 @@ def build_buckets(
 def _rows(
     env: StageEnv,
     release_id: str,
+    n: int,
     bucket: _Open,
     chunk: Any,
     outputs: splits.ChunkOutputs,
@@ -91,7 +93,8 @@ def _rows(
     for b in bucket.builders:
         for row, member in b.rows(env, chunk, outputs):
             bucket.rows[b.name].append(row)
-            members.append({**_NO_IDS, "release_id": release_id, "split": b.name, **member})
+            owner = {"owner_release_id": release_id, "bucket": n, "split": b.name}
+            members.append({**_NO_IDS, **owner, **member})
         keys += b.take_request_keys()
     return keys
 

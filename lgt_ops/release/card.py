@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from typing import Any
 
@@ -20,8 +21,32 @@ def _yaml_list(items: list[str], indent: int) -> str:
     return "\n".join(f"{pad}- {json.dumps(i)}" for i in items)
 
 
+def config_files(manifest: dict[str, Any], globs: list[str]) -> list[str]:
+    """A config's part files by name, not by glob: the names carry the parts' hashes, so
+    `datasets`, which keys its cache on a folder's config and file names, can never serve one
+    release's rows for another's with the same name and version in the same folder."""
+    paths = [f["path"] for s in manifest["splits"].values() for f in s["files"]]
+    return sorted(p for p in paths if any(fnmatch.fnmatchcase(p, g) for g in globs))
+
+
 def render(manifest: dict[str, Any]) -> str:
-    configs = manifest["configs"]
+    counts = manifest.get("counts", {})
+    lines = [_header(manifest), "", f"# {manifest['name']} {manifest['version']}", ""]
+    if manifest.get("simulated"):
+        lines += [_SIMULATED]
+    lines += _splits(manifest)
+    lines += _provenance(manifest)
+    lines += quality_section(manifest.get("quality"))
+    lines += _method_sections(counts.get("splits", {}))
+    lines += card_section(manifest)
+    lines += _decontamination(counts.get("rejections", {}))
+    lines += question_checks(manifest)
+    lines += _rejections(counts.get("rejections", {}))
+    return "\n".join(lines)
+
+
+def _header(manifest: dict[str, Any]) -> str:
+    """The Hugging Face YAML header: tags and one config per split glob set."""
     header = [
         "---",
         "license: other",
@@ -37,24 +62,20 @@ def render(manifest: dict[str, Any]) -> str:
     if manifest.get("simulated"):
         header.append("- simulated")
     header.append("configs:")
-    for i, (name, globs) in enumerate(sorted(configs.items())):
+    for i, (name, globs) in enumerate(sorted(manifest["configs"].items())):
         header.append(f"- config_name: {name}")
         if i == 0:
             header.append("  default: true")
         header.append("  data_files:")
         header.append("  - split: train")
         header.append("    path:")
-        header.append(_yaml_list(globs, 4))
+        header.append(_yaml_list(config_files(manifest, globs), 4))
     header.append("---")
+    return "\n".join(header)
+
+
+def _splits(manifest: dict[str, Any]) -> list[str]:
     lines = [
-        "\n".join(header),
-        "",
-        f"# {manifest['name']} {manifest['version']}",
-        "",
-    ]
-    if manifest.get("simulated"):
-        lines += [_SIMULATED]
-    lines += [
         "Grounded multiple-choice questions and long reasoning traces about images, built by "
         'LGT-ETL following "Long Grounded Thoughts" (Acuna et al., 2025).',
         "",
@@ -65,8 +86,12 @@ def render(manifest: dict[str, Any]) -> str:
     ]
     for name, split in sorted(manifest["splits"].items()):
         lines.append(f"| {name} | {split['rows']} | {len(split['files'])} |")
+    return lines
+
+
+def _provenance(manifest: dict[str, Any]) -> list[str]:
     counts = manifest.get("counts", {})
-    lines += [
+    return [
         "",
         "## Provenance",
         "",
@@ -86,21 +111,52 @@ def render(manifest: dict[str, Any]) -> str:
         "LGT-ETL lineage database; see the project's sql/queries/.",
         "",
     ]
-    lines += _method_sections(counts.get("splits", {}))
-    lines += card_section(manifest)
-    lines += _decontamination(counts.get("rejections", {}))
-    lines += [
-        "## Rejected items by reason",
+
+
+def _value(metric: str, value: float) -> str:
+    return f"{value:.1%}" if metric.endswith("_deviation") else str(int(value))
+
+
+def quality_section(quality: dict[str, Any] | None) -> list[str]:
+    """The release validator's figures (lgt_ops/release/quality.py), as measured at publish."""
+    if not quality:
+        return []
+    figures = quality["figures"]
+    failed = [f for f in figures if not f["passed"]]
+    verdict = (
+        f"All {len(figures)} checks passed."
+        if not failed
+        else f"**{len(failed)} of {len(figures)} checks FAILED.**"
+    )
+    lines = [
+        "## Quality",
         "",
+        f"{verdict} Counts must be 0; a deviation is the largest gap between a share of the "
+        "correct letter (or of the correct value's rank among numeric options) and uniform "
+        "(for a count, uniform over the ranks it can take; `value_rank_raw_deviation`, shown "
+        "and not judged, is the gap to 1/k).",
+        "",
+        "| check | scope | value | max | n | result |",
+        "|---|---|---:|---:|---:|---|",
     ]
-    rejections = counts.get("rejections", {})
+    for f in figures:
+        result = "ok" if f["passed"] else "FAIL: " + str(f["detail"]).replace("|", "\\|")
+        lines.append(
+            f"| {f['metric']} | {f['scope']} | {_value(f['metric'], f['value'])} |"
+            f" {_value(f['metric'], f['max_allowed'])} | {f['n']} | {result} |"
+        )
+    return [*lines, ""]
+
+
+def _rejections(rejections: dict[str, dict[str, int]]) -> list[str]:
+    lines = ["## Rejected items by reason", ""]
     if not rejections:
         lines.append("None.")
     for stage, reasons in sorted(rejections.items()):
         detail = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items()))
         lines.append(f"- {stage}: {detail}")
     lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def _cue_table(sft: dict[str, dict[str, int]]) -> list[str]:
@@ -184,3 +240,29 @@ def _decontamination(rejections: dict[str, dict[str, int]]) -> list[str]:
     for name, per in sorted(hits.items()):
         lines.append(f"| {name} | {per.get('images', 0)} | {per.get('questions', 0)} |")
     return lines + [""]
+
+
+# (stage, reason, questions-split stat of the questions that passed, what the check asks)
+_CHECKS = (
+    ("blind", "answerable_without_image", "stage1", "answerable without the image"),
+    ("harden", "not_harder", "stage2", "composed, not harder than its parents"),
+)
+
+
+def question_checks(manifest: dict[str, Any]) -> list[str]:
+    """Questions each check removed: the blind check (a text-only LLM answers from the text
+    and options alone) and the hardness rule of composed questions (when they ran)."""
+    counts = manifest.get("counts", {})
+    rejections = counts.get("rejections", {})
+    questions = counts.get("splits", {}).get("questions", {})
+    rows = []
+    for stage, reason, passed, what in _CHECKS:
+        removed = rejections.get(stage, {}).get(reason, 0)
+        checked = removed + questions.get(passed, 0)
+        if stage in manifest.get("fingerprints", {}):
+            share = f"{removed / checked:.1%}" if checked else "-"
+            rows.append(f"| {what} (`{reason}`) | {checked} | {removed} | {share} |")
+    if not rows:
+        return []
+    head = ["## Question checks", "", "| check | checked | rejected | rate |"]
+    return [*head, "|---|---:|---:|---:|", *rows, ""]

@@ -35,7 +35,16 @@ OUTPUTS: dict[str, tuple[str, str | None]] = {
         "questions o WHERE o.image_id IN {images} AND o.stage = 2 AND o.fingerprint = :fp",
         "o.request_key",
     ),
+    "blind": (
+        f"question_checks o {_BY_QUESTION} AND o.fingerprint = :fp AND o.kept = :yes",
+        "o.request_key",
+    ),
     "cot": (f"rollouts o {_BY_QUESTION} AND o.fingerprint = :fp", "o.request_key"),
+    "cot2": (f"rollouts o {_BY_QUESTION} AND o.fingerprint = :fp", "o.request_key"),
+    "harden": (
+        f"question_checks o {_BY_QUESTION} AND o.fingerprint = :fp AND o.kept = :yes",
+        None,
+    ),
     "expand": (f"expansions o {_BY_QUESTION} AND o.fingerprint = :fp", "o.request_key"),
     "filter": (
         f"trace_verdicts o {_BY_QUESTION} AND o.fingerprint = :fp AND o.passed = :yes",

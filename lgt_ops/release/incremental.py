@@ -17,8 +17,9 @@ so a row written concurrently at worst makes the next publish rebuild that bucke
 
 `buckets.json` (listed and hashed in the manifest) keeps, per bucket, its digest, its parts
 and what the manifest's counts need (images, split stats, rejections, served models), so a
-reused bucket costs a server-side copy of its parts and an `INSERT ... SELECT` of its
-`release_members` rows from the parent: no row is read, encoded or hashed again.
+reused bucket costs a server-side copy of its parts and one `release_member_sets` row linking
+the member rows its builder wrote (`release_members` is a view over the two tables, migration
+0013): no row is read, encoded, hashed or copied again.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 
+from lgt_ops.db.repo import insert_ignore
 from lgt_ops.env import StageEnv
 from lgt_ops.ids import hbucket
+from lgt_ops.release.errors import ReleaseError
 
 INDEX = "buckets.json"
-_IDS = ", ".join(("question_id", "image_id", "trace_id", "pair_id"))
 
 
 def bucket_of(image_id: str, buckets: int) -> int:
@@ -65,18 +67,24 @@ _SOURCES: tuple[tuple[str, str | None], ...] = (
     ),
     ("SELECT image_id, question_id AS ident FROM questions WHERE fingerprint = :fp", "mcq"),
     ("SELECT image_id, question_id AS ident FROM questions WHERE fingerprint = :fp", "compose"),
+    (_q("question_checks", "question_id"), "blind"),
     (_q("rollouts", "rollout_id"), "cot"),
     (_q("difficulty", "question_id"), "cot"),
+    (_q("rollouts", "rollout_id"), "cot2"),
+    (_q("difficulty", "question_id"), "cot2"),
+    (_q("question_checks", "question_id"), "harden"),
     (_q("expansions", "expansion_id"), "expand"),
     (_q("trace_verdicts", "trace_id"), "filter"),
     (_q("behaviour_tags", "trace_id"), "tag"),
     (_q("pairs", "pair_id"), "pairs"),
 )
 
-# A row's 60-bit hash: the first 15 hex digits of md5("<image_id> <ident>"). Per bucket and
-# table the digest keeps (rows, sum of hashes): order-free, so Postgres sums it server-side
-# (B rows back instead of every id) and Python computes the very same numbers elsewhere.
-_PG_HASH = "('x' || substr(md5(image_id || ' ' || ident), 1, 15))::bit(60)::bigint"
+# Per bucket and table the digest keeps (rows, sum of row hashes): order-free, so Postgres
+# sums it server-side (B rows back instead of every id). A row's hash is a 64-bit hash of
+# "<image_id> <ident>": Postgres' own `hashtextextended` (half the cost of md5 over every
+# lineage row), elsewhere the first 15 hex digits of its md5. Digests are only ever compared
+# within one lineage DB; a different hash at worst rebuilds every bucket once.
+_PG_HASH = "hashtextextended(image_id || ' ' || ident, 0)"
 _PG_BUCKET = "((('x' || substr(image_id, 1, 8))::bit(32)::bigint & 2147483647) % :n)"
 
 
@@ -169,7 +177,8 @@ class BucketState:
 
 def render_index(buckets: int, states: dict[int, BucketState]) -> bytes:
     body = {"buckets": buckets, "entries": {str(b): s.as_dict() for b, s in sorted(states.items())}}
-    return json.dumps(body, indent=1, sort_keys=True).encode("utf-8")
+    # compact: the C encoder (an indented dump takes the pure-Python one, 10x slower)
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 def parent_states(
@@ -189,35 +198,61 @@ def parent_states(
     return {int(b): BucketState.from_dict(d) for b, d in entries.items()}
 
 
+def unchanged_goodput(
+    parent: dict[str, Any] | None, counts: dict[str, Any], every_bucket_reused: bool
+) -> dict[str, Any] | None:
+    """The parent's goodput when this version is the parent's content again: every bucket
+    reused under the same request, so the same image set, outputs and rejections, hence the
+    same requests behind them (insert-only rows), and the same counts. Else None (measure)."""
+    if parent is None or not every_bucket_reused:
+        return None
+    old = parent.get("counts") or {}
+    if "goodput" not in old or any(old.get(k) != v for k, v in counts.items()):
+        return None
+    return old["goodput"]
+
+
 def add_counts(into: dict[str, int], more: dict[str, int]) -> None:
     """Sum counters, keeping zero entries (a fresh and an incremental publish must agree)."""
     for k, v in more.items():
         into[k] = into.get(k, 0) + v
 
 
-def copy_members(
-    conn: Connection,
-    release_id: str,
-    parent_id: str,
-    buckets: int,
-    reused: list[int],
-    every_bucket: bool,
+def link_members(
+    conn: Connection, release_id: str, parent_id: str | None, rebuilt: list[int], reused: list[int]
 ) -> None:
-    """The parent's release_members rows of the reused buckets (`every_bucket`: all the
-    parent had), copied by the database."""
+    """Record the member sets of a version: its own for the buckets it rebuilt, and its
+    parent's (one row per bucket, the rows themselves are shared) for the ones it reused."""
+    own = [{"release_id": release_id, "bucket": b, "owner_release_id": release_id} for b in rebuilt]
+    insert_ignore(conn, "release_member_sets", own)
     if not reused:
         return
-    select = (
-        f"INSERT INTO release_members (release_id, split, row_id, {_IDS})"
-        " SELECT :r, m.split, m.row_id, m.question_id, m.image_id, m.trace_id, m.pair_id"
-        " FROM release_members m"
-    )
-    params: dict[str, Any] = {"r": release_id, "p": parent_id}
-    if every_bucket:
-        conn.execute(text(select + " WHERE m.release_id = :p"), params)
-        return
     stmt = text(
-        select + " JOIN images i ON i.image_id = m.image_id"
-        " WHERE m.release_id = :p AND i.hbucket % :n IN :b"
+        "INSERT INTO release_member_sets (release_id, bucket, owner_release_id)"
+        " SELECT :r, bucket, owner_release_id FROM release_member_sets"
+        " WHERE release_id = :p AND bucket IN :b"
     ).bindparams(bindparam("b", expanding=True))
-    conn.execute(stmt, {**params, "n": buckets, "b": sorted(reused)})
+    linked = conn.execute(stmt, {"r": release_id, "p": parent_id, "b": sorted(reused)}).rowcount
+    if linked != len(reused):
+        raise ReleaseError(
+            f"release {release_id}: {len(reused) - linked} reused buckets have no member set"
+            f" in {parent_id}"
+        )
+
+
+def shares_members(conn: Connection, parent_id: str) -> bool:
+    """Whether the parent's members are kept per bucket (else it predates shared sets and
+    nothing of it is reused)."""
+    legacy = conn.execute(
+        text("SELECT 1 FROM release_member_sets WHERE release_id = :p AND bucket < 0"),
+        {"p": parent_id},
+    ).first()
+    return legacy is None
+
+
+def delete_members(conn: Connection, release_id: str) -> None:
+    """Remove an unpublished release's member sets and the rows it wrote (no other version
+    links a set of a release that was never published)."""
+    params = {"r": release_id}
+    conn.execute(text("DELETE FROM release_member_sets WHERE release_id = :r"), params)
+    conn.execute(text("DELETE FROM member_rows WHERE owner_release_id = :r"), params)

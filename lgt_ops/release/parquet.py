@@ -22,6 +22,7 @@ IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 TEXT_PART = pa.struct([("type", pa.string()), ("text", pa.string())])
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.list_(TEXT_PART))])
 MESSAGES = pa.list_(MESSAGE)
+_DICTIONARY_BYTES = 64 << 20
 
 
 def _feature(dtype: pa.DataType, image: bool) -> dict[str, Any]:
@@ -70,6 +71,9 @@ def encode_part(rows: list[dict[str, Any]], schema: pa.Schema, path: str) -> Par
         use_dictionary=True,
         write_statistics=True,
         row_group_size=10_000,
+        # an embedded image repeats in every row about it: a dictionary this large keeps one
+        # copy per part and row group even for multi-megabyte images (default: 1 MiB)
+        dictionary_pagesize_limit=_DICTIONARY_BYTES,
     )
     data = buf.getvalue()
     return Part(path, len(rows), hashlib.sha256(data).hexdigest(), len(data), data)

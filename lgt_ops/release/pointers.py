@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from lgt_ops.db.repo import dumps, upsert, utcnow
 from lgt_ops.env import StageEnv
-from lgt_ops.release import goodput
+from lgt_ops.release import goodput, quality
 
 
 def release_prefix(name: str, version: str) -> str:
@@ -48,6 +48,7 @@ def mark_published(
             },
         )
         goodput.record(conn, release_id, manifest)
+        quality.record(conn, release_id, manifest)
         upsert(
             conn,
             "release_pointers",

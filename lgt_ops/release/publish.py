@@ -4,7 +4,7 @@ Order of events, each step safe to crash in:
 1. a `releases` row in state `staging` (a unique (name, version) claims the version);
 2. splits written bucket by bucket (`lgt_ops.release.incremental`): a bucket whose digest
    equals the previous version's is reused (its parts copied from that version at step 3,
-   its members copied by the database), any other is streamed into Parquet parts under
+   its member rows linked, not copied), any other is streamed into Parquet parts under
    `releases/<name>/.staging/<version>/`, members recorded as they are written;
 3. every staged part verified (size and sha256 re-read), then copied to the final prefix;
 4. `manifest.json` written with a conditional create: the commit point in the store;
@@ -39,7 +39,7 @@ from lgt_ops.env import StageEnv
 from lgt_ops.ids import sha256_hex
 from lgt_ops.llm.simulated import MODEL_PREFIX
 from lgt_ops.progress import Progress
-from lgt_ops.release import card, goodput, incremental, report, splits
+from lgt_ops.release import card, goodput, incremental, report, splits, validate
 from lgt_ops.release.build import build_buckets
 from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
 from lgt_ops.release.parquet import encode_part, with_hf_features
@@ -275,14 +275,53 @@ def _publish_locked(
         states[b] = state
         progress.update(state.images)
     progress.close()
-    with env.db.begin() as conn:
-        every = len(reused) == len(prior)  # no bucket of the parent's dropped or rebuilt
-        incremental.copy_members(conn, release_id, str(parent_id), n_buckets, reused, every)
+    with env.db.begin() as conn:  # reused buckets link the parent's member rows, not copy them
+        rebuilt = sorted(set(states) - set(reused))
+        incremental.link_members(conn, release_id, parent_id, rebuilt, reused)
     parts = layout.split_files([b.name for b in builders], builders, states)
     kill_point("staged")
     counts, served = _counts(env, spec, fps, builders, states)
     rows = sum(p["rows"] for ps in parts.values() for p in ps)
-    counts["goodput"] = goodput.measure(env, spec, sample_size, fps, counts, rows)
+    unchanged = bool(prior) and not todo and len(reused) == len(prior)
+    counts["goodput"] = incremental.unchanged_goodput(parent, counts, unchanged)
+    if counts["goodput"] is None:
+        counts["goodput"] = goodput.measure(env, spec, sample_size, fps, counts, rows)
+    simulated = _refuse_simulated(env, release_id, layout, served, allow_simulated)
+    manifest = _manifest(
+        env, name, version, spec, sample_size, parts, fps, counts, served, simulated
+    )
+    layout.promote(prefix)
+    manifest["incremental"] = _write_index(env, prefix, n_buckets, states, len(reused), layout)
+    manifest["quality"] = _quality(env, release_id, prefix, manifest, parent, unchanged)
+    manifest["report"] = _write_report(env, prefix, manifest)
+    manifest["card_sha256"] = _write_card(env, prefix, manifest)
+    body = _commit_manifest(env, prefix, uri, manifest)
+    mark_published(env, release_id, name, manifest, hashlib.sha256(body).hexdigest(), simulated)
+    kill_point("published")
+    layout.clear_staging()
+    return Published(release_id, name, version, uri, manifest["content_sha256"], manifest)
+
+
+def _quality(
+    env: StageEnv,
+    release_id: str,
+    prefix: str,
+    manifest: dict[str, Any],
+    parent: dict[str, Any] | None,
+    unchanged: bool,
+) -> dict[str, Any]:
+    """The validator's figures, measured on the promoted parts before the commit point (a
+    crash here is cleaned up); an unchanged refresh has the parent's rows and lineage (every
+    bucket digest equal), hence its figures, which are not read again."""
+    if unchanged and parent is not None and parent.get("quality"):
+        return parent["quality"]
+    return validate.measure(env, release_id, prefix, manifest).as_dict()
+
+
+def _refuse_simulated(
+    env: StageEnv, release_id: str, layout: _Layout, served: set[str], allow_simulated: bool
+) -> bool:
+    """Whether the simulator served any selected output; refused unless allowed."""
     simulated = any(s.startswith(MODEL_PREFIX) for s in served)
     if simulated and not allow_simulated:
         _abandon(env, release_id, layout)
@@ -291,27 +330,42 @@ def _publish_locked(
             " test double); refusing to publish them. Point the endpoints at real models, or"
             " set allow_simulated (--allow-simulated) for a demo/test release."
         )
-    manifest = _manifest(
-        env, name, version, spec, sample_size, parts, fps, counts, served, simulated
-    )
-    layout.promote(prefix)
+    return simulated
+
+
+def _write_index(
+    env: StageEnv,
+    prefix: str,
+    n_buckets: int,
+    states: dict[int, incremental.BucketState],
+    buckets_reused: int,
+    layout: _Layout,
+) -> dict[str, Any]:
+    """Write the bucket index next to the parts; the manifest's `incremental` section."""
     index = incremental.render_index(n_buckets, states)
     env.store.put(f"{prefix}/{incremental.INDEX}", index)
-    manifest["incremental"] = {
+    return {
         "buckets": n_buckets,
         "index": {
             "path": incremental.INDEX,
             "sha256": hashlib.sha256(index).hexdigest(),
             "bytes": len(index),
         },
-        "buckets_reused": len(reused),
+        "buckets_reused": buckets_reused,
         "parts_written": layout.written,
         "parts_reused": layout.reused,
     }
-    manifest["report"] = _write_report(env, prefix, manifest)
+
+
+def _write_card(env: StageEnv, prefix: str, manifest: dict[str, Any]) -> str:
+    """Write the dataset card (README.md); its sha256 for the manifest."""
     card_md = card.render(manifest).encode("utf-8")
     env.store.put(f"{prefix}/README.md", card_md)
-    manifest["card_sha256"] = hashlib.sha256(card_md).hexdigest()
+    return hashlib.sha256(card_md).hexdigest()
+
+
+def _commit_manifest(env: StageEnv, prefix: str, uri: str, manifest: dict[str, Any]) -> bytes:
+    """Write manifest.json if absent: the commit point of a release (its bytes returned)."""
     body = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
     kill_point("before_commit")
     try:
@@ -319,10 +373,7 @@ def _publish_locked(
     except ObjectExists as exc:
         raise ReleaseExists(f"{uri}/manifest.json appeared while publishing") from exc
     kill_point("committed")
-    mark_published(env, release_id, name, manifest, hashlib.sha256(body).hexdigest(), simulated)
-    kill_point("published")
-    layout.clear_staging()
-    return Published(release_id, name, version, uri, manifest["content_sha256"], manifest)
+    return body
 
 
 def _reuse_unchanged(
@@ -368,6 +419,9 @@ def _prior_states(
     a bucket digest covers the lineage rows, not the configuration that selects them)."""
     if parent_id is None or parent is None or _request_of(parent) != request:
         return {}
+    with env.db.connect() as conn:
+        if not incremental.shares_members(conn, parent_id):
+            return {}
     return incremental.parent_states(env, prefix_of(parent_id), parent, n_buckets)
 
 
@@ -541,5 +595,5 @@ def _write_report(env: StageEnv, prefix: str, manifest: dict[str, Any]) -> list[
 def _abandon(env: StageEnv, release_id: str, layout: _Layout) -> None:
     layout.clear_staging()
     with env.db.begin() as conn:
-        conn.execute(text("DELETE FROM release_members WHERE release_id = :r"), {"r": release_id})
+        incremental.delete_members(conn, release_id)
         conn.execute(text("DELETE FROM releases WHERE release_id = :r"), {"r": release_id})

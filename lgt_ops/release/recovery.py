@@ -14,8 +14,8 @@ Whoever holds the lock knows that every `staging` row of N belongs to a dead att
 settles them before it claims a version:
 - committed (its `manifest.json`, the commit point, is in the store): finished — row marked
   `published`, `latest` moved, staging files removed;
-- not committed: removed — its files (staged and already promoted), its `release_members`
-  rows and its row; an auto-assigned version (`YYYYMMDD.N`) is handed back for reuse.
+- not committed: removed — its files (staged and already promoted), its member sets and rows
+  and its row; an auto-assigned version (`YYYYMMDD.N`) is handed back for reuse.
 Stray files under `releases/N/.staging/` (a publisher killed after its commit, before its
 clean-up) are removed too. Nothing is ever left `staging` by a finished publish.
 """
@@ -152,6 +152,7 @@ class Recovered:
 
 def recover(env: StageEnv, name: str) -> Recovered:
     """Settle every dead attempt of `name`; call only while holding its publisher lock."""
+    from lgt_ops.release import incremental
     from lgt_ops.release.pointers import mark_published, release_prefix
 
     out = Recovered()
@@ -172,9 +173,7 @@ def recover(env: StageEnv, name: str) -> Recovered:
             continue
         _delete_under(env, prefix + "/")
         with env.db.begin() as conn:
-            conn.execute(
-                text("DELETE FROM release_members WHERE release_id = :r"), {"r": release_id}
-            )
+            incremental.delete_members(conn, release_id)
             conn.execute(text("DELETE FROM releases WHERE release_id = :r"), {"r": release_id})
         out.removed.append(release_id)
         if AUTO_VERSION.match(version):

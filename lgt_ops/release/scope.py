@@ -8,8 +8,11 @@ memory bounded by the chunk and the Parquet part size.
 
 from __future__ import annotations
 
+import hashlib
+import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -18,10 +21,12 @@ from lgt_ops import registry
 from lgt_ops.annotations import ImageContext, current
 from lgt_ops.db.repo import select_in
 from lgt_ops.env import StageEnv
+from lgt_ops.release.errors import ReleaseError
 from lgt_ops.sources import SourceSpec, image_locations
 from lgt_ops.storage import LocalStore
 
 CHUNK = 500
+_READ_THREADS = 8  # image reads are store round trips, not work
 
 
 @dataclass
@@ -29,6 +34,29 @@ class ImageChunk:
     rows: list[Any]
     contexts: dict[str, ImageContext]
     locations: dict[str, tuple[str, str]]
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)  # image_id -> HF value
+
+    def image(self, env: StageEnv, image_id: str) -> dict[str, Any]:
+        """The image's HF `Image` value, read once per chunk (every split shares it)."""
+        value = self.images.get(image_id)
+        if value is None:
+            embed = env.settings.method.embed_images
+            value = image_value(env, image_id, self.locations[image_id], embed)
+            self.images[image_id] = value
+        return value
+
+    def load_images(self, env: StageEnv) -> None:
+        """Read the chunk's images from the store in parallel (embedded releases)."""
+        if not env.settings.method.embed_images:
+            return
+        todo = [i for i in self.image_ids if i not in self.images and i in self.locations]
+        with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+            for image_id, value in zip(
+                todo,
+                pool.map(lambda i: image_value(env, i, self.locations[i], True), todo),
+                strict=True,
+            ):
+                self.images[image_id] = value
 
     @property
     def image_ids(self) -> list[str]:
@@ -54,14 +82,30 @@ def chunks_of(env: StageEnv, image_rows: list[Any]) -> Iterator[ImageChunk]:
         yield ImageChunk(rows, contexts, locations)
 
 
-def image_value(env: StageEnv, location: tuple[str, str], embed: bool) -> dict[str, Any]:
-    """The HF `Image` value: a path a loader can open, and the bytes when embedding."""
+def image_value(
+    env: StageEnv, image_id: str, location: tuple[str, str], embed: bool
+) -> dict[str, Any]:
+    """The HF `Image` value of an image.
+
+    Embedded (the default): its bytes, checked against its content id, and a path naming the
+    content only (`<image_id>.<ext>`), so the release loads anywhere and its content hash does
+    not depend on where the store lives. By reference: a path or URI into the store, which a
+    loader must be able to reach (and which the content hash then covers)."""
     store = env.store_for(location[0])
+    if embed:
+        data = store.get(location[1])
+        if hashlib.sha256(data).hexdigest() != image_id:
+            raise ReleaseError(
+                f"image {image_id} at {store.uri(location[1])}: its bytes changed since ingest"
+                " (content id mismatch); run the pipeline again to ingest the new version"
+            )
+        ext = posixpath.splitext(location[1])[1].lower()
+        return {"bytes": data, "path": f"{image_id}{ext}"}
     if isinstance(store, LocalStore):
         path = str(store.local_path(location[1]))
     else:
         path = store.uri(location[1])
-    return {"bytes": store.get(location[1]) if embed else None, "path": path}
+    return {"bytes": None, "path": path}
 
 
 def served_models(conn: Connection, request_keys: list[str]) -> set[str]:

@@ -27,7 +27,7 @@ from lgt_ops.env import StageEnv
 from lgt_ops.questions import Question, from_row
 from lgt_ops.release import report
 from lgt_ops.release.parquet import IMAGE, MESSAGES
-from lgt_ops.release.scope import ImageChunk, image_value, served_models
+from lgt_ops.release.scope import ImageChunk, served_models
 from lgt_ops.traces import BEHAVIOURS, Trace
 
 Row = tuple[dict[str, Any], dict[str, Any]]  # (parquet row, release_members row)
@@ -197,7 +197,7 @@ class SplitBuilder:
 
 
 def _images(env: StageEnv, chunk: ImageChunk, image_id: str) -> dict[str, Any]:
-    return image_value(env, chunk.locations[image_id], env.settings.method.embed_images)
+    return chunk.image(env, image_id)
 
 
 class QuestionsSplit(SplitBuilder):

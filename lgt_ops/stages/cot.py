@@ -1,4 +1,7 @@
-"""Simple chains of thought: k VLM rollouts per question (both stages), and difficulty.
+"""Simple chains of thought: k VLM rollouts per stage-1 question, and difficulty.
+
+Stage-2 questions get the same rollouts from the harden stage (stages/harden.py), which
+reuses `build_requests` and `rollout_rows` here.
 
 The VLM sees the image and the question; its reply is pre-started with `<think>` (vLLM's
 `continue_final_message`), sampled k times in one request (`n=k`) so the server shares the
@@ -101,14 +104,22 @@ def samples(outcomes: list[Outcome]) -> list[tuple[str, str | None, str]]:
 
 
 def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
-    q: Question = item.context
+    rows, _ = rollout_rows(env, STAGE, fp, item.context, item, outcomes)
+    return rows
+
+
+def rollout_rows(
+    env: StageEnv, stage: str, fp: str, q: Question, item: WorkItem, outcomes: list[Outcome]
+) -> tuple[Rows, float | None]:
+    """A question's rollouts, their parse rejections and its difficulty row, and its pass
+    rate (None when a request failed: no estimate without the k samples)."""
     m = env.settings.method
     rows = Rows()
     bad = [o for o in outcomes if not o.ok]
     for o in bad:
-        rows.add("rejections", request_rejection(env, STAGE, fp, item, o))
+        rows.add("rejections", request_rejection(env, stage, fp, item, o))
     if bad:
-        return rows  # a question without its k samples gets no difficulty estimate
+        return rows, None
     n_correct = n_parsed = 0
     for index, (content, finish, key) in enumerate(samples(outcomes)):
         text = "<think>\n" + content
@@ -137,7 +148,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
         if parsed.error:
             rows.add(
                 "rejections",
-                Rejecter(env, STAGE, fp, q.image_id, key)(
+                Rejecter(env, stage, fp, q.image_id, key)(
                     "rollout", rid, Rejected(parsed.error, "unparseable rollout counts as wrong")
                 ),
             )
@@ -156,7 +167,7 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
             "bucket": bucket(rate, m),
         },
     )
-    return rows
+    return rows, rate
 
 
 def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
@@ -164,7 +175,7 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
     with env.db.connect() as conn:
         images = image_set(conn, spec, shard, sample_size)
         contexts = image_contexts(conn, images, annotate.stage_fingerprint(env))
-        qs = [from_row(r) for r in current.questions(conn, env, contexts)]
+        qs = [from_row(r) for r in current.stage1(conn, env, contexts)]
         done = already_done(conn, STAGE, fp, [q.question_id for q in qs])
         locations = image_locations(conn, sorted({q.image_id for q in qs}))
     out = Plan(considered=len(qs), images=StoreImageUrls(env, locations))

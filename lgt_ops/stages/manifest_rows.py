@@ -77,11 +77,23 @@ def manifest_annotations(
             )
             continue
         seen.add(oid)
-        objects.append({"id": oid, "label": str(obj["label"]).strip().lower(), "box": list(box)})
+        item = {"id": oid, "label": str(obj["label"]).strip().lower(), "box": list(box)}
+        synonyms = _synonyms(obj.get("synonyms"))
+        if synonyms:  # other names of the object (a composed chain must not use them either)
+            item["synonyms"] = synonyms
+        objects.append(item)
     if objects:
         content = {"objects": objects, "source_box_format": meta.get("box_format", "xyxy")}
         source = meta.get("objects_source") or "manifest"
         yield annotation_row(env, facts.image_id, "objects", source, ref, content, fp)
+
+
+def _synonyms(value: Any) -> list[str]:
+    """An object's `synonyms` as given: a list of names, lower-cased; anything else ignored."""
+    if not isinstance(value, list):
+        return []
+    names = (" ".join(v.lower().split()) for v in value if isinstance(v, str))
+    return list(dict.fromkeys(n for n in names if n))
 
 
 def annotation_row(

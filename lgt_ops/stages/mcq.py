@@ -4,15 +4,20 @@ A text LLM reads the image's dense caption and annotated objects (not the pixels
 questions grounded on specific objects. Every question is validated (see
 `lgt_ops.questions.check`), near-duplicates on the same image are dropped with a reason, and
 the options are shuffled with a seed derived from the question id so the correct letter is
-balanced and reproducible.
+balanced and reproducible. A counting question's options (all integers) are laid out by code,
+not taken from the model: writers put the true count at the bottom of the range.
 """
 
 from __future__ import annotations
 
+import random
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from lgt_ops import decontam, prompts, registry
 from lgt_ops.annotations import ImageContext, current
+from lgt_ops.composition import window
 from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.llm.schema import parse_json_reply
@@ -47,6 +52,7 @@ SPEC = registry.Mcq  # name, version, role, template, config: declared once, the
 STAGE = SPEC.name
 TEMPLATE = SPEC.template or ""
 stage_fingerprint = SPEC.fingerprint
+_COUNT = re.compile(r"[0-9]+")
 
 
 def image_seed(image_id: str, seed: int) -> int:
@@ -138,7 +144,9 @@ def accept(env: StageEnv, fp: str, ctx: ImageContext, q: Any, dedup: NearDuplica
         grounding=grounding,
         known_objects=ctx.object_ids(),
     )
-    decontam.index_for(env).check_question(q["question"], q["options"])
+    seed = f"{env.settings.method.seed}:{ctx.image_id}:{q['question']}"
+    correct, distractors = laid_out(correct, [str(o).strip() for o in q["options"]], seed)
+    decontam.index_for(env).check_question(q["question"], [correct, *distractors])
     dedup.check(f"{q['question']} {correct}")
     return make_question(
         image_id=ctx.image_id,
@@ -147,9 +155,21 @@ def accept(env: StageEnv, fp: str, ctx: ImageContext, q: Any, dedup: NearDuplica
         skill=normalise_skill(q.get("skill", "")),
         question=q["question"],
         correct=correct,
-        distractors=[str(o).strip() for o in q["options"] if str(o).strip() != correct],
+        distractors=distractors,
         grounding=sorted(set(grounding)),
     )
+
+
+def laid_out(correct: str, options: Sequence[str], seed: str) -> tuple[str, list[str]]:
+    """(correct, distractors). Options that are all non-negative integers (a count) are
+    replaced by consecutive ones holding the correct value at a rank drawn, seeded per
+    question, uniformly among those it can take (a count of 1 can only be 1st or 2nd), so
+    the correct count's place in the range is no clue; other options are kept."""
+    if not all(_COUNT.fullmatch(o) for o in options):
+        return correct, [o for o in options if o != correct]
+    value, n = int(correct), len(options)
+    rank = random.Random(f"{seed}:{value}").randrange(min(value, n - 1) + 1)
+    return str(value), [str(v) for v in window(value, n, rank) if v != value]
 
 
 def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:

@@ -93,6 +93,18 @@ class StoreImageUrls:
         return data_url(encode_for_request(store.get(key), self.spec), self.spec)
 
 
+def replica_checks(env: StageEnv, stage: str, role: str) -> dict[str, Any]:
+    """What the replica pool checks before a replica gets work: the stage's largest request
+    must fit its context, and replicas the run's preflight found down are probed in first."""
+    from lgt_ops import registry
+    from lgt_ops.llm import preflight
+
+    need = registry.get(stage).needs(env.settings)
+    rows = preflight.stored(env.db, env.run.run_id)
+    down = [r["endpoint"] for r in rows if r["role"] == role and r["status"] == "down"]
+    return {"needed_tokens": need.tokens if need else None, "unchecked": down}
+
+
 def run_model_stage(
     env: StageEnv,
     *,
@@ -111,7 +123,14 @@ def run_model_stage(
     ledger = Ledger(env.db, env.run, stage, env.store, journal=policy)
     total = sum(len(i.requests) for i in items)
     progress = Progress(f"{stage} [{role}]", total, enabled=env.show_progress)
-    engine = RequestEngine(s.endpoint(role), ledger, images, progress=progress, seed=s.method.seed)
+    engine = RequestEngine(
+        s.endpoint(role),
+        ledger,
+        images,
+        progress=progress,
+        seed=s.method.seed,
+        **replica_checks(env, stage, role),
+    )
     gathered = Gathered(items)
     committer = ItemCommitter(env, stage, fingerprint, stats, ledger)
     failed: list[str] = []

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class SimConfig(BaseModel):
@@ -36,6 +36,11 @@ class SimConfig(BaseModel):
     down_after_served: int | None = Field(default=None, ge=0)
     # The fake world.
     accuracy: float = Field(default=0.6, ge=0, le=1)  # mean chance a VLM rollout is right
+    # Error rate (1 - mean accuracy) of rollouts per skill, read from the question's wording
+    # (world.skill_of: existence, counting, spatial, size, position, attribute; composed
+    # questions by operator: chain, compare, count_over, conjunction); other skills use
+    # `accuracy`. On the command line: --skill-error counting=0.5,chain=0.6
+    skill_error: dict[str, float] = Field(default_factory=dict)
     expand_keep: float = Field(default=0.85, ge=0, le=1)  # right CoT stays right
     expand_fix: float = Field(default=0.55, ge=0, le=1)  # wrong CoT gets corrected
     leak_rate: float = Field(default=0.15, ge=0, le=1)  # expansions that cite the caption
@@ -59,3 +64,16 @@ class SimConfig(BaseModel):
     thinking: Literal["yes", "none"] = "yes"
     completion_chars: int = Field(default=64, ge=1)  # generic replies
     seed: int = 0
+
+    @field_validator("skill_error", mode="before")
+    @classmethod
+    def _skill_rates(cls, value: Any) -> Any:
+        """`counting=0.5,chain=0.6` (the command line's form) as a mapping; rates in [0, 1]."""
+        if isinstance(value, str):
+            pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(f"skill_error {value!r}: use skill=rate,skill=rate")
+            value = {k.strip(): float(v) for k, v in pairs}
+        if isinstance(value, dict) and any(not 0 <= float(r) <= 1 for r in value.values()):
+            raise ValueError(f"skill_error {value!r}: every rate must be in [0, 1]")
+        return value

@@ -10,8 +10,9 @@ Determinism: a 200 reply's body (id, created, choices, usage) is a pure function
 body, seed) -- same request, same bytes, in any run, process, order or concurrency. Injected
 faults are drawn from (request body, seed, attempt), the attempt being the engine's
 X-Request-Id suffix (or, for other clients, how often this process has seen that body), so a
-retry draws again. Only the test-control switches (`down`, `down_after_served`) and the
-counters depend on history.
+retry draws again. Only the test-control switches (`down`, `down_after_served`), the
+counters and, without `served_models`, the model list (the defaults plus the names asked for)
+depend on history.
 
 Endpoints: POST /v1/chat/completions, GET /v1/models (with vLLM's `max_model_len`),
 GET /version, GET /health, and for tests GET /sim/stats, POST /sim/reset, GET|POST /sim/config.
@@ -70,6 +71,9 @@ class Simulator:
         self.image_transports: Counter[str] = Counter()  # data | http(s)
         self.max_image_side = 0
         self._seen_bodies: Counter[str] = Counter()  # attempts of header-less clients
+        # Without served_models the server answers any model name; GET /v1/models lists the
+        # stack's defaults and the names it has answered, as a server of those models would.
+        self.asked_models: dict[str, None] = {}
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -102,7 +106,9 @@ class Simulator:
     async def models(self, req: web.Request) -> web.Response:
         if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
             return self._error(401, "invalid API key", "authentication_error", Counter())
-        ids = self.served_models() or list(dict.fromkeys(DEFAULT_MODELS.values()))
+        ids = self.served_models() or list(
+            dict.fromkeys([*DEFAULT_MODELS.values(), *self.asked_models])
+        )
         card = {
             "object": "model",
             "created": CREATED_BASE,
@@ -139,20 +145,11 @@ class Simulator:
         if not probe:
             self.received += 1
         key, attempt = _request_key(req.headers.get("X-Request-Id", ""))
-        try:
-            body = await req.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return self._error(400, "request body is not JSON", "bad_request", tally)
-        if not isinstance(body.get("messages"), list) or not body.get("model"):
-            return self._error(400, "'model' and 'messages' are required", "bad_request", tally)
-        if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
-            return self._error(401, "invalid API key", "authentication_error", tally)
-        limit = self.cfg.down_after_served
-        if self.cfg.down or (not probe and limit is not None and self.admitted >= limit):
-            return self._error(503, "service unavailable", "overload", tally)
-        refused = self._refusal(body, tally)
+        body, refused = await self._admit(req, probe, tally)
         if refused is not None:
             return refused
+        if self.cfg.served_models is None and isinstance(body.get("model"), str):
+            self.asked_models[body["model"]] = None
         if probe:
             payload = self._complete(body, self.digest(body))
             self.probes["200"] += 1
@@ -164,6 +161,43 @@ class Simulator:
             attempt = self._seen_bodies[digest]
             self._seen_bodies[digest] += 1
         fault = self._draw_fault(digest, attempt)
+        failed = await self._fault_before_reply(req, fault)
+        if failed is not None:
+            return failed
+        payload = await self._generate(body, digest)
+        failed = self._fault_in_reply(fault, body, payload)
+        if failed is not None:
+            return failed
+        # Served = answered on a connection still open, and not across a reset: a request
+        # whose connection was cut (a crash, see BackgroundSimulator.crash) never reached
+        # its client.
+        open_ = req.transport is not None and not req.transport.is_closing()
+        if generation == self._generation and open_:
+            self._count_served(key)
+        return web.json_response(payload)
+
+    # -- helpers ------------------------------------------------------------------------------
+    async def _admit(
+        self, req: web.Request, probe: bool, tally: Counter[str]
+    ) -> tuple[dict[str, Any], web.Response | None]:
+        """The request body, or the error a server answers before generating anything."""
+        try:
+            body = await req.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}, self._error(400, "request body is not JSON", "bad_request", tally)
+        if not isinstance(body.get("messages"), list) or not body.get("model"):
+            return body, self._error(
+                400, "'model' and 'messages' are required", "bad_request", tally
+            )
+        if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
+            return body, self._error(401, "invalid API key", "authentication_error", tally)
+        limit = self.cfg.down_after_served
+        if self.cfg.down or (not probe and limit is not None and self.admitted >= limit):
+            return body, self._error(503, "service unavailable", "overload", tally)
+        return body, self._refusal(body, tally)
+
+    async def _fault_before_reply(self, req: web.Request, fault: str | None) -> web.Response | None:
+        """Faults that replace the reply (429, 500, a dropped connection); a timeout stalls."""
         if fault == "429":
             self.outcomes["429"] += 1
             return web.json_response(
@@ -181,8 +215,11 @@ class Simulator:
         if fault == "timeout":  # a stall on the way in: the client gives up first
             self.outcomes["timeout"] += 1
             await asyncio.sleep(self.cfg.timeout_sleep_s)
-        sem = self._slots_sem()
-        async with sem:
+        return None
+
+    async def _generate(self, body: dict[str, Any], digest: str) -> dict[str, Any]:
+        """The reply, taking one of the server's slots for its latency and token time."""
+        async with self._slots_sem():
             self.inflight += 1
             self.max_inflight_seen = max(self.max_inflight_seen, self.inflight)
             try:
@@ -193,6 +230,13 @@ class Simulator:
                 await asyncio.sleep(delay)
             finally:
                 self.inflight -= 1
+        return payload
+
+    def _fault_in_reply(
+        self, fault: str | None, body: dict[str, Any], payload: dict[str, Any]
+    ) -> web.Response | None:
+        """Faults that damage a generated reply: cut JSON (returned), or the payload changed in
+        place (content truncated at `length`, or prose where a JSON schema was asked for)."""
         if fault == "malformed":
             self.outcomes["malformed"] += 1
             return web.Response(text=json.dumps(payload)[:40], content_type="application/json")
@@ -206,14 +250,14 @@ class Simulator:
             self.outcomes["invalid_json"] += 1
             for choice in payload["choices"]:
                 choice["message"]["content"] = "Sure! Here are the questions you asked for."
-        if generation == self._generation:
-            self.served += 1
-            self.outcomes["200"] += 1
-            if key:
-                self.served_by_key[key] += 1
-        return web.json_response(payload)
+        return None
 
-    # -- helpers ------------------------------------------------------------------------------
+    def _count_served(self, key: str) -> None:
+        self.served += 1
+        self.outcomes["200"] += 1
+        if key:
+            self.served_by_key[key] += 1
+
     def _refusal(self, body: dict[str, Any], tally: Counter[str]) -> web.Response | None:
         """vLLM's 4xx for a request this server cannot take (model, modality, context)."""
         served = self.served_models()
@@ -381,6 +425,7 @@ class BackgroundSimulator:
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="lgt-simulator", daemon=True)
 
@@ -393,7 +438,7 @@ class BackgroundSimulator:
         asyncio.set_event_loop(self._loop)
         self._runner = web.AppRunner(self.sim.app(), access_log=None)
         self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = self._site = web.TCPSite(self._runner, self.host, self.port)
         self._loop.run_until_complete(site.start())
         sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.port = sock.getsockname()[1]
@@ -401,6 +446,33 @@ class BackgroundSimulator:
         self._loop.run_forever()
         self._loop.run_until_complete(self._runner.cleanup())
         self._loop.close()
+
+    def crash(self) -> None:
+        """What a killed server looks like to its clients: the port stops listening (new
+        connections are refused) and every open connection is reset, so requests in flight
+        get no answer (and are not counted). The counters stay readable; `revive` listens
+        again on the same port."""
+
+        async def _crash() -> None:
+            assert self._runner is not None and self._site is not None
+            await self._site.stop()
+            for handler in self._runner.server.connections if self._runner.server else []:
+                if handler.transport is not None:
+                    handler.transport.abort()
+
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(_crash(), self._loop).result(10)
+
+    def revive(self) -> None:
+        """Listen again on the same port after `crash` (same counters and settings)."""
+
+        async def _listen() -> None:
+            assert self._runner is not None
+            self._site = web.TCPSite(self._runner, self.host, self.port)
+            await self._site.start()
+
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(_listen(), self._loop).result(10)
 
     def start(self) -> BackgroundSimulator:
         self._thread.start()

@@ -70,6 +70,8 @@ COLOURS = (
     "gold",
     "golden",
 )
+# Instances of a kind in one image, COCO-like: mostly one, often a few, sometimes many.
+INSTANCES = (1, 1, 1, 1, 1, 1, 2, 2, 3, 4, 6, 8)
 POSITIONS = ("on the left side", "in the middle", "on the right side", "along the top edge")
 LETTERS = "ABCDEFGH"
 
@@ -83,6 +85,30 @@ _BEHAVIOUR_WORDS = {
     "backward": ("working backwards", "rule out"),
 }
 _OPT_LINE = re.compile(r"^([A-H])\. (.*)$", re.M)
+# How the blind-check prompt (a text-only model, no image) announces itself.
+BLIND_MARKER = "an image you cannot see"
+# What a text-only model guesses for "What colour is the X?" without seeing X: the colour
+# the word suggests. Right when the image agrees, wrong otherwise (a red tree).
+COLOUR_PRIORS = {
+    "tree": "green",
+    "grass": "green",
+    "leaf": "green",
+    "leaves": "green",
+    "sky": "blue",
+    "snow": "white",
+    "cloud": "white",
+    "whiskers": "white",
+    "space shuttle": "white",
+    "rocket": "white",
+    "banana": "yellow",
+    "lemon": "yellow",
+    "school bus": "yellow",
+    "tomato": "red",
+    "strawberry": "red",
+    "fire truck": "red",
+    "stop sign": "red",
+    "coffee": "brown",
+}
 # How the pipeline's expansion prompts (v1, v2) announce themselves.
 EXPAND_MARKERS = ("instead of the image", "Reason as someone who sees this image")
 # Ways real reasoners cite the text context they were given instead of the image (METHOD.md
@@ -226,6 +252,8 @@ class World:
             return self.expand(text_of(user), prefill, body, index, rng)
         if prefill.startswith("<think>"):
             return self.rollout(text_of(user), body, index, rng), None
+        if messages and BLIND_MARKER in text_of(messages[0]):
+            return self.blind(text_of(user), rng), None
         return self.generic(rng), None
 
     # -- stage 1 ----------------------------------------------------------------------------
@@ -277,7 +305,8 @@ class World:
         suggested = _search(r"Suggested options \(the correct one included\): (.*)", text, "")
         options = [s.strip() for s in suggested.split(" | ") if s.strip()]
         parents = re.findall(r"^\d+\. (.*?) -> (.*)$", text, re.M)
-        stems = _compose_stems(operator, parents)
+        avoid = [n for n in _search(r"Never name it: (.*?)\.\s*$", text, "").split(", ") if n]
+        stems = _compose_stems(operator, parents, avoid)
         rng.shuffle(stems)
         # Word the question so that the world's answer key agrees with the given answer; if no
         # wording does, the "model" marks the option its world holds right (a realistic
@@ -295,24 +324,29 @@ class World:
         size = image_size(user) or (640, 480)
         w, h = size
         labels = rng.sample(VOCAB, k=rng.randint(3, 6))
+        counts = [rng.choice(INSTANCES) for _ in labels]
         objects = []
-        for i, label in enumerate(labels):
-            x0 = rng.uniform(0, w * 0.7)
-            y0 = rng.uniform(0, h * 0.7)
-            x1 = min(w, x0 + rng.uniform(w * 0.1, w * 0.3))
-            y1 = min(h, y0 + rng.uniform(h * 0.1, h * 0.3))
-            box = [round(x0), round(y0), round(x1), round(y1)]
-            if i == 0 and rng.random() < self.cfg.bad_question_rate:
-                box = [round(w * 0.8), round(h * 0.8), round(w * 1.3), round(h * 1.2)]
-            objects.append({"label": label, "box": box})
-        listed = ", ".join(f"a {o['label']}" for o in objects)
+        for label, count in zip(labels, counts, strict=True):
+            scale = 0.3 if count == 1 else 0.15  # several of a kind: smaller each
+            for _ in range(count):
+                x0 = rng.uniform(0, w * 0.7)
+                y0 = rng.uniform(0, h * 0.7)
+                x1 = min(w, x0 + rng.uniform(w * scale / 3, w * scale))
+                y1 = min(h, y0 + rng.uniform(h * scale / 3, h * scale))
+                box = [round(x0), round(y0), round(x1), round(y1)]
+                if not objects and rng.random() < self.cfg.bad_question_rate:
+                    box = [round(w * 0.8), round(h * 0.8), round(w * 1.3), round(h * 1.2)]
+                objects.append({"label": label, "box": box})
+        kinds = zip(labels, counts, strict=True)
+        listed = ", ".join(f"a {label}" if c == 1 else f"{c} {label}s" for label, c in kinds)
+        firsts = [next(o for o in objects if o["label"] == label) for label in labels]
         caption = (
             f"[simulated annotation of a {w}x{h} image, not a model's description] "
             f"The scene contains {listed}. "
             + " ".join(
-                f"The {a['label']} is {'left of' if a['box'][0] < b['box'][0] else 'right of'}"
-                f" the {b['label']}."
-                for a, b in zip(objects, objects[1:], strict=False)
+                f"A {a['label']} is {'left of' if a['box'][0] < b['box'][0] else 'right of'}"
+                f" a {b['label']}."
+                for a, b in zip(firsts, firsts[1:], strict=False)
             )
         )
         return {"caption": caption, "objects": objects}
@@ -325,13 +359,20 @@ class World:
         letter = next((ltr for ltr, opt in options if answer is not None and opt == answer), None)
         return question, options, letter
 
+    def accuracy(self, question: str) -> float:
+        """The mean chance a rollout answers this question right: 1 - its skill's error rate."""
+        rate = self.cfg.skill_error.get(skill_of(question))
+        return self.cfg.accuracy if rate is None else 1.0 - rate
+
     def rollout(self, text: str, body: dict[str, Any], index: int, rng: random.Random) -> str:
         question, options, truth = self._truth(text)
         if not options:
             return self.generic(rng)
-        # Each question has its own difficulty; each rollout its own draw against it.
+        # Each skill its mean accuracy, each question its own difficulty around it, each
+        # rollout its own draw against that.
         p = min(
-            1.0, max(0.0, self.cfg.accuracy + (seeded_unit("difficulty", question) - 0.5) * 1.4)
+            1.0,
+            max(0.0, self.accuracy(question) + (seeded_unit("difficulty", question) - 0.5) * 1.4),
         )
         right = truth is not None and rng.random() < p
         wrong = [ltr for ltr, _ in options if ltr != truth]
@@ -414,6 +455,14 @@ class World:
             style = rng.choice(ANSWER_STYLES[1:])
         return f"{thinking}\n</think>\n\n{style.format(x=letter)}"
 
+    def blind(self, text: str, rng: random.Random) -> str:
+        """A text-only answer: at chance, unless the wording gives the answer away."""
+        question, options, _ = self._truth(text)
+        if not options:
+            return self.generic(rng)
+        letter = prior_answer(question, options) or rng.choice([ltr for ltr, _ in options])
+        return f"Answer: {letter}"
+
     # -- behaviour tagging -------------------------------------------------------------------
     def behaviours(self, text: str) -> dict[str, int]:
         """Counts by the simulator's own keyword lists (a stand-in for a classifier)."""
@@ -452,7 +501,19 @@ def answer_key(seed: int, question: str, options: Sequence[str]) -> str | None:
     if not options:
         return None
     q = norm(question)
+    if _consecutive_counts(options):
+        # A count among consecutive options: the one at the question's residue, so the key
+        # is the same for every window of counts the pipeline may lay out around it.
+        at = int(sha256_hex(canonical_json(["count", seed, q])), 16) % len(options)
+        return next(o for o in options if int(o) % len(options) == at)
     return min(options, key=lambda o: sha256_hex(canonical_json(["answer", seed, q, norm(o)])))
+
+
+def _consecutive_counts(options: Sequence[str]) -> bool:
+    if not all(re.fullmatch(r"[0-9]+", o.strip()) for o in options):
+        return False
+    values = sorted(int(o) for o in options)
+    return values == list(range(values[0], values[0] + len(values)))
 
 
 def canonical_messages(messages: Any) -> Any:
@@ -538,6 +599,11 @@ COUNTING_STEMS = (
     "How many {} are there in the image?",
     "How many {} does the image show?",
     "How many {} appear in the image?",
+    "How many {} can you see in the image?",
+    "How many {} does the picture show?",
+    "How many {} are visible in the picture?",
+    "How many {} can be seen in the picture?",
+    "How many {} are in the picture?",
 )
 SPATIAL_STEMS = (
     "Which object is to the left of the {}?",
@@ -586,7 +652,10 @@ def _counting(objs, rng, n_opt, width, caption):  # noqa: ANN001, ANN202, ARG001
     counts = Counter(o.label for o in objs)
     label = rng.choice(sorted(counts))
     n = counts[label]
-    pool = [str(v) for v in (n + 1, n + 2, n + 3, n - 1, n - 2) if v >= 1]
+    # Like a real writer: consecutive counts with the true one at or near the bottom (the
+    # pipeline lays counting options out again; the answer key survives any such window).
+    low = max(1, n - 1)
+    pool = [str(v) for v in range(low, low + n_opt) if v != n]
     noun = label if label.endswith("s") else label + "s"
     return Draft(
         f"counting:{label}",
@@ -715,6 +784,37 @@ def _other(options: list[tuple[str, str]], truth: str, rng: random.Random) -> st
     return rng.choice(wrong) if wrong else truth
 
 
+_COMPOSED_SKILLS = (
+    ("count_over", re.compile(r"altogether|in total|total number|counted together", re.I)),
+    ("compare", re.compile(r"more numerous|there more of|\bmore \w.* or more\b", re.I)),
+    ("chain", re.compile(r"\banswers? (?:to )?\"", re.I)),  # refers to hop 1 by its question
+    ("conjunction", re.compile(r"(?:pair|combination) of answers", re.I)),
+)
+_STEM_SKILLS = (
+    ("counting", COUNTING_STEMS),
+    ("spatial", SPATIAL_STEMS),
+    ("position", POSITION_STEMS),
+    ("attribute", COLOUR_STEMS),
+    ("existence", EXISTENCE_STEMS),
+    ("size", SIZE_STEMS),
+)
+
+
+def skill_of(question: str) -> str:
+    """The skill a question tests, from the wordings the simulator writes (its per-skill error
+    rates key on it); `other` for a wording it does not know."""
+    q = question.strip()
+    for skill, rx in _COMPOSED_SKILLS:
+        if rx.search(q):
+            return skill
+    for skill, stems in _STEM_SKILLS:
+        for stem in stems:
+            head, _, tail = stem.partition("{}")
+            if q.startswith(head) and q.endswith(tail) and len(q) >= len(head) + len(tail):
+                return skill
+    return "other"
+
+
 def _count_noun(question: str) -> str:
     """The counted noun of any counting wording ("How many cups are visible ..." -> cups)."""
     q = question.strip().rstrip("?")
@@ -725,7 +825,30 @@ def _count_noun(question: str) -> str:
     return q
 
 
-def _compose_stems(operator: str, parents: list[tuple[str, str]]) -> list[str]:
+def prior_answer(question: str, options: list[tuple[str, str]]) -> str | None:
+    """The letter a text-only model picks from the wording alone, if the wording suggests one:
+    the usual colour of the thing a colour question names (COLOUR_PRIORS)."""
+    q = question.strip()
+    for stem in COLOUR_STEMS:
+        head, tail = stem.split("{}")
+        if q.startswith(head) and q.endswith(tail) and len(q) > len(head) + len(tail):
+            thing = q[len(head) : len(q) - len(tail)].lower()
+            colour = COLOUR_PRIORS.get(thing) or COLOUR_PRIORS.get(thing.split()[-1])
+            return next((ltr for ltr, opt in options if opt.lower() == colour), None)
+    return None
+
+
+def _unname(question: str, names: Sequence[str]) -> str:
+    """The question with every forbidden name (and its article) replaced by "that object"."""
+    for name in sorted(names, key=len, reverse=True):
+        pattern = rf"\b(?:the |a |an )?{re.escape(name)}\b"
+        question = re.sub(pattern, "that object", question, flags=re.I)
+    return question
+
+
+def _compose_stems(
+    operator: str, parents: list[tuple[str, str]], avoid: Sequence[str] = ()
+) -> list[str]:
     """Equivalent wordings of the composed question (the answer key picks among them)."""
     qs = [q.rstrip("?") for q, _ in parents]
     leads = ("", "Looking at the image, ", "In this image, ", "Based on the image, ")
@@ -740,18 +863,21 @@ def _compose_stems(operator: str, parents: list[tuple[str, str]]) -> list[str]:
             )
         else:
             bodies = (
-                f"are there more {a} or more {b} in the image?",
-                f"which are more numerous, the {a} or the {b}?",
-                f"does the image show more {a} or more {b}?",
-                f"which is there more of: {a} or {b}?",
+                f"are there more {a} or more {b} in the image, and how many more?",
+                f"which are more numerous, the {a} or the {b}, and by how many?",
+                f"does the image show more {a} or more {b}, and by how many?",
+                f"which is there more of, {a} or {b}, and how many more?",
             )
     elif operator == "chain" and len(qs) >= 2:
+        # The second question asks about the object the first one resolves: refer to it
+        # through the first question and never by the names the prompt forbids.
         first = qs[0][0].lower() + qs[0][1:]
+        second = _unname(qs[1], avoid)
         bodies = (
-            f'consider the answer to "{first}". {qs[1]}, for that object?',
-            f'take the object that answers "{first}". {qs[1]}, for that object?',
-            f'first answer "{first}". Then: {qs[1]}, for that object?',
-            f'think of the answer to "{first}". {qs[1]}, for that object?',
+            f'take the answer to "{first}". {second}?',
+            f'consider the object that answers "{first}". {second}?',
+            f'first answer "{first}". Then: {second}?',
+            f'think of the answer to "{first}". {second}?',
         )
     else:
         lowered = "; and ".join(q[0].lower() + q[1:] for q in qs if q)

@@ -1,0 +1,127 @@
+"""Questions answerable without the image: a text-only LLM answers each stage-1 question
+from its text and options alone, `blind_samples` times.
+
+A question answered right in at least `blind_reject_at` of the samples is not a vision
+question: it is rejected `answerable_without_image` and gets no VLM rollouts (this stage runs
+before cot, where it saves the most) nor becomes a composition parent. Every checked question
+gets a `question_checks` row (score = share answered right), kept or not. A reply without one
+clear letter counts as wrong (it did not answer), so it never rejects a question.
+"""
+
+from __future__ import annotations
+
+from lgt_ops import current, prompts, registry, traces
+from lgt_ops.annotations import current as image_contexts
+from lgt_ops.llm.outcome import Outcome
+from lgt_ops.llm.request import ChatRequest
+from lgt_ops.questions import LETTERS, Question, from_row
+from lgt_ops.reasons import BlindReason, Rejected
+from lgt_ops.sources import SourceSpec, image_set
+from lgt_ops.stages import annotate
+from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
+from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
+
+SPEC = registry.Blind
+STAGE = SPEC.name
+TEMPLATE = SPEC.template or ""
+stage_fingerprint = SPEC.fingerprint
+
+
+def build_requests(env: StageEnv, q: Question) -> list[ChatRequest]:
+    """n samples: one request with `n` when the endpoint supports it, else n seeded ones."""
+    m = env.settings.method
+    ep = env.settings.endpoint("llm")
+    t = prompts.load(TEMPLATE)
+    seed = (int(q.question_id[:8], 16) + m.seed) % (2**31)
+    base = {"temperature": m.blind_temperature, "max_tokens": SPEC.reply_tokens}
+    if ep.supports_n:
+        samplings = [{**base, "n": m.blind_samples, "seed": seed}]
+    else:
+        samplings = [{**base, "seed": (seed + i) % (2**31)} for i in range(m.blind_samples)]
+    messages = t.render(question=q.question, options=q.options_block())
+    return [
+        ChatRequest(
+            role="llm",
+            model=ep.model,
+            template_id=t.id,
+            template_version=t.version,
+            messages=messages,
+            sampling=s,
+            tag=q,
+        )
+        for s in samplings
+    ]
+
+
+def letter(reply: str, n_options: int) -> str | None:
+    """The one letter a reply states (within the options), else None."""
+    found = set(traces.answer_letters(reply.split("</think>")[-1]))
+    if len(found) != 1:
+        return None
+    (x,) = found
+    return x if x in LETTERS[:n_options] else None
+
+
+def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
+    q: Question = item.context
+    m = env.settings.method
+    rows = Rows()
+    bad = [o for o in outcomes if not o.ok]
+    for o in bad:
+        rows.add("rejections", request_rejection(env, STAGE, fp, item, o))
+    if bad:
+        return rows  # no verdict without every sample
+    replies = [c for o in outcomes for c in o.contents()]
+    n = len(replies)
+    n_correct = sum(letter(r, len(q.options)) == q.answer_letter for r in replies)
+    score = n_correct / n if n else 0.0
+    kept = score < m.blind_reject_at
+    key = min(o.request.key for o in outcomes)
+    rows.add(
+        "question_checks",
+        {
+            "question_id": q.question_id,
+            "fingerprint": fp,
+            "stage": STAGE,
+            "n": n,
+            "n_correct": n_correct,
+            "score": score,
+            "bound": m.blind_reject_at,
+            "kept": kept,
+            "request_key": key,
+            "run_id": env.run.run_id,
+        },
+    )
+    if kept:
+        rows.outputs += 1
+    else:
+        why = Rejected(
+            BlindReason.ANSWERABLE_WITHOUT_IMAGE,
+            f"answered right without the image in {n_correct} of {n} samples"
+            f" (threshold {m.blind_reject_at})",
+        )
+        reject = Rejecter(env, STAGE, fp, q.image_id, key)
+        rows.add("rejections", reject("question", q.question_id, why))
+    return rows
+
+
+def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
+    fp = stage_fingerprint(env)
+    with env.db.connect() as conn:
+        images = image_set(conn, spec, shard, sample_size)
+        contexts = image_contexts(conn, images, annotate.stage_fingerprint(env))
+        qs = [from_row(r) for r in current.mcq_questions(conn, env, contexts)]
+        done = already_done(conn, STAGE, fp, [q.question_id for q in qs])
+    out = Plan(considered=len(qs))
+    if not SPEC.enabled(env.settings):
+        return out  # off: every mcq question is current as it is
+    for q in qs:
+        if q.question_id in done:
+            out.skipped += 1
+        else:
+            out.items.append(WorkItem(q.question_id, q.image_id, build_requests(env, q), q))
+    return out
+
+
+# The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
+run = runner_for(registry.Blind)

@@ -21,12 +21,7 @@ from sqlalchemy import Connection, bindparam, text
 
 from lgt_ops import chaos, liveness
 from lgt_ops.abandon import close_abandoned_stages
-from lgt_ops.db.repo import (
-    chunked,
-    insert_ignore,
-    select_in,  # noqa: F401 - re-exported for the stages
-    utcnow,
-)
+from lgt_ops.db.repo import chunked, insert_ignore, utcnow
 from lgt_ops.env import HBUCKETS, Shard, StageEnv  # noqa: F401 - re-exported
 from lgt_ops.ids import content_id
 from lgt_ops.reasons import Rejected

@@ -18,7 +18,7 @@ from typing import Any
 
 from lgt_ops import chaos, decontam, registry
 from lgt_ops.config import IngestLimits
-from lgt_ops.db.repo import chunked, dumps, insert_ignore, upsert, utcnow
+from lgt_ops.db.repo import chunked, dumps, insert_ignore, select_in, upsert, utcnow
 from lgt_ops.ids import hbucket, sha256_hex
 from lgt_ops.images import (
     ImageFacts,
@@ -30,7 +30,7 @@ from lgt_ops.images import (
 from lgt_ops.progress import Progress
 from lgt_ops.reasons import IngestReason as R
 from lgt_ops.reasons import Rejected
-from lgt_ops.stages.base import Shard, StageEnv, StageStats, recorded, rejection, select_in
+from lgt_ops.stages.base import Shard, StageEnv, StageStats, recorded, rejection
 from lgt_ops.stages.manifest_rows import manifest_annotations
 from lgt_ops.stages.scan import ScanResult, scan  # noqa: F401 - scan is ingest's first step
 from lgt_ops.storage import ObjectMissing, ObjectRefused, ObjectStore

@@ -11,18 +11,32 @@ the second run and the model requests it sent. Then it adds 100 new images and r
 time, to show the cost of a refresh following the new work. The release step is reported
 apart, with the Parquet parts it wrote and the ones it reused from the previous version
 (an incremental publish: only the buckets whose lineage rows changed are rebuilt).
+
+Each run prints one table: per step its seconds, items worked (considered minus skipped),
+items/s, model requests, requests/s, this process's CPU seconds (all its threads) and the
+simulator's; under it the end-to-end model requests/s of the stages (scan to the last stage,
+the release apart), the traces/s of filter and pairs, and the run's peak RSS. The
+simulator runs in its own process (`lgt sim serve`), as a model server would;
+`--sim-in-process` runs it in a thread of this process instead (it then shares the GIL).
+Targets (2 cores): first run >= 600 model requests/s end to end at 10k images, ingest >= 1,000
+small images/s, filter and pairs >= 10,000 traces/s, peak RSS flat from 10k to 100k images.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import random
+import resource
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -68,21 +82,113 @@ def make_corpus(store, prefix: str, start: int, n: int) -> None:  # noqa: ANN001
     store.put(f"{prefix}manifest-{start:07d}.jsonl", ("\n".join(lines) + "\n").encode())
 
 
-def timed_run(env, params) -> dict:  # noqa: ANN001
-    """The pipeline step by step (as the DAG runs it), wall time and requests per step."""
+class InProcessSim:
+    """The simulator in a thread of this process."""
+
+    def __init__(self) -> None:
+        from lgt_ops.llm.simulator import BackgroundSimulator, SimConfig
+
+        self.bg = BackgroundSimulator(SimConfig(latency_ms=0, slots=256, bad_question_rate=0.0))
+        self.base_url = self.bg.start().base_url
+
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds(f"/proc/self/task/{self.bg._thread.native_id}/stat")
+
+    def reset(self) -> None:
+        self.bg.sim.reset()
+
+    def served(self) -> int:
+        return self.bg.sim.served
+
+    def stop(self) -> None:
+        self.bg.stop()
+
+
+class ProcessSim:
+    """The simulator as its own process (`lgt sim serve`), as a model server runs."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "lgt_ops.cli", "sim", "serve", "--port", str(port),
+               "--latency-ms", "0", "--slots", "256", "--bad-question-rate", "0"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        self.root = f"http://127.0.0.1:{port}"
+        self.base_url = self.root + "/v1"
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(self.root + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the simulator did not start")
+
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds(f"/proc/{self.proc.pid}/stat")
+
+    def reset(self) -> None:
+        req = urllib.request.Request(self.root + "/sim/reset", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=30).read()
+
+    def served(self) -> int:
+        with urllib.request.urlopen(self.root + "/sim/stats", timeout=60) as r:
+            return json.loads(r.read())["served"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def _cpu_seconds(stat_path: str) -> float:
+    """utime + stime of a process or thread, from /proc."""
+    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: clear_refs 5), so a run's peak is its own and
+    not, say, the corpus generation's."""
+    with contextlib.suppress(OSError):  # else the peak is the process's since it started
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS since the last reset_peak_rss (VmHWM), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_run(env, params, sim) -> dict:  # noqa: ANN001
+    """The pipeline step by step (as the DAG runs it): per step wall time, items worked,
+    model requests and the simulator's CPU time."""
     from lgt_ops import pipeline
     from lgt_ops.stages import ingest
 
     steps: dict[str, dict] = {}
 
     def step(name: str, fn) -> None:  # noqa: ANN001
-        t = time.monotonic()
+        t, cpu, own = time.monotonic(), sim.cpu_seconds(), time.process_time()
         stats = fn()
-        requests = sum(s.requests_sent for s in stats) if isinstance(stats, list) else 0
-        steps[name] = {"seconds": time.monotonic() - t, "requests": requests}
+        shards = [s for s in stats if s is not None] if isinstance(stats, list) else []
+        steps[name] = {
+            "seconds": time.monotonic() - t,
+            "requests": sum(s.requests_sent for s in shards),
+            "items": sum(s.items_in - s.items_skipped for s in shards),
+            "cpu": time.process_time() - own,
+            "sim_cpu": sim.cpu_seconds() - cpu,
+        }
         if getattr(stats, "manifest", None):  # the release: what it wrote and reused
             steps[name]["parts"] = stats.manifest.get("incremental", {})
 
+    reset_peak_rss()
     pipeline.start(env, params)
     scan: list = []
     step("scan", lambda: scan.append(pipeline.scan(env, params)))
@@ -94,19 +200,49 @@ def timed_run(env, params) -> dict:  # noqa: ANN001
                                          for s in shards])
     step("release", lambda: pipeline.release(env, params))
     pipeline.finish(env)
+    for name in ("filter", "pairs"):  # their unit of work: the traces they judge or pair
+        steps[name]["traces"] = _verdicts_made(env)
+    steps["peak_rss_mb"] = peak_rss_mb()
     return steps
 
 
+def _verdicts_made(env) -> int:  # noqa: ANN001
+    from sqlalchemy import text
+
+    with env.db.connect() as conn:
+        return conn.execute(text("SELECT COUNT(*) FROM trace_verdicts WHERE run_id = :r"),
+                            {"r": env.run.run_id}).scalar_one()
+
+
+def _rate(n: float, seconds: float) -> str:
+    return f"{n / seconds:,.0f}" if n and seconds > 0 else "-"
+
+
 def report(title: str, steps: dict) -> None:
-    total = sum(s["seconds"] for s in steps.values())
-    no_release = total - steps["release"]["seconds"]
-    requests = sum(s["requests"] for s in steps.values())
-    detail = "  ".join(f"{k} {v['seconds']:.1f}s" for k, v in steps.items())
-    print(f"{title:<28} requests={requests:>8,}  all stages {no_release:7.1f}s  "
-          f"release {steps['release']['seconds']:6.1f}s  | {detail}")
+    rss = steps.pop("peak_rss_mb")
+    stages = {k: v for k, v in steps.items() if k != "release"}
+    seconds = sum(s["seconds"] for s in stages.values())
+    requests = sum(s["requests"] for s in stages.values())
+    sim_cpu = sum(s["sim_cpu"] for s in steps.values())
+    cpu = sum(s["cpu"] for s in stages.values())
+    print(f"\n{title}")
+    print(f"  {'step':<9} {'seconds':>8} {'items':>9} {'items/s':>9} {'requests':>9} "
+          f"{'requests/s':>10} {'CPU s':>6} {'sim CPU s':>9}")
+    for name, s in steps.items():
+        items_rate = _rate(s["items"], s["seconds"])
+        print(f"  {name:<9} {s['seconds']:8.1f} {s['items']:9,} {items_rate:>9}"
+              f" {s['requests']:9,} {_rate(s['requests'], s['seconds']):>10}"
+              f" {s['cpu']:6.1f} {s['sim_cpu']:9.1f}")
+    print(f"  end to end (stages, release apart): {requests:,} model requests in {seconds:.1f} s"
+          f" = {_rate(requests, seconds)} requests/s; release {steps['release']['seconds']:.1f} s;"
+          f" CPU of the stages {cpu:.1f} s, of the simulator {sim_cpu:.1f} s;"
+          f" peak RSS {rss:,.0f} MB")
+    for name in ("filter", "pairs"):
+        n, sec = steps[name]["traces"], steps[name]["seconds"]
+        print(f"  {name}: {n:,} traces in {sec:.1f} s = {_rate(n, sec)} traces/s")
     parts = steps["release"].get("parts")
     if parts:
-        print(f"{'':<28} release parts: {parts['parts_written']} written, "
+        print(f"  release parts: {parts['parts_written']} written, "
               f"{parts['parts_reused']} reused; buckets reused "
               f"{parts['buckets_reused']}/{parts['buckets']}")
 
@@ -116,10 +252,11 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--new", type=int, default=100)
+    parser.add_argument("--sim-in-process", action="store_true",
+                        help="run the simulator in a thread of this process")
     args = parser.parse_args()
 
     from lgt_ops.config import settings_from_env
-    from lgt_ops.llm.simulator import BackgroundSimulator, SimConfig
     from lgt_ops.params import RunParams
     from lgt_ops.runctx import RunContext
     from lgt_ops.stages.base import StageEnv
@@ -127,7 +264,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lgt-refresh-"))
     db_name = f"lgt_bench_{uuid.uuid4().hex[:8]}"
     _admin(f"CREATE DATABASE {db_name}")
-    sim = BackgroundSimulator(SimConfig(latency_ms=0, slots=256, bad_question_rate=0.0)).start()
+    sim = InProcessSim() if args.sim_in_process else ProcessSim()
     try:
         base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")
         settings = settings_from_env({
@@ -144,16 +281,18 @@ def main() -> int:
         env.store.ensure_bucket()
         t = time.monotonic()
         make_corpus(env.store, "sources/bench/", 0, args.images)
-        print(f"corpus of {args.images:,} images written in {time.monotonic() - t:.0f}s",
+        print(f"corpus of {args.images:,} images written in {time.monotonic() - t:.0f}s; "
+              f"simulator {'in this process' if args.sim_in_process else 'in its own process'}",
               file=sys.stderr)
-        report(f"first run ({args.images:,} images)", timed_run(env, params))
-        sim.sim.reset()
-        second = timed_run(env.with_run(RunContext("bench-2")), params)
-        assert sim.sim.served == 0, f"the unchanged refresh sent {sim.sim.served} requests"
+        report(f"first run ({args.images:,} images)", timed_run(env, params, sim))
+        sim.reset()
+        second = timed_run(env.with_run(RunContext("bench-2")), params, sim)
+        served = sim.served()
+        assert served == 0, f"the unchanged refresh sent {served} requests"
         report("refresh, corpus unchanged", second)
         make_corpus(env.store, "sources/bench/", args.images, args.new)
         report(f"refresh, {args.new} new images",
-               timed_run(env.with_run(RunContext("bench-3")), params))
+               timed_run(env.with_run(RunContext("bench-3")), params, sim))
     finally:
         sim.stop()
         _admin(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")

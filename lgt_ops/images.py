@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import ctypes.util
+import functools
 import io
 import itertools
 import threading
@@ -188,9 +189,13 @@ _DCT8 = _dct_matrix(32)[:8]  # the 8 lowest frequencies of a 32-point DCT-II
 # fraction cut off each side; every combination (3**4 = 81 regions) is hashed by crop_phashes
 CROP_SIDES = (0.0, 0.04, 0.08)
 _CROP_HASH_SIDE = 128  # crops are hashed from a grey copy at most this many pixels a side
+CROP_REGIONS = tuple(itertools.product(CROP_SIDES, repeat=4))  # (left, top, right, bottom)
+_WHOLE = CROP_REGIONS[:1]  # (0, 0, 0, 0): the whole image
 
 
-def crop_phashes(im: Image.Image) -> tuple[int, ...]:
+def crop_phashes(
+    im: Image.Image, regions: tuple[tuple[float, ...], ...] = CROP_REGIONS
+) -> tuple[int, ...]:
     """64-bit perceptual hashes of the whole image (first: `images.phash`) and of its 80 crops,
     so an image and a copy of it cropped by up to ~10 % a side can be matched crop to whole.
     A pHash is the signs of the 8x8 lowest DCT frequencies of a 32x32 grey thumbnail against
@@ -199,7 +204,8 @@ def crop_phashes(im: Image.Image) -> tuple[int, ...]:
 
     Each region is averaged into 32x32 blocks with a summed-area table of a grey copy at most
     _CROP_HASH_SIDE pixels a side, all 81 at once: ~8-13 ms an image (81 Pillow resizes took
-    ~25-35 ms; sample photos, on a loaded 2-core machine).
+    ~25-35 ms; sample photos, on a loaded 2-core machine). `regions=_WHOLE` hashes the whole
+    only (the same value as the first of all 81), for ingest without image benchmarks.
     """
     small = im.convert("L")
     small.thumbnail((_CROP_HASH_SIDE, _CROP_HASH_SIDE), Image.Resampling.LANCZOS)
@@ -207,14 +213,25 @@ def crop_phashes(im: Image.Image) -> tuple[int, ...]:
     h, w = grey.shape
     table = np.zeros((h + 1, w + 1))
     table[1:, 1:] = grey.cumsum(0).cumsum(1)
-    regions = list(itertools.product(CROP_SIDES, repeat=4))
+    rows, cols, area = _block_grid(h, w, regions)
+    corner = table[rows[:, :, None], cols[:, None, :]]  # (81, 33, 33)
+    sums = corner[:, 1:, 1:] - corner[:, :-1, 1:] - corner[:, 1:, :-1] + corner[:, :-1, :-1]
+    return tuple(_dct_bits(sums / area))
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_grid(
+    h: int, w: int, regions: tuple[tuple[float, ...], ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 33 row and column edges of each region's 32x32 blocks and the blocks' areas (at
+    least 1) for an h x w thumbnail: the same for every image of that size, so made once."""
     rows = np.array([np.linspace(h * t, h - h * b, 33) for _, t, _, b in regions])
     cols = np.array([np.linspace(w * left, w - w * r, 33) for left, _, r, _ in regions])
     rows, cols = rows.round().astype(int), cols.round().astype(int)
-    corner = table[rows[:, :, None], cols[:, None, :]]  # (81, 33, 33)
-    sums = corner[:, 1:, 1:] - corner[:, :-1, 1:] - corner[:, 1:, :-1] + corner[:, :-1, :-1]
-    area = np.diff(rows, axis=1)[:, :, None] * np.diff(cols, axis=1)[:, None, :]
-    return tuple(_dct_bits(sums / np.maximum(area, 1)))
+    area = np.maximum(np.diff(rows, axis=1)[:, :, None] * np.diff(cols, axis=1)[:, None, :], 1)
+    for a in (rows, cols, area):
+        a.setflags(write=False)  # shared by every caller
+    return rows, cols, area
 
 
 def _dct_bits(blocks: np.ndarray) -> list[int]:
@@ -224,23 +241,26 @@ def _dct_bits(blocks: np.ndarray) -> list[int]:
     return [int.from_bytes(row.tobytes(), "big") for row in np.packbits(above, axis=1)]
 
 
-def inspect(data: bytes, *, max_pixels: int, budget: PixelBudget | None = None) -> ImageFacts:
+def inspect(
+    data: bytes, *, max_pixels: int, budget: PixelBudget | None = None, crops: bool = True
+) -> ImageFacts:
     """Validate `data` fully and describe it, or raise Rejected. With a budget, the
-    decode and everything derived from the pixels happen inside the budget's hold."""
+    decode and everything derived from the pixels happen inside the budget's hold.
+    `crops=False` leaves `crop_phashes` to the whole image's hash (nothing to screen)."""
     im = _open_header(data, max_pixels)
     if budget is None:
-        return _describe(data, im)
+        return _describe(data, im, crops)
     with budget.hold(im.width * im.height):
-        return _describe(data, im)
+        return _describe(data, im, crops)
 
 
-def _describe(data: bytes, im: Image.Image) -> ImageFacts:
+def _describe(data: bytes, im: Image.Image, crops: bool = True) -> ImageFacts:
     _load(im)
     fmt, mode = str(im.format), im.mode
     orientation = im.getexif().get(_EXIF_ORIENTATION)
     ImageOps.exif_transpose(im, in_place=True)  # no second full-size copy
     upright = to_rgb(im)
-    crops = crop_phashes(upright)
+    hashes = crop_phashes(upright, CROP_REGIONS if crops else _WHOLE)
     return ImageFacts(
         image_id=sha256_hex(data),
         width=upright.width,
@@ -249,8 +269,8 @@ def _describe(data: bytes, im: Image.Image) -> ImageFacts:
         mode=mode,
         bytes=len(data),
         exif_orientation=int(orientation) if orientation else None,
-        phash=f"{crops[0]:016x}",
-        crop_phashes=crops,
+        phash=f"{hashes[0]:016x}",
+        crop_phashes=hashes,
     )
 
 

@@ -13,14 +13,6 @@ MAX_STAGE_FILE_LINES = 300
 ROOTS = ("lgt_ops", "dags", "plugins")
 FILE_LENGTH = "<file length>"
 
-# Known offenders that are being split in parallel work, as path -> function names (or
-# FILE_LENGTH). Temporary: empty it once those splits are merged; nothing new goes here.
-SPLIT_IN_PROGRESS: dict[str, tuple[str, ...]] = {
-    # 61 lines; its module is being changed in parallel (the shared run loop)
-    "lgt_ops/stages/runner.py": ("run_model_stage",),
-}
-
-
 def _offenders(base: Path = ROOT) -> list[tuple[str, int, str, int]]:
     """(path, line, what, lines) of every function and stage file over its limit."""
     out = []
@@ -38,26 +30,13 @@ def _offenders(base: Path = ROOT) -> list[tuple[str, int, str, int]]:
     return out
 
 
-def _allowed(rel: str, what: str) -> bool:
-    return what in SPLIT_IN_PROGRESS.get(rel, ())
-
-
 def test_no_function_or_stage_file_is_over_its_limit():
-    found = [o for o in _offenders() if not _allowed(o[0], o[2])]
+    found = _offenders()
     listing = "\n".join(f"{path}:{line} {what}: {n} lines" for path, line, what, n in found)
     assert not found, (
         f"functions over {MAX_FUNCTION_LINES} lines or stage files over"
         f" {MAX_STAGE_FILE_LINES} lines (split them):\n{listing}"
     )
-
-
-def test_the_allowlist_names_only_current_offenders():
-    """An entry whose split has landed must leave the list, so the list only shrinks."""
-    current = {(path, what) for path, _, what, _ in _offenders()}
-    stale = [
-        (p, w) for p, names in SPLIT_IN_PROGRESS.items() for w in names if (p, w) not in current
-    ]
-    assert not stale, f"no longer over the limit, remove from SPLIT_IN_PROGRESS: {stale}"
 
 
 def _function(name: str, lines: int, indent: str = "") -> str:

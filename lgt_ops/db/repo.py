@@ -60,8 +60,7 @@ def insert_ignore(conn: Connection, name: str, rows: Sequence[Mapping[str, Any]]
         # A batch insert takes its columns from the first row: a missing key would be lost.
         raise ValueError(f"rows for {name!r} do not all have the same columns")
     tbl = table(conn, name)
-    result = conn.execute(insert_for(conn, tbl).on_conflict_do_nothing(), list(rows))
-    return max(result.rowcount, 0)
+    return execute_rows(conn, insert_for(conn, tbl).on_conflict_do_nothing(), rows)
 
 
 def upsert(
@@ -76,10 +75,69 @@ def upsert(
         return
     tbl = table(conn, name)
     stmt = insert_for(conn, tbl)
+    update = list(update)
     stmt = stmt.on_conflict_do_update(
         index_elements=list(key), set_={c: stmt.excluded[c] for c in update}
     )
-    conn.execute(stmt, list(rows))
+    execute_rows(conn, stmt, last_per_key(rows, key, update))
+
+
+def last_per_key(
+    rows: Sequence[Mapping[str, Any]], key: Sequence[str], update: Iterable[str]
+) -> list[Mapping[str, Any]]:
+    """One row per key, as row-by-row upserts would leave it: the first row's columns with
+    the later rows' `update` columns (one multi-row upsert may not touch a key twice)."""
+    merged: dict[tuple[Any, ...], Mapping[str, Any]] = {}
+    cols = list(update)
+    for row in rows:
+        k = tuple(row[c] for c in key)
+        first = merged.get(k)
+        merged[k] = row if first is None else {**first, **{c: row[c] for c in cols}}
+    return list(merged.values())
+
+
+_PAGE_ROWS = 1000
+_SQL_CACHE: dict[tuple[str, tuple[str, ...]], tuple[str, str, str] | None] = {}
+
+
+def execute_rows(conn: Connection, stmt: Any, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Execute an INSERT for many rows; how many it wrote. On Postgres one multi-row VALUES
+    statement per page: psycopg2's executemany is one round trip (and one parse and plan on
+    the server) per row, which bounded every stage's commits. SQLite runs in process, so
+    executemany stays. Goes through the SQLAlchemy connection, so its error handling (an
+    unreachable database) applies."""
+    rows = list(rows)
+    if not rows:
+        return 0
+    parts = _values_parts(conn, stmt, list(rows[0].keys())) if len(rows) > 1 else None
+    if parts is None:
+        return max(conn.execute(stmt, rows).rowcount, 0)
+    head, row_sql, tail = parts
+    keys = list(rows[0].keys())
+    written = 0
+    for page in chunked(rows, _PAGE_ROWS):
+        sql = head + ", ".join([row_sql] * len(page)) + tail
+        params = tuple(row[k] for row in page for k in keys)
+        written += max(conn.exec_driver_sql(sql, params).rowcount, 0)
+    return written
+
+
+def _values_parts(conn: Connection, stmt: Any, keys: list[str]) -> tuple[str, str, str] | None:
+    """The statement's SQL split around its one VALUES row, with positional placeholders
+    (None: not Postgres, or SQL this splitting does not recognise)."""
+    if conn.dialect.name != "postgresql":
+        return None
+    cache_key = (str(stmt.compile(dialect=conn.dialect, column_keys=keys)), tuple(keys))
+    if cache_key not in _SQL_CACHE:
+        sql = cache_key[0]
+        one_row = "VALUES (" + ", ".join(f"%({k})s" for k in keys) + ")"
+        if sql.count(one_row) != 1 or sql.count("%(") != len(keys):
+            _SQL_CACHE[cache_key] = None
+        else:
+            head, tail = sql.split(one_row)
+            row_sql = "(" + ", ".join(["%s"] * len(keys)) + ")"
+            _SQL_CACHE[cache_key] = (head + "VALUES ", row_sql, tail)
+    return _SQL_CACHE[cache_key]
 
 
 def dumps(obj: Any) -> str:

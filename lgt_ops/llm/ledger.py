@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, text
 
-from lgt_ops.db.repo import chunked, insert_for, table, utcnow
+from lgt_ops.db.repo import chunked, execute_rows, insert_for, table, utcnow
 from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.runctx import RunContext
@@ -297,4 +297,4 @@ def upsert_unless_terminal(conn: Connection, rows: list[dict[str, Any]]) -> None
         # Inlined constants: an expanding IN cannot be used with executemany.
         where=text(f"model_requests.status NOT IN ({', '.join(repr(t) for t in TERMINAL)})"),
     )
-    conn.execute(stmt, rows)
+    execute_rows(conn, stmt, rows)  # one statement per page: the keys are distinct

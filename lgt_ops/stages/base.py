@@ -21,12 +21,7 @@ from sqlalchemy import Connection, bindparam, text
 
 from lgt_ops import chaos, liveness
 from lgt_ops.abandon import close_abandoned_stages
-from lgt_ops.db.repo import (
-    chunked,
-    insert_ignore,
-    select_in,  # noqa: F401 - re-exported for the stages
-    utcnow,
-)
+from lgt_ops.db.repo import chunked, insert_ignore, utcnow
 from lgt_ops.env import HBUCKETS, Shard, StageEnv  # noqa: F401 - re-exported
 from lgt_ops.ids import content_id
 from lgt_ops.reasons import Rejected
@@ -259,7 +254,8 @@ class ItemCommitter:
     """Finished items' rows and done-markers, counted into the stage's stats and committed
     in small batches (after the ledger's rows, when the stage calls models)."""
 
-    EVERY_ITEMS = 25
+    EVERY_ITEMS = 25  # a rule stage: each commit is also its crash point in the chaos tests
+    MODEL_EVERY_ITEMS = 200  # a model stage: answers are durable through the journal anyway
     EVERY_SECONDS = 2.0
 
     def __init__(
@@ -273,6 +269,7 @@ class ItemCommitter:
         self.env, self.stage, self.fingerprint = env, stage, fingerprint
         self.stats, self.ledger = stats, ledger
         self._buffer: dict[str, list[dict[str, Any]]] = {}
+        self._every = self.EVERY_ITEMS if ledger is None else self.MODEL_EVERY_ITEMS
         self._items = 0
         self._last = time.monotonic()
 
@@ -288,7 +285,7 @@ class ItemCommitter:
         self._items += 1
 
     def flush_if_due(self) -> None:
-        if self._items >= self.EVERY_ITEMS or time.monotonic() - self._last > self.EVERY_SECONDS:
+        if self._items >= self._every or time.monotonic() - self._last > self.EVERY_SECONDS:
             self.flush()
 
     def flush(self) -> None:

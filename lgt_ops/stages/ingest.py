@@ -18,7 +18,7 @@ from typing import Any
 
 from lgt_ops import chaos, decontam, registry
 from lgt_ops.config import IngestLimits
-from lgt_ops.db.repo import chunked, dumps, insert_ignore, upsert, utcnow
+from lgt_ops.db.repo import chunked, dumps, insert_ignore, select_in, upsert, utcnow
 from lgt_ops.ids import hbucket, sha256_hex
 from lgt_ops.images import (
     ImageFacts,
@@ -30,7 +30,7 @@ from lgt_ops.images import (
 from lgt_ops.progress import Progress
 from lgt_ops.reasons import IngestReason as R
 from lgt_ops.reasons import Rejected
-from lgt_ops.stages.base import Shard, StageEnv, StageStats, recorded, rejection, select_in
+from lgt_ops.stages.base import Shard, StageEnv, StageStats, recorded, rejection
 from lgt_ops.stages.manifest_rows import manifest_annotations
 from lgt_ops.stages.scan import ScanResult, scan  # noqa: F401 - scan is ingest's first step
 from lgt_ops.storage import ObjectMissing, ObjectRefused, ObjectStore
@@ -57,6 +57,7 @@ def _fetch(
     max_pixels: int,
     limits: IngestLimits,
     budget: PixelBudget,
+    crops: bool = True,
 ) -> ImageFacts | Rejected:
     """The facts of one image, or why not.
 
@@ -73,7 +74,7 @@ def _fetch(
             data = head if len(head) < _HEADER_BYTES else _read_capped(store, entry["key"], cap)
             if len(data) > cap:  # grew after the listing
                 return Rejected(R.FILE_TOO_LARGE, f"more than {cap} bytes")
-            return inspect(data, max_pixels=max_pixels)
+            return inspect(data, max_pixels=max_pixels, crops=crops)
     except ObjectMissing:
         return Rejected(R.MISSING_OBJECT, "listed, then gone before it was read")
     except ObjectRefused as exc:  # became a link or a FIFO after the scan
@@ -155,9 +156,12 @@ def _ingest_batch(
     limits = env.settings.ingest
     store = env.store_for(batch[0]["source"])
     budget = _budget(limits.decode_pixel_budget)
-    with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
-        fetched = list(pool.map(lambda e: _fetch(store, e, max_pixels, limits, budget), batch))
     benchmarks = decontam.index_for(env)
+    crops = bool(benchmarks.images)  # the 80 crop hashes only matter against benchmark images
+    with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
+        fetched = list(
+            pool.map(lambda e: _fetch(store, e, max_pixels, limits, budget, crops), batch)
+        )
     for entry, facts in zip(batch, fetched, strict=True):
         facts = decontam.screen_image(benchmarks, facts)  # contaminated:<benchmark>, unseen
         source_row = _source_row(env, entry)

@@ -118,26 +118,20 @@ def run_model_stage(
 ) -> None:
     if not items:
         return
-    endpoint = env.settings.endpoint(role)
     s = env.settings
     policy = JournalPolicy(s.ledger_journal_seconds, s.ledger_journal_answers)
     ledger = Ledger(env.db, env.run, stage, env.store, journal=policy)
     total = sum(len(i.requests) for i in items)
     progress = Progress(f"{stage} [{role}]", total, enabled=env.show_progress)
     engine = RequestEngine(
-        endpoint,
+        s.endpoint(role),
         ledger,
         images,
         progress=progress,
         seed=s.method.seed,
         **replica_checks(env, stage, role),
     )
-    by_key: dict[str, list[WorkItem]] = {}
-    for item in items:
-        for req in item.requests:
-            by_key.setdefault(req.key, []).append(item)
-    waiting = {id(i): len(i.requests) for i in items}
-    got: dict[int, list[Outcome]] = {id(i): [] for i in items}
+    gathered = Gathered(items)
     committer = ItemCommitter(env, stage, fingerprint, stats, ledger)
     failed: list[str] = []
 
@@ -153,13 +147,8 @@ def run_model_stage(
             if not item.requests:  # nothing to ask (e.g. no composable pair): done as is
                 finish(item, [])
         for outcome in engine.run(requests):
-            for item in by_key.get(outcome.request.key, ()):
-                if outcome.request is not _match(item, outcome.request):
-                    continue
-                got[id(item)].append(outcome)
-                waiting[id(item)] -= 1
-                if waiting[id(item)] == 0:
-                    finish(item, got.pop(id(item)))
+            for item, outcomes in gathered.add(outcome):
+                finish(item, outcomes)
             committer.flush_if_due()  # also commits answered requests of unfinished items
     finally:
         try:
@@ -173,6 +162,31 @@ def run_model_stage(
             f"{stage}: {len(failed)} item(s) not finished because of endpoint failures "
             f"({dict(engine.stats.errors)}); re-run to resume (finished work is kept)"
         )
+
+
+class Gathered:
+    """Each item's outcomes as they arrive, in any order; an item is complete once every
+    one of its requests has its outcome."""
+
+    def __init__(self, items: Sequence[WorkItem]) -> None:
+        self.by_key: dict[str, list[WorkItem]] = {}
+        for item in items:
+            for req in item.requests:
+                self.by_key.setdefault(req.key, []).append(item)
+        self.waiting = {id(i): len(i.requests) for i in items}
+        self.got: dict[int, list[Outcome]] = {id(i): [] for i in items}
+
+    def add(self, outcome: Outcome) -> list[tuple[WorkItem, list[Outcome]]]:
+        """Record one outcome; the items it completes, with all their outcomes."""
+        complete = []
+        for item in self.by_key.get(outcome.request.key, ()):
+            if outcome.request is not _match(item, outcome.request):
+                continue
+            self.got[id(item)].append(outcome)
+            self.waiting[id(item)] -= 1
+            if self.waiting[id(item)] == 0:
+                complete.append((item, self.got.pop(id(item))))
+        return complete
 
 
 def run_planned(

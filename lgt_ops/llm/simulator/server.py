@@ -265,14 +265,15 @@ class Simulator:
             return self._error(
                 404, f"The model `{body['model']}` does not exist.", "NotFoundError", tally
             )
-        images = json.dumps(body["messages"]).count('"image_url"')
+        messages = json.dumps(body["messages"])  # serialised once: images and the marker
+        images = messages.count('"image_url"')
         if images and self.cfg.modality == "text":
             return self._error(
                 400, "At most 0 image(s) may be provided in one prompt.", "BadRequestError", tally
             )
         limit = self.cfg.max_model_len
         marker = self.cfg.context_too_long_marker
-        if marker and marker in json.dumps(body.get("messages")):
+        if marker and marker in messages:
             return self._error(
                 400,
                 f"This model's maximum context length is {limit} tokens. However, you"
@@ -342,7 +343,8 @@ class Simulator:
         n = int(body.get("n") or 1)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 4096)
         prompt_chars = sum(len(text_of(m)) for m in body["messages"])
-        images = json.dumps(body["messages"]).count('"image_url"')
+        messages = json.dumps(body["messages"])  # serialised once: images and the marker
+        images = messages.count('"image_url"')
         choices, completion_tokens = [], 0
         for i in range(n):
             content, reasoning = self.world.reply(body, i)

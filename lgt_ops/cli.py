@@ -203,6 +203,7 @@ def cmd_release_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_release_validate(args: argparse.Namespace) -> int:
+    from lgt_ops.release.quality import unjudged
     from lgt_ops.release.validate import validate
 
     report = validate(_env(), args.release_id)
@@ -212,9 +213,10 @@ def cmd_release_validate(args: argparse.Namespace) -> int:
         for f in report.figures:
             shown = f"{f.value:.4f}" if f.metric.endswith("_deviation") else f"{int(f.value)}"
             state = "ok  " if f.passed else "FAIL"
+            limit = "not judged" if unjudged(f.metric, f.max_allowed) else f"max {f.max_allowed:g}"
             print(
-                f"{state} {f.metric:<24} {f.scope:<18} {shown:>8} (max {f.max_allowed:g},"
-                f" n={f.n})" + (f": {f.detail}" if f.detail else "")
+                f"{state} {f.metric:<24} {f.scope:<18} {shown:>8} ({limit}, n={f.n})"
+                + (f": {f.detail}" if f.detail else "")
             )
         state = "ok" if report.ok else f"{len(report.failed)} check(s) failed"
         print(f"{args.release_id}: {len(report.figures)} quality check(s): {state}")

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from lgt_ops.goodput import card_section
+from lgt_ops.release.quality import unjudged
 from lgt_ops.traces import BEHAVIOURS
 
 _SIMULATED = (
@@ -141,11 +142,15 @@ def quality_section(quality: dict[str, Any] | None) -> list[str]:
     ]
     for f in figures:
         result = "ok" if f["passed"] else "FAIL: " + str(f["detail"]).replace("|", "\\|")
+        limit = _value(f["metric"], f["max_allowed"])
+        if unjudged(f["metric"], f["max_allowed"]):
+            limit, result = "-", "shown, not judged"
         lines.append(
             f"| {f['metric']} | {f['scope']} | {_value(f['metric'], f['value'])} |"
-            f" {_value(f['metric'], f['max_allowed'])} | {f['n']} | {result} |"
+            f" {limit} | {f['n']} | {result} |"
         )
     return [*lines, ""]
+
 
 
 def _rejections(rejections: dict[str, dict[str, int]]) -> list[str]:

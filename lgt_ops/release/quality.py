@@ -38,6 +38,12 @@ MIN_JUDGED = 30  # fewer draws than this cannot tell a skew from chance: shown, 
 _FINAL = re.compile(r"</think>\s*Answer:\s*([A-H])\s*$")
 
 
+def unjudged(metric: str, max_allowed: float) -> bool:
+    """A deviation allowed to reach 100 % is shown, not judged (too few questions, or a raw
+    figure): the card and `lgt release validate` say so instead of printing the limit."""
+    return metric.endswith("_deviation") and max_allowed >= 1.0
+
+
 @dataclass(frozen=True)
 class Figure:
     metric: str

@@ -11,14 +11,13 @@ clear letter counts as wrong (it did not answer), so it never rejects a question
 from __future__ import annotations
 
 from lgt_ops import current, prompts, registry, traces
-from lgt_ops.annotations import current as image_contexts
 from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest
-from lgt_ops.questions import LETTERS, Question, from_row
+from lgt_ops.questions import LETTERS, Question
 from lgt_ops.reasons import BlindReason, Rejected
-from lgt_ops.sources import SourceSpec, image_set
-from lgt_ops.stages import annotate
-from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
+from lgt_ops.sources import SourceSpec
+from lgt_ops.stages.base import Rejecter, Shard, StageEnv
+from lgt_ops.stages.question_plan import question_plan
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
 
 SPEC = registry.Blind
@@ -106,21 +105,17 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
 
 
 def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
-    fp = stage_fingerprint(env)
-    with env.db.connect() as conn:
-        images = image_set(conn, spec, shard, sample_size)
-        contexts = image_contexts(conn, images, annotate.stage_fingerprint(env))
-        qs = [from_row(r) for r in current.mcq_questions(conn, env, contexts)]
-        done = already_done(conn, STAGE, fp, [q.question_id for q in qs])
-    out = Plan(considered=len(qs))
-    if not SPEC.enabled(env.settings):
-        return out  # off: every mcq question is current as it is
-    for q in qs:
-        if q.question_id in done:
-            out.skipped += 1
-        else:
-            out.items.append(WorkItem(q.question_id, q.image_id, build_requests(env, q), q))
-    return out
+    return question_plan(
+        env,
+        SPEC,
+        spec,
+        shard,
+        sample_size,
+        select=current.mcq_questions,
+        build=build_requests,
+        with_images=False,
+        enabled=SPEC.enabled(env.settings),  # off: every mcq question is current as it is
+    )
 
 
 # The shared run loop (stages/runner.run_planned) over this module's plan() and handle().

@@ -15,20 +15,18 @@ from __future__ import annotations
 from typing import Any
 
 from lgt_ops import current, prompts, registry, traces
-from lgt_ops.annotations import current as image_contexts
 from lgt_ops.config import MethodParams
 from lgt_ops.ids import content_id
 from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import CONTINUE, ChatRequest, image_part
-from lgt_ops.questions import Question, from_row
+from lgt_ops.questions import Question
 from lgt_ops.reasons import Rejected
-from lgt_ops.sources import SourceSpec, image_locations, image_set
-from lgt_ops.stages import annotate
-from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
+from lgt_ops.sources import SourceSpec
+from lgt_ops.stages.base import Rejecter, Shard, StageEnv
+from lgt_ops.stages.question_plan import question_plan
 from lgt_ops.stages.runner import (
     Plan,
     Rows,
-    StoreImageUrls,
     WorkItem,
     request_rejection,
     runner_for,
@@ -171,20 +169,16 @@ def rollout_rows(
 
 
 def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
-    fp = stage_fingerprint(env)
-    with env.db.connect() as conn:
-        images = image_set(conn, spec, shard, sample_size)
-        contexts = image_contexts(conn, images, annotate.stage_fingerprint(env))
-        qs = [from_row(r) for r in current.stage1(conn, env, contexts)]
-        done = already_done(conn, STAGE, fp, [q.question_id for q in qs])
-        locations = image_locations(conn, sorted({q.image_id for q in qs}))
-    out = Plan(considered=len(qs), images=StoreImageUrls(env, locations))
-    for q in qs:  # ordered by image: requests sharing an image travel together
-        if q.question_id in done:
-            out.skipped += 1
-        else:
-            out.items.append(WorkItem(q.question_id, q.image_id, build_requests(env, q), q))
-    return out
+    return question_plan(
+        env,
+        SPEC,
+        spec,
+        shard,
+        sample_size,
+        select=current.stage1,
+        build=build_requests,
+        with_images=True,
+    )
 
 
 # The shared run loop (stages/runner.run_planned) over this module's plan() and handle().

@@ -18,6 +18,7 @@ from lgt_ops.reasons import BlindReason, Rejected
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import Rejecter, Shard, StageEnv
 from lgt_ops.stages.question_plan import question_plan
+from lgt_ops.stages.requests import stage_request
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
 
 SPEC = registry.Blind
@@ -30,26 +31,14 @@ def build_requests(env: StageEnv, q: Question) -> list[ChatRequest]:
     """n samples: one request with `n` when the endpoint supports it, else n seeded ones."""
     m = env.settings.method
     ep = env.settings.endpoint("llm")
-    t = prompts.load(TEMPLATE)
     seed = (int(q.question_id[:8], 16) + m.seed) % (2**31)
     base = {"temperature": m.blind_temperature, "max_tokens": SPEC.reply_tokens}
     if ep.supports_n:
         samplings = [{**base, "n": m.blind_samples, "seed": seed}]
     else:
         samplings = [{**base, "seed": (seed + i) % (2**31)} for i in range(m.blind_samples)]
-    messages = t.render(question=q.question, options=q.options_block())
-    return [
-        ChatRequest(
-            role="llm",
-            model=ep.model,
-            template_id=t.id,
-            template_version=t.version,
-            messages=messages,
-            sampling=s,
-            tag=q,
-        )
-        for s in samplings
-    ]
+    messages = prompts.load(TEMPLATE).render(question=q.question, options=q.options_block())
+    return [stage_request(env, SPEC, messages, s, tag=q) for s in samplings]
 
 
 def letter(reply: str, n_options: int) -> str | None:

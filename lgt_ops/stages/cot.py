@@ -24,6 +24,7 @@ from lgt_ops.reasons import Rejected
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import Rejecter, Shard, StageEnv
 from lgt_ops.stages.question_plan import question_plan
+from lgt_ops.stages.requests import stage_request
 from lgt_ops.stages.runner import (
     Plan,
     Rows,
@@ -63,7 +64,6 @@ def messages(q: Question) -> list[dict[str, Any]]:
 def build_requests(env: StageEnv, q: Question) -> list[ChatRequest]:
     m = env.settings.method
     ep = env.settings.endpoint("vlm")
-    t = prompts.load(TEMPLATE)
     seed = (int(q.question_id[:8], 16) + m.seed) % (2**31)
     base = {"temperature": m.cot_temperature, "top_p": m.cot_top_p, "max_tokens": m.cot_max_tokens}
     if ep.supports_n:
@@ -71,17 +71,7 @@ def build_requests(env: StageEnv, q: Question) -> list[ChatRequest]:
     else:  # one sample per request, each with its own seed
         samplings = [{**base, "seed": (seed + i) % (2**31)} for i in range(m.cot_rollouts)]
     return [
-        ChatRequest(
-            role="vlm",
-            model=ep.model,
-            template_id=t.id,
-            template_version=t.version,
-            messages=messages(q),
-            sampling=s,
-            extra_body=dict(CONTINUE),
-            image_spec=env.settings.image_spec,
-            tag=q,
-        )
+        stage_request(env, SPEC, messages(q), s, extra_body=dict(CONTINUE), tag=q)
         for s in samplings
     ]
 

@@ -15,11 +15,10 @@ from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest
 from lgt_ops.questions import LETTERS, Question
 from lgt_ops.reasons import BlindReason, Rejected
-from lgt_ops.sources import SourceSpec
-from lgt_ops.stages.base import Rejecter, Shard, StageEnv
-from lgt_ops.stages.question_plan import question_plan
+from lgt_ops.stages.base import Rejecter, StageEnv
+from lgt_ops.stages.question_plan import question_planner
 from lgt_ops.stages.requests import stage_request
-from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
+from lgt_ops.stages.runner import Rows, WorkItem, request_rejection, runner_for
 
 SPEC = registry.Blind
 STAGE = SPEC.name
@@ -93,19 +92,9 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
     return rows
 
 
-def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
-    return question_plan(
-        env,
-        SPEC,
-        spec,
-        shard,
-        sample_size,
-        select=current.mcq_questions,
-        build=build_requests,
-        with_images=False,
-        enabled=SPEC.enabled(env.settings),  # off: every mcq question is current as it is
-    )
-
+# Every mcq question not checked yet, one WorkItem each (none while the check is off:
+# then every mcq question is current as it is).
+plan = question_planner(SPEC, current.mcq_questions, build_requests, with_images=False)
 
 # The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
 run = runner_for(registry.Blind)

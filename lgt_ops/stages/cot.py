@@ -21,12 +21,10 @@ from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import CONTINUE, ChatRequest, image_part
 from lgt_ops.questions import Question
 from lgt_ops.reasons import Rejected
-from lgt_ops.sources import SourceSpec
-from lgt_ops.stages.base import Rejecter, Shard, StageEnv
-from lgt_ops.stages.question_plan import question_plan
+from lgt_ops.stages.base import Rejecter, StageEnv
+from lgt_ops.stages.question_plan import question_planner
 from lgt_ops.stages.requests import stage_request
 from lgt_ops.stages.runner import (
-    Plan,
     Rows,
     WorkItem,
     request_rejection,
@@ -158,18 +156,8 @@ def rollout_rows(
     return rows, rate
 
 
-def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
-    return question_plan(
-        env,
-        SPEC,
-        spec,
-        shard,
-        sample_size,
-        select=current.stage1,
-        build=build_requests,
-        with_images=True,
-    )
-
+# Current stage-1 questions not done yet, one WorkItem each.
+plan = question_planner(SPEC, current.stage1, build_requests, with_images=True)
 
 # The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
 run = runner_for(registry.Cot)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from lgt_ops import current, registry
 from lgt_ops.llm.outcome import Outcome
-from lgt_ops.sources import SourceSpec
 from lgt_ops.stages import cot
-from lgt_ops.stages.base import Shard, StageEnv
-from lgt_ops.stages.question_plan import question_plan
-from lgt_ops.stages.runner import Plan, Rows, WorkItem, runner_for
+from lgt_ops.stages.base import StageEnv
+from lgt_ops.stages.question_plan import question_planner
+from lgt_ops.stages.runner import Rows, WorkItem, runner_for
 
 SPEC = registry.Cot2
 STAGE = SPEC.name
@@ -24,18 +23,8 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
     return rows
 
 
-def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
-    return question_plan(
-        env,
-        SPEC,
-        spec,
-        shard,
-        sample_size,
-        select=current.composed,
-        build=cot.build_requests,
-        with_images=True,
-    )
-
+# Current composed questions not done yet, one WorkItem each.
+plan = question_planner(SPEC, current.composed, cot.build_requests, with_images=True)
 
 # The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
 run = runner_for(registry.Cot2)

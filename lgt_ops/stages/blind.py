@@ -17,7 +17,7 @@ from lgt_ops.questions import LETTERS, Question
 from lgt_ops.reasons import BlindReason, Rejected
 from lgt_ops.stages.base import Rejecter, StageEnv
 from lgt_ops.stages.question_plan import question_planner
-from lgt_ops.stages.requests import stage_request
+from lgt_ops.stages.requests import n_samplings, stage_request
 from lgt_ops.stages.runner import Rows, WorkItem, request_rejection, runner_for
 
 SPEC = registry.Blind
@@ -27,15 +27,10 @@ stage_fingerprint = SPEC.fingerprint
 
 
 def build_requests(env: StageEnv, q: Question) -> list[ChatRequest]:
-    """n samples: one request with `n` when the endpoint supports it, else n seeded ones."""
     m = env.settings.method
-    ep = env.settings.endpoint("llm")
     seed = (int(q.question_id[:8], 16) + m.seed) % (2**31)
     base = {"temperature": m.blind_temperature, "max_tokens": SPEC.reply_tokens}
-    if ep.supports_n:
-        samplings = [{**base, "n": m.blind_samples, "seed": seed}]
-    else:
-        samplings = [{**base, "seed": (seed + i) % (2**31)} for i in range(m.blind_samples)]
+    samplings = n_samplings(env, SPEC, base, m.blind_samples, seed)
     messages = prompts.load(TEMPLATE).render(question=q.question, options=q.options_block())
     return [stage_request(env, SPEC, messages, s, tag=q) for s in samplings]
 

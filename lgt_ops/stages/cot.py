@@ -23,7 +23,7 @@ from lgt_ops.questions import Question
 from lgt_ops.reasons import Rejected
 from lgt_ops.stages.base import Rejecter, StageEnv
 from lgt_ops.stages.question_plan import question_planner
-from lgt_ops.stages.requests import stage_request
+from lgt_ops.stages.requests import n_samplings, stage_request
 from lgt_ops.stages.runner import (
     Rows,
     WorkItem,
@@ -61,13 +61,9 @@ def messages(q: Question) -> list[dict[str, Any]]:
 
 def build_requests(env: StageEnv, q: Question) -> list[ChatRequest]:
     m = env.settings.method
-    ep = env.settings.endpoint("vlm")
     seed = (int(q.question_id[:8], 16) + m.seed) % (2**31)
     base = {"temperature": m.cot_temperature, "top_p": m.cot_top_p, "max_tokens": m.cot_max_tokens}
-    if ep.supports_n:
-        samplings = [{**base, "n": m.cot_rollouts, "seed": seed}]
-    else:  # one sample per request, each with its own seed
-        samplings = [{**base, "seed": (seed + i) % (2**31)} for i in range(m.cot_rollouts)]
+    samplings = n_samplings(env, SPEC, base, m.cot_rollouts, seed)
     return [
         stage_request(env, SPEC, messages(q), s, extra_body=dict(CONTINUE), tag=q)
         for s in samplings

@@ -35,3 +35,13 @@ def stage_request(
         image_spec=env.settings.image_spec if stage.role == "vlm" else None,
         **options,
     )
+
+
+def n_samplings(
+    env: StageEnv, stage: type[Stage], base: dict[str, Any], n: int, seed: int
+) -> list[dict[str, Any]]:
+    """n samples: one request with `n` when the stage's endpoint supports it (the server then
+    shares the prompt across them), else n requests, each with its own seed."""
+    if env.settings.endpoint(stage.role or "").supports_n:
+        return [{**base, "n": n, "seed": seed}]
+    return [{**base, "seed": (seed + i) % (2**31)} for i in range(n)]

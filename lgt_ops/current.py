@@ -10,6 +10,7 @@ stages and releases work on the current ones only.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection
@@ -164,16 +165,25 @@ def pairs(conn: Connection, env: StageEnv, question_ids: list[str]) -> list[Any]
     )
 
 
+Selector = Callable[[Connection, StageEnv, dict[str, ImageContext]], list[Any]]
+
+
 def shard_questions(
-    conn: Connection, env: StageEnv, spec: Any, shard: Any, sample_size: int | None
+    conn: Connection,
+    env: StageEnv,
+    spec: Any,
+    shard: Any,
+    sample_size: int | None,
+    select: Selector = questions,
 ) -> tuple[dict[str, ImageContext], list[Any]]:
-    """The image contexts of a shard and their current questions (both stages)."""
+    """The image contexts of a shard and the questions `select` picks from them (by default
+    the current questions of both stages)."""
     from lgt_ops.annotations import current as image_contexts
     from lgt_ops.sources import image_set
 
     images = image_set(conn, spec, shard, sample_size)
     contexts = image_contexts(conn, images, _fp(env, "annotate"))
-    return contexts, questions(conn, env, contexts)
+    return contexts, select(conn, env, contexts)
 
 
 def traces_of(conn: Connection, env: StageEnv, question_ids: list[str]) -> dict[str, list[Any]]:

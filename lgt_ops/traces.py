@@ -22,6 +22,7 @@ otherwise `no_think_close`.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections import Counter
@@ -80,81 +81,151 @@ def answer_letters(after: str) -> list[str]:
     return out
 
 
-def _leaks_rx() -> re.Pattern[str]:
-    """Phrasings that reveal the text-only context (caption, objects, boxes) the reasoner saw.
-
-    Tuned on tests/data/leak_corpus.json: visual wording ("the left side of the image", "the
-    box on the shelf", "the text on the sign says", counts) must not match.
-    """
-    words = [
-        # the context itself
+# Phrasings that reveal the text-only context (caption, objects, boxes) the reasoner saw.
+# Tuned on tests/data/leak_corpus.json: visual wording ("the left side of the image", "the box
+# on the shelf", "the text on the sign says", counts) must not match. Each comes with the
+# lower-case literals one of which any match contains (the prefilter in `leaks`).
+_LEAK_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # the context itself
+    (
         r"descriptions?|captions?|captioned|meta-?data|annotations?|annotated",
+        ("description", "caption", "meta", "annotat"),
+    ),
+    (
         r"as (?:was |is |it was |it is )?(?:described|mentioned|noted|stated|listed|given)",
-        r"(?:is|are|was|were) (?:described|mentioned|stated)\b",
-        r"described (?:in|by|above|earlier|here|as)",
+        ("described", "mentioned", "noted", "stated", "listed", "given"),
+    ),
+    (r"(?:is|are|was|were) (?:described|mentioned|stated)\b", ("described", "mentioned", "stated")),
+    (r"described (?:in|by|above|earlier|here|as)", ("described",)),
+    (
         r"(?:the |an? |this )?(?:object|objects) (?:list|ids?|labels?)|list of objects",
+        ("object list", "objects list", "object id", "objects id", "object label")
+        + ("objects label", "list of objects"),
+    ),
+    (
         r"(?:listed|given|provided) (?:objects|information|details|context|data)",
+        ("listed", "given", "provided"),
+    ),
+    (
         r"(?:the )?(?:given|provided|available) (?:information|details|context|data|text|list)",
-        r"the information (?:given|provided)",
+        ("given", "provided", "available"),
+    ),
+    (r"the information (?:given|provided)", ("information",)),
+    (
         r"the (?:scene|image) (?:says|states|mentions|notes|lists)",
-        # text and user
+        tuple(f"{w} {v}" for w in ("scene", "image") for v in ("says", "states", "mentions"))
+        + tuple(f"{w} {v}" for w in ("scene", "image") for v in ("notes", "lists")),
+    ),
+    # text and user
+    (
         r"the (?:given |provided )?text (?:mentions?|mentioned|describes|described|lists|listed"
         r"|notes|noted|states|stated|specifies|indicates|provides|provided|gives|gave)",
+        ("text ",),
+    ),
+    (
         r"(?:according to|based on|from|in) the (?:given |provided )?text"
         r"(?! (?:on|of|in|at|printed|written|painted|near|above|below))",
+        ("the text", "given text", "provided text"),
+    ),
+    (
         r"the user(?:'s)? (?:mentioned|mentions|said|says|described|describes|provided|provides"
         r"|gave|gives|wrote|writes|stated|states|told|listed|lists|noted|notes|description|text)",
-        r"as the user",
-        # boxes, coordinates, pixels, ids
+        ("user",),
+    ),
+    (r"as the user", ("user",)),
+    # boxes, coordinates, pixels, ids
+    (
         r"bounding[- ]?box(?:es)?|bbox(?:es)?|(?:its|the) box (?:coordinates|spans|extends|goes"
         r"|starts|ends|covers|is at|is from)|box coordinates",
+        ("bounding", "bbox", "its box ", "the box ", "box coordinates"),
+    ),
+    (
         r"coordinates?|x[- ]?coordinates?|y[- ]?coordinates?|[xy][01]",
-        r"pixels?|px",
-        r"(?:object|obj|id)\s*#\s*\d+",
-        # not seeing
-        r"mental (?:image|picture|model of the (?:image|scene))",
+        ("coordinate", "x0", "x1", "y0", "y1"),
+    ),
+    (r"pixels?|px", ("pixel", "px")),
+    (r"(?:object|obj|id)\s*#\s*\d+", ("#",)),
+    # not seeing
+    (r"mental (?:image|picture|model of the (?:image|scene))", ("mental",)),
+    (
         r"(?:can ?not|can't|cannot|unable to|not able to|don't|do not) (?:actually )?see the "
         r"(?:image|picture|photo)",
-        r"without (?:seeing|looking at|viewing) the (?:image|picture|photo)",
+        ("see the",),
+    ),
+    (r"without (?:seeing|looking at|viewing) the (?:image|picture|photo)", ("without",)),
+    (
         r"(?:let me |i(?:'ll| will| can| need to)? )(?:visuali[sz]e|imagine|picture)"
         r" (?:the|this|it|what)",
-        r"since i (?:only )?have (?:the )?text",
-    ]
-    numbers = [
-        # [84, 30, 592, 392], (84, 30): coordinate tuples
-        r"[\[(]\s*\d+(?:\.\d+)?\s*(?:,\s*\d+(?:\.\d+)?\s*){1,3}[\])]",
-        r"\b\d{2,5}\s*[x×]\s*\d{2,5}\b",  # 640x480
-        r"\b[xy]\s*=\s*\d",
-    ]
-    ident = r"\b[a-z]{1,3}_?\d{1,4}\b"  # object ids like c14, o3, obj_2 (lower case only)
-    worded = r"\b(?:" + "|".join(f"(?:{w})" for w in words) + r")\b"
-    return re.compile("|".join([f"(?i:{worded})", *(f"(?:{n})" for n in numbers), f"(?:{ident})"]))
+        ("visuali", "imagine", "picture"),
+    ),
+    (r"since i (?:only )?have (?:the )?text", ("since i",)),
+)
+# Case-sensitive, each needs a digit: coordinate tuples [84, 30, 592, 392] or (84, 30); 640x480;
+# x=12; object ids like c14, o3, obj_2 (lower case only).
+_LEAK_NUMBERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"[\[(]\s*\d+(?:\.\d+)?\s*(?:,\s*\d+(?:\.\d+)?\s*){1,3}[\])]", ("[", "(")),
+    (r"\b\d{2,5}\s*[x×]\s*\d{2,5}\b", ("x", "×")),
+    (r"\b[xy]\s*=\s*\d", ("=",)),
+    (r"\b[a-z]{1,3}_?\d{1,4}\b", ("",)),
+)
 
 
-_LEAKS = _leaks_rx()
-_BEHAVIOURS = {
-    "verification": re.compile(
+def _leaks_rx(words: tuple[int, ...], numbers: tuple[int, ...]) -> re.Pattern[str]:
+    """One alternation of the chosen phrasings, in their order (the full one: all of them)."""
+    alts = []
+    if words:
+        worded = "|".join(f"(?:{_LEAK_WORDS[i][0]})" for i in words)
+        alts.append(rf"(?i:\b(?:{worded})\b)")
+    alts += [f"(?:{_LEAK_NUMBERS[i][0]})" for i in numbers]
+    return re.compile("|".join(alts))
+
+
+_LEAKS = _leaks_rx(tuple(range(len(_LEAK_WORDS))), tuple(range(len(_LEAK_NUMBERS))))
+# literal -> the phrasings (("w", i) in _LEAK_WORDS, ("n", i) in _LEAK_NUMBERS) it may start
+_LEAK_LITERALS: dict[str, list[tuple[str, int]]] = {}
+for _kind, _table in (("w", _LEAK_WORDS), ("n", _LEAK_NUMBERS)):
+    for _i, (_, _lits) in enumerate(_table):
+        for _x in _lits:
+            _LEAK_LITERALS.setdefault(_x, []).append((_kind, _i))
+_DIGIT = re.compile(r"\d")
+_leaks_among = functools.lru_cache(maxsize=1024)(_leaks_rx)  # the same few sets recur
+
+
+# The only non-ASCII characters `re.IGNORECASE` matches to an ASCII letter (İ ı ſ K), which
+# `str.lower` does not map to it: a text with one skips the prefilter.
+_FOLDS_TO_ASCII = ("\u0130", "\u0131", "\u017f", "\u212a")
+# Each behaviour: its pattern (lower case; matched ignoring case) and the literals one of
+# which any match contains (a text with none of them counts 0 without a search).
+_BEHAVIOUR_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "verification": (
         r"\b(?:let me (?:double[- ]?check|verify|check|confirm)|double[- ]?check|verify|"
         r"to confirm|checking again|check again|make sure)\b",
-        re.I,
+        ("check", "verify", "confirm", "make sure"),
     ),
-    "backtracking": re.compile(
+    "backtracking": (
         r"\b(?:actually|wait|i was wrong|that'?s not right|does not look right|reconsider|"
         r"on second thought|let me re-?(?:think|examine|evaluate)|scratch that|no, )",
-        re.I,
+        ("actually", "wait", "i was wrong", "s not right", "does not look right", "reconsider")
+        + ("on second thought", "let me re", "scratch that", "no, "),
     ),
-    "subgoal": re.compile(
+    "subgoal": (
         r"\b(?:first,|first i need|to answer this,? i (?:need|should)|step \d|next,|"
         r"then i (?:need|will)|"
         r"the question asks|i need to (?:find|identify|determine|pin down))",
-        re.I,
+        ("first,", "first i need", "to answer this", "step ", "next,", "then i ")
+        + ("the question asks", "i need to "),
     ),
-    "backward": re.compile(
+    "backward": (
         r"\b(?:working backwards?|from the options|rule out|eliminate|if the answer were|"
         r"starting from the answer|by elimination)\b",
-        re.I,
+        ("working backward", "from the options", "rule out", "eliminat", "if the answer were")
+        + ("starting from the answer",),
     ),
 }
+_BEHAVIOURS = {name: re.compile(p, re.I) for name, (p, _) in _BEHAVIOUR_RULES.items()}
+# On an ASCII text, matching ignoring case = matching the lower-cased text case-sensitively
+# (the patterns are lower case), which the regex engine does about twice as fast.
+_BEHAVIOURS_LOWER = {name: (re.compile(p), lits) for name, (p, lits) in _BEHAVIOUR_RULES.items()}
 BEHAVIOURS = tuple(_BEHAVIOURS)
 
 
@@ -259,8 +330,22 @@ def assemble(
 
 
 def leaks(text: str) -> str | None:
-    """The phrase that reveals the text-only context the reasoner was given, if any."""
-    m = _LEAKS.search(text)
+    """The phrase that reveals the text-only context the reasoner was given, if any.
+
+    Same answer as searching the full alternation (`_LEAKS`), cheaper: a phrasing none of
+    whose literals occurs in the text cannot match anywhere, so it is left out of the search;
+    at any position the others keep their order, hence the same first match.
+    """
+    if not text.isascii() and any(c in text for c in _FOLDS_TO_ASCII):
+        m = _LEAKS.search(text)
+        return m.group(0) if m else None
+    low = text.lower()
+    found = {ki for x, kis in _LEAK_LITERALS.items() if x in low for ki in kis}
+    words = tuple(sorted(i for k, i in found if k == "w"))
+    numbers = tuple(sorted(i for k, i in found if k == "n")) if _DIGIT.search(text) else ()
+    if not words and not numbers:
+        return None
+    m = _leaks_among(words, numbers).search(text)
     return m.group(0) if m else None
 
 
@@ -280,12 +365,21 @@ def behaviours(text: str, cue: str | None = None) -> dict[str, int]:
     The reflection cue the pipeline injected ("Wait,") is not the model's doing: what the cue
     alone would count is subtracted, so cues compare fairly.
     """
-    thinking = text.split("</think>", 1)[0]
-    counts = {name: len(rx.findall(thinking)) for name, rx in _BEHAVIOURS.items()}
+    counts = _behaviour_counts(text.split("</think>", 1)[0])
     if cue:
-        for name, rx in _BEHAVIOURS.items():
-            counts[name] = max(0, counts[name] - len(rx.findall(cue)))
+        for name, n in _behaviour_counts(cue).items():
+            counts[name] = max(0, counts[name] - n)
     return counts
+
+
+def _behaviour_counts(text: str) -> dict[str, int]:
+    if not text.isascii():
+        return {name: len(rx.findall(text)) for name, rx in _BEHAVIOURS.items()}
+    low = text.lower()
+    return {
+        name: len(rx.findall(low)) if any(x in low for x in lits) else 0
+        for name, (rx, lits) in _BEHAVIOURS_LOWER.items()
+    }
 
 
 @dataclass(frozen=True)

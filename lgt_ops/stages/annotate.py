@@ -19,6 +19,7 @@ from lgt_ops.reasons import IngestReason, Rejected, ReplyReason
 from lgt_ops.sources import SourceSpec, image_locations, image_set
 from lgt_ops.stages.base import Shard, StageEnv, already_done
 from lgt_ops.stages.manifest_rows import annotation_row
+from lgt_ops.stages.requests import stage_request
 from lgt_ops.stages.runner import (
     Plan,
     Rows,
@@ -52,20 +53,9 @@ def build_request(env: StageEnv, ctx: ImageContext) -> ChatRequest:
         "role": "user",
         "content": [image_part(ctx.image_id), {"type": "text", "text": user["content"]}],
     }
-    return ChatRequest(
-        role="vlm",
-        model=env.settings.endpoint("vlm").model,
-        template_id=t.id,
-        template_version=t.version,
-        messages=messages,
-        sampling={
-            "temperature": 0.2,
-            "max_tokens": MAX_TOKENS,
-            "seed": int(ctx.image_id[:8], 16) % (2**31),
-        },
-        response_schema=t.schema,
-        schema_name=t.id,
-        image_spec=env.settings.image_spec,
+    seed = int(ctx.image_id[:8], 16) % (2**31)
+    return stage_request(
+        env, SPEC, messages, {"temperature": 0.2, "max_tokens": MAX_TOKENS, "seed": seed}
     )
 
 

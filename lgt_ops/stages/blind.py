@@ -11,15 +11,14 @@ clear letter counts as wrong (it did not answer), so it never rejects a question
 from __future__ import annotations
 
 from lgt_ops import current, prompts, registry, traces
-from lgt_ops.annotations import current as image_contexts
 from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import ChatRequest
-from lgt_ops.questions import LETTERS, Question, from_row
+from lgt_ops.questions import LETTERS, Question
 from lgt_ops.reasons import BlindReason, Rejected
-from lgt_ops.sources import SourceSpec, image_set
-from lgt_ops.stages import annotate
-from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
-from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
+from lgt_ops.stages.base import Rejecter, StageEnv
+from lgt_ops.stages.question_plan import question_planner
+from lgt_ops.stages.requests import n_samplings, stage_request
+from lgt_ops.stages.runner import Rows, WorkItem, request_rejection, runner_for
 
 SPEC = registry.Blind
 STAGE = SPEC.name
@@ -28,29 +27,12 @@ stage_fingerprint = SPEC.fingerprint
 
 
 def build_requests(env: StageEnv, q: Question) -> list[ChatRequest]:
-    """n samples: one request with `n` when the endpoint supports it, else n seeded ones."""
     m = env.settings.method
-    ep = env.settings.endpoint("llm")
-    t = prompts.load(TEMPLATE)
     seed = (int(q.question_id[:8], 16) + m.seed) % (2**31)
     base = {"temperature": m.blind_temperature, "max_tokens": SPEC.reply_tokens}
-    if ep.supports_n:
-        samplings = [{**base, "n": m.blind_samples, "seed": seed}]
-    else:
-        samplings = [{**base, "seed": (seed + i) % (2**31)} for i in range(m.blind_samples)]
-    messages = t.render(question=q.question, options=q.options_block())
-    return [
-        ChatRequest(
-            role="llm",
-            model=ep.model,
-            template_id=t.id,
-            template_version=t.version,
-            messages=messages,
-            sampling=s,
-            tag=q,
-        )
-        for s in samplings
-    ]
+    samplings = n_samplings(env, SPEC, base, m.blind_samples, seed)
+    messages = prompts.load(TEMPLATE).render(question=q.question, options=q.options_block())
+    return [stage_request(env, SPEC, messages, s, tag=q) for s in samplings]
 
 
 def letter(reply: str, n_options: int) -> str | None:
@@ -105,23 +87,9 @@ def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> R
     return rows
 
 
-def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
-    fp = stage_fingerprint(env)
-    with env.db.connect() as conn:
-        images = image_set(conn, spec, shard, sample_size)
-        contexts = image_contexts(conn, images, annotate.stage_fingerprint(env))
-        qs = [from_row(r) for r in current.mcq_questions(conn, env, contexts)]
-        done = already_done(conn, STAGE, fp, [q.question_id for q in qs])
-    out = Plan(considered=len(qs))
-    if not SPEC.enabled(env.settings):
-        return out  # off: every mcq question is current as it is
-    for q in qs:
-        if q.question_id in done:
-            out.skipped += 1
-        else:
-            out.items.append(WorkItem(q.question_id, q.image_id, build_requests(env, q), q))
-    return out
-
+# Every mcq question not checked yet, one WorkItem each (none while the check is off:
+# then every mcq question is current as it is).
+plan = question_planner(SPEC, current.mcq_questions, build_requests, with_images=False)
 
 # The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
 run = runner_for(registry.Blind)

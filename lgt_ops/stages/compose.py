@@ -39,6 +39,7 @@ from lgt_ops.reasons import ComposeReason, Rejected, ReplyReason
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
 from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
+from lgt_ops.stages.requests import stage_request
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
 from lgt_ops.wellposed import check_well_posed
 
@@ -78,21 +79,12 @@ def build_request(env: StageEnv, image_id: str, cand: Candidate) -> ChatRequest:
         letters=", ".join(LETTERS[: m.mcq_options]),
     )
     parent_ids = [p.question_id for p in cand.parents]
-    return ChatRequest(
-        role="llm",
-        model=env.settings.endpoint("llm").model,
-        template_id=t.id,
-        template_version=t.version,
-        messages=messages,
-        sampling={
-            "temperature": m.compose_temperature,
-            "max_tokens": MAX_TOKENS,
-            "seed": int(sorted(parent_ids)[0][:8], 16) % (2**31),
-        },
-        response_schema=t.schema,
-        schema_name=t.id,
-        tag=cand,
-    )
+    sampling = {
+        "temperature": m.compose_temperature,
+        "max_tokens": MAX_TOKENS,
+        "seed": int(sorted(parent_ids)[0][:8], 16) % (2**31),
+    }
+    return stage_request(env, SPEC, messages, sampling, tag=cand)
 
 
 def compose_question(

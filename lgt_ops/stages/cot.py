@@ -15,20 +15,17 @@ from __future__ import annotations
 from typing import Any
 
 from lgt_ops import current, prompts, registry, traces
-from lgt_ops.annotations import current as image_contexts
 from lgt_ops.config import MethodParams
 from lgt_ops.ids import content_id
 from lgt_ops.llm.outcome import Outcome
 from lgt_ops.llm.request import CONTINUE, ChatRequest, image_part
-from lgt_ops.questions import Question, from_row
+from lgt_ops.questions import Question
 from lgt_ops.reasons import Rejected
-from lgt_ops.sources import SourceSpec, image_locations, image_set
-from lgt_ops.stages import annotate
-from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
+from lgt_ops.stages.base import Rejecter, StageEnv
+from lgt_ops.stages.question_plan import question_planner
+from lgt_ops.stages.requests import n_samplings, stage_request
 from lgt_ops.stages.runner import (
-    Plan,
     Rows,
-    StoreImageUrls,
     WorkItem,
     request_rejection,
     runner_for,
@@ -64,26 +61,11 @@ def messages(q: Question) -> list[dict[str, Any]]:
 
 def build_requests(env: StageEnv, q: Question) -> list[ChatRequest]:
     m = env.settings.method
-    ep = env.settings.endpoint("vlm")
-    t = prompts.load(TEMPLATE)
     seed = (int(q.question_id[:8], 16) + m.seed) % (2**31)
     base = {"temperature": m.cot_temperature, "top_p": m.cot_top_p, "max_tokens": m.cot_max_tokens}
-    if ep.supports_n:
-        samplings = [{**base, "n": m.cot_rollouts, "seed": seed}]
-    else:  # one sample per request, each with its own seed
-        samplings = [{**base, "seed": (seed + i) % (2**31)} for i in range(m.cot_rollouts)]
+    samplings = n_samplings(env, SPEC, base, m.cot_rollouts, seed)
     return [
-        ChatRequest(
-            role="vlm",
-            model=ep.model,
-            template_id=t.id,
-            template_version=t.version,
-            messages=messages(q),
-            sampling=s,
-            extra_body=dict(CONTINUE),
-            image_spec=env.settings.image_spec,
-            tag=q,
-        )
+        stage_request(env, SPEC, messages(q), s, extra_body=dict(CONTINUE), tag=q)
         for s in samplings
     ]
 
@@ -170,22 +152,8 @@ def rollout_rows(
     return rows, rate
 
 
-def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
-    fp = stage_fingerprint(env)
-    with env.db.connect() as conn:
-        images = image_set(conn, spec, shard, sample_size)
-        contexts = image_contexts(conn, images, annotate.stage_fingerprint(env))
-        qs = [from_row(r) for r in current.stage1(conn, env, contexts)]
-        done = already_done(conn, STAGE, fp, [q.question_id for q in qs])
-        locations = image_locations(conn, sorted({q.image_id for q in qs}))
-    out = Plan(considered=len(qs), images=StoreImageUrls(env, locations))
-    for q in qs:  # ordered by image: requests sharing an image travel together
-        if q.question_id in done:
-            out.skipped += 1
-        else:
-            out.items.append(WorkItem(q.question_id, q.image_id, build_requests(env, q), q))
-    return out
-
+# Current stage-1 questions not done yet, one WorkItem each.
+plan = question_planner(SPEC, current.stage1, build_requests, with_images=True)
 
 # The shared run loop (stages/runner.run_planned) over this module's plan() and handle().
 run = runner_for(registry.Cot)

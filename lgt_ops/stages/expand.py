@@ -29,6 +29,7 @@ from lgt_ops.reasons import Rejected
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
 from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
+from lgt_ops.stages.requests import stage_request
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
 
 SPEC = registry.Expand  # name, version, role, template, config: declared once, there
@@ -75,18 +76,17 @@ def build_request(
         thinking=rollout.thinking,
         cue=cue,
     )
-    return ChatRequest(
-        role="reasoner",
-        model=env.settings.endpoint("reasoner").model,
-        template_id=t.id,
-        template_version=t.version,
-        messages=msgs,
-        sampling={
-            "temperature": m.expand_temperature,
-            "top_p": m.expand_top_p,
-            "max_tokens": m.expand_max_tokens,
-            "seed": (int(rollout.rollout_id[:8], 16) + 7919 * j) % (2**31),
-        },
+    sampling = {
+        "temperature": m.expand_temperature,
+        "top_p": m.expand_top_p,
+        "max_tokens": m.expand_max_tokens,
+        "seed": (int(rollout.rollout_id[:8], 16) + 7919 * j) % (2**31),
+    }
+    return stage_request(
+        env,
+        SPEC,
+        msgs,
+        sampling,
         extra_body={
             **CONTINUE,
             **({"bad_words": list(m.expand_bad_words)} if m.expand_bad_words else {}),

@@ -19,13 +19,11 @@ from dataclasses import dataclass
 from sqlalchemy import Connection
 
 from lgt_ops import current, registry
-from lgt_ops.annotations import current as image_contexts
 from lgt_ops.config import MethodParams
 from lgt_ops.db.repo import select_in
 from lgt_ops.llm.outcome import Outcome
 from lgt_ops.reasons import HardenReason, Rejected
-from lgt_ops.sources import SourceSpec, image_set
-from lgt_ops.stages import annotate
+from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, runner_for
 
@@ -113,9 +111,7 @@ def judged(conn: Connection, env: StageEnv, questions: list[str]) -> dict[str, J
 def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
     fp = stage_fingerprint(env)
     with env.db.connect() as conn:
-        images = image_set(conn, spec, shard, sample_size)
-        contexts = image_contexts(conn, images, annotate.stage_fingerprint(env))
-        composed = current.composed(conn, env, contexts)
+        _, composed = current.shard_questions(conn, env, spec, shard, sample_size, current.composed)
         ready = judged(conn, env, [q.question_id for q in composed])
         done = already_done(conn, STAGE, fp, list(ready))
     out = Plan(considered=len(composed))

@@ -40,6 +40,7 @@ from lgt_ops.stages.base import (
     already_done,
     rejection,
 )
+from lgt_ops.stages.requests import stage_request
 from lgt_ops.stages.runner import (
     Plan,
     Rows,
@@ -72,20 +73,12 @@ def build_request(env: StageEnv, ctx: ImageContext) -> ChatRequest:
         n_options=m.mcq_options,
         letters=", ".join(LETTERS[: m.mcq_options]),
     )
-    return ChatRequest(
-        role="llm",
-        model=env.settings.endpoint("llm").model,
-        template_id=t.id,
-        template_version=t.version,
-        messages=messages,
-        sampling={
-            "temperature": m.mcq_temperature,
-            "max_tokens": m.mcq_max_tokens,
-            "seed": image_seed(ctx.image_id, m.seed),
-        },
-        response_schema=t.schema,
-        schema_name=t.id,
-    )
+    sampling = {
+        "temperature": m.mcq_temperature,
+        "max_tokens": m.mcq_max_tokens,
+        "seed": image_seed(ctx.image_id, m.seed),
+    }
+    return stage_request(env, SPEC, messages, sampling)
 
 
 def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:

@@ -21,6 +21,7 @@ from lgt_ops.stages.base import (
     StageEnv,
     already_done,
 )
+from lgt_ops.stages.requests import stage_request
 from lgt_ops.stages.runner import Plan, Rows, WorkItem, one_answer, runner_for
 from lgt_ops.traces import BEHAVIOURS, Trace
 
@@ -42,18 +43,9 @@ stage_fingerprint = SPEC.fingerprint
 
 
 def build_request(env: StageEnv, t: Trace) -> ChatRequest:
-    tpl = prompts.load(TEMPLATE)
-    return ChatRequest(
-        role="llm",
-        model=env.settings.endpoint("llm").model,
-        template_id=tpl.id,
-        template_version=tpl.version,
-        messages=tpl.render(trace=t.text),
-        sampling={"temperature": 0.0, "max_tokens": MAX_TOKENS, "seed": env.settings.method.seed},
-        response_schema=tpl.schema,
-        schema_name=tpl.id,
-        tag=t,
-    )
+    messages = prompts.load(TEMPLATE).render(trace=t.text)
+    sampling = {"temperature": 0.0, "max_tokens": MAX_TOKENS, "seed": env.settings.method.seed}
+    return stage_request(env, SPEC, messages, sampling, tag=t)
 
 
 def counts(reply: str) -> dict[str, int]:

@@ -73,6 +73,18 @@ def parse_jsonl(
     meta_key: str, data: bytes, limits: IngestLimits | None = None
 ) -> tuple[list[Metadata], list[Rejected]]:
     """One Metadata per good line; each bad line costs that line only."""
+    out: list[Metadata] = []
+    problems: list[Rejected] = []
+    for entries, found in jsonl_pages(meta_key, data, limits):
+        out += entries
+        problems += found
+    return out, problems
+
+
+def jsonl_pages(
+    meta_key: str, data: bytes, limits: IngestLimits | None = None, page: int = 2_000
+) -> Iterator[tuple[list[Metadata], list[Rejected]]]:
+    """parse_jsonl a page of lines at a time, so a long manifest is never held parsed."""
     limits = limits or IngestLimits()
     out: list[Metadata] = []
     problems: list[Rejected] = []
@@ -93,7 +105,10 @@ def parse_jsonl(
         problems += found
         if meta is not None:
             out.append(meta)
-    return out, problems
+        if len(out) >= page:
+            yield out, problems
+            out, problems = [], []
+    yield out, problems
 
 
 def _parse_line(
@@ -223,6 +238,16 @@ def parse(
     if meta_key.lower().endswith(".jsonl"):
         return parse_jsonl(meta_key, data, limits)
     return parse_coco(meta_key, data, limits)
+
+
+def parse_pages(
+    meta_key: str, data: bytes, limits: IngestLimits | None = None
+) -> Iterator[tuple[list[Metadata], list[Rejected]]]:
+    """`parse` in pages of entries (a JSONL manifest's lines; a COCO file is one page)."""
+    if meta_key.lower().endswith(".jsonl"):
+        yield from jsonl_pages(meta_key, data, limits)
+    else:
+        yield parse_coco(meta_key, data, limits)
 
 
 def merge(parsed: list[Metadata]) -> tuple[dict[str, Metadata], list[Rejected]]:

@@ -3,11 +3,12 @@
     python bench/refresh_memory.py                       # 5,000 and 20,000 images
     python bench/refresh_memory.py --sizes 10000,30000
 
-For each size a fresh process writes a corpus of small JPEGs with a JSONL manifest (as
-bench/refresh_unchanged.py does) into a local-directory store, then, on a Postgres database
-made for it (127.0.0.1:5432, dropped at the end), measures its own peak RSS (VmHWM, reset
-with /proc/self/clear_refs before each step) over: the first run's scan and ingest, then an
-unchanged refresh's scan and ingest (nothing pending) and the image-shard plan. No model
+For each size this process writes a corpus of small JPEGs with one JSONL manifest (as
+bench/refresh_unchanged.py does) into a local-directory store; then a fresh process, on a
+Postgres database made for it (127.0.0.1:5432, dropped at the end), measures its own peak
+RSS (VmHWM, reset with /proc/self/clear_refs before each step) over: the first run's scan
+and ingest, then an unchanged refresh's scan and ingest (nothing pending) and the image-shard
+plan. No model
 stage runs, so no simulator is needed. Memory bounded by the in-flight window shows as the
 same numbers at both sizes; what grows with the corpus shows as a difference.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,8 +39,8 @@ def _current_rss_mb() -> float:
     return 0.0
 
 
-def child(images: int) -> dict:
-    """In a fresh process: the corpus, then each step's peak RSS."""
+def child(images: int, tmp: Path) -> dict:
+    """In a fresh process, on the corpus under tmp: each step's peak RSS."""
     from lgt_ops import pipeline
     from lgt_ops.config import settings_from_env
     from lgt_ops.params import RunParams
@@ -46,7 +48,6 @@ def child(images: int) -> dict:
     from lgt_ops.stages import ingest
     from lgt_ops.stages.base import StageEnv
 
-    tmp = Path(tempfile.mkdtemp(prefix="lgt-refresh-mem-"))
     db_name = f"lgt_bench_{uuid.uuid4().hex[:8]}"
     _admin(f"CREATE DATABASE {db_name}")
     out: dict = {"images": images}
@@ -59,8 +60,6 @@ def child(images: int) -> dict:
         params = RunParams(source="sources/bench/", release_name="bench")
         env = StageEnv.open(settings, RunContext("mem-1"))
         env.show_progress = False
-        env.store.ensure_bucket()
-        make_corpus(env.store, "sources/bench/", 0, images)
 
         def measure(name: str, fn) -> object:  # noqa: ANN001
             reset_peak_rss()
@@ -88,16 +87,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="5000,20000")
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child)))
+        print(json.dumps(child(int(args.child[0]), Path(args.child[1]))))
         return 0
+    from lgt_ops.storage import open_store
+
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        proc = subprocess.run([sys.executable, __file__, "--child", str(n)], capture_output=True,
-                              text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        tmp = Path(tempfile.mkdtemp(prefix="lgt-refresh-mem-"))
+        store = open_store((tmp / "store").as_uri())
+        store.ensure_bucket()
+        make_corpus(store, "sources/bench/", 0, n)  # here, so each child starts alike
+        proc = subprocess.run([sys.executable, __file__, "--child", str(n), str(tmp)],
+                              capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        shutil.rmtree(tmp, ignore_errors=True)
     steps = [k for k in rows[0] if isinstance(rows[0][k], dict)]
     print(f"{'step':<16}" + "".join(f"{r['images']:>12,} img" for r in rows)
           + "   (peak RSS MB; RSS before the step in brackets)")

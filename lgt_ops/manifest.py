@@ -62,11 +62,18 @@ def _resolve(meta_key: str, rel: str) -> str | None:
 
 
 def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """Numbered lines of a JSONL file, split on LF only (JSON strings may hold U+2028)."""
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
-        data = data[3:]
-    for lineno, line in enumerate(data.split(b"\n"), start=1):
-        yield lineno, line.rstrip(b"\r")
+    """Numbered lines of a JSONL file, split on LF only (JSON strings may hold U+2028),
+    one at a time (a long manifest is not copied into a list of lines)."""
+    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte order mark
+    lineno = 0
+    while True:
+        lineno += 1
+        end = data.find(b"\n", start)
+        if end < 0:
+            yield lineno, data[start:].rstrip(b"\r")
+            return
+        yield lineno, data[start:end].rstrip(b"\r")
+        start = end + 1
 
 
 def parse_jsonl(

@@ -13,7 +13,8 @@ import json
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import chain
+from typing import Any, BinaryIO
 
 from lgt_ops.boxes import BOX_FORMATS
 from lgt_ops.config import IngestLimits
@@ -61,19 +62,45 @@ def _resolve(meta_key: str, rel: str) -> str | None:
     return full if inside and not full.startswith("..") and full != "." else None
 
 
-def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """Numbered lines of a JSONL file, split on LF only (JSON strings may hold U+2028),
-    one at a time (a long manifest is not copied into a list of lines)."""
-    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte order mark
-    lineno = 0
-    while True:
-        lineno += 1
-        end = data.find(b"\n", start)
-        if end < 0:
-            yield lineno, data[start:].rstrip(b"\r")
-            return
-        yield lineno, data[start:end].rstrip(b"\r")
-        start = end + 1
+class _Dropped:
+    """A line longer than the limit, read past and not kept: only its length is known."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _lines(data: bytes | BinaryIO, limit: int = 0) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines of a JSONL file, split on LF only (JSON strings may hold U+2028).
+    A stream is read a chunk at a time, and a line over `limit` bytes is yielded as a
+    `_Dropped` (its length only), so memory is a chunk and a line, not the file."""
+    chunks = iter([data]) if isinstance(data, bytes) else iter(lambda: data.read(1 << 20), b"")
+    buf, lineno, dropped, first = b"", 0, -1, True
+    for chunk in chain(chunks, [b""]):  # b"": the end, so a short file is split too
+        buf += chunk
+        if first and len(buf) < 3 and chunk:
+            continue
+        if first and buf.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+            buf = buf[3:]
+        first, start = False, 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            lineno += 1
+            yield lineno, _line(buf[start:end], dropped)
+            start, dropped = end + 1, -1
+        buf = buf[start:]
+        kept = len(buf.rstrip(b"\r")) if limit else 0
+        if limit and (dropped >= 0 or kept > limit):  # a line too long to keep: count it
+            dropped = max(dropped, 0) + kept
+            buf = buf[kept:]  # its trailing CRs, which the line's length leaves out
+    yield lineno + 1, _line(buf, dropped)
+
+
+def _line(raw: bytes, dropped: int) -> bytes:
+    if dropped < 0:
+        return raw.rstrip(b"\r")
+    return _Dropped(dropped + len(raw.rstrip(b"\r")))  # type: ignore[return-value]
 
 
 def parse_jsonl(
@@ -89,13 +116,14 @@ def parse_jsonl(
 
 
 def jsonl_pages(
-    meta_key: str, data: bytes, limits: IngestLimits | None = None, page: int = 2_000
+    meta_key: str, data: bytes | BinaryIO, limits: IngestLimits | None = None, page: int = 2_000
 ) -> Iterator[tuple[list[Metadata], list[Rejected]]]:
-    """parse_jsonl a page of lines at a time, so a long manifest is never held parsed."""
+    """parse_jsonl a page of lines at a time (`data` may be a stream, read as it goes), so a
+    long manifest is held neither parsed nor whole."""
     limits = limits or IngestLimits()
     out: list[Metadata] = []
     problems: list[Rejected] = []
-    for lineno, raw in _lines(data):
+    for lineno, raw in _lines(data, limits.max_manifest_line_bytes):
         ref = f"{meta_key}:{lineno}"
         if len(raw) > limits.max_manifest_line_bytes:  # checked before parsing it
             detail = f"{len(raw)} bytes > limit {limits.max_manifest_line_bytes}"
@@ -248,13 +276,14 @@ def parse(
 
 
 def parse_pages(
-    meta_key: str, data: bytes, limits: IngestLimits | None = None
+    meta_key: str, data: bytes | BinaryIO, limits: IngestLimits | None = None
 ) -> Iterator[tuple[list[Metadata], list[Rejected]]]:
-    """`parse` in pages of entries (a JSONL manifest's lines; a COCO file is one page)."""
+    """`parse` in pages of entries: a JSONL manifest read as a stream, a page of lines at a
+    time; a COCO file read whole (one JSON document), one page."""
     if meta_key.lower().endswith(".jsonl"):
         yield from jsonl_pages(meta_key, data, limits)
     else:
-        yield parse_coco(meta_key, data, limits)
+        yield parse_coco(meta_key, data if isinstance(data, bytes) else data.read(), limits)
 
 
 def merge(parsed: list[Metadata]) -> tuple[dict[str, Metadata], list[Rejected]]:

@@ -13,6 +13,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,11 +240,12 @@ def _read_metadata(
         yield [], [Rejected.at(info.key, R.FILE_TOO_LARGE, detail)]
         return
     try:
-        data = store.get(info.key)
+        stream = store.open(info.key)  # read as it is parsed: never the whole file at once
     except ObjectMissing:
         yield [], [Rejected.at(info.key, R.MISSING_OBJECT, "listed, then gone before it was read")]
         return
     except ObjectRefused as exc:
         yield [], [Rejected.at(info.key, exc.reason, exc.detail)]
         return
-    yield from parse_pages(info.key, data, limits)
+    with closing(stream):
+        yield from parse_pages(info.key, stream, limits)

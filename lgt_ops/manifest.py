@@ -13,7 +13,8 @@ import json
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import chain
+from typing import Any, BinaryIO
 
 from lgt_ops.boxes import BOX_FORMATS
 from lgt_ops.config import IngestLimits
@@ -61,22 +62,68 @@ def _resolve(meta_key: str, rel: str) -> str | None:
     return full if inside and not full.startswith("..") and full != "." else None
 
 
-def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """Numbered lines of a JSONL file, split on LF only (JSON strings may hold U+2028)."""
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
-        data = data[3:]
-    for lineno, line in enumerate(data.split(b"\n"), start=1):
-        yield lineno, line.rstrip(b"\r")
+class _Dropped:
+    """A line longer than the limit, read past and not kept: only its length is known."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _lines(data: bytes | BinaryIO, limit: int = 0) -> Iterator[tuple[int, bytes]]:
+    """Numbered lines of a JSONL file, split on LF only (JSON strings may hold U+2028).
+    A stream is read a chunk at a time, and a line over `limit` bytes is yielded as a
+    `_Dropped` (its length only), so memory is a chunk and a line, not the file."""
+    chunks = iter([data]) if isinstance(data, bytes) else iter(lambda: data.read(1 << 20), b"")
+    buf, lineno, dropped, first = b"", 0, -1, True
+    for chunk in chain(chunks, [b""]):  # b"": the end, so a short file is split too
+        buf += chunk
+        if first and len(buf) < 3 and chunk:
+            continue
+        if first and buf.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+            buf = buf[3:]
+        first, start = False, 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            lineno += 1
+            yield lineno, _line(buf[start:end], dropped)
+            start, dropped = end + 1, -1
+        buf = buf[start:]
+        kept = len(buf.rstrip(b"\r")) if limit else 0
+        if limit and (dropped >= 0 or kept > limit):  # a line too long to keep: count it
+            dropped = max(dropped, 0) + kept
+            buf = buf[kept:]  # its trailing CRs, which the line's length leaves out
+    yield lineno + 1, _line(buf, dropped)
+
+
+def _line(raw: bytes, dropped: int) -> bytes:
+    if dropped < 0:
+        return raw.rstrip(b"\r")
+    return _Dropped(dropped + len(raw.rstrip(b"\r")))  # type: ignore[return-value]
 
 
 def parse_jsonl(
     meta_key: str, data: bytes, limits: IngestLimits | None = None
 ) -> tuple[list[Metadata], list[Rejected]]:
     """One Metadata per good line; each bad line costs that line only."""
+    out: list[Metadata] = []
+    problems: list[Rejected] = []
+    for entries, found in jsonl_pages(meta_key, data, limits):
+        out += entries
+        problems += found
+    return out, problems
+
+
+def jsonl_pages(
+    meta_key: str, data: bytes | BinaryIO, limits: IngestLimits | None = None, page: int = 2_000
+) -> Iterator[tuple[list[Metadata], list[Rejected]]]:
+    """parse_jsonl a page of lines at a time (`data` may be a stream, read as it goes), so a
+    long manifest is held neither parsed nor whole."""
     limits = limits or IngestLimits()
     out: list[Metadata] = []
     problems: list[Rejected] = []
-    for lineno, raw in _lines(data):
+    for lineno, raw in _lines(data, limits.max_manifest_line_bytes):
         ref = f"{meta_key}:{lineno}"
         if len(raw) > limits.max_manifest_line_bytes:  # checked before parsing it
             detail = f"{len(raw)} bytes > limit {limits.max_manifest_line_bytes}"
@@ -93,7 +140,10 @@ def parse_jsonl(
         problems += found
         if meta is not None:
             out.append(meta)
-    return out, problems
+        if len(out) >= page:
+            yield out, problems
+            out, problems = [], []
+    yield out, problems
 
 
 def _parse_line(
@@ -223,6 +273,17 @@ def parse(
     if meta_key.lower().endswith(".jsonl"):
         return parse_jsonl(meta_key, data, limits)
     return parse_coco(meta_key, data, limits)
+
+
+def parse_pages(
+    meta_key: str, data: bytes | BinaryIO, limits: IngestLimits | None = None
+) -> Iterator[tuple[list[Metadata], list[Rejected]]]:
+    """`parse` in pages of entries: a JSONL manifest read as a stream, a page of lines at a
+    time; a COCO file read whole (one JSON document), one page."""
+    if meta_key.lower().endswith(".jsonl"):
+        yield from jsonl_pages(meta_key, data, limits)
+    else:
+        yield parse_coco(meta_key, data if isinstance(data, bytes) else data.read(), limits)
 
 
 def merge(parsed: list[Metadata]) -> tuple[dict[str, Metadata], list[Rejected]]:

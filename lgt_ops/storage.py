@@ -78,6 +78,14 @@ def _clean_key(key: str) -> str:
     return key
 
 
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    """A real folder (a link to one is listed as a file, with a problem)."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
 def key_problem(key: str, size: int) -> tuple[IngestReason, str] | None:
     """Why a listed key cannot be addressed as an object, or None if it can."""
     if key.endswith("/") and size == 0:
@@ -138,29 +146,31 @@ class LocalStore:
         base = self.root / prefix if prefix and prefix.endswith("/") else self.root
         if not base.is_dir() or not self._inside(os.path.realpath(base)):
             return
-        found: list[ObjectInfo] = []
-        self._walk(str(base), prefix, found)
-        yield from sorted(found, key=lambda o: o.key)  # S3 lists in key order; so do we
+        yield from self._walk(str(base), prefix)
 
-    def _walk(self, folder: str, prefix: str, found: list[ObjectInfo]) -> None:
+    def _walk(self, folder: str, prefix: str) -> Iterator[ObjectInfo]:
+        """Depth first, each folder's names sorted with a folder as `name/`: that is the
+        order of the whole keys (S3's), without holding more than one folder's names."""
         try:
-            entries = list(os.scandir(folder))
+            with os.scandir(folder) as it:
+                names = sorted(e.name + "/" if _is_dir(e) else e.name for e in it)
         except (FileNotFoundError, NotADirectoryError):  # removed while listing
             return
         cut = len(str(self.root)) + 1
-        for entry in entries:
-            if entry.name.startswith(".lgt-tmp"):
+        for name in names:
+            if name.startswith(".lgt-tmp"):
                 continue
+            path = os.path.join(folder, name.rstrip("/"))
             try:
-                st = entry.stat(follow_symlinks=False)
+                st = os.lstat(path)
             except FileNotFoundError:
                 continue
             if stat.S_ISDIR(st.st_mode):  # a real folder (links to folders are not entered)
-                self._walk(entry.path, prefix, found)
+                yield from self._walk(path, prefix)
                 continue
-            key = entry.path[cut:].replace(os.sep, "/")
+            key = path[cut:].replace(os.sep, "/")
             if key.startswith(prefix):
-                found.append(self._entry_info(key, entry.path, st))
+                yield self._entry_info(key, path, st)
 
     def _entry_info(self, key: str, path: str, st: os.stat_result) -> ObjectInfo:
         if stat.S_ISLNK(st.st_mode):

@@ -177,7 +177,7 @@ def scopes(row: dict[str, Any]) -> list[str]:
 
 
 def question_figures(
-    questions: list[dict[str, Any]],
+    questions: Iterable[dict[str, Any]],
     n_options: int,
     stage2_ranks: Mapping[str, int] | None = None,
     tolerance: float = TOLERANCE,
@@ -189,7 +189,9 @@ def question_figures(
     invalid = []
     letters: dict[str, list[Pick]] = {}
     ranks: dict[str, list[Pick]] = {}
-    for row in questions:
+    n = 0
+    for row in questions:  # one pass: a stream of rows will do
+        n += 1
         problem = mcq_problem(row, n_options)
         if problem:
             invalid.append(f"question {row['question_id']}: {problem}")
@@ -203,7 +205,7 @@ def question_figures(
             letters.setdefault(scope, []).append((LETTERS.index(row["answer"]), k))
             if rank is not None:
                 ranks.setdefault(scope, []).append((rank, k, feasible))
-    out = [count_figure("mcq_invalid", "all", len(questions), invalid)]
+    out = [count_figure("mcq_invalid", "all", n, invalid)]
     for scope, picks in sorted(letters.items(), key=lambda kv: _scope_order(kv[0])):
         out.append(deviation_figure("letter_deviation", scope, picks, tolerance))
     for scope, picks in sorted(ranks.items(), key=lambda kv: _scope_order(kv[0])):

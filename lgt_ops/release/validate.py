@@ -94,16 +94,23 @@ def read_split(
 def measure(env: StageEnv, release_id: str, prefix: str, manifest: dict[str, Any]) -> Report:
     """Every quality figure of the release whose parts lie under `prefix`."""
     splits = manifest["splits"]
-    questions = list(
-        read_split(env, prefix, splits.get("questions", {}).get("files", []), "questions")
-    )
+    files = splits.get("questions", {}).get("files", [])
+    row_ids: set[str] = set()
+    answers: dict[str, str] = {}
+    composed: list[dict[str, Any]] = []
+    for q in read_split(env, prefix, files, "questions"):  # keep what the checks key on
+        row_ids.add(q["row_id"])
+        answers[q["question_id"]] = q["answer"]
+        if q["stage"] == 2:
+            composed.append(q)
     n_options = int((manifest.get("method") or {}).get("mcq_options", 4))
-    composed = [q for q in questions if q["stage"] == 2]
     with env.db.connect() as conn:
         stage2 = _stage2(conn, composed, (manifest.get("fingerprints") or {}).get("annotate"))
+    # A second pass, streamed, rather than every question row held at once.
+    questions = read_split(env, prefix, files, "questions")
     figures = quality.question_figures(questions, n_options, stage2.ranks)
-    ids = {"questions": {q["row_id"] for q in questions}}
-    trace_checks = quality.TraceChecks({q["question_id"]: q["answer"] for q in questions})
+    ids = {"questions": row_ids}
+    trace_checks = quality.TraceChecks(answers)
     for split, v in sorted(splits.items()):
         if split == "questions":
             continue

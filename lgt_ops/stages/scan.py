@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,14 +21,14 @@ from sqlalchemy import text
 
 from lgt_ops import registry
 from lgt_ops.config import IngestLimits
-from lgt_ops.db.repo import chunked, dumps, insert_ignore, utcnow
+from lgt_ops.db.repo import insert_ignore, utcnow
 from lgt_ops.fanout import fan_out
-from lgt_ops.ids import sha256_hex
-from lgt_ops.manifest import Metadata, is_metadata, merge, parse
+from lgt_ops.manifest import Metadata, is_metadata, merge, parse_pages
 from lgt_ops.reasons import SKIPPED, Rejected
 from lgt_ops.reasons import IngestReason as R
 from lgt_ops.sources import resolve_source
 from lgt_ops.stages.base import Shard, StageEnv, recorded, rejection
+from lgt_ops.stages.scan_index import PAGE, ScanIndex
 from lgt_ops.storage import ObjectInfo, ObjectMissing, ObjectRefused, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -58,10 +60,6 @@ def _run_prefix(env: StageEnv) -> str:
     return f"runs/{safe}"
 
 
-def _metadata_sha(meta: Metadata | None) -> str | None:
-    return sha256_hex(dumps(meta.as_json())) if meta is not None else None
-
-
 def scan(env: StageEnv, source: str | None = None, shard_size: int | None = None) -> ScanResult:
     """List the source prefix and write shard files of keys that need ingesting."""
     spec, store = resolve_source(env, source)
@@ -77,115 +75,136 @@ def _scan(
     env: StageEnv, spec: Any, store: ObjectStore, fp: str, shard_size: int | None
 ) -> ScanResult:
     result = ScanResult()
-    everything = list(store.list(spec.prefix))
-    result.listed = len(everything)
-    listed, problems = _sort_out(everything, spec.prefix, result)
-    meta_files = [o for o in listed if is_metadata(o.key)]
-    candidates = {o.key: o for o in listed if not is_metadata(o.key)}
-    result.metadata_files, result.images_listed = len(meta_files), len(candidates)
-    merged = _metadata(env, store, meta_files, candidates, problems, result)
-    result.problems = len(problems)
-    existing = _record(env, spec, fp, candidates, problems, result)
-    pending = []
-    for key, info in sorted(candidates.items()):
-        meta = merged.get(key)
-        have = existing.get(key)
-        if have is None or have[2] == "removed" or have[:2] != (info.etag, _metadata_sha(meta)):
-            pending.append((info, meta))
-    result.pending = len(pending)
-    _write_shards(env, spec, pending, shard_size, result)
+    with ScanIndex() as index:
+        meta_files, problems = _list(store, spec.prefix, index, result)
+        result.metadata_files, result.images_listed = len(meta_files), index.images()
+        _metadata(env, store, meta_files, index, problems, result)
+        result.problems = len(problems)
+        _record(env, spec, fp, index, problems, result)
+        result.pending = index.pending_count()
+        _write_shards(env, spec, index, shard_size, result)
     return result
+
+
+def _list(
+    store: ObjectStore, prefix: str, index: ScanIndex, result: ScanResult
+) -> tuple[list[ObjectInfo], list[Rejected]]:
+    """One pass over the listing, a page at a time: images go to the index, metadata files
+    are kept (they are few), the rest is skipped or rejected."""
+    meta_files: list[ObjectInfo] = []
+    problems: list[Rejected] = []
+    page: list[tuple[str, str, int]] = []
+    for info in store.list(prefix):
+        result.listed += 1
+        if not _sort_out(info, prefix, result, problems):
+            continue
+        if is_metadata(info.key):
+            meta_files.append(info)
+            continue
+        page.append((info.key, info.etag, info.size))
+        if len(page) >= PAGE:
+            index.add_listed(page)
+            page = []
+    index.add_listed(page)
+    result.skipped = len(result.skipped_keys)
+    if result.skipped:
+        counts = Counter(result.skipped_keys.values())
+        log.info("scan skipped %d keys that are not images: %s", result.skipped, dict(counts))
+    return meta_files, problems
 
 
 def _metadata(
     env: StageEnv,
     store: ObjectStore,
     meta_files: list[ObjectInfo],
-    candidates: dict[str, ObjectInfo],
+    index: ScanIndex,
     problems: list[Rejected],
     result: ScanResult,
-) -> dict[str, Metadata]:
-    """key -> its merged metadata; the metadata files' problems are added to `problems`."""
+) -> None:
+    """Merge the metadata files into the index, one file at a time; their problems are
+    added to `problems`. The first file to describe a key wins (files in key order)."""
     refused = {p.item_ref for p in problems}
-    parsed: list[Metadata] = []
+    duplicates: list[Rejected] = []
     for info in meta_files:
-        entries, found = _read_metadata(store, info, env.settings.ingest)
-        parsed += entries
-        problems += found
-    merged, dup_problems = merge(parsed)
-    problems += dup_problems
-    for key, meta in merged.items():
-        if key not in candidates and key not in refused and key not in result.skipped_keys:
+        for entries, found in _read_metadata(store, info, env.settings.ingest):
+            problems += found
+            held = index.described(sorted({m.key for m in entries}))
+            merged, dup_problems = merge([*held.values(), *entries])
+            duplicates += dup_problems
+            index.put_metadata(merged.values())
+    problems += duplicates
+    for meta in index.unlisted_metadata():
+        if meta.key not in refused and meta.key not in result.skipped_keys:
             where = ", ".join(meta.origin.values())
-            problems.append(Rejected.at(key, R.MISSING_OBJECT, f"named in {where}, no such object"))
-    return merged
+            detail = f"named in {where}, no such object"
+            problems.append(Rejected.at(meta.key, R.MISSING_OBJECT, detail))
 
 
 def _record(
     env: StageEnv,
     spec: Any,
     fp: str,
-    candidates: dict[str, ObjectInfo],
+    index: ScanIndex,
     problems: list[Rejected],
     result: ScanResult,
-) -> dict[str, tuple[Any, Any, Any]]:
-    """Record the problems and the removed keys; key -> (etag, metadata sha, status) known."""
+) -> None:
+    """Record the problems and the removed keys; the known source rows go to the index."""
     with env.db.begin() as conn:
-        existing = {
-            r.key: (r.etag, r.metadata_sha256, r.status)
-            for r in conn.execute(
-                text(
-                    "SELECT key, etag, metadata_sha256, status FROM sources"
-                    " WHERE bucket = :b AND key LIKE :like ESCAPE '\\'"
-                ),
-                {"b": spec.store_url, "like": spec.like},
-            )
-        }
+        known = conn.execute(
+            text(
+                "SELECT key, etag, metadata_sha256, status FROM sources"
+                " WHERE bucket = :b AND key LIKE :like ESCAPE '\\'"
+            ).execution_options(stream_results=True, yield_per=PAGE),
+            {"b": spec.store_url, "like": spec.like},
+        )
+        for rows in known.partitions(PAGE):
+            index.add_known(tuple(r) for r in rows)
         rows = [
             rejection(env, STAGE, fp, "source", p.item_ref, p.reason, p.detail) for p in problems
         ]
         insert_ignore(conn, "rejections", rows)
-        gone = [k for k, v in existing.items() if k not in candidates and v[2] != "removed"]
-        for keys in chunked(gone, 500):
-            conn.execute(
-                text(
-                    "UPDATE sources SET status = 'removed', last_run_id = :r, updated_at = :t"
-                    " WHERE bucket = :b AND key = :k"
-                ),
-                [{"r": env.run.run_id, "t": utcnow(), "b": spec.store_url, "k": k} for k in keys],
-            )
-        result.removed = len(gone)
-    return existing
+        page: list[str] = []
+        for key in [*index.gone(), None]:
+            if key is not None:
+                page.append(key)
+            if page and (key is None or len(page) >= 500):
+                result.removed += len(page)
+                _mark_removed(env, conn, spec, page)
+                page = []
+
+
+def _mark_removed(env: StageEnv, conn: Any, spec: Any, keys: list[str]) -> None:
+    conn.execute(
+        text(
+            "UPDATE sources SET status = 'removed', last_run_id = :r, updated_at = :t"
+            " WHERE bucket = :b AND key = :k"
+        ),
+        [{"r": env.run.run_id, "t": utcnow(), "b": spec.store_url, "k": k} for k in keys],
+    )
 
 
 def _write_shards(
-    env: StageEnv,
-    spec: Any,
-    pending: list[tuple[ObjectInfo, Metadata | None]],
-    shard_size: int | None,
-    result: ScanResult,
+    env: StageEnv, spec: Any, index: ScanIndex, shard_size: int | None, result: ScanResult
 ) -> None:
-    """The pending keys, in shard files of at most max_map_length shards."""
+    """The pending keys, in key order, in shard files of at most max_map_length shards."""
     cap = env.settings.max_map_length
-    size = fan_out(len(pending), shard_size or env.settings.shard_size, cap).shard_size
-    for n, chunk in enumerate(chunked(pending, size)):
-        key = f"{_run_prefix(env)}/ingest/shard-{n:05d}.jsonl"
-        lines = [
-            json.dumps(
-                {
-                    "source": spec.store_url,
-                    "prefix": spec.prefix,
-                    "key": info.key,
-                    "etag": info.etag,
-                    "size": info.size,
-                    "metadata": meta.as_json() if meta else None,
-                },
-                sort_keys=True,
-            )
-            for info, meta in chunk
-        ]
-        env.store.put(key, ("\n".join(lines) + "\n").encode("utf-8"))
-        result.shard_keys.append(key)
+    size = fan_out(result.pending, shard_size or env.settings.shard_size, cap).shard_size
+    lines: list[str] = []
+    for key, etag, nbytes, meta in index.pending():
+        line = {"source": spec.store_url, "prefix": spec.prefix, "key": key, "etag": etag,
+                "size": nbytes, "metadata": meta}
+        lines.append(json.dumps(line, sort_keys=True))
+        if len(lines) == size:
+            _put_shard(env, lines, result)
+            lines = []
+    if lines:
+        _put_shard(env, lines, result)
+
+
+def _put_shard(env: StageEnv, lines: list[str], result: ScanResult) -> None:
+    key = f"{_run_prefix(env)}/ingest/shard-{len(result.shard_keys):05d}.jsonl"
+    env.store.put(key, ("\n".join(lines) + "\n").encode("utf-8"))
+    result.shard_keys.append(key)
 
 
 def _hidden(key: str, prefix: str) -> bool:
@@ -193,27 +212,18 @@ def _hidden(key: str, prefix: str) -> bool:
     return any(part.startswith(".") for part in rest.split("/"))
 
 
-def _sort_out(
-    listed: list[ObjectInfo], prefix: str, result: ScanResult
-) -> tuple[list[ObjectInfo], list[Rejected]]:
-    """The keys worth reading; the rest are skipped (not ours) or rejected (not readable)."""
-    keep: list[ObjectInfo] = []
-    problems: list[Rejected] = []
-    for info in listed:
-        reason, detail = info.problem, info.detail
-        if reason is None and _hidden(info.key, prefix):
-            reason, detail = R.HIDDEN_KEY, "a path part starts with '.'"
-        if reason is None:
-            keep.append(info)
-        elif reason in SKIPPED:
-            result.skipped_keys[info.key] = reason
-        else:
-            problems.append(Rejected.at(printable(info.key), reason, detail))
-    result.skipped = len(result.skipped_keys)
-    if result.skipped:
-        counts = Counter(result.skipped_keys.values())
-        log.info("scan skipped %d keys that are not images: %s", result.skipped, dict(counts))
-    return keep, problems
+def _sort_out(info: ObjectInfo, prefix: str, result: ScanResult, problems: list[Rejected]) -> bool:
+    """Whether the key is worth reading; if not, it is skipped (not ours) or rejected."""
+    reason, detail = info.problem, info.detail
+    if reason is None and _hidden(info.key, prefix):
+        reason, detail = R.HIDDEN_KEY, "a path part starts with '.'"
+    if reason is None:
+        return True
+    if reason in SKIPPED:
+        result.skipped_keys[info.key] = reason
+    else:
+        problems.append(Rejected.at(printable(info.key), reason, detail))
+    return False
 
 
 def printable(key: str) -> str:
@@ -223,14 +233,19 @@ def printable(key: str) -> str:
 
 def _read_metadata(
     store: ObjectStore, info: ObjectInfo, limits: IngestLimits
-) -> tuple[list[Metadata], list[Rejected]]:
+) -> Iterator[tuple[list[Metadata], list[Rejected]]]:
+    """The file's entries and problems, a page at a time."""
     if info.size > limits.max_file_bytes:
         detail = f"{info.size} bytes > limit {limits.max_file_bytes}; not read"
-        return [], [Rejected.at(info.key, R.FILE_TOO_LARGE, detail)]
+        yield [], [Rejected.at(info.key, R.FILE_TOO_LARGE, detail)]
+        return
     try:
-        data = store.get(info.key)
+        stream = store.open(info.key)  # read as it is parsed: never the whole file at once
     except ObjectMissing:
-        return [], [Rejected.at(info.key, R.MISSING_OBJECT, "listed, then gone before it was read")]
+        yield [], [Rejected.at(info.key, R.MISSING_OBJECT, "listed, then gone before it was read")]
+        return
     except ObjectRefused as exc:
-        return [], [Rejected.at(info.key, exc.reason, exc.detail)]
-    return parse(info.key, data, limits)
+        yield [], [Rejected.at(info.key, exc.reason, exc.detail)]
+        return
+    with closing(stream):
+        yield from parse_pages(info.key, stream, limits)

@@ -1,0 +1,118 @@
+"""Peak RSS of scan + ingest (first run) and of an unchanged refresh, at two corpus sizes.
+
+    python bench/refresh_memory.py                       # 5,000 and 20,000 images
+    python bench/refresh_memory.py --sizes 10000,30000
+
+For each size this process writes a corpus of small JPEGs with one JSONL manifest (as
+bench/refresh_unchanged.py does) into a local-directory store; then a fresh process, on a
+Postgres database made for it (127.0.0.1:5432, dropped at the end), measures its own peak
+RSS (VmHWM, reset with /proc/self/clear_refs before each step) over: the first run's scan
+and ingest, then an unchanged refresh's scan and ingest (nothing pending) and the image-shard
+plan. No model
+stage runs, so no simulator is needed. Memory bounded by the in-flight window shows as the
+same numbers at both sizes; what grows with the corpus shows as a difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from refresh_unchanged import PG_ADMIN, _admin, make_corpus, peak_rss_mb, reset_peak_rss  # noqa: E402
+
+
+def _current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def child(images: int, tmp: Path) -> dict:
+    """In a fresh process, on the corpus under tmp: each step's peak RSS."""
+    from lgt_ops import pipeline
+    from lgt_ops.config import settings_from_env
+    from lgt_ops.params import RunParams
+    from lgt_ops.runctx import RunContext
+    from lgt_ops.stages import ingest
+    from lgt_ops.stages.base import StageEnv
+
+    db_name = f"lgt_bench_{uuid.uuid4().hex[:8]}"
+    _admin(f"CREATE DATABASE {db_name}")
+    out: dict = {"images": images}
+    try:
+        base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")
+        settings = settings_from_env({
+            "LGT_DATA_DIR": str(tmp), "LGT_DATABASE_URL": f"{base}/{db_name}",
+            "LGT_STORE_URL": (tmp / "store").as_uri(), "LGT_SHARD_SIZE": "500",
+        })
+        params = RunParams(source="sources/bench/", release_name="bench")
+        env = StageEnv.open(settings, RunContext("mem-1"))
+        env.show_progress = False
+
+        def measure(name: str, fn) -> object:  # noqa: ANN001
+            reset_peak_rss()
+            base_mb = _current_rss_mb()
+            value = fn()
+            out[name] = {"before_mb": round(base_mb), "peak_mb": round(peak_rss_mb())}
+            return value
+
+        for run_id, label in (("mem-1", "first"), ("mem-2", "refresh")):
+            run_env = env.with_run(RunContext(run_id))
+            pipeline.start(run_env, params)
+            scan = measure(f"{label} scan", lambda e=run_env: pipeline.scan(e, params))
+            keys = scan.shard_keys
+            measure(f"{label} ingest", lambda e=run_env, k=keys: [
+                ingest.ingest_shard(e, key, i, len(k)) for i, key in enumerate(k)])
+            measure(f"{label} plan", lambda e=run_env: pipeline.plan(e, params))
+            out[f"{label} pending"] = scan.pending
+            pipeline.finish(run_env)
+    finally:
+        _admin(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="5000,20000")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(int(args.child[0]), Path(args.child[1]))))
+        return 0
+    from lgt_ops.storage import open_store
+
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        tmp = Path(tempfile.mkdtemp(prefix="lgt-refresh-mem-"))
+        store = open_store((tmp / "store").as_uri())
+        store.ensure_bucket()
+        make_corpus(store, "sources/bench/", 0, n)  # here, so each child starts alike
+        proc = subprocess.run([sys.executable, __file__, "--child", str(n), str(tmp)],
+                              capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        shutil.rmtree(tmp, ignore_errors=True)
+    steps = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    print(f"{'step':<16}" + "".join(f"{r['images']:>12,} img" for r in rows)
+          + "   (peak RSS MB; RSS before the step in brackets)")
+    for step in steps:
+        cells = "".join(f"{r[step]['peak_mb']:>9} ({r[step]['before_mb']:>3})" for r in rows)
+        print(f"{step:<16}{cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -30,6 +30,7 @@ def forget_schema(engine: Engine) -> None:
     """Drop the cached reflection (after migrations changed the schema)."""
     with _LOCK:
         _META.pop(str(engine.url), None)
+        _NAMED_CACHE.clear()
 
 
 def table(conn: Connection, name: str) -> Table:
@@ -60,7 +61,8 @@ def insert_ignore(conn: Connection, name: str, rows: Sequence[Mapping[str, Any]]
         # A batch insert takes its columns from the first row: a missing key would be lost.
         raise ValueError(f"rows for {name!r} do not all have the same columns")
     tbl = table(conn, name)
-    return execute_rows(conn, insert_for(conn, tbl).on_conflict_do_nothing(), rows)
+    stmt = insert_for(conn, tbl).on_conflict_do_nothing()
+    return execute_rows(conn, stmt, rows, cache_as=("ignore", name))
 
 
 def upsert(
@@ -98,22 +100,29 @@ def last_per_key(
 
 _PAGE_ROWS = 1000
 _SQL_CACHE: dict[tuple[str, tuple[str, ...]], tuple[str, str, str] | None] = {}
+_NAMED_CACHE: dict[tuple[str, ...], tuple[str, str, str] | None] = {}
 
 
-def execute_rows(conn: Connection, stmt: Any, rows: Sequence[Mapping[str, Any]]) -> int:
+def execute_rows(
+    conn: Connection,
+    stmt: Any,
+    rows: Sequence[Mapping[str, Any]],
+    cache_as: tuple[str, ...] | None = None,
+) -> int:
     """Execute an INSERT for many rows; how many it wrote. On Postgres one multi-row VALUES
     statement per page: psycopg2's executemany is one round trip (and one parse and plan on
     the server) per row, which bounded every stage's commits. SQLite runs in process, so
     executemany stays. Goes through the SQLAlchemy connection, so its error handling (an
-    unreachable database) applies."""
+    unreachable database) applies. `cache_as` names the statement (e.g. ("ignore", table)),
+    so its split SQL is found without compiling it again (a compile per batch was ~1/3 ms)."""
     rows = list(rows)
     if not rows:
         return 0
-    parts = _values_parts(conn, stmt, list(rows[0].keys())) if len(rows) > 1 else None
+    keys = list(rows[0].keys())
+    parts = _values_parts(conn, stmt, keys, cache_as) if len(rows) > 1 else None
     if parts is None:
         return max(conn.execute(stmt, rows).rowcount, 0)
     head, row_sql, tail = parts
-    keys = list(rows[0].keys())
     written = 0
     for page in chunked(rows, _PAGE_ROWS):
         sql = head + ", ".join([row_sql] * len(page)) + tail
@@ -122,11 +131,16 @@ def execute_rows(conn: Connection, stmt: Any, rows: Sequence[Mapping[str, Any]])
     return written
 
 
-def _values_parts(conn: Connection, stmt: Any, keys: list[str]) -> tuple[str, str, str] | None:
+def _values_parts(
+    conn: Connection, stmt: Any, keys: list[str], cache_as: tuple[str, ...] | None = None
+) -> tuple[str, str, str] | None:
     """The statement's SQL split around its one VALUES row, with positional placeholders
     (None: not Postgres, or SQL this splitting does not recognise)."""
     if conn.dialect.name != "postgresql":
         return None
+    named = (str(conn.engine.url), *cache_as, *keys) if cache_as else None
+    if named is not None and named in _NAMED_CACHE:
+        return _NAMED_CACHE[named]
     cache_key = (str(stmt.compile(dialect=conn.dialect, column_keys=keys)), tuple(keys))
     if cache_key not in _SQL_CACHE:
         sql = cache_key[0]
@@ -137,6 +151,8 @@ def _values_parts(conn: Connection, stmt: Any, keys: list[str]) -> tuple[str, st
             head, tail = sql.split(one_row)
             row_sql = "(" + ", ".join(["%s"] * len(keys)) + ")"
             _SQL_CACHE[cache_key] = (head + "VALUES ", row_sql, tail)
+    if named is not None:
+        _NAMED_CACHE[named] = _SQL_CACHE[cache_key]
     return _SQL_CACHE[cache_key]
 
 

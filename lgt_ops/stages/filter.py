@@ -26,11 +26,11 @@ from lgt_ops.questions import jaccard, tokens
 from lgt_ops.reasons import FilterReason as FR
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import (
-    Rejecter,
     Rows,
     Shard,
     StageEnv,
     already_done,
+    rejection,
 )
 from lgt_ops.stages.runner import Plan, WorkItem, runner_for
 from lgt_ops.traces import Trace
@@ -135,17 +135,25 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
 
 def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Any]) -> Rows:
     """Verdicts (and rejections) for one question's traces."""
-    rows = Rows()
-    for v in judge(item.context, env.settings.method):
-        rows.add("trace_verdicts", verdict_row(env, fp, v))
-        rows.outputs += v.passed
-        if v.reason:
-            rows.add(
-                "rejections",
-                Rejecter(env, STAGE, fp, item.image_id, v.trace.request_key)(
-                    v.trace.kind, v.trace.trace_id, v
-                ),
+    verdicts = judge(item.context, env.settings.method)
+    rows = Rows(outputs=sum(v.passed for v in verdicts))
+    rows.tables["trace_verdicts"] = [verdict_row(env, fp, v) for v in verdicts]
+    rejected = [v for v in verdicts if v.reason]
+    if rejected:  # one row per failed trace (a plain call: no Rejecter per trace)
+        rows.tables["rejections"] = [
+            rejection(
+                env,
+                STAGE,
+                fp,
+                v.trace.kind,
+                v.trace.trace_id,
+                v.reason,
+                v.detail,
+                image_id=item.image_id,
+                request_key=v.trace.request_key,
             )
+            for v in rejected
+        ]
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -81,7 +82,8 @@ def upsert(
     stmt = stmt.on_conflict_do_update(
         index_elements=list(key), set_={c: stmt.excluded[c] for c in update}
     )
-    execute_rows(conn, stmt, last_per_key(rows, key, update))
+    named = ("upsert", name, *key, "|", *update)
+    execute_rows(conn, stmt, last_per_key(rows, key, update), cache_as=named)
 
 
 def last_per_key(
@@ -99,8 +101,10 @@ def last_per_key(
 
 
 _PAGE_ROWS = 1000
-_SQL_CACHE: dict[tuple[str, tuple[str, ...]], tuple[str, str, str] | None] = {}
-_NAMED_CACHE: dict[tuple[str, ...], tuple[str, str, str] | None] = {}
+_Parts = tuple[str, str, str, tuple[str, ...]]  # head, one row's SQL, tail, column order
+_SQL_CACHE: dict[tuple[str, tuple[str, ...]], _Parts | None] = {}
+_NAMED_CACHE: dict[tuple[str, ...], _Parts | None] = {}
+_ONE_ROW = re.compile(r"VALUES \((%\(\w+\)s(?:, %\(\w+\)s)*)\)")
 
 
 def execute_rows(
@@ -122,20 +126,21 @@ def execute_rows(
     parts = _values_parts(conn, stmt, keys, cache_as) if len(rows) > 1 else None
     if parts is None:
         return max(conn.execute(stmt, rows).rowcount, 0)
-    head, row_sql, tail = parts
+    head, row_sql, tail, order = parts
     written = 0
     for page in chunked(rows, _PAGE_ROWS):
         sql = head + ", ".join([row_sql] * len(page)) + tail
-        params = tuple(row[k] for row in page for k in keys)
+        params = tuple(row[k] for row in page for k in order)
         written += max(conn.exec_driver_sql(sql, params).rowcount, 0)
     return written
 
 
 def _values_parts(
     conn: Connection, stmt: Any, keys: list[str], cache_as: tuple[str, ...] | None = None
-) -> tuple[str, str, str] | None:
-    """The statement's SQL split around its one VALUES row, with positional placeholders
-    (None: not Postgres, or SQL this splitting does not recognise)."""
+) -> _Parts | None:
+    """The statement's SQL split around its one VALUES row, with positional placeholders,
+    and the order of its columns (the table's, not the row's; None: not Postgres, or SQL
+    this splitting does not recognise)."""
     if conn.dialect.name != "postgresql":
         return None
     named = (str(conn.engine.url), *cache_as, *keys) if cache_as else None
@@ -144,13 +149,14 @@ def _values_parts(
     cache_key = (str(stmt.compile(dialect=conn.dialect, column_keys=keys)), tuple(keys))
     if cache_key not in _SQL_CACHE:
         sql = cache_key[0]
-        one_row = "VALUES (" + ", ".join(f"%({k})s" for k in keys) + ")"
-        if sql.count(one_row) != 1 or sql.count("%(") != len(keys):
+        found = _ONE_ROW.findall(sql)
+        order = tuple(p[2:-2] for p in found[0].split(", ")) if len(found) == 1 else ()
+        if sorted(order) != sorted(keys) or sql.count("%(") != len(keys):
             _SQL_CACHE[cache_key] = None
         else:
-            head, tail = sql.split(one_row)
+            head, tail = _ONE_ROW.split(sql, maxsplit=1)[::2]
             row_sql = "(" + ", ".join(["%s"] * len(keys)) + ")"
-            _SQL_CACHE[cache_key] = (head + "VALUES ", row_sql, tail)
+            _SQL_CACHE[cache_key] = (head + "VALUES ", row_sql, tail, order)
     if named is not None:
         _NAMED_CACHE[named] = _SQL_CACHE[cache_key]
     return _SQL_CACHE[cache_key]

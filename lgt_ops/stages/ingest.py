@@ -102,12 +102,14 @@ def ingest_shard(
         progress = Progress(
             f"ingest {shard_key.rsplit('/', 1)[-1]}", len(todo), enabled=env.show_progress
         )
-        for batch in chunked(todo, _COMMIT_EVERY):
-            rows = _ingest_batch(env, fp, batch, stats)
-            with env.db.begin() as conn:
-                commit_tables(conn, rows)
-            chaos.point(STAGE)  # test-only crash point (no-op otherwise)
-            progress.update(len(batch), rejected=stats.items_rejected)
+        # One download pool per shard (a pool per batch started 8 threads every 50 images).
+        with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
+            for batch in chunked(todo, _COMMIT_EVERY):
+                rows = _ingest_batch(env, fp, batch, stats, pool)
+                with env.db.begin() as conn:
+                    commit_tables(conn, rows)
+                chaos.point(STAGE)  # test-only crash point (no-op otherwise)
+                progress.update(len(batch), rejected=stats.items_rejected)
         progress.close()
     return stats
 
@@ -144,7 +146,11 @@ def _still_pending(env: StageEnv, entries: list[dict[str, Any]]) -> list[dict[st
 
 
 def _ingest_batch(
-    env: StageEnv, fp: str, batch: list[dict[str, Any]], stats: StageStats
+    env: StageEnv,
+    fp: str,
+    batch: list[dict[str, Any]],
+    stats: StageStats,
+    pool: ThreadPoolExecutor,
 ) -> dict[str, list[dict[str, Any]]]:
     rows: dict[str, list[dict[str, Any]]] = {
         "images": [],
@@ -158,10 +164,7 @@ def _ingest_batch(
     budget = _budget(limits.decode_pixel_budget)
     benchmarks = decontam.index_for(env)
     crops = bool(benchmarks.images)  # the 80 crop hashes only matter against benchmark images
-    with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
-        fetched = list(
-            pool.map(lambda e: _fetch(store, e, max_pixels, limits, budget, crops), batch)
-        )
+    fetched = list(pool.map(lambda e: _fetch(store, e, max_pixels, limits, budget, crops), batch))
     for entry, facts in zip(batch, fetched, strict=True):
         facts = decontam.screen_image(benchmarks, facts)  # contaminated:<benchmark>, unseen
         source_row = _source_row(env, entry)

@@ -145,10 +145,13 @@ def difficulty(conn: Connection, env: StageEnv, question_ids: list[str]) -> dict
     return {r.question_id: r for r in rows}
 
 
-def verdicts(conn: Connection, env: StageEnv, trace_ids: list[str]) -> dict[str, Any]:
+def verdicts(
+    conn: Connection, env: StageEnv, trace_ids: list[str], columns: str = "*"
+) -> dict[str, Any]:
+    """trace_id -> its current verdict row (`columns`, which must include trace_id)."""
     rows = select_in(
         conn,
-        "SELECT * FROM trace_verdicts WHERE fingerprint = :fp AND trace_id IN :ids",
+        f"SELECT {columns} FROM trace_verdicts WHERE fingerprint = :fp AND trace_id IN :ids",
         trace_ids,
         fp=_fp(env, "filter"),
     )

@@ -122,7 +122,7 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
         images = {q.question_id: q.image_id for q in qs}
         by_question = current.traces_of(conn, env, list(stage_of))
         ids = [t.trace_id for ts in by_question.values() for t in ts]
-        verdicts = current.verdicts(conn, env, ids)
+        verdicts = current.verdicts(conn, env, ids, "trace_id, passed, well_formed")
         inputs = {
             qid: trace_filter.input_id(qid, [t.trace_id for t in ts])
             for qid, ts in by_question.items()

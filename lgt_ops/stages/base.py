@@ -254,10 +254,10 @@ class ItemCommitter:
     """Finished items' rows and done-markers, counted into the stage's stats and committed
     in small batches (after the ledger's rows, when the stage calls models)."""
 
-    # A rule stage: each commit is also its crash point in the chaos tests; 25-item batches
-    # were a third of filter's time at 10k images (a transaction and 3 statements each).
+    # Model stages' answers are durable through the ledger's journal meanwhile; a rule
+    # stage's commit is also its crash point in the chaos tests. 25-item batches were a third
+    # of filter's time at 10k images (a transaction and 3 statements each).
     EVERY_ITEMS = 200
-    MODEL_EVERY_ITEMS = 200  # a model stage: answers are durable through the journal anyway
     EVERY_SECONDS = 2.0
 
     def __init__(
@@ -271,7 +271,6 @@ class ItemCommitter:
         self.env, self.stage, self.fingerprint = env, stage, fingerprint
         self.stats, self.ledger = stats, ledger
         self._buffer: dict[str, list[dict[str, Any]]] = {}
-        self._every = self.EVERY_ITEMS if ledger is None else self.MODEL_EVERY_ITEMS
         self._items = 0
         self._last = time.monotonic()
 
@@ -287,7 +286,7 @@ class ItemCommitter:
         self._items += 1
 
     def flush_if_due(self) -> None:
-        if self._items >= self._every or time.monotonic() - self._last > self.EVERY_SECONDS:
+        if self._items >= self.EVERY_ITEMS or time.monotonic() - self._last > self.EVERY_SECONDS:
             self.flush()
 
     def flush(self) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _rss_mb() -> float:
-    """This process's peak RSS. VmHWM belongs to the process's own address space; ru_maxrss
-    would also count the parent's RSS at fork (Linux carries it across execve)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+# VmHWM: this process's own peak (ru_maxrss would also count the parent's RSS at fork).
+from bench.refresh_unchanged import peak_rss_mb  # noqa: E402
 
 
 def make_images(folder: Path, n: int, megapixels: float) -> int:
@@ -74,7 +64,7 @@ def child(store_dir: str, budget: int) -> dict:
     )
     env = StageEnv.open(settings, new_cli_run("bench"))
     env.show_progress = False
-    before = _rss_mb()
+    before = peak_rss_mb()
     t0 = time.perf_counter()
     scan, stats = ingest.ingest_all(env, "img/")
     return {
@@ -82,7 +72,7 @@ def child(store_dir: str, budget: int) -> dict:
         "images": stats.items_out,
         "rejected": dict(stats.rejected_by_reason),
         "rss_before_mb": round(before),
-        "peak_rss_mb": round(_rss_mb()),
+        "peak_rss_mb": round(peak_rss_mb()),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

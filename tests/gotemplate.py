@@ -59,14 +59,13 @@ def _tokens(src: str) -> list[tuple[str, str, bool]]:
 
 
 def _parse_pipe(tokens: list) -> dict:
-    decl, i = [], 0
-    # `$x :=`, `$x =`, `$i, $v :=`
-    j = 0
-    while j < len(tokens) and tokens[j][0] in ("var", "punct") and tokens[j][1] != "(":
-        j += 1
-    if j < len(tokens) and tokens[j][0] in ("decl", "assign"):
-        decl = [t[1] for t in tokens[:j] if t[0] == "var"]
-        i = j + 1
+    # A declaration first: `$x :=`, `$x =` or `$i, $v :=`.
+    shape = " ".join(kind if kind != "punct" else text for kind, text, _ in tokens[:4])
+    decl, op, i = [], None, 0
+    if re.match(r"var (decl|assign)\b", shape):
+        decl, op, i = [tokens[0][1]], tokens[1][0], 2
+    elif shape == "var , var decl":
+        decl, op, i = [tokens[0][1], tokens[2][1]], "decl", 4
     cmds, depth, start = [], 0, i
     for k in range(i, len(tokens)):
         t = tokens[k]
@@ -78,7 +77,7 @@ def _parse_pipe(tokens: list) -> dict:
             cmds.append(_parse_cmd(tokens[start:k]))
             start = k + 1
     cmds.append(_parse_cmd(tokens[start:]))
-    return {"decl": decl, "op": tokens[j][0] if decl else None, "cmds": cmds}
+    return {"decl": decl, "op": op, "cmds": cmds}
 
 
 def _parse_cmd(tokens: list) -> list:

@@ -2,7 +2,8 @@
 
 Covers the Dockerfile and .dockerignore, docker-compose.yml and deploy/, the Helm chart in
 helm/lgt-etl (Chart.yaml, values.yaml vs values.schema.json, templates) and docs/deploy.md.
-Everything here is a file read plus parsing: the whole module runs in well under 2 s.
+Everything here is a file read plus parsing; the chart is also rendered, by a small Go-template
+interpreter (tests/gotemplate.py), to check what it produces. The module runs in about 2 s.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+
+from lgt_ops.config import endpoint_from_env
+from tests.gotemplate import Chart, TemplateError, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -413,8 +417,9 @@ def test_compose_celery_profile(compose, services, env_example):
     common = compose["x-airflow-common"]["environment"]
     assert _interpolate(common["AIRFLOW__CORE__EXECUTOR"], celery_env) == "CeleryExecutor"
     for name in AIRFLOW_SERVICES:  # one executor setting, shared through the anchor
-        assert services[name]["environment"]["AIRFLOW__CORE__EXECUTOR"] == (
-            common["AIRFLOW__CORE__EXECUTOR"]
+        assert (
+            services[name]["environment"]["AIRFLOW__CORE__EXECUTOR"]
+            == (common["AIRFLOW__CORE__EXECUTOR"])
         )
     assert common["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:6379/")
     backend = _interpolate(common["AIRFLOW__CELERY__RESULT_BACKEND"])
@@ -431,7 +436,7 @@ def test_compose_celery_profile(compose, services, env_example):
     worker = services["airflow-worker"]
     assert _as_list(worker["command"]) == ["celery", "worker"]
     assert _interpolate(str(worker["deploy"]["replicas"]), celery_env) == "2"
-    assert 'celery@$${HOSTNAME}' in " ".join(worker["healthcheck"]["test"])
+    assert "celery@$${HOSTNAME}" in " ".join(worker["healthcheck"]["test"])
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     assert services["airflow-scheduler"]["depends_on"]["redis"] == {
         "condition": "service_healthy",
@@ -834,7 +839,7 @@ def _yaml_skeleton(text: str) -> list[dict]:
 EXPECTED_KINDS = {
     "connections-secret.yaml": ["Secret"],
     "simulator.yaml": ["Deployment", "Service"],
-    "vllm.yaml": ["StatefulSet", "Service"],
+    "vllm.yaml": ["StatefulSet", "Service", "Service"],
     "minio.yaml": ["Secret", "PersistentVolumeClaim", "Deployment", "Service"],
     "minio-bucket-job.yaml": ["Job"],
     "lineage-db.yaml": ["Secret", "PersistentVolumeClaim", "Deployment", "Service"],
@@ -917,6 +922,7 @@ def test_connections_secret_keys(templates):
     for key in LGT_ENV:
         generic = re.sub(r"^LGT_(VLM|LLM|REASONER)_", "LGT_{{ upper $role }}_", key)
         assert f"{generic}:" in text, key
+    text += templates["_helpers.tpl"]  # the endpoint connections are built by a helper
     for field in (
         '"conn_type" "aws"',
         '"conn_type" "postgres"',
@@ -932,7 +938,7 @@ def test_connections_secret_keys(templates):
 
 
 # ------------------------------------------------------------------------------------------
-# cross-checks with the code (static: nothing is imported)
+# cross-checks with the code (static: nothing is imported here)
 # ------------------------------------------------------------------------------------------
 def test_code_uses_the_deployed_pools_dag_and_commands():
     # a stage's pool is lgt_<role>, the role a class attribute in the stage registry
@@ -1004,7 +1010,10 @@ def test_pods_restart_when_their_secret_changes(templates, values):
         ann = doc["spec"]["template"]["metadata"].get("annotations") or {}
         if "lgt-etl.connectionsSecretName" in text:
             assert "checksum/connections" in ann, f"{name}: no checksum of the connections Secret"
-            assert 'checksum/connections: {{ include "lgt-etl.connectionsChecksum" $ }}' in text
+            # vLLM pods hash the one key they read (their role's API key; see the rendered
+            # test below), every other pod the whole Secret.
+            helper = "vllmKeyChecksum" if name == "vllm.yaml" else "connectionsChecksum"
+            assert f'checksum/connections: {{{{ include "lgt-etl.{helper}"' in text
     minio = next(d for n, d in _workloads(templates) if n == "minio.yaml")
     assert "checksum/secret" in minio["spec"]["template"]["metadata"]["annotations"]
     for field in ("$mc.rootUser", "$mc.rootPassword"):
@@ -1114,3 +1123,196 @@ def test_deploy_docs_cover_the_changes():
         "apache-airflow[postgres]",
     ):
         assert needle in text, needle
+
+
+# ------------------------------------------------------------------------------------------
+# Helm, rendered: one headless Service per vLLM role, one base URL per replica
+# ------------------------------------------------------------------------------------------
+RELEASE, NAMESPACE = "lgt", "ml-data"
+
+
+@pytest.fixture(scope="module")
+def chart() -> Chart:
+    return Chart(CHART, release=RELEASE, namespace=NAMESPACE)
+
+
+def _render(chart: Chart, template: str, values: dict) -> list[dict]:
+    return [d for d in yaml.safe_load_all(chart.render(template, values)) if d]
+
+
+def _vllm_values(values: dict, replicas: dict[str, int], **endpoints: str) -> dict:
+    """In-chart vLLM for every role, with these replica counts and explicit baseUrls."""
+    out = copy.deepcopy(values)
+    out["vllm"]["enabled"] = True
+    for m in out["vllm"]["models"]:
+        m["replicas"] = replicas.get(m["role"], 1)
+    for role, url in endpoints.items():
+        out["connections"]["endpoints"][role]["baseUrl"] = url
+    return out
+
+
+def _secret_data(chart: Chart, values: dict) -> dict[str, str]:
+    (secret,) = _render(chart, "connections-secret.yaml", values)
+    return secret["stringData"]
+
+
+def test_renderer_follows_go_templates():
+    """The interpreter's Go semantics that the chart's correctness depends on."""
+    src = (
+        '{{- define "t" -}}{{ $n := 0 }}{{ range $i, $v := .xs }}{{ if eq $v "b" }}B'
+        '{{ else if eq $v "c" }}C{{ else }}{{ $i }}{{ end }}{{ $n = len $.xs }}{{ end }}|{{ $n }}'
+        '|{{ printf "%d" .f }}|{{ .f | int | printf "%d" }}|{{ and .no .no.deeper }}'
+        '|{{ toJson (dict "k" .f) }}{{- end }}'
+    )
+    chart = Chart(CHART)
+    chart.defines.update(parse(src)[1])
+    out = chart.include("t", {"xs": ["a", "b", "c"], "f": 8000.0, "no": None})
+    assert out == '0BC|3|%!d(float64=8000)|8000||{"k":8000}'
+    with pytest.raises(TemplateError, match="nil pointer"):
+        chart.include("lgt-etl.fullname", {"Values": None})
+
+
+@pytest.mark.parametrize(
+    "example", [None, *sorted(p.name for p in (CHART / "examples").glob("*.yaml"))]
+)
+def test_every_template_renders(chart, values, example):
+    merged = values
+    if example:
+        merged = _helm_merge(values, yaml.safe_load((CHART / "examples" / example).read_text()))
+    for name in sorted(n for n in (p.name for p in TEMPLATES.iterdir()) if n.endswith(".yaml")):
+        for doc in _render(chart, name, merged):
+            assert doc["kind"] and doc["metadata"]["name"], (example, name)
+    assert "Model endpoints" in chart.render("NOTES.txt", merged)
+
+
+def test_vllm_headless_service_per_role_selects_its_pods(chart, values):
+    docs = _render(chart, "vllm.yaml", _vllm_values(values, {"vlm": 2, "llm": 1, "reasoner": 3}))
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    sets = [d for d in docs if d["kind"] == "StatefulSet"]
+    assert sorted(s["metadata"]["labels"]["lgt-etl/role"] for s in sets) == sorted(ROLES)
+    selectors = []
+    for sts in sets:
+        spec, name = sts["spec"], sts["metadata"]["name"]
+        headless = services[spec["serviceName"]]  # the StatefulSet's serviceName exists
+        assert headless["metadata"]["name"] == f"{name}-headless"
+        assert headless["spec"]["clusterIP"] == "None"
+        assert headless["spec"]["publishNotReadyAddresses"] is False
+        # It selects exactly this StatefulSet's pods: its selector is the StatefulSet's, and
+        # the pod template carries those labels.
+        selector = headless["spec"]["selector"]
+        assert selector == spec["selector"]["matchLabels"]
+        assert selector.items() <= spec["template"]["metadata"]["labels"].items()
+        selectors.append(tuple(sorted(selector.items())))
+        (port,) = headless["spec"]["ports"]
+        assert port["targetPort"] == "http" and port["port"] == 8000
+        # The ClusterIP Service stays (one address for other clients), same pods.
+        assert services[name]["spec"]["selector"] == selector
+        assert services[name]["spec"].get("clusterIP") != "None"
+        # Per-replica caches: a claim template, never one shared RWO volume.
+        assert [c["metadata"]["name"] for c in spec["volumeClaimTemplates"]] == ["hf-cache"]
+    assert len(set(selectors)) == len(ROLES), "each role's headless Service selects only its pods"
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_base_urls_one_per_replica_in_the_connections_secret(chart, values, replicas):
+    merged = _vllm_values(values, {"reasoner": replicas, "vlm": 2})
+    data = _secret_data(chart, merged)
+    docs = _render(chart, "vllm.yaml", merged)
+    for role, count in (("reasoner", replicas), ("vlm", 2), ("llm", 1)):
+        (sts,) = [
+            d
+            for d in docs
+            if d["kind"] == "StatefulSet" and d["metadata"]["labels"]["lgt-etl/role"] == role
+        ]
+        assert sts["spec"]["replicas"] == count
+        name, svc = sts["metadata"]["name"], sts["spec"]["serviceName"]
+        expected = tuple(
+            f"http://{name}-{i}.{svc}.{NAMESPACE}.svc.cluster.local:8000/v1" for i in range(count)
+        )
+        # LGT_<ROLE>_BASE_URL: comma-separated, as lgt_ops.config parses it.
+        env_urls = endpoint_from_env(role, data).urls
+        assert env_urls == expected, role
+        # AIRFLOW_CONN_LGT_<ROLE>: one URL as host, several as the extra's base_urls list
+        # (the form lgt_ops.airflow_adapter reads; tests/test_replicas.py feeds it through).
+        conn = json.loads(data[f"AIRFLOW_CONN_LGT_{role.upper()}"])
+        if count == 1:
+            assert conn["host"] == expected[0] and "base_urls" not in conn["extra"]
+        else:
+            assert conn["extra"]["base_urls"] == list(expected) and "host" not in conn
+        assert conn["extra"]["model"] == DEFAULT_MODELS[role]
+    # Another cluster domain reaches the URLs too.
+    merged["vllm"]["clusterDomain"] = "k8s.example"
+    assert ".svc.k8s.example:8000/v1" in _secret_data(chart, merged)["LGT_LLM_BASE_URL"]
+
+
+def test_an_explicit_base_url_wins_over_the_in_chart_replicas(chart, values):
+    two = "http://gpu-a.internal:8000/v1, http://gpu-b.internal:8000/v1"
+    merged = _vllm_values(values, {"reasoner": 3}, reasoner=two, llm="http://shared:8000/v1")
+    data = _secret_data(chart, merged)
+    assert (
+        data["LGT_REASONER_BASE_URL"]
+        == "http://gpu-a.internal:8000/v1,http://gpu-b.internal:8000/v1"
+    )
+    conn = json.loads(data["AIRFLOW_CONN_LGT_REASONER"])
+    assert conn["extra"]["base_urls"] == [
+        "http://gpu-a.internal:8000/v1",
+        "http://gpu-b.internal:8000/v1",
+    ]
+    assert json.loads(data["AIRFLOW_CONN_LGT_LLM"])["host"] == "http://shared:8000/v1"
+    assert "-headless." in data["LGT_VLM_BASE_URL"]
+    # The schema takes a comma-separated list of http(s) URLs, and nothing else.
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    assert not list(validator.iter_errors(merged))
+    merged["connections"]["endpoints"]["llm"]["baseUrl"] = "http://a:8000/v1,gpu-b:8000/v1"
+    assert list(validator.iter_errors(merged))
+
+
+def test_zero_replicas_render_no_url_and_the_rule_on_shared_caches_holds(chart, values):
+    data = _secret_data(chart, _vllm_values(values, {"reasoner": 0}))
+    assert data["LGT_REASONER_BASE_URL"] == ""  # the run fails naming the role, not a sim
+    conn = json.loads(data["AIRFLOW_CONN_LGT_REASONER"])
+    assert "host" not in conn and "base_urls" not in conn["extra"]
+    shared = _vllm_values(values, {"vlm": 2})
+    shared["vllm"]["models"][0]["hfCache"]["existingClaim"] = "weights"
+    with pytest.raises(TemplateError, match="ReadWriteMany"):
+        chart.render("vllm.yaml", shared)
+
+
+def test_checksums_cover_the_base_urls_without_restarting_other_roles(chart, values):
+    def sums(merged: dict) -> tuple[str, dict[str, str]]:
+        whole = chart.include("lgt-etl.connectionsChecksum", chart.context(merged))
+        pods = {
+            d["metadata"]["labels"]["lgt-etl/role"]: d["spec"]["template"]["metadata"][
+                "annotations"
+            ]["checksum/connections"]
+            for d in _render(chart, "vllm.yaml", merged)
+            if d["kind"] == "StatefulSet"
+        }
+        return whole, pods
+
+    base_whole, base_pods = sums(_vllm_values(values, {"reasoner": 2}))
+    scaled_whole, scaled_pods = sums(_vllm_values(values, {"reasoner": 3}))
+    # The digest of the Secret (the Airflow pods' checksum/lgt-connections) follows the list.
+    assert scaled_whole != base_whole
+    # No vLLM pod restarts because a role was scaled: they read only their API key.
+    assert scaled_pods == base_pods and len(set(base_pods.values())) == len(ROLES)
+    keyed = _vllm_values(values, {"reasoner": 2})
+    keyed["connections"]["endpoints"]["reasoner"]["apiKey"] = "rotated-key"
+    _, keyed_pods = sums(keyed)
+    assert keyed_pods["reasoner"] != base_pods["reasoner"]
+    assert keyed_pods["vlm"] == base_pods["vlm"]
+
+
+def test_deploy_docs_cover_the_headless_services():
+    text = DOCS.read_text()
+    for needle in (
+        "clusterIP: None",
+        "publishNotReadyAddresses: false",
+        "-headless",
+        "base_urls",
+        "vllm.clusterDomain",
+        "--cascade",
+    ):
+        assert needle in text, needle
+    assert "list their\n  addresses in `baseUrl`" not in text

@@ -173,6 +173,35 @@ def test_replicas_from_the_environment_and_the_airflow_connection(monkeypatch):
     assert ep.urls == tuple(extra["base_urls"]) and ep.model == "x"
 
 
+def test_the_helm_charts_replica_lists_are_what_the_settings_read(monkeypatch):
+    """The Secret the Helm chart renders for in-chart vLLM StatefulSets (3 reasoner pods, 1 VLM
+    pod) gives the same replica URLs through the Airflow connections as through LGT_* env."""
+    import yaml
+
+    from lgt_ops.airflow_adapter import settings_from_airflow
+    from tests.conftest import ROOT
+    from tests.gotemplate import Chart
+
+    chart_dir = ROOT / "helm" / "lgt-etl"
+    values = yaml.safe_load((chart_dir / "values.yaml").read_text())
+    values["vllm"]["enabled"] = True
+    for m in values["vllm"]["models"]:
+        m["replicas"] = 3 if m["role"] == "reasoner" else 1
+    secret = yaml.safe_load(Chart(chart_dir).render("connections-secret.yaml", values))
+    data = secret["stringData"]
+    from_env = settings_from_env(data)
+    for role in ("vlm", "llm", "reasoner"):
+        monkeypatch.setenv(
+            f"AIRFLOW_CONN_LGT_{role.upper()}", data[f"AIRFLOW_CONN_LGT_{role.upper()}"]
+        )
+    from_conn = settings_from_airflow(settings_from_env({}))
+    pods = "http://lgt-lgt-etl-vllm-reasoner-{}.lgt-lgt-etl-vllm-reasoner-headless.lgt.svc.cluster.local:8000/v1"
+    assert from_conn.endpoint("reasoner").urls == tuple(pods.format(i) for i in range(3))
+    for role in ("vlm", "llm", "reasoner"):
+        assert from_conn.endpoint(role).urls == from_env.endpoint(role).urls, role
+        assert len(from_conn.endpoint(role).replicas()) == (3 if role == "reasoner" else 1)
+
+
 def _llm_on(settings, sims, **kw):
     """The settings with the llm role on these replicas, each serving its configured model."""
     model = settings.endpoint("llm").model
@@ -273,9 +302,7 @@ def test_a_replica_revived_with_the_wrong_model_is_kept_out(pair, ledger, caplog
 def test_a_replica_down_at_preflight_is_checked_before_it_gets_work(pair, ledger):
     first, second = pair
     second.sim.cfg.max_model_len = 512  # answers, lists "m", but its context is too small
-    engine = RequestEngine(
-        endpoint(pair), ledger, needed_tokens=4096, unchecked=[second.base_url]
-    )
+    engine = RequestEngine(endpoint(pair), ledger, needed_tokens=4096, unchecked=[second.base_url])
     engine._backoff = lambda n: 0.02
     assert [r.up for r in engine.pool.replicas] == [True, False]
     outs = list(engine.run(req(i) for i in range(200)))
@@ -283,9 +310,7 @@ def test_a_replica_down_at_preflight_is_checked_before_it_gets_work(pair, ledger
     assert "context of 512 tokens" in engine.pool.replicas[1].kept_out
 
     second.sim.cfg.max_model_len = 32768  # a good server: probed in, then used
-    engine = RequestEngine(
-        endpoint(pair), ledger, needed_tokens=4096, unchecked=[second.base_url]
-    )
+    engine = RequestEngine(endpoint(pair), ledger, needed_tokens=4096, unchecked=[second.base_url])
     engine._backoff = lambda n: 0.02
     outs = list(engine.run(req(i) for i in range(200, 1200)))
     assert all(o.ok for o in outs) and engine.pool.replicas[1].readmissions == 1

@@ -73,6 +73,38 @@ imagePullSecrets:
 {{- printf "%s-vllm-%s" (include "lgt-etl.fullname" .root) .model.name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+The headless Service of a vllm.models item (the StatefulSet's serviceName): it gives each pod
+its own DNS name, <pod>.<this>.<namespace>.svc.<clusterDomain>, so that the request engine can
+address every replica. Argument: (dict "root" $ "model" <vllm.models item>).
+*/}}
+{{- define "lgt-etl.vllmHeadlessName" -}}
+{{- printf "%s-headless" (include "lgt-etl.vllmName" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{/* Replicas of a vllm.models item (1 when unset). Argument: the item. */}}
+{{- define "lgt-etl.vllmReplicas" -}}
+{{- if hasKey . "replicas" }}{{ int .replicas }}{{ else }}1{{ end }}
+{{- end }}
+
+{{/*
+Base URLs of a vllm.models item's pods, one per replica, comma-separated (the format of
+LGT_<ROLE>_BASE_URL), through its headless Service. A pod that is not ready has no DNS record
+(publishNotReadyAddresses: false): the engine counts it down and probes it back.
+Argument: (dict "root" $ "model" <vllm.models item>).
+*/}}
+{{- define "lgt-etl.vllmReplicaUrls" -}}
+{{- $name := include "lgt-etl.vllmName" . }}
+{{- $svc := include "lgt-etl.vllmHeadlessName" . }}
+{{- $v := .root.Values.vllm }}
+{{- $ns := .root.Release.Namespace }}
+{{- $urls := list }}
+{{- range $i := until (include "lgt-etl.vllmReplicas" .model | int) }}
+{{- $urls = append $urls (printf "http://%s-%d.%s.%s.svc.%s:%d/v1" $name $i $svc $ns ($v.clusterDomain | default "cluster.local") (int $v.service.port)) }}
+{{- end }}
+{{- join "," $urls }}
+{{- end }}
+
 {{/* Served model name of a vllm.models item. Argument: the item. */}}
 {{- define "lgt-etl.vllmServedName" -}}
 {{- default .model .servedModelName }}
@@ -105,6 +137,24 @@ under `helm template`). Argument: the root context.
 {{- end }}
 {{- end }}
 {{- printf "%s%s" (include (print .Template.BasePath "/connections-secret.yaml") .) $live | sha256sum | quote }}
+{{- end }}
+
+{{/*
+Checksum of what a vLLM pod reads from the connections Secret: its role's API key (as
+VLLM_API_KEY). Not the whole Secret, so that scaling one role (which rewrites the base URL
+lists) does not restart the model servers of every role. Argument: (dict "root" $ "role" "vlm").
+*/}}
+{{- define "lgt-etl.vllmKeyChecksum" -}}
+{{- $key := printf "LGT_%s_API_KEY" (upper .role) }}
+{{- $value := "" }}
+{{- if .root.Values.connections.existingSecret }}
+{{- with lookup "v1" "Secret" .root.Release.Namespace .root.Values.connections.existingSecret }}
+{{- $value = index (.data | default dict) $key | default "" }}
+{{- end }}
+{{- else }}
+{{- $value = (index .root.Values.connections.endpoints .role).apiKey }}
+{{- end }}
+{{- printf "%s/%s=%s" (include "lgt-etl.connectionsSecretName" .root) $key $value | sha256sum | quote }}
 {{- end }}
 
 {{/*
@@ -198,19 +248,53 @@ Argument: (dict "root" $ "role" "vlm").
 {{- toJson $found }}
 {{- end }}
 
-{{/* Base URL (…/v1) for a role. Argument: (dict "root" $ "role" "vlm"). */}}
+{{/*
+Base URL(s) (…/v1) for a role, comma-separated: the operator's baseUrl (one server, or a list
+of replicas), else one URL per pod of the role's in-chart vLLM, else the simulator.
+Argument: (dict "root" $ "role" "vlm").
+*/}}
 {{- define "lgt-etl.endpointBaseUrl" -}}
 {{- $ep := index .root.Values.connections.endpoints .role }}
 {{- $m := include "lgt-etl.vllmModelForRole" . | fromJson }}
 {{- if $ep.baseUrl }}
 {{- $ep.baseUrl }}
 {{- else if $m.name }}
-{{- printf "http://%s:%d/v1" (include "lgt-etl.vllmName" (dict "root" .root "model" $m)) (int .root.Values.vllm.service.port) }}
+{{- include "lgt-etl.vllmReplicaUrls" (dict "root" .root "model" $m) }}
 {{- else if .root.Values.simulator.enabled }}
 {{- printf "http://%s:%d/v1" (include "lgt-etl.simName" .root) (int .root.Values.simulator.service.port) }}
 {{- else }}
 {{- fail (printf "no endpoint for role %q: set connections.endpoints.%s.baseUrl, enable a vllm model with role %q, or enable the simulator" .role .role .role) }}
 {{- end }}
+{{- end }}
+
+{{/*
+A role's base URLs as a JSON list (trimmed, no empty entries). Argument: (dict "root" $ "role" "vlm").
+*/}}
+{{- define "lgt-etl.endpointUrlList" -}}
+{{- $urls := list }}
+{{- range splitList "," (include "lgt-etl.endpointBaseUrl" .) }}
+{{- with trim . }}
+{{- $urls = append $urls . }}
+{{- end }}
+{{- end }}
+{{- toJson $urls }}
+{{- end }}
+
+{{/*
+A role's Airflow connection (JSON): one base URL as `host`; several as `extra.base_urls`, the
+list form lgt_ops.airflow_adapter reads (it wins over `host`). Argument: (dict "root" $ "role" "vlm").
+*/}}
+{{- define "lgt-etl.endpointConnection" -}}
+{{- $ep := index .root.Values.connections.endpoints .role }}
+{{- $urls := include "lgt-etl.endpointUrlList" . | fromJsonArray }}
+{{- $extra := dict "model" (include "lgt-etl.endpointModel" .) "max_inflight" (int $ep.maxInflight) }}
+{{- $conn := dict "conn_type" "openai" "password" $ep.apiKey "extra" $extra }}
+{{- if gt (len $urls) 1 }}
+{{- $_ := set $extra "base_urls" $urls }}
+{{- else if $urls }}
+{{- $_ := set $conn "host" (first $urls) }}
+{{- end }}
+{{- toJson $conn }}
 {{- end }}
 
 {{/* Model name sent by the client for a role. Argument: (dict "root" $ "role" "vlm"). */}}

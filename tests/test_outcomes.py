@@ -45,15 +45,11 @@ def _outcomes(item: WorkItem, statuses: list[str]) -> list[Outcome]:
     return out
 
 
-def _handle(stage, env, item, outcomes):
-    return stage.handle(env, FP, item, outcomes)
-
-
 @pytest.mark.parametrize("stage", [blind, cot])
 def test_a_sample_without_output_is_rejected_and_stops_the_verdict(local_env, stage):
     item = _item(local_env, stage)
     outcomes = _outcomes(item, ["rejected", "ok", "invalid_output"])
-    rows = _handle(stage, local_env, item, outcomes)
+    rows = stage.handle(local_env, FP, item, outcomes)
     bad = [outcomes[0], outcomes[2]]
     want = [request_rejection(local_env, stage.STAGE, FP, item, o) for o in bad]
     assert rows.tables == {"rejections": want}
@@ -75,7 +71,7 @@ def test_every_sample_answered_gives_a_verdict_and_no_request_rejection(local_en
     item = _item(local_env, stage)
     outcomes = _outcomes(item, ["ok", "ok", "ok"])
     assert unanswered(local_env, stage.STAGE, FP, item, outcomes) is None
-    rows = _handle(stage, local_env, item, outcomes)
+    rows = stage.handle(local_env, FP, item, outcomes)
     assert not [r for r in rows.tables.get("rejections", []) if r["item_kind"] == "request"]
     verdict = "question_checks" if stage is blind else "difficulty"
     assert len(rows.tables[verdict]) == 1

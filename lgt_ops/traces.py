@@ -84,7 +84,9 @@ def answer_letters(after: str) -> list[str]:
 # Phrasings that reveal the text-only context (caption, objects, boxes) the reasoner saw.
 # Tuned on tests/data/leak_corpus.json: visual wording ("the left side of the image", "the box
 # on the shelf", "the text on the sign says", counts) must not match. Each comes with the
-# lower-case literals one of which any match contains (the prefilter in `leaks`).
+# lower-case literals one of which any match contains (the prefilter in `leaks`); an edit
+# that breaks this fails tests/test_filter_rules.py, which proves it for every alternative
+# from the pattern's parse tree (and that each of _LEAK_NUMBERS needs a digit).
 _LEAK_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # the context itself
     (
@@ -195,7 +197,8 @@ _leaks_among = functools.lru_cache(maxsize=1024)(_leaks_rx)  # the same few sets
 # `str.lower` does not map to it: a text with one skips the prefilter.
 _FOLDS_TO_ASCII = ("\u0130", "\u0131", "\u017f", "\u212a")
 # Each behaviour: its pattern (lower case; matched ignoring case) and the literals one of
-# which any match contains (a text with none of them counts 0 without a search).
+# which any match contains (a text with none of them counts 0 without a search; proved as
+# for the leak phrasings).
 _BEHAVIOUR_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "verification": (
         r"\b(?:let me (?:double[- ]?check|verify|check|confirm)|double[- ]?check|verify|"

@@ -14,6 +14,7 @@ from lgt_ops import traces
 from lgt_ops.config import MethodParams
 from lgt_ops.llm.simulator.world import LEAKS
 from lgt_ops.stages.filter import judge
+from tests.regex_cover import alternatives, covered
 from tests.sim_traces import simulated
 
 CORPUS = json.loads((Path(__file__).parent / "data" / "leak_corpus.json").read_text())
@@ -195,3 +196,48 @@ def test_filter_verdicts_name_the_reference_leak():
         assert v.detail == f"mentions {reference_leaks(v.trace.text)!r}"
     for v in verdicts:
         assert v.behaviours == reference_behaviours(v.trace.text, v.trace.cue)
+
+
+# -- the prefilters' literals ------------------------------------------------------------------
+# `traces.leaks` and `traces.behaviours` search a phrasing only in a text holding one of the
+# literals listed with it: each alternative of each phrasing must need one of them (else it
+# would silently never be searched), and each number phrasing a digit (`_DIGIT` gate).
+def _rules() -> list[tuple[str, str, tuple[str, ...]]]:
+    out = [(f"_LEAK_WORDS[{i}]", p, lits) for i, (p, lits) in enumerate(traces._LEAK_WORDS)]
+    out += [(f"_LEAK_NUMBERS[{i}]", p, lits) for i, (p, lits) in enumerate(traces._LEAK_NUMBERS)]
+    return out + [(name, p, lits) for name, (p, lits) in traces._BEHAVIOUR_RULES.items()]
+
+
+def _uncovered(rules, *, digits: bool = False) -> list[str]:
+    out = []
+    for name, pattern, lits in rules:
+        need = tuple("0123456789") if digits else lits
+        for alt in alternatives(pattern):
+            if not covered(alt, need, digit="0" if digits else None):
+                out.append(f"{name}: {alt!r} can match without any of {need}")
+    return out
+
+
+def test_every_phrasing_needs_one_of_its_prefilter_literals():
+    rules = _rules()
+    assert sum(len(alternatives(p)) for _, p, _ in rules) > 40  # it sees them all
+    assert not _uncovered(rules), "\n".join(_uncovered(rules))
+    numbers = [r for r in rules if r[0].startswith("_LEAK_NUMBERS")]
+    assert not _uncovered(numbers, digits=True), "\n".join(_uncovered(numbers, digits=True))
+
+
+def test_the_literal_check_finds_a_phrasing_edited_without_its_literals():
+    """The check proves what holds and only that: an alternative added or edited without
+    its literal, a literal only some matches hold, a number phrasing without a digit."""
+    assert _uncovered([("w", r"descriptions?|subtitles?", ("description",))]) == [
+        "w: 'subtitles?' can match without any of ('description',)"
+    ]
+    assert _uncovered([("w", r"[xy][01]", ("x0", "x1", "y0"))])  # "y1" is missed
+    assert _uncovered([("w", r"(?:object|obj|id)\s*#\s*\d+", ("obj",))])  # "id #4"
+    assert _uncovered([("n", r"\b[xy]\s*=\s*\w", ("=",))], digits=True)
+    # a literal anywhere in the sequence, in each branch, through optional parts and case
+    assert not _uncovered([("w", r"(?:object|obj|id)\s*#\s*\d+", ("#",))])
+    assert not _uncovered([("w", r"(?:let me |I )(?:visuali[sz]e|imagine) it", ("visuali", "ima"))])
+    assert not _uncovered([("w", r"the (?:given )?TEXT (?:says|lists)", ("text ",))])
+    assert not _uncovered([("n", r"[\[(]\s*\d+(?:\.\d+)?[\])]", ("[", "("))], digits=True)
+    assert not _uncovered([("w", r"\bfoo\d{1,4}", ("",))])  # "" holds always: always searched

@@ -19,13 +19,13 @@ from lgt_ops.reasons import IngestReason, Rejected, ReplyReason
 from lgt_ops.sources import SourceSpec, image_locations, image_set
 from lgt_ops.stages.base import Shard, StageEnv, already_done
 from lgt_ops.stages.manifest_rows import annotation_row
+from lgt_ops.stages.outcomes import one_answer
 from lgt_ops.stages.requests import stage_request
 from lgt_ops.stages.runner import (
     Plan,
     Rows,
     StoreImageUrls,
     WorkItem,
-    one_answer,
     runner_for,
 )
 

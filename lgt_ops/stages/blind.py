@@ -16,9 +16,10 @@ from lgt_ops.llm.request import ChatRequest
 from lgt_ops.questions import LETTERS, Question
 from lgt_ops.reasons import BlindReason, Rejected
 from lgt_ops.stages.base import Rejecter, StageEnv
+from lgt_ops.stages.outcomes import unanswered
 from lgt_ops.stages.question_plan import question_planner
 from lgt_ops.stages.requests import n_samplings, stage_request
-from lgt_ops.stages.runner import Rows, WorkItem, request_rejection, runner_for
+from lgt_ops.stages.runner import Rows, WorkItem, runner_for
 
 SPEC = registry.Blind
 STAGE = SPEC.name
@@ -47,12 +48,10 @@ def letter(reply: str, n_options: int) -> str | None:
 def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Outcome]) -> Rows:
     q: Question = item.context
     m = env.settings.method
+    stopped = unanswered(env, STAGE, fp, item, outcomes)
+    if stopped is not None:
+        return stopped  # no verdict without every sample
     rows = Rows()
-    bad = [o for o in outcomes if not o.ok]
-    for o in bad:
-        rows.add("rejections", request_rejection(env, STAGE, fp, item, o))
-    if bad:
-        return rows  # no verdict without every sample
     replies = [c for o in outcomes for c in o.contents()]
     n = len(replies)
     n_correct = sum(letter(r, len(q.options)) == q.answer_letter for r in replies)

@@ -22,14 +22,10 @@ from lgt_ops.llm.request import CONTINUE, ChatRequest, image_part
 from lgt_ops.questions import Question
 from lgt_ops.reasons import Rejected
 from lgt_ops.stages.base import Rejecter, StageEnv
+from lgt_ops.stages.outcomes import unanswered
 from lgt_ops.stages.question_plan import question_planner
 from lgt_ops.stages.requests import n_samplings, stage_request
-from lgt_ops.stages.runner import (
-    Rows,
-    WorkItem,
-    request_rejection,
-    runner_for,
-)
+from lgt_ops.stages.runner import Rows, WorkItem, runner_for
 
 SPEC = registry.Cot  # name, version, role, template, config: declared once, there
 STAGE = SPEC.name
@@ -96,12 +92,10 @@ def rollout_rows(
     """A question's rollouts, their parse rejections and its difficulty row, and its pass
     rate (None when a request failed: no estimate without the k samples)."""
     m = env.settings.method
+    stopped = unanswered(env, stage, fp, item, outcomes)
+    if stopped is not None:
+        return stopped, None
     rows = Rows()
-    bad = [o for o in outcomes if not o.ok]
-    for o in bad:
-        rows.add("rejections", request_rejection(env, stage, fp, item, o))
-    if bad:
-        return rows, None
     n_correct = n_parsed = 0
     for index, (content, finish, key) in enumerate(samples(outcomes)):
         text = "<think>\n" + content

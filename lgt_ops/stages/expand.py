@@ -29,8 +29,9 @@ from lgt_ops.reasons import Rejected
 from lgt_ops.sources import SourceSpec, image_set
 from lgt_ops.stages import annotate
 from lgt_ops.stages.base import Rejecter, Shard, StageEnv, already_done
+from lgt_ops.stages.outcomes import request_rejection
 from lgt_ops.stages.requests import stage_request
-from lgt_ops.stages.runner import Plan, Rows, WorkItem, request_rejection, runner_for
+from lgt_ops.stages.runner import Plan, Rows, WorkItem, runner_for
 
 SPEC = registry.Expand  # name, version, role, template, config: declared once, there
 STAGE = SPEC.name

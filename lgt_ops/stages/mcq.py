@@ -40,12 +40,12 @@ from lgt_ops.stages.base import (
     already_done,
     rejection,
 )
+from lgt_ops.stages.outcomes import one_answer
 from lgt_ops.stages.requests import stage_request
 from lgt_ops.stages.runner import (
     Plan,
     Rows,
     WorkItem,
-    one_answer,
     runner_for,
 )
 

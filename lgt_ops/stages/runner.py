@@ -28,7 +28,6 @@ from lgt_ops.progress import Progress
 from lgt_ops.registry import Stage, stage_fingerprint
 from lgt_ops.stages.base import (
     ItemCommitter,
-    Rejecter,
     Rows,
     Shard,
     StageEnv,
@@ -36,7 +35,6 @@ from lgt_ops.stages.base import (
     commit,
     count_rejections,
     recorded,
-    rejection,
 )
 from lgt_ops.storage import S3Store
 
@@ -269,32 +267,3 @@ def record_early(env: StageEnv, work: Plan, stats: StageStats) -> None:
         return
     commit(env, work.early.tables)
     count_rejections(stats, rejected)
-
-
-def one_answer(
-    env: StageEnv, stage: str, fp: str, item: WorkItem, outcomes: list[Outcome]
-) -> tuple[Outcome, Rows, Rejecter]:
-    """For a one-request item: its outcome, its rows (holding the request's rejection if it
-    ended without usable output) and a Rejecter bound to the item and the request."""
-    (outcome,) = outcomes
-    rows = Rows()
-    if not outcome.ok:
-        rows.add("rejections", request_rejection(env, stage, fp, item, outcome))
-    return outcome, rows, Rejecter(env, stage, fp, item.image_id, outcome.request.key)
-
-
-def request_rejection(
-    env: StageEnv, stage: str, fp: str, item: WorkItem, outcome: Outcome
-) -> dict[str, Any]:
-    """A rejection row for a request that ended without usable output."""
-    return rejection(
-        env,
-        stage,
-        fp,
-        "request",
-        item.item_id,
-        outcome.error_class or outcome.status,
-        outcome.error_detail,
-        image_id=item.image_id,
-        request_key=outcome.request.key,
-    )

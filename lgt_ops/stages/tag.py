@@ -21,8 +21,9 @@ from lgt_ops.stages.base import (
     StageEnv,
     already_done,
 )
+from lgt_ops.stages.outcomes import one_answer
 from lgt_ops.stages.requests import stage_request
-from lgt_ops.stages.runner import Plan, Rows, WorkItem, one_answer, runner_for
+from lgt_ops.stages.runner import Plan, Rows, WorkItem, runner_for
 from lgt_ops.traces import BEHAVIOURS, Trace
 
 SPEC = registry.Tag  # name, version, role, template, config: declared once, there

@@ -1,7 +1,7 @@
 """Simple chains of thought: k VLM rollouts per stage-1 question, and difficulty.
 
-Stage-2 questions get the same rollouts from the harden stage (stages/harden.py), which
-reuses `build_requests` and `rollout_rows` here.
+Stage-2 questions get the same rollouts from the cot2 stage (stages/cot2.py), which
+reuses `build_requests` and `rollout_rows` here; the harden stage then judges them.
 
 The VLM sees the image and the question; its reply is pre-started with `<think>` (vLLM's
 `continue_final_message`), sampled k times in one request (`n=k`) so the server shares the

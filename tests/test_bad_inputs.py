@@ -13,6 +13,7 @@ import io
 import json
 import os
 import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ def _common_inputs(store: Any) -> Case:
     c.add(f"{P}files/big.jpg", REJECTED, R.FILE_TOO_LARGE)
     store.put(f"{P}files/.DS_Store", b"\x00\x00\x00\x01Bud1")
     c.add(f"{P}files/.DS_Store", SKIPPED, R.HIDDEN_KEY)
+    store.put(f"{P}.thumbs/g0.jpg", jpeg(8, 8))  # an image, but in a hidden folder
+    c.add(f"{P}.thumbs/g0.jpg", SKIPPED, R.HIDDEN_KEY)
 
     # One manifest with a line per kind of metadata problem, around good images.
     for name in ("boxes", "caps", "many", "alias", "nul"):
@@ -234,6 +237,13 @@ def _local_only(root: Path, outside: Path, c: Case) -> None:
     finally:
         os.chdir(here)
     c.add(f"{P}fs/s.png", REJECTED, R.SPECIAL_FILE)
+    os.symlink("pipe.png", d / "to-pipe.jpg")  # a link inside the root to a FIFO
+    c.add(f"{P}fs/to-pipe.jpg", REJECTED, R.SPECIAL_FILE)
+    try:  # a character device (/dev/null's numbers); creating one needs CAP_MKNOD
+        os.mknod(d / "null.jpg", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        c.add(f"{P}fs/null.jpg", REJECTED, R.SPECIAL_FILE)
+    except PermissionError:
+        pass
     os.symlink(outside / "secret.txt", d / "passwd.png")
     c.add(f"{P}fs/passwd.png", REJECTED, R.LINK_OUTSIDE_ROOT)
     os.symlink(outside / "photo.jpg", d / "outside.jpg")

@@ -34,6 +34,11 @@ MISCONFIGURED = {
                     "LGT_REASONER_MODEL"]),
     "small context": ({"max_model_len": 4096}, "llm", ["context of 4096 tokens", "mcq stage",
                       "--max-model-len"]),
+    "no guided decoding": ({"structured_output": "ignored"}, "vlm", [
+                           "response_format json_schema) is not honoured",
+                           "--guided-decoding-backend"]),
+    "bad_words refused": ({"bad_words": "rejected"}, "reasoner", ["refuses vLLM's bad_words",
+                          "expand_bad_words"]),
 }  # fmt: skip
 
 
@@ -152,6 +157,39 @@ def test_without_a_reasoning_parser_the_thinking_is_read_inline(sim):
     sim.sim.cfg.api_key = "the-right-key"  # credentials refused: permanent, exit 4
     with pytest.raises(EndpointAuthError, match="reasoner endpoint .* refused credentials"):
         preflight.check(settings, ["expand"]).raise_if_failed()
+
+
+def test_bad_words_refused_fails_naming_it_and_an_empty_list_sends_none(sim):
+    from lgt_ops.llm import preflight
+    from tests.conftest import make_settings
+
+    settings = make_settings("sqlite://", "file:///unused", sim.base_url)
+    sim.sim.cfg.bad_words = "rejected"  # a server that refuses the field with a 400
+    report = preflight.check(settings, ["expand"])
+    (row,) = report.checks
+    assert row.status == "failed" and row.capabilities["bad_words"] is False
+    assert "bad_words=no" in preflight.format_table(report.rows())
+    with pytest.raises(PreflightFailed, match="refuses vLLM's bad_words.*expand_bad_words"):
+        report.raise_if_failed()
+
+    report = preflight.check(settings.with_method(expand_bad_words=()), ["expand"])
+    assert report.ok and "bad_words" not in report.checks[0].capabilities
+    assert sim.sim.received == 0
+
+
+def test_structured_output_ignored_fails_every_role_that_relies_on_it(sim):
+    from lgt_ops.llm import preflight
+    from tests.conftest import make_settings
+
+    settings = make_settings("sqlite://", "file:///unused", sim.base_url)
+    sim.sim.cfg.structured_output = "ignored"  # no guided decoding: prose comes back
+    report = preflight.check(settings, ["annotate", "mcq", "cot", "expand"])
+    status = {c.role: (c.status, c.capabilities.get("json_schema")) for c in report.checks}
+    assert status == {"vlm": ("failed", False), "llm": ("failed", False), "reasoner": ("ok", None)}
+    line = report.failure_line()
+    assert line.count("is not honoured") == 2 and "\n" not in line
+    # Stages that do not ask for a schema do not need one.
+    assert preflight.check(settings, ["cot", "expand"]).ok
 
 
 @pytest.mark.s3

@@ -118,9 +118,13 @@ def test_verify_reports_every_file_the_manifest_does_not_list(store, request, ca
     env.store.put(f"{prefix}/dpo/stage1/part-99999.parquet", part)  # a valid Parquet file
     env.store.put(f"{prefix}/report/extra.png", b"not listed")
     env.store.put(f"{prefix}/notes.txt", b"hello")
+    env.store.put(f"{prefix}/dpo/stage1/.hidden.parquet", part)  # hidden files count too
+    env.store.put(f"{prefix}/new/deep/blob", b"no extension, a folder of its own")
     env.store.put("releases/t/v10/stray.parquet", b"x")  # another version's prefix: not ours
     assert sorted(verify(env, "t/v1").problems) == [
+        "dpo/stage1/.hidden.parquet: not listed in the manifest",
         "dpo/stage1/part-99999.parquet: not listed in the manifest",
+        "new/deep/blob: not listed in the manifest",
         "notes.txt: not listed in the manifest",
         "report/extra.png: not listed in the manifest",
     ]

@@ -236,6 +236,15 @@ def test_two_processes_answer_byte_identically_in_any_order_and_concurrency(two_
     replies = [json.loads(raw) for _, raw in first.values()]
     assert len({r["id"] for r in replies}) == len(replies)  # ids differ per request
     assert all(r["model"].startswith("lgt-simulator:") for r in replies)
+    # The model list (the names asked for) does not depend on the order they were asked in.
+    hello = [{"role": "user", "content": "hi"}]
+    for base, names in ((a, ("z1", "z2")), (b, ("z2", "z1"))):
+        for name in names:
+            status, _ = _post(base + "/v1/chat/completions", {"model": name, "messages": hello})
+            assert status == 200
+    listed = [urllib.request.urlopen(base + "/v1/models", timeout=10).read() for base in (a, b)]
+    assert listed[0] == listed[1]
+    assert {"m", "v", "r", "g", "z1", "z2"} <= {m["id"] for m in json.loads(listed[0])["data"]}
 
 
 def test_injected_faults_are_a_function_of_request_seed_and_attempt(two_sims):

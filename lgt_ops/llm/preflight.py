@@ -417,24 +417,7 @@ def _read_probe(
             " the store (LGT_STORE_URL, LGT_S3_ENDPOINT_URL) or send images as data URLs"
         ]
     if outcome.status == "rejected":
-        if need.image and "image" in detail.lower():
-            caps["image"] = False
-            fetch = ""
-            if images is not None and images.transport == "presigned_url":
-                fetch = (
-                    ", or make the store's presigned URLs reachable from the model server"
-                    " (LGT_S3_ENDPOINT_URL) or send images as data URLs"
-                )
-            return [
-                f"model '{ep.model}' does not take image input (HTTP {outcome.http_status}:"
-                f" {detail}); serve a vision-language model there (e.g."
-                f" Qwen/Qwen2.5-VL-7B-Instruct, with vLLM --limit-mm-per-prompt allowing one"
-                f" image) or set LGT_{ep.role.upper()}_MODEL / _BASE_URL to one{fetch}"
-            ]
-        return [
-            f"the probe request was refused (HTTP {outcome.http_status}: {detail}); check"
-            f" LGT_{ep.role.upper()}_MODEL and the server's options"
-        ]
+        return _refused(ep, need, outcome, caps, images)
     if outcome.status == "failed":  # resets, timeouts, 5xx on every attempt
         raise _NoAnswer(f"the probe request failed ({outcome.error_class}: {detail})")
     if images is not None:
@@ -446,12 +429,60 @@ def _read_probe(
         if not outcome.ok:
             return [
                 f"structured output (response_format json_schema) is not honoured ({detail});"
-                " enable guided decoding on the server (vLLM: --guided-decoding-backend) or"
-                " serve a model that follows it"
+                f" {_GUIDED}"
             ]
     if need.thinking:
         return _read_thinking(ep, outcome, caps)
     return []
+
+
+def _refused(
+    ep: EndpointSettings,
+    need: RoleNeed,
+    outcome: Outcome,
+    caps: dict[str, Any],
+    images: ProbeImage | None,
+) -> list[str]:
+    """What a 4xx to the probe means: the part of the request the server refused, by name."""
+    detail = server_message(outcome.error_detail)
+    refused = f"HTTP {outcome.http_status}: {detail}"
+    if need.image and "image" in detail.lower():
+        caps["image"] = False
+        fetch = ""
+        if images is not None and images.transport == "presigned_url":
+            fetch = (
+                ", or make the store's presigned URLs reachable from the model server"
+                " (LGT_S3_ENDPOINT_URL) or send images as data URLs"
+            )
+        return [
+            f"model '{ep.model}' does not take image input ({refused}); serve a"
+            " vision-language model there (e.g. Qwen/Qwen2.5-VL-7B-Instruct, with vLLM"
+            f" --limit-mm-per-prompt allowing one image) or set LGT_{ep.role.upper()}_MODEL /"
+            f" _BASE_URL to one{fetch}"
+        ]
+    if need.bad_words and "bad_words" in detail:
+        caps["bad_words"] = False
+        return [
+            f"the server refuses vLLM's bad_words, which the expand stage sends ({refused});"
+            " serve the reasoner with a vLLM whose sampling parameters include bad_words, or"
+            " set the run parameter expand_bad_words to an empty list (none sent; the"
+            " filter's leaks_metadata rule still applies)"
+        ]
+    if need.structured and "response_format" in detail:
+        caps["json_schema"] = False
+        return [
+            f"structured output (response_format json_schema) is refused ({refused}); {_GUIDED}"
+        ]
+    return [
+        f"the probe request was refused ({refused}); check LGT_{ep.role.upper()}_MODEL and the"
+        " server's options"
+    ]
+
+
+_GUIDED = (
+    "enable guided decoding on the server (vLLM: --guided-decoding-backend) or serve a model"
+    " that follows it"
+)
 
 
 def thinking_mode(message: dict[str, Any], finish_reason: str | None) -> str:
@@ -487,7 +518,7 @@ def capabilities_text(caps: dict[str, Any]) -> str:
     if "thinking" in caps:
         parts.append(f"thinking={caps['thinking']}")
     if "bad_words" in caps:
-        parts.append("bad_words=yes")
+        parts.append(f"bad_words={'yes' if caps['bad_words'] else 'no'}")
     return " ".join(parts) or ("model listed" if caps.get("model_listed") else "-")
 
 

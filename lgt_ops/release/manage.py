@@ -108,7 +108,9 @@ def verify(env: StageEnv, release_id: str) -> Verification:
     )
     if content != manifest["content_sha256"]:
         out.problems.append("manifest.json: content_sha256 does not match its file list")
-    listed = {f["path"] for f in files} | {"README.md", "manifest.json"}
+    listed = {f["path"] for f in files} | {"manifest.json"}
+    if manifest.get("card_sha256"):  # a README.md beside a manifest without a card is extra
+        listed.add("README.md")
     for path in unlisted_files(env, prefix, listed):
         out.problems.append(f"{path}: not listed in the manifest")
     return out

@@ -62,6 +62,10 @@ class SimConfig(BaseModel):
     # think (no reasoning_content, no closing </think>) where a reasoner is expected.
     modality: Literal["vision", "text"] = "vision"
     thinking: Literal["yes", "none"] = "yes"
+    # "ignored": a server without guided decoding (response_format is dropped, the reply is
+    # prose); "rejected": a server that refuses vLLM's `bad_words` field with a 400.
+    structured_output: Literal["honoured", "ignored"] = "honoured"
+    bad_words: Literal["honoured", "rejected"] = "honoured"
     completion_chars: int = Field(default=64, ge=1)  # generic replies
     seed: int = 0
 

@@ -11,13 +11,14 @@ body, seed) -- same request, same bytes, in any run, process, order or concurren
 faults are drawn from (request body, seed, attempt), the attempt being the engine's
 X-Request-Id suffix (or, for other clients, how often this process has seen that body), so a
 retry draws again. Only the test-control switches (`down`, `down_after_served`), the
-counters and, without `served_models`, the model list (the defaults plus the names asked for)
-depend on history.
+counters and, without `served_models`, the model list (the defaults plus the names asked for,
+sorted) depend on history.
 
 Endpoints: POST /v1/chat/completions, GET /v1/models (with vLLM's `max_model_len`),
 GET /version, GET /health, and for tests GET /sim/stats, POST /sim/reset, GET|POST /sim/config.
 Configured as a misconfigured server (a model it does not serve, a text-only model, a
-reasoner that does not think, a small context), it answers as vLLM would, so the preflight
+reasoner that does not think, a small context, no guided decoding, `bad_words` refused), it
+answers as such a server would, so the preflight
 (lgt_ops/llm/preflight.py) can be tested against each failure.
 """
 
@@ -106,8 +107,9 @@ class Simulator:
     async def models(self, req: web.Request) -> web.Response:
         if self.cfg.api_key and req.headers.get("Authorization") != f"Bearer {self.cfg.api_key}":
             return self._error(401, "invalid API key", "authentication_error", Counter())
+        # The names asked for sorted: the same list whatever order the requests came in.
         ids = self.served_models() or list(
-            dict.fromkeys([*DEFAULT_MODELS.values(), *self.asked_models])
+            dict.fromkeys([*DEFAULT_MODELS.values(), *sorted(self.asked_models)])
         )
         card = {
             "object": "model",
@@ -265,6 +267,10 @@ class Simulator:
             return self._error(
                 404, f"The model `{body['model']}` does not exist.", "NotFoundError", tally
             )
+        if self.cfg.bad_words == "rejected" and "bad_words" in body:
+            return self._error(
+                400, "bad_words: Extra inputs are not permitted", "BadRequestError", tally
+            )
         messages = json.dumps(body["messages"])  # serialised once: images and the marker
         images = messages.count('"image_url"')
         if images and self.cfg.modality == "text":
@@ -340,6 +346,8 @@ class Simulator:
         )
 
     def _complete(self, body: dict[str, Any], digest: str) -> dict[str, Any]:
+        if self.cfg.structured_output == "ignored":  # the reply as if none had been asked for
+            body = {k: v for k, v in body.items() if k != "response_format"}
         n = int(body.get("n") or 1)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 4096)
         prompt_chars = sum(len(text_of(m)) for m in body["messages"])

@@ -9,12 +9,17 @@ The simulator (a test double) runs in this process with some latency, so kills l
 requests in flight. One uninterrupted reference run first; then per trial (seeded), kill
 points in distinct stages, always one while publishing (see tests/chaos_harness.py), each
 kill resumed by the same command, then compared with the reference. Per trial and per kill
-it prints where it was killed, the requests in flight and the answers not yet journaled at
-that moment (the window), the answered requests paid again after it, whether the release's
+it prints where it was killed, the requests in flight at that moment, the answered requests
+paid again after it, whether the release's
 content sha256 equals the reference's, and every lineage table whose row count differs
 (stage_runs, pipeline_runs and endpoint_preflight log attempts or runs and are not
 compared). Exit 1 if any trial has a different hash, a table difference, a `staging`
-release, an orphan member, or a kill whose repeated requests exceed its window.
+release, an orphan member, or a kill whose repeated requests exceed those in flight.
+
+A request is in flight from the moment it is sent until its answer is durable in the journal
+(which commits within `LGT_LEDGER_JOURNAL_SECONDS` or `LGT_LEDGER_JOURNAL_ANSWERS`): the table
+shows both parts, the requests awaiting a reply and the answers received but not yet
+journaled, and their sum, which is what a kill may cost again.
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ def main() -> int:
             f"release {snap.content_sha256[0][:16]}"
         )
         print(
-            f"{'trial':>5}  {'killed at':<12} {'in flight':>9} {'unjournaled':>11} "
-            f"{'window':>6} {'repeated':>8}  hash   tables"
+            f"{'trial':>5}  {'killed at':<12} {'awaiting':>8} {'unjournaled':>11} "
+            f"{'in flight':>9} {'repeated':>8}  hash   tables"
         )
         for i in range(args.trials):
             t = trial(sim, tmp, args.images, args.seed + i, args.kills, reference=reference)
@@ -69,7 +74,7 @@ def main() -> int:
                 and not diffs
                 and t.result.staging == 0
                 and t.result.orphan_members == 0
-                and all(k.repeated <= k.window for k in t.kills)
+                and all(k.repeated <= k.in_flight for k in t.kills)
             )
             bad += not ok
             for j, k in enumerate(t.kills):
@@ -83,10 +88,10 @@ def main() -> int:
                     )
                     same = "same" if t.same_hash else "DIFF"
                     tail = f"  {same}   {tables}{extra}  ({t.seconds:.0f}s)"
-                flag = "" if k.repeated <= k.window else "  <-- repeated > window"
+                flag = "" if k.repeated <= k.in_flight else "  <-- repeated > in flight"
                 print(
-                    f"{i + 1:>5}  {str(k):<12} {k.in_flight:>9} {k.unjournaled:>11} "
-                    f"{k.window:>6} {k.repeated:>8}{tail}{flag}"
+                    f"{i + 1:>5}  {str(k):<12} {k.awaiting:>8} {k.unjournaled:>11} "
+                    f"{k.in_flight:>9} {k.repeated:>8}{tail}{flag}"
                 )
         kills = args.trials * args.kills
         print(f"{args.trials - bad}/{args.trials} trials converged ({kills} kills)")

@@ -188,13 +188,14 @@ def snapshot(world: World) -> Snapshot:
 class Kill:
     point: str
     n: int
-    in_flight: int = 0  # requests on the wire when the process died
-    unjournaled: int = 0  # answers received, not yet durable
+    awaiting: int = 0  # requests on the wire, no reply yet, when the process died
+    unjournaled: int = 0  # replies received, not yet durable in the journal
     repeated: int = 0  # answered requests sent again after this kill
 
     @property
-    def window(self) -> int:
-        return self.in_flight + self.unjournaled
+    def in_flight(self) -> int:
+        """Sent and not yet durable: what a kill may have to send again."""
+        return self.awaiting + self.unjournaled
 
     def __str__(self) -> str:
         return f"{self.point}:{self.n}"
@@ -269,7 +270,7 @@ def chaos_run(world: World, sim: Any, kills: list[Kill], tmp: Path) -> Snapshot:
             )
         _drain(sim)
         line = json.loads(report.read_text().splitlines()[-1])
-        kill.in_flight = int(line.get("in_flight", 0))
+        kill.awaiting = int(line.get("in_flight", 0))
         kill.unjournaled = int(line.get("unjournaled", 0))
         kill.served_at_kill = Counter(sim.sim.served_by_key)  # type: ignore[attr-defined]
         kill.served_before = before  # type: ignore[attr-defined]

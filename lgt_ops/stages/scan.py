@@ -191,8 +191,14 @@ def _write_shards(
     size = fan_out(result.pending, shard_size or env.settings.shard_size, cap).shard_size
     lines: list[str] = []
     for key, etag, nbytes, meta in index.pending():
-        line = {"source": spec.store_url, "prefix": spec.prefix, "key": key, "etag": etag,
-                "size": nbytes, "metadata": meta}
+        line = {
+            "source": spec.store_url,
+            "prefix": spec.prefix,
+            "key": key,
+            "etag": etag,
+            "size": nbytes,
+            "metadata": meta,
+        }
         lines.append(json.dumps(line, sort_keys=True))
         if len(lines) == size:
             _put_shard(env, lines, result)

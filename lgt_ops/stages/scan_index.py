@@ -125,8 +125,12 @@ class ScanIndex:
         sql = f"SELECT l.key, l.etag, l.size, m.doc{self._PENDING} AND l.key > ? ORDER BY l.key"
         yield from self._pages(
             sql,
-            lambda r: (_s(r[0]), r[1], r[2], json.loads(r[3].decode("utf-8", "surrogatepass"))
-                       if r[3] is not None else None),
+            lambda r: (
+                _s(r[0]),
+                r[1],
+                r[2],
+                json.loads(r[3].decode("utf-8", "surrogatepass")) if r[3] is not None else None,
+            ),
         )
 
     def _pages(self, sql: str, row: Any) -> Iterator[Any]:

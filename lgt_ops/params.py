@@ -14,7 +14,7 @@ from jsonschema import Draft7Validator
 from pydantic import BaseModel, ConfigDict, create_model
 
 from lgt_ops import registry
-from lgt_ops.config import ROLES, Settings
+from lgt_ops.config import ROLES, Settings, method_problems
 from lgt_ops.failures import EXIT_USAGE, PermanentFailure
 
 STAGES: tuple[str, ...] = registry.stage_names()
@@ -253,6 +253,10 @@ class _RunParams(BaseModel):
                 "parameter 'release_version': set, but the 'release' stage is not"
                 " selected in 'stages'"
             )
+        if not problems:  # each knob fits its schema: now the stages' own rules, across knobs
+            knobs = {KNOB_PARAMS[k]: v for k, v in conf.items() if k in KNOB_PARAMS}
+            names = {field: param for param, field in KNOB_PARAMS.items()}
+            problems += method_problems({k: v for k, v in knobs.items() if v is not None}, names)
         if problems:
             raise ParamsError("; ".join(problems))
         values = {k: v for k, v in conf.items() if k in PARAM_SCHEMA}

@@ -111,6 +111,11 @@ def _trigger(api, conf):
             {"release_version": "v1", "stages": ["mcq"]},
             "parameter 'release_version': set, but the 'release' stage is not selected",
         ),
+        ({"compose_operators": []}, "parameter 'compose_operators': [] should be non-empty"),
+        (
+            {"trace_min_chars": 900, "trace_max_chars": 300},
+            "trace_min_chars (900) must be below trace_max_chars (300)",
+        ),
     ],
 )
 def test_the_rest_trigger_refuses_a_bad_conf_with_a_readable_message(api, conf, message):

@@ -223,6 +223,22 @@ def url_list_problems(name: str, value: Any) -> list[str]:
     return problems
 
 
+def source_problems(value: Any) -> list[str]:
+    """`source` is a prefix of the lgt_s3 bucket, s3://bucket/prefix or file:///dir: another
+    URL would be read as a prefix that holds nothing, and an s3:// URL needs its bucket."""
+    if not isinstance(value, str) or "://" not in value:
+        return []
+    parts = urlsplit(value)
+    if parts.scheme not in ("s3", "file"):
+        return [
+            f"parameter 'source': {value!r} is not a prefix, s3://bucket/prefix or file:///dir"
+            f" ({parts.scheme}:// is not read)"
+        ]
+    if parts.scheme == "s3" and not parts.netloc:
+        return [f"parameter 'source': {value!r} names no bucket (s3://bucket/prefix)"]
+    return []
+
+
 class ParamsError(PermanentFailure, ValueError):
     """Invalid run parameters; the message names each offending parameter."""
 
@@ -247,6 +263,7 @@ class _RunParams(BaseModel):
                 problems.append(f"parameter '{name}': {err.message}")
         for role in ROLES:
             problems += url_list_problems(f"{role}_base_url", conf.get(f"{role}_base_url"))
+        problems += source_problems(conf.get("source"))
         stages = conf.get("stages", list(STAGES))
         if conf.get("release_version") and isinstance(stages, list) and "release" not in stages:
             problems.append(

@@ -133,6 +133,22 @@ def test_knob_values_a_stage_refuses_are_refused_at_trigger_time(conf, message):
     assert bad.value.permanent and bad.value.exit_code == 2 and "\n" not in bad.value.line()
 
 
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("gs://bucket/images/", "gs:// is not read"),
+        ("https://example.org/images/", "https:// is not read"),
+        ("s3:///images/", "names no bucket"),
+    ],
+)
+def test_a_source_that_names_nothing_readable_is_refused(source, message):
+    with pytest.raises(ParamsError, match="parameter 'source'") as refused:
+        RunParams.from_conf({"source": source})
+    assert message in str(refused.value)
+    for fine in ("sources/docci/", "s3://other-bucket/images/", "file:///data/images"):
+        assert RunParams.from_conf({"source": fine}).source == fine
+
+
 def test_the_compose_operators_knob_names_the_implemented_operators():
     from lgt_ops.composition import OPERATORS
 

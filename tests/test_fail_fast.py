@@ -116,3 +116,29 @@ def test_a_bad_method_setting_applied_in_a_task_is_not_retried():
     settings = settings_from_env({})
     failed = _raised_by(lambda: settings.with_method(easy_at_least=0.1))
     assert isinstance(failed, AirflowFailException) and isinstance(failed.__cause__, ConfigError)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"max_inflight": "many"}, "max_inflight: Input should be a valid integer"),
+        ({"max_inflight": 100_000}, "max_inflight: Input should be less than or equal to 4096"),
+        ({"down_after_s": -1}, "down_after_s: Input should be greater than 0"),
+    ],
+)
+def test_a_bad_endpoint_connection_extra_is_a_permanent_config_error(monkeypatch, extra, message):
+    import json
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from lgt_ops.airflow_adapter import settings_from_airflow
+
+    conn = {"conn_type": "openai", "host": "http://vllm:8000/v1", "extra": extra}
+    monkeypatch.setenv("AIRFLOW_CONN_LGT_VLM", json.dumps(conn))
+    failed = _raised_by(settings_from_airflow)
+    assert isinstance(failed, AirflowFailException), failed
+    assert isinstance(failed.__cause__, ConfigError)
+    assert str(failed).startswith("connection lgt_vlm: invalid extra: ") and message in str(failed)
+    good = {**conn, "extra": {"max_inflight": "32"}}  # a string, as the UI stores it
+    monkeypatch.setenv("AIRFLOW_CONN_LGT_VLM", json.dumps(good))
+    assert settings_from_airflow().endpoints["vlm"].max_inflight == 32

@@ -13,9 +13,16 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import quote, urlencode
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
-from lgt_ops.config import ROLES, Settings, joined_urls, settings_from_env
+from lgt_ops.config import (
+    ROLES,
+    ConfigError,
+    EndpointSettings,
+    Settings,
+    joined_urls,
+    settings_from_env,
+)
 from lgt_ops.failures import describe
 from lgt_ops.fanout import DEFAULT_MAX_MAP_LENGTH
 from lgt_ops.params import RunParams
@@ -82,26 +89,34 @@ def settings_from_airflow(base: Settings | None = None) -> Settings:
     endpoints = dict(s.endpoints)
     for role, conn_id in CONN_ENDPOINTS.items():
         conn = _connection(conn_id)
-        if conn is None:
-            continue
-        extra = _extra(conn)
-        ep_update: dict[str, Any] = {}
-        if extra.get("base_urls"):  # several replicas of one model: a list (or commas)
-            ep_update["base_url"] = joined_urls(extra["base_urls"])
-        elif conn.host:
-            ep_update["base_url"] = _base_url(conn)
-        if conn.password:
-            ep_update["api_key"] = SecretStr(conn.password)
-        if extra.get("model"):
-            ep_update["model"] = extra["model"]
-        if extra.get("max_inflight"):
-            ep_update["max_inflight"] = int(extra["max_inflight"])
-        if extra.get("down_after_s"):
-            ep_update["down_after_s"] = float(extra["down_after_s"])
-        endpoints[role] = endpoints[role].model_copy(update=ep_update)
+        if conn is not None:
+            endpoints[role] = _endpoint(endpoints[role], conn_id, conn)
     update["endpoints"] = endpoints
     update["max_map_length"] = max_map_length()
     return s.model_copy(update=update)
+
+
+def _endpoint(base: EndpointSettings, conn_id: str, conn: Any) -> EndpointSettings:
+    """`base` with what the endpoint connection sets, validated: a bad value (max_inflight
+    "many", a negative down_after_s) is a ConfigError naming the connection, not a retry."""
+    extra = _extra(conn)
+    update: dict[str, Any] = {}
+    if extra.get("base_urls"):  # several replicas of one model: a list (or commas)
+        update["base_url"] = joined_urls(extra["base_urls"])
+    elif conn.host:
+        update["base_url"] = _base_url(conn)
+    if conn.password:
+        update["api_key"] = SecretStr(conn.password)
+    for key in ("model", "max_inflight", "down_after_s"):
+        if extra.get(key):
+            update[key] = extra[key]
+    try:
+        return EndpointSettings.model_validate({**base.model_dump(), **update})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in exc.errors()
+        )
+        raise ConfigError(f"connection {conn_id}: invalid extra: {problems}") from exc
 
 
 def releases_page_guard() -> Callable[..., Any]:

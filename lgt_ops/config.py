@@ -110,6 +110,32 @@ def _method_params() -> type[BaseModel]:
 MethodParams: Any = _method_params()
 
 
+def method_problems(
+    values: Mapping[str, object], names: Mapping[str, str] | None = None
+) -> list[str]:
+    """Why these method knob values are invalid together (one line each; [] when valid).
+
+    Checks what a JSON schema cannot: the stage configs' own validators, including the rules
+    that span knobs (trace_min_chars below trace_max_chars, ...). `names` maps a knob to the
+    name the caller knows it by (a run parameter's name)."""
+    from pydantic import ValidationError
+
+    try:
+        MethodParams.model_validate(dict(values))
+    except ValidationError as exc:
+        out = []
+        for err in exc.errors():
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            loc = err["loc"]
+            if loc:
+                knob = str(loc[0])
+                out.append(f"parameter '{(names or {}).get(knob, knob)}': {msg}")
+            else:
+                out.append(msg)  # a rule over several knobs: its message names them
+        return out
+    return []
+
+
 # -- ingest limits (kept in one block) ----------------------------------------------------------
 class IngestLimits(BaseModel):
     """What one key may cost ingest: a huge caption, a flood of objects or one giant image is
@@ -241,8 +267,11 @@ class Settings(BaseModel):
         unknown = sorted(set(overrides) - set(MethodParams.model_fields))
         if unknown:
             raise ConfigError(f"unknown method setting(s): {', '.join(unknown)}")
-        method = MethodParams.model_validate({**self.method.model_dump(), **overrides})
-        return self.model_copy(update={"method": method})
+        merged = {**self.method.model_dump(), **overrides}
+        problems = method_problems(merged)
+        if problems:  # a permanent failure, one line: a retry cannot fix a setting
+            raise ConfigError("invalid method setting(s): " + "; ".join(problems))
+        return self.model_copy(update={"method": MethodParams.model_validate(merged)})
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -14,7 +14,7 @@ from jsonschema import Draft7Validator
 from pydantic import BaseModel, ConfigDict, create_model
 
 from lgt_ops import registry
-from lgt_ops.config import ROLES, Settings
+from lgt_ops.config import ROLES, Settings, method_problems
 from lgt_ops.failures import EXIT_USAGE, PermanentFailure
 
 STAGES: tuple[str, ...] = registry.stage_names()
@@ -223,6 +223,22 @@ def url_list_problems(name: str, value: Any) -> list[str]:
     return problems
 
 
+def source_problems(value: Any) -> list[str]:
+    """`source` is a prefix of the lgt_s3 bucket, s3://bucket/prefix or file:///dir: another
+    URL would be read as a prefix that holds nothing, and an s3:// URL needs its bucket."""
+    if not isinstance(value, str) or "://" not in value:
+        return []
+    parts = urlsplit(value)
+    if parts.scheme not in ("s3", "file"):
+        return [
+            f"parameter 'source': {value!r} is not a prefix, s3://bucket/prefix or file:///dir"
+            f" ({parts.scheme}:// is not read)"
+        ]
+    if parts.scheme == "s3" and not parts.netloc:
+        return [f"parameter 'source': {value!r} names no bucket (s3://bucket/prefix)"]
+    return []
+
+
 class ParamsError(PermanentFailure, ValueError):
     """Invalid run parameters; the message names each offending parameter."""
 
@@ -247,12 +263,17 @@ class _RunParams(BaseModel):
                 problems.append(f"parameter '{name}': {err.message}")
         for role in ROLES:
             problems += url_list_problems(f"{role}_base_url", conf.get(f"{role}_base_url"))
+        problems += source_problems(conf.get("source"))
         stages = conf.get("stages", list(STAGES))
         if conf.get("release_version") and isinstance(stages, list) and "release" not in stages:
             problems.append(
                 "parameter 'release_version': set, but the 'release' stage is not"
                 " selected in 'stages'"
             )
+        if not problems:  # each knob fits its schema: now the stages' own rules, across knobs
+            knobs = {KNOB_PARAMS[k]: v for k, v in conf.items() if k in KNOB_PARAMS}
+            names = {field: param for param, field in KNOB_PARAMS.items()}
+            problems += method_problems({k: v for k, v in knobs.items() if v is not None}, names)
         if problems:
             raise ParamsError("; ".join(problems))
         values = {k: v for k, v in conf.items() if k in PARAM_SCHEMA}

@@ -19,7 +19,7 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from lgt_ops import prompts
 from lgt_ops import request_size as size
@@ -44,8 +44,14 @@ def _non_empty(v: tuple[str, ...]) -> tuple[str, ...]:
 
 
 # An annotated type, not a per-class validator: MethodParams inherits every stage config, and
-# same-named validators of two bases would shadow each other there.
-NonEmptyStrs = Annotated[tuple[str, ...], AfterValidator(_non_empty)]
+# same-named validators of two bases would shadow each other there. `minItems` puts the rule
+# in the JSON schema too, so the trigger form (the Param schema) refuses an empty list.
+NonEmptyStrs = Annotated[
+    tuple[str, ...], AfterValidator(_non_empty), Field(json_schema_extra={"minItems": 1})
+]
+# The operators lgt_ops.composition implements (its OPERATORS; tests/test_registry.py checks
+# they agree): an unknown name would compose nothing, silently, so it is refused.
+ComposeOperator = Literal["chain", "compare", "count_over", "conjunction"]
 
 
 class Seeded(StageConfig):
@@ -272,7 +278,11 @@ class Blind(Stage):
 class ComposeConfig(Seeded):
     compose_per_image: int = Field(default=4, ge=0, le=64)
     compose_per_parent: int = Field(default=2, ge=1, le=16)
-    compose_operators: NonEmptyStrs = ("chain", "compare", "count_over", "conjunction")
+    compose_operators: Annotated[
+        tuple[ComposeOperator, ...],
+        AfterValidator(_non_empty),
+        Field(json_schema_extra={"minItems": 1}),
+    ] = ("chain", "compare", "count_over", "conjunction")
     compose_temperature: float = Field(default=0.7, ge=0, le=2)
 
 
@@ -304,6 +314,16 @@ class CotConfig(Seeded):
     # difficulty buckets over the pass rate (written with the rollouts)
     easy_at_least: float = Field(default=0.75, ge=0, le=1)
     hard_at_most: float = Field(default=0.25, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _cot_buckets_ordered(self) -> CotConfig:
+        # Overlapping buckets would call one pass rate both hard and easy.
+        if self.hard_at_most >= self.easy_at_least:
+            raise ValueError(
+                f"hard_at_most ({self.hard_at_most}) must be below easy_at_least"
+                f" ({self.easy_at_least})"
+            )
+        return self
 
 
 class Cot(Stage):
@@ -450,6 +470,16 @@ class FilterConfig(StageConfig):
     trace_min_chars: int = Field(default=80, ge=0)
     trace_max_chars: int = Field(default=12_000, ge=100)
     trace_dedup_threshold: float = Field(default=0.9, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _filter_lengths_ordered(self) -> FilterConfig:
+        # An empty length window would reject every trace as too short or too long.
+        if self.trace_min_chars >= self.trace_max_chars:
+            raise ValueError(
+                f"trace_min_chars ({self.trace_min_chars}) must be below trace_max_chars"
+                f" ({self.trace_max_chars})"
+            )
+        return self
 
 
 class Filter(Stage):

@@ -328,18 +328,24 @@ class S3Store:
         self.root = root.strip("/")
         self.page_size = 1000  # ListObjectsV2 page size (S3's maximum)
         self.url = f"s3://{bucket}/{self.root}".rstrip("/")
-        self._client = boto3.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            region_name=region or "us-east-1",
-            config=Config(
-                retries={"max_attempts": 8, "mode": "adaptive"},
-                max_pool_connections=32,
-                s3={"addressing_style": "path"} if endpoint_url else {},
-            ),
-        )
+        try:
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
+                region_name=region or "us-east-1",
+                config=Config(
+                    retries={"max_attempts": 8, "mode": "adaptive"},
+                    max_pool_connections=32,
+                    s3={"addressing_style": "path"} if endpoint_url else {},
+                ),
+            )
+        except ValueError as exc:  # botocore: "Invalid endpoint: ..." (a setting, not an outage)
+            raise ConfigError(
+                f"object store endpoint {endpoint_url!r} is not usable ({exc}): set"
+                " LGT_S3_ENDPOINT_URL (or the lgt_s3 connection's endpoint_url) to an http(s) URL"
+            ) from exc
 
     def _full(self, key: str) -> str:
         key = _clean_key(key)

@@ -4,7 +4,8 @@ Airflow checks each param's value against its schema when a run is triggered, bu
 conf keys that are not params (they are merged in without a schema), cannot check rules that
 span fields, and its message ends in a dump of the schema. This ASGI middleware (registered by
 plugins/lgt_trigger_guard.py) runs `RunParams.from_conf` on the conf of
-`POST /api/v2/dags/<guarded dag>/dagRuns` (the UI's trigger form posts there too):
+`POST /api/v2/dags/<guarded dag>/dagRuns` (the UI's trigger form posts there too) and on the
+`dag_run_conf` of `POST /api/v2/backfills` (and its `/dry_run`) for a guarded DAG:
 
 - a valid conf passes through untouched;
 - for an invalid one the request goes on with a conf Airflow itself refuses, so deciding who
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from lgt_ops.params import ParamsError, RunParams
@@ -30,19 +32,48 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 GUARDED_DAGS = frozenset({"lgt_synthesis"})
 _TRIGGER = re.compile(r"/api/v2/dags/(?P<dag_id>[^/]+)/dagRuns/?$")
-# A conf the DAG's own Param schema refuses (dry_run must be a boolean): Airflow answers 400
-# to an authorised caller before it creates anything.
+_BACKFILL = re.compile(r"/api/v2/backfills(?:/dry_run)?/?$")
+# A conf the DAG's own Param schema refuses (dry_run must be a boolean): Airflow answers an
+# authorised caller 400 (a trigger) or 422 (a backfill) before it creates anything.
 _REFUSED_BY_AIRFLOW = {"dry_run": "refused-by-lgt-trigger-guard"}
 
 
-def problem_with(body: bytes) -> str | None:
-    """The library's message for the trigger request's conf, or None when it is valid (or
-    not JSON at all: Airflow answers that one itself)."""
+@dataclass(frozen=True)
+class _Request:
+    """Where a run-creating request carries its conf, and how Airflow refuses a bad one."""
+
+    conf_key: str
+    refused_status: int
+
+
+_RUN_TRIGGER = _Request("conf", 400)
+_BACKFILL_REQUEST = _Request("dag_run_conf", 422)
+
+
+def _guarded(scope: Scope, dag_ids: frozenset[str]) -> _Request | None:
+    """What kind of run-creating request this is (None: not one to check here). A backfill
+    names its DAG in the body: `problem_with` checks that."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    path = scope.get("path", "")
+    trigger = _TRIGGER.search(path)
+    if trigger is not None:
+        return _RUN_TRIGGER if trigger["dag_id"] in dag_ids else None
+    return _BACKFILL_REQUEST if _BACKFILL.search(path) else None
+
+
+def problem_with(
+    body: bytes, conf_key: str = "conf", dag_ids: frozenset[str] | None = None
+) -> str | None:
+    """The library's message for the request's conf, or None when it is valid (or not JSON
+    at all, or, given `dag_ids`, for another DAG: Airflow answers those itself)."""
     try:
         data = json.loads(body or b"{}")
     except ValueError:
         return None
-    conf = data.get("conf") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or (dag_ids is not None and data.get("dag_id") not in dag_ids):
+        return None
+    conf = data.get(conf_key)
     if not isinstance(conf, dict | None):
         return None
     try:
@@ -58,19 +89,21 @@ class TriggerGuard:
         self.dag_ids = dag_ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _TRIGGER.search(scope.get("path", "")) if scope["type"] == "http" else None
-        if match is None or scope["method"] != "POST" or match["dag_id"] not in self.dag_ids:
+        kind = _guarded(scope, self.dag_ids)
+        if kind is None:
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive)
-        problem = problem_with(body)
+        by_body = None if kind is _RUN_TRIGGER else self.dag_ids  # a backfill's DAG: the body
+        problem = problem_with(body, kind.conf_key, by_body)
         if problem is None:
             await self.app(scope, _replay(body), send)
             return
-        refused = json.dumps({**json.loads(body), "conf": _REFUSED_BY_AIRFLOW}).encode()
+        refused = json.dumps({**json.loads(body), kind.conf_key: _REFUSED_BY_AIRFLOW}).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(refused)).encode()))
-        await self.app({**scope, "headers": headers}, _replay(refused), _answer(send, problem))
+        answer = _answer(send, problem, kind.refused_status)
+        await self.app({**scope, "headers": headers}, _replay(refused), answer)
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -95,13 +128,14 @@ def _replay(body: bytes) -> Receive:
     return receive
 
 
-def _answer(send: Send, detail: str) -> Send:
-    """Airflow's 400 becomes ours; any other answer (401, 403, 404, ...) goes out as it is."""
+def _answer(send: Send, detail: str, refused_status: int) -> Send:
+    """Airflow's refusal of the substituted conf becomes our 400; any other answer (401, 403,
+    404, ...) goes out as it is."""
     replaced = False
 
     async def wrapped(message: Message) -> None:
         nonlocal replaced
-        if message["type"] == "http.response.start" and message["status"] == 400:
+        if message["type"] == "http.response.start" and message["status"] == refused_status:
             replaced = True
             body = json.dumps({"detail": detail}).encode()
             headers = [

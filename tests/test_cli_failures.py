@@ -83,6 +83,22 @@ def test_parameters_lineage_db_and_store_failures(cli_env):
         "LGT_VLM_MAX_INFLIGHT must be an integer",
     )
 
+    # Settings no retry can fix: one line naming the setting, exit 2, no password echoed.
+    for bad_db in ("not a url", "postgresql+nodriver://lgt:s3cret@db/lgt"):
+        line = one_line(
+            lgt(cli_env, "ingest", LGT_DATABASE_URL=bad_db),
+            failures.EXIT_USAGE,
+            "lineage database URL not usable",
+            "LGT_DATABASE_URL",
+        )
+        assert "s3cret" not in line
+    one_line(
+        lgt(cli_env, "ingest", LGT_S3_ENDPOINT_URL="not-a-url"),
+        failures.EXIT_USAGE,
+        "object store endpoint 'not-a-url' is not usable",
+        "LGT_S3_ENDPOINT_URL",
+    )
+
     down_db = f"postgresql+psycopg2://postgres@{dead}/lgt"
     for args in (("db", "upgrade"), ("ingest", "--source", "sources/")):
         one_line(

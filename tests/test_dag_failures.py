@@ -72,9 +72,15 @@ def _run_failed_on_first_try(run, db) -> None:
     _no_running_rows(db)
 
 
-def test_impossible_parameters_fail_on_the_first_try(airflow_db, connections, monkeypatch):
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"release_version": "v1", "stages": ["ingest", "mcq"]},  # no 'release' stage
+        {"trace_min_chars": 900, "trace_max_chars": 300},  # knobs a stage refuses together
+    ],
+)
+def test_impossible_parameters_fail_on_the_first_try(airflow_db, connections, monkeypatch, conf):
     dag = _dag_with_retries(monkeypatch, 2)
-    conf = {"release_version": "v1", "stages": ["ingest", "mcq"]}  # no 'release' stage
     run = dag.test(run_conf=conf)
     _run_failed_on_first_try(run, connections["db"])
 

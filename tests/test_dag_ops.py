@@ -111,6 +111,11 @@ def _trigger(api, conf):
             {"release_version": "v1", "stages": ["mcq"]},
             "parameter 'release_version': set, but the 'release' stage is not selected",
         ),
+        ({"compose_operators": []}, "parameter 'compose_operators': [] should be non-empty"),
+        (
+            {"trace_min_chars": 900, "trace_max_chars": 300},
+            "trace_min_chars (900) must be below trace_max_chars (300)",
+        ),
     ],
 )
 def test_the_rest_trigger_refuses_a_bad_conf_with_a_readable_message(api, conf, message):
@@ -133,6 +138,40 @@ def test_a_valid_trigger_passes_the_guard_untouched(api):
     assert api.delete(f"/api/v2/dags/lgt_synthesis/dagRuns/{run_id}").status_code == 204
 
 
+def _backfill(api, conf, dry_run: bool = False):
+    body = {
+        "dag_id": "lgt_synthesis",
+        "from_date": "2025-01-02T00:00:00Z",
+        "to_date": "2025-01-03T00:00:00Z",
+        "dag_run_conf": conf,
+    }
+    return api.post("/api/v2/backfills" + ("/dry_run" if dry_run else ""), json=body)
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"k_rollout": 4}, "unknown parameter 'k_rollout'"),
+        ({"k_rollouts": 0}, "parameter 'k_rollouts': 0 is less than the minimum of 1"),
+        ({"trace_min_chars": 900, "trace_max_chars": 300}, "trace_min_chars (900) must be below"),
+    ],
+)
+def test_a_backfill_with_a_bad_conf_is_refused_with_the_same_message(api, conf, message):
+    for dry_run in (True, False):
+        answer = _backfill(api, conf, dry_run)
+        assert answer.status_code == 400, answer.text
+        detail = answer.json()["detail"]
+        assert detail.startswith("Invalid run parameters: ") and message in detail
+    listed = api.get("/api/v2/backfills", params={"dag_id": "lgt_synthesis"}).json()
+    assert listed["backfills"] == []  # nothing was created
+
+
+def test_a_valid_backfill_conf_passes_the_guard(api):
+    answer = _backfill(api, {"stages": ["ingest"], "dry_run": True}, dry_run=True)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["total_entries"] >= 1
+
+
 def test_the_guard_leaves_authentication_to_airflow(api, monkeypatch):
     from airflow.api_fastapi.app import create_app
     from fastapi.testclient import TestClient
@@ -141,6 +180,7 @@ def test_the_guard_leaves_authentication_to_airflow(api, monkeypatch):
     with TestClient(create_app("core")) as anonymous:
         for conf in ({"k_rollout": 4}, {"k_rollouts": 0}, {}):
             assert _trigger(anonymous, conf).status_code == 401, conf
+            assert _backfill(anonymous, conf).status_code == 401, conf
 
 
 def test_an_unknown_key_fails_start_and_the_callback_logs_one_line(airflow_db, caplog, capfd):

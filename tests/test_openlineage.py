@@ -108,3 +108,15 @@ def test_dataset_names_carry_no_credentials_and_skip_sqlite():
     assert inputs[0] == "s3://b/sources" and outputs[0] == "s3://b/releases/x/1"
     assert not any("s3cret" in u for u in inputs + outputs)
     assert set(TASK_TABLES) >= {"scan", "ingest", "release", "annotate", "tag"}
+
+
+def test_every_task_that_reports_lineage_has_its_edges():
+    """Each stage task reports its edges after its work: a stage missing from TASK_TABLES
+    would fail the task at the end (KeyError), so every registry stage is listed."""
+    from lgt_ops import registry
+    from lgt_ops.lineage_edges import READS_SOURCE, TASK_TABLES
+
+    assert set(TASK_TABLES) == {"scan", *registry.stage_names()}
+    assert set(TASK_TABLES) >= READS_SOURCE
+    for reads, writes in TASK_TABLES.values():
+        assert writes or reads, "a task with no dataset edge"

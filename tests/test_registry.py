@@ -109,6 +109,53 @@ def test_an_empty_list_knob_is_refused_in_the_merged_method_params(knob):
         MethodParams(**{knob: ()})
 
 
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"compose_operators": []}, "parameter 'compose_operators': [] should be non-empty"),
+        ({"expand_cues": []}, "parameter 'expand_cues': [] should be non-empty"),
+        ({"compose_operators": ["chain", "zip"]}, "parameter 'compose_operators': 'zip' is not"),
+        ({"trace_min_chars": 500, "trace_max_chars": 200}, "trace_min_chars (500) must be below"),
+        ({"trace_min_chars": 20_000}, "must be below trace_max_chars (12000)"),  # the default
+        ({"easy_at_least": 0.2}, "hard_at_most (0.25) must be below easy_at_least (0.2)"),
+    ],
+)
+def test_knob_values_a_stage_refuses_are_refused_at_trigger_time(conf, message):
+    """Every rule of a stage config is checked by RunParams.from_conf (what the trigger guard
+    and `start` run): the schema's, and the rules that span knobs."""
+    with pytest.raises(ParamsError) as refused:
+        RunParams.from_conf(conf)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    # Past the parameters (a setting applied in code), the same rule is a ConfigError: a
+    # permanent failure, one line, exit 2, not a retried ValidationError.
+    with pytest.raises(ConfigError, match="invalid method setting") as bad:
+        settings_from_env({}).with_method(**conf)
+    assert bad.value.permanent and bad.value.exit_code == 2 and "\n" not in bad.value.line()
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("gs://bucket/images/", "gs:// is not read"),
+        ("https://example.org/images/", "https:// is not read"),
+        ("s3:///images/", "names no bucket"),
+    ],
+)
+def test_a_source_that_names_nothing_readable_is_refused(source, message):
+    with pytest.raises(ParamsError, match="parameter 'source'") as refused:
+        RunParams.from_conf({"source": source})
+    assert message in str(refused.value)
+    for fine in ("sources/docci/", "s3://other-bucket/images/", "file:///data/images"):
+        assert RunParams.from_conf({"source": fine}).source == fine
+
+
+def test_the_compose_operators_knob_names_the_implemented_operators():
+    from lgt_ops.composition import OPERATORS
+
+    assert typing.get_args(registry.ComposeOperator) == OPERATORS
+    assert MethodParams().compose_operators == OPERATORS
+
+
 def test_every_method_knob_is_a_run_parameter_with_a_cli_option():
     from lgt_ops.cli import build_parser
 

@@ -8,13 +8,30 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import ExceptionContext, make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 
+from lgt_ops.config import ConfigError
 from lgt_ops.failures import lineage_db_unreachable
 
 
 def make_engine(url: str) -> Engine:
-    """An engine with sane pool and SQLite settings (WAL, busy timeout, foreign keys)."""
+    """An engine with sane pool and SQLite settings (WAL, busy timeout, foreign keys).
+
+    A URL that cannot be used (unparseable, unknown dialect or driver) is a ConfigError
+    (permanent: fix the setting), not an unexpected error; its message never repeats the URL,
+    which may hold a password."""
+    try:
+        return _engine(url)
+    except (ArgumentError, ImportError, ValueError) as exc:  # NoSuchModuleError: ArgumentError
+        detail = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            f"lineage database URL not usable: {type(exc).__name__}: {detail}; set"
+            " LGT_DATABASE_URL (or the lgt_postgres connection), e.g."
+            " postgresql+psycopg2://USER:PASSWORD@HOST:5432/lgt or sqlite:///PATH"
+        ) from exc
+
+
+def _engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":

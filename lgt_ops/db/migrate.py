@@ -16,12 +16,17 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, text
 
+from lgt_ops.failures import EXIT_USAGE, PermanentFailure
+
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)(?:\.(postgresql|sqlite))?\.sql$")
 _LOCK_ID = 7_351_104_2
 
 
-class MigrationError(RuntimeError):
-    pass
+class MigrationError(PermanentFailure, RuntimeError):
+    """The migrations cannot be applied as they are (missing from the install, misnamed, or
+    edited after being applied): a retry cannot fix it."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,17 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from lgt_ops.failures import EXIT_USAGE, PermanentFailure
+
 _DIR = Path(__file__).parent
 _FILE = re.compile(r"^([a-z_]+)\.v(\d+)\.prompt$")
 
 
-class PromptError(ValueError):
-    pass
+class PromptError(PermanentFailure, ValueError):
+    """A prompt template is missing or malformed (e.g. an install without the package data):
+    a retry cannot fix it, so the task fails on its first try."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)

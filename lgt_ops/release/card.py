@@ -152,7 +152,6 @@ def quality_section(quality: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
-
 def _rejections(rejections: dict[str, dict[str, int]]) -> list[str]:
     lines = ["## Rejected items by reason", ""]
     if not rejections:

@@ -18,7 +18,8 @@ same numbers at both sizes; what grows with the corpus shows as a difference.
 image, k=1, one expansion), then a fresh process measures the first release (every bucket
 built, the validator run), and another one the release of a second run with nothing changed
 (every bucket reused). A fresh process per release, so its peak is not hidden under heap
-the stages left behind.
+the stages left behind. LGT_BENCH_TRACEMALLOC=1 adds each release's tracemalloc peak (Python
+objects only; slower, so its RSS figures are not comparable).
 """
 
 from __future__ import annotations
@@ -138,12 +139,19 @@ def release_child(step: str, tmp: Path, db_name: str, sim_url: str) -> dict:
         return {}
     if step == "unchanged":
         pipeline.start(env, params)
+    traced = bool(os.environ.get("LGT_BENCH_TRACEMALLOC"))
+    if traced:  # Python objects only, and slower: apart from the RSS figures
+        import tracemalloc
+
+        tracemalloc.start()
     reset_peak_rss()
     base_mb = _current_rss_mb()
     published = pipeline.release(env, params)
     out = {"before_mb": round(base_mb), "peak_mb": round(peak_rss_mb()),
            "rows": sum(published.counts.values()),
            "reused": published.manifest["incremental"]["buckets_reused"]}
+    if traced:
+        out["traced_peak_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
     pipeline.finish(env)
     return out
 
@@ -180,6 +188,11 @@ def release_main(sizes: list[int]) -> int:
     for step in ("first", "unchanged"):
         cells = "".join(f"{r[step]['peak_mb']:>9} ({r[step]['before_mb']:>3})" for r in rows)
         print(f"{step:<16}{cells}")
+    if "traced_peak_mb" in rows[0]["first"]:
+        for step in ("first", "unchanged"):
+            print(f"{step + ' (traced)':<16}"
+                  + "".join(f"{r[step]['traced_peak_mb']:>15}" for r in rows)
+                  + "   (tracemalloc peak MB, Python objects)")
     print("rows: " + ", ".join(f"{r['first']['rows']:,}" for r in rows)
           + "; buckets reused by the unchanged release: "
           + ", ".join(str(r["unchanged"]["reused"]) for r in rows))

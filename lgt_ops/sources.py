@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, bindparam, text
 
 from lgt_ops.env import Shard, StageEnv
 from lgt_ops.storage import ObjectStore
@@ -49,11 +50,13 @@ _IMAGE_SET = (
 )
 
 
-def image_set(
-    conn: Connection, spec: SourceSpec, shard: Shard | None = None, sample_size: int | None = None
-) -> list[Any]:
-    """Images with a live source under the spec; a sample is the same images every run
-    (smallest hbucket first), and a shard is a stable hash range of that set."""
+PAGE = 5000  # image rows per query when a whole release's images are read
+
+
+def _image_set_sql(
+    spec: SourceSpec, shard: Shard | None, sample_size: int | None
+) -> tuple[str, dict[str, Any]]:
+    """The image set as a subquery (no order), and its parameters."""
     sql = _IMAGE_SET
     params: dict[str, Any] = {"bucket": spec.store_url, "like": spec.like}
     sharded = shard is not None and shard.count > 1
@@ -68,8 +71,51 @@ def image_set(
         if sharded:
             sql += " AND i.hbucket >= :lo AND i.hbucket < :hi"
         sql = f"SELECT * FROM ({sql}) all_images"
-    sql += " ORDER BY image_id"
-    return conn.execute(text(sql), params).all()
+    return sql, params
+
+
+def image_set(
+    conn: Connection, spec: SourceSpec, shard: Shard | None = None, sample_size: int | None = None
+) -> list[Any]:
+    """Images with a live source under the spec; a sample is the same images every run
+    (smallest hbucket first), and a shard is a stable hash range of that set."""
+    sql, params = _image_set_sql(spec, shard, sample_size)
+    return conn.execute(text(sql + " ORDER BY image_id"), params).all()
+
+
+def iter_image_set(
+    conn: Connection, spec: SourceSpec, sample_size: int | None = None, page: int = PAGE
+) -> Iterator[Any]:
+    """The rows of `image_set` (no shard) in image_id order, a page at a time (keyset
+    pagination on the primary key), so a reader of the whole corpus holds one page."""
+    inner, params = _image_set_sql(spec, None, sample_size)
+    sql = text(
+        f"SELECT * FROM ({inner}) s WHERE s.image_id > :after ORDER BY s.image_id LIMIT :page"
+    )
+    after = ""
+    while True:
+        rows = conn.execute(sql, {**params, "after": after, "page": page}).all()
+        yield from rows
+        if len(rows) < page:
+            return
+        after = rows[-1].image_id
+
+
+def bucket_images(
+    conn: Connection,
+    spec: SourceSpec,
+    sample_size: int | None,
+    buckets: int,
+    wanted: Sequence[int],
+) -> list[Any]:
+    """The rows of `image_set` (no shard) whose bucket (`hbucket % buckets`, as
+    `release.incremental.bucket_of`) is in `wanted`, in (bucket, image_id) order."""
+    inner, params = _image_set_sql(spec, None, sample_size)
+    sql = text(
+        f"SELECT * FROM ({inner}) s WHERE (s.hbucket % :n) IN :wanted"
+        " ORDER BY (s.hbucket % :n), s.image_id"
+    ).bindparams(bindparam("wanted", expanding=True))
+    return conn.execute(sql, {**params, "n": buckets, "wanted": list(wanted)}).all()
 
 
 def count_images(conn: Connection, spec: SourceSpec, sample_size: int | None = None) -> int:

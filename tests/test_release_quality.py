@@ -123,7 +123,7 @@ def test_stage_two_is_judged_by_the_composition_module():
     ill = figures["chain_ill_posed"]
     assert (ill.value, ill.n) == (2, 3)  # the same check, and reasons, compose applies
     assert "question x: names_bridge_entity" in ill.detail and "(and 1 more)" in ill.detail
-    assert checks.ill_posed[1].startswith("question g2: chain_not_bridged")
+    assert checks.ill_posed.examples[1].startswith("question g2: chain_not_bridged")
     bad = figures["stage2_inconsistent"]
     assert bad.value == 1 and "question w: answer '4', the parents give '3'" in bad.detail
     # compare's options sort on their signed difference: "more lamps, by 1" is 3rd of 4

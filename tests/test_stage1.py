@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 from sqlalchemy import text
 
-from lgt_ops.sources import image_set, resolve_source
+from lgt_ops.release.incremental import bucket_of
+from lgt_ops.sources import bucket_images, image_set, iter_image_set, resolve_source
 from lgt_ops.stages import annotate, ingest, mcq
 from lgt_ops.stages.base import HBUCKETS, Shard
 from tests.samples import upload_sample
@@ -111,6 +112,19 @@ def test_shards_split_the_sample_and_the_whole_set_alike(pg_s3_env, sim, sample_
     assert sorted(sum(parts, [])) == sorted(whole)
     assert len(whole) == (sample_size or 10)
 
+
+
+@pytest.mark.parametrize("sample_size", [None, 6])
+def test_the_image_set_read_in_pages_or_by_bucket_is_the_same_set(pg_s3_env, sim, sample_size):
+    env = pg_s3_env
+    spec = _prepared(env)
+    with env.db.connect() as conn:
+        whole = [r.image_id for r in image_set(conn, spec, None, sample_size)]
+        paged = [r.image_id for r in iter_image_set(conn, spec, sample_size, page=3)]
+        picked = [r.image_id for r in bucket_images(conn, spec, sample_size, 4, [3, 0, 2])]
+    assert paged == whole  # keyset pages: every image once, in image_id order
+    want = sorted((bucket_of(i, 4), i) for i in whole if bucket_of(i, 4) != 1)
+    assert [(bucket_of(i, 4), i) for i in picked] == want
 
 def test_counting_options_are_laid_out_with_every_feasible_rank_equally_likely():
     ranks: dict[int, Counter] = {}

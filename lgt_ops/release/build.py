@@ -1,16 +1,18 @@
 """Rebuilding the buckets of a release that changed, streamed in chunks of images.
 
-The images of every bucket to rebuild are visited in (bucket, image_id) order, `CHUNK` at a
-time, so a chunk usually spans several small buckets: one set of lineage queries per chunk
-(not per bucket), while a bucket is encoded as soon as its last image is read. Memory stays
-bounded by one chunk plus the rows of the buckets it left open.
+The images of every bucket to rebuild are read in (bucket, image_id) order, a run of buckets
+(about `sources.PAGE` images) per query, and visited `CHUNK` at a time, so a chunk usually
+spans several small buckets: one set of lineage queries per chunk (not per bucket), while a
+bucket is encoded as soon as the stream has moved past it. Memory stays bounded by one run of
+image rows, one chunk and the rows of the buckets it left open, whatever the release's size.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from sqlalchemy import Connection
@@ -19,6 +21,7 @@ from lgt_ops.db.repo import insert_ignore, select_in
 from lgt_ops.env import StageEnv
 from lgt_ops.release import incremental, splits
 from lgt_ops.release.scope import CHUNK, chunks_of, rejections_by_image
+from lgt_ops.sources import PAGE, SourceSpec, bucket_images
 
 # Every member row names all id columns (a batch insert takes the first row's keys).
 _NO_IDS = {"question_id": None, "image_id": None, "trace_id": None, "pair_id": None}
@@ -33,9 +36,27 @@ class _Open:
 
     builders: list[splits.SplitBuilder]
     state: incremental.BucketState
-    left: int  # images not read yet
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     served: set[str] = field(default_factory=set)
+
+
+def todo_images(
+    env: StageEnv, spec: SourceSpec, sample_size: int | None, todo: list[tuple[int, int, str]]
+) -> Iterator[Any]:
+    """The image rows of the buckets in `todo` ((bucket, images, digest)), in (bucket,
+    image_id) order: one query per run of buckets holding about `PAGE` images (their counts
+    from the digest pass), so one run is held at a time, not the release's image set."""
+    n_buckets = env.settings.method.release_buckets
+    batch: list[int] = []
+    size = 0
+    for k, (b, count, _) in enumerate(todo):
+        batch.append(b)
+        size += count
+        if size >= PAGE or k == len(todo) - 1:
+            with env.db.connect() as conn:
+                rows = bucket_images(conn, spec, sample_size, n_buckets, batch)
+            yield from rows
+            batch, size = [], 0
 
 
 def build_buckets(
@@ -43,16 +64,19 @@ def build_buckets(
     release_id: str,
     names: list[str],
     fps: dict[str, str],
-    todo: list[tuple[int, list[Any], str]],
+    todo: list[tuple[int, int, str]],
+    images: Iterable[Any],
     add_part: AddPart,
 ) -> Iterator[tuple[int, incremental.BucketState]]:
-    """(bucket, state) of each bucket in `todo` ((bucket, image rows, digest)), rebuilt."""
+    """(bucket, state) of each bucket in `todo` ((bucket, images, digest)), rebuilt from
+    `images` (`todo_images`: their rows in (bucket, image_id) order), in bucket order. A
+    bucket is encoded once the stream has moved past it."""
     n_buckets = env.settings.method.release_buckets
-    pending = {b: (rows, digest) for b, rows, digest in todo}
-    flat = [r for _, rows, _ in todo for r in rows]
+    digests = {b: digest for b, _, digest in todo}
     open_: dict[int, _Open] = {}
-    for start in range(0, len(flat), CHUNK):
-        (chunk,) = chunks_of(env, flat[start : start + CHUNK])
+    stream = iter(images)
+    while batch := list(islice(stream, CHUNK)):
+        (chunk,) = chunks_of(env, batch)
         chunk.load_images(env)
         members: list[dict[str, Any]] = []
         with env.db.connect() as conn:
@@ -63,10 +87,9 @@ def build_buckets(
             keys: dict[int, list[str]] = {}
             for b in dict.fromkeys(incremental.bucket_of(i, n_buckets) for i in chunk.image_ids):
                 if b not in open_:
-                    rows, digest = pending[b]
                     fresh = [x for x in splits.builders(env) if x.name in names]
-                    state = incremental.BucketState(digest, len(rows))
-                    open_[b] = _Open(fresh, state, len(rows), {x.name: [] for x in fresh})
+                    state = incremental.BucketState(digests[b])
+                    open_[b] = _Open(fresh, state, {x.name: [] for x in fresh})
                 view = dataclasses.replace(outputs, questions=questions.get(b, []))
                 keys[b] = _rows(env, release_id, b, open_[b], chunk, view, members)
             _served(conn, open_, keys)
@@ -74,9 +97,12 @@ def build_buckets(
         with env.db.begin() as conn:
             insert_ignore(conn, "member_rows", members)
         for i in chunk.image_ids:
-            open_[incremental.bucket_of(i, n_buckets)].left -= 1
-        for b in [b for b, o in open_.items() if o.left == 0]:
+            open_[incremental.bucket_of(i, n_buckets)].state.images += 1
+        last = incremental.bucket_of(chunk.image_ids[-1], n_buckets)
+        for b in sorted(b for b in open_ if b < last):  # the stream has moved past these
             yield b, _close(env, b, open_.pop(b), add_part)
+    for b in sorted(open_):
+        yield b, _close(env, b, open_.pop(b), add_part)
 
 
 def _rows(

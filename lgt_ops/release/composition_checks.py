@@ -22,7 +22,7 @@ from typing import Any
 
 from lgt_ops.composition import correct_rank, expected_answer, option_values
 from lgt_ops.questions import Question
-from lgt_ops.release.quality import Figure, count_figure
+from lgt_ops.release.quality import Figure, Tally
 from lgt_ops.wellposed import ill_posed
 
 
@@ -68,9 +68,9 @@ class Stage2Checks:
 
     n: int = 0
     chains: int = 0
-    inconsistent: list[str] = field(default_factory=list)
-    ill_posed: list[str] = field(default_factory=list)
-    ranks: dict[str, int] = field(default_factory=dict)
+    inconsistent: Tally = field(default_factory=Tally)  # how many, and the first few
+    ill_posed: Tally = field(default_factory=Tally)
+    ranks: dict[str, int] = field(default_factory=dict)  # of the rows added since reset
 
     def add(
         self, q: Question, parents: Sequence[Question], objects: Sequence[Mapping[str, Any]]
@@ -78,12 +78,12 @@ class Stage2Checks:
         self.n += 1
         problem = consistency_problem(q, parents, objects)
         if problem:
-            self.inconsistent.append(f"question {q.question_id}: {problem}")
+            self.inconsistent.add(f"question {q.question_id}: {problem}")
         if q.operator == "chain":
             self.chains += 1
             why = ill_posed(q, parents, objects)
             if why is not None:
-                self.ill_posed.append(f"question {q.question_id}: {why.reason}: {why.detail}")
+                self.ill_posed.add(f"question {q.question_id}: {why.reason}: {why.detail}")
         if problem is None:
             self._rank(q, parents, objects)
 
@@ -91,10 +91,10 @@ class Stage2Checks:
         """A composed question whose parents the lineage DB lacks: neither check can pass."""
         self.n += 1
         why = f"question {q.question_id}: parent question(s) {missing} not found"
-        self.inconsistent.append(why)
+        self.inconsistent.add(why)
         if q.operator == "chain":
             self.chains += 1
-            self.ill_posed.append(why)
+            self.ill_posed.add(why)
 
     def _rank(
         self, q: Question, parents: Sequence[Question], objects: Sequence[Mapping[str, Any]]
@@ -102,15 +102,15 @@ class Stage2Checks:
         try:
             values = option_values(q, parents, objects)
         except ValueError as exc:  # an option off the operator's number line
-            self.inconsistent.append(f"question {q.question_id}: {exc}")
+            self.inconsistent.add(f"question {q.question_id}: {exc}")
             return
         if values is not None and len(set(values.values())) == len(values):
             self.ranks[q.question_id] = correct_rank(q, values)
 
     def figures(self) -> list[Figure]:
         return [
-            count_figure("stage2_inconsistent", "stage2", self.n, self.inconsistent),
-            count_figure("chain_ill_posed", "op:chain", self.chains, self.ill_posed),
+            self.inconsistent.figure("stage2_inconsistent", "stage2", self.n),
+            self.ill_posed.figure("chain_ill_posed", "op:chain", self.chains),
         ]
 
 
@@ -118,10 +118,11 @@ def stage2_checks(
     composed: list[dict[str, Any]],
     parents: Mapping[str, Question],
     objects: Mapping[str, Sequence[Mapping[str, Any]]],
+    checks: Stage2Checks | None = None,
 ) -> Stage2Checks:
     """Every composed release row checked: `parents` by question id (stored rows), `objects`
-    the object annotations by image id."""
-    checks = Stage2Checks()
+    the object annotations by image id; added to `checks` when given (a bucket at a time)."""
+    checks = checks if checks is not None else Stage2Checks()
     for row in composed:
         ids = list(row.get("parent_ids") or [])
         missing = [p for p in ids if p not in parents]

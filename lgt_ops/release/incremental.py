@@ -92,20 +92,25 @@ def _row_hash(image_id: str, ident: str) -> int:
     return int(hashlib.md5(f"{image_id} {ident}".encode()).hexdigest()[:15], 16)
 
 
+def image_sums(image_ids: Iterable[str], buckets: int) -> dict[int, tuple[int, int]]:
+    """bucket -> (images, sum of their row hashes): one pass over a stream of image ids,
+    holding one entry per bucket."""
+    sums: dict[int, tuple[int, int]] = {}
+    for i in image_ids:
+        b = bucket_of(i, buckets)
+        n, total = sums.get(b, (0, 0))
+        sums[b] = (n + 1, total + _row_hash(i, "image"))
+    return sums
+
+
 def bucket_digests(
-    conn: Connection, image_ids: list[str], buckets: int, fps: dict[str, str]
+    conn: Connection, images: dict[int, tuple[int, int]], buckets: int, fps: dict[str, str]
 ) -> dict[int, str]:
-    """bucket -> digest of its images and every lineage row their release rows depend on.
+    """bucket -> digest of its images (`image_sums`) and every lineage row their release rows
+    depend on.
 
     Rows of images outside the release may count too: that can only force a rebuild."""
-    sums: dict[int, list[str]] = {}
-    images: dict[int, list[int]] = {}
-    for i in image_ids:
-        acc = images.setdefault(bucket_of(i, buckets), [0, 0])
-        acc[0] += 1
-        acc[1] += _row_hash(i, "image")
-    for b, (n, total) in images.items():
-        sums[b] = [f"images {n} {total}"]
+    sums: dict[int, list[str]] = {b: [f"images {n} {total}"] for b, (n, total) in images.items()}
     queries = [
         (sql, {"fp": fps[stage]} if stage else {})
         for sql, stage in _SOURCES

@@ -40,13 +40,13 @@ from lgt_ops.ids import sha256_hex
 from lgt_ops.llm.simulated import MODEL_PREFIX
 from lgt_ops.progress import Progress
 from lgt_ops.release import card, goodput, incremental, report, splits, validate
-from lgt_ops.release.build import build_buckets
+from lgt_ops.release.build import build_buckets, todo_images
 from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
 from lgt_ops.release.parquet import encode_part, with_hf_features
 from lgt_ops.release.pointers import mark_published, release_prefix
 from lgt_ops.release.recovery import publisher_lock, recover
 from lgt_ops.release.scope import source_rejection_counts
-from lgt_ops.sources import SourceSpec, image_set
+from lgt_ops.sources import SourceSpec, iter_image_set
 from lgt_ops.storage import ObjectExists
 
 SCHEMA_VERSION = 1
@@ -258,20 +258,19 @@ def _publish_locked(
     _claim(env, release_id, name, version, uri)
     kill_point("claimed")
     n_buckets = env.settings.method.release_buckets
-    with env.db.connect() as conn:
-        images = image_set(conn, spec, None, sample_size)  # ids and sizes only
-        # Digests before any row is read: a row written meanwhile can only force a rebuild.
-        digests = incremental.bucket_digests(conn, [r.image_id for r in images], n_buckets, fps)
+    sums, digests = _digests(env, spec, sample_size, n_buckets, fps)
     parent_id = _parent(env, name)
     parent = _load_parent(env, parent_id)
     prior = _prior_states(env, parent_id, parent, request, n_buckets)
     layout = _Layout(env, f"releases/{name}/.staging/{version}", parent)
-    states, todo = _reuse_unchanged(images, n_buckets, digests, prior, layout)
+    states, todo = _reuse_unchanged(sums, digests, prior, layout)
     reused = sorted(states)
-    progress = Progress(f"release {release_id}", len(images), enabled=env.show_progress)
-    progress.update(len(images) - sum(len(rows) for _, rows, _ in todo))
+    total = sum(n for n, _ in sums.values())
+    progress = Progress(f"release {release_id}", total, enabled=env.show_progress)
+    progress.update(total - sum(n for _, n, _ in todo))
     names = [b.name for b in builders]
-    for b, state in build_buckets(env, release_id, names, fps, todo, layout.add):
+    images = todo_images(env, spec, sample_size, todo)  # read again, a run of buckets at a time
+    for b, state in build_buckets(env, release_id, names, fps, todo, images, layout.add):
         states[b] = state
         progress.update(state.images)
     progress.close()
@@ -300,6 +299,18 @@ def _publish_locked(
     kill_point("published")
     layout.clear_staging()
     return Published(release_id, name, version, uri, manifest["content_sha256"], manifest)
+
+
+def _digests(
+    env: StageEnv, spec: SourceSpec, sample_size: int | None, n_buckets: int, fps: dict[str, str]
+) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
+    """Per bucket: the release's images (`incremental.image_sums`, the image set read in
+    pages) and the digest of every lineage row its rows are built from. Read before any row:
+    a row written meanwhile can only force a rebuild."""
+    with env.db.connect() as conn:
+        ids = (r.image_id for r in iter_image_set(conn, spec, sample_size))
+        sums = incremental.image_sums(ids, n_buckets)
+        return sums, incremental.bucket_digests(conn, sums, n_buckets, fps)
 
 
 def _quality(
@@ -377,27 +388,24 @@ def _commit_manifest(env: StageEnv, prefix: str, uri: str, manifest: dict[str, A
 
 
 def _reuse_unchanged(
-    images: list[Any],
-    n_buckets: int,
+    sums: dict[int, tuple[int, int]],
     digests: dict[int, str],
     prior: dict[int, incremental.BucketState],
     layout: _Layout,
-) -> tuple[dict[int, incremental.BucketState], list[tuple[int, list[Any], str]]]:
+) -> tuple[dict[int, incremental.BucketState], list[tuple[int, int, str]]]:
     """The parent's states of the buckets whose digest is unchanged (their parts marked for
-    reuse), and the (bucket, images, digest) of every other bucket, to rebuild."""
-    by_bucket: dict[int, list[Any]] = {}
-    for r in images:
-        by_bucket.setdefault(incremental.bucket_of(r.image_id, n_buckets), []).append(r)
+    reuse), and the (bucket, images, digest) of every other bucket, to rebuild; `sums` are
+    the release's images per bucket (`incremental.image_sums`)."""
     states: dict[int, incremental.BucketState] = {}
-    todo: list[tuple[int, list[Any], str]] = []
-    for b, rows in sorted(by_bucket.items()):
+    todo: list[tuple[int, int, str]] = []
+    for b, (n, _) in sorted(sums.items()):
         old = prior.get(b)
         if old is not None and old.digest == digests[b]:
             states[b] = old
             for files in old.parts.values():
                 layout.reuse(files)
         else:
-            todo.append((b, rows, digests[b]))
+            todo.append((b, n, digests[b]))
     return states, todo
 
 

@@ -19,12 +19,13 @@ and their raw deviation from 1/k is shown, not judged (`value_rank_raw_deviation
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection
@@ -74,21 +75,101 @@ def count_figure(metric: str, scope: str, n: int, problems: list[str]) -> Figure
     return Figure(metric, scope, float(len(problems)), 0.0, n, detail)
 
 
+@dataclass
+class Tally:
+    """The problems of a count figure, kept bounded: how many, and the first `keep` of them
+    (or, `least`, the smallest), so a release of any size is judged in constant memory."""
+
+    n: int = 0
+    examples: list[str] = field(default_factory=list)
+    keep: int = 3
+    least: bool = False
+
+    def add(self, problem: str) -> None:
+        self.n += 1
+        if self.least:
+            bisect.insort(self.examples, problem)
+            del self.examples[self.keep :]
+        elif len(self.examples) < self.keep:
+            self.examples.append(problem)
+
+    def figure(self, metric: str, scope: str, n: int) -> Figure:
+        """`count_figure` of these problems."""
+        detail = None
+        if self.n:
+            more = f" (and {self.n - 1} more)" if self.n > 1 else ""
+            detail = self.examples[0] + more
+        return Figure(metric, scope, float(self.n), 0.0, n, detail)
+
+
 Pick = tuple[int, int] | tuple[int, int, int]  # (position, k) or (position, k, feasible)
+
+
+class Shares:
+    """Picks of one scope, as running sums: how often each position holds the correct answer,
+    and per position the expected share and variance a fair layout gives, added pick by pick
+    (the floats a list of every pick gives, without the list)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.k = 0
+        self.at: Counter[int] = Counter()
+        self.mean: list[float] = []
+        self.var: list[float] = []
+        self.closed = False  # some pick could not take every position (feasible < k)
+
+    def add(self, position: int, k: int, feasible: int | None = None) -> None:
+        f = k if feasible is None else feasible
+        self.n += 1
+        self.k = max(self.k, k)
+        self.at[position] += 1
+        self.closed = self.closed or f < k
+        while len(self.mean) < f:
+            self.mean.append(0.0)
+            self.var.append(0.0)
+        for pos in range(f):
+            self.mean[pos] += 1 / f
+            self.var[pos] += (1 / f) * (1 - 1 / f)
+
+    def expected(self) -> tuple[list[float], list[float]]:
+        """Per position 0..k-1: its fair share and that share's standard error."""
+        pad = [0.0] * max(0, self.k - len(self.mean))
+        n = self.n
+        return [m / n for m in self.mean + pad], [math.sqrt(v) / n for v in self.var + pad]
+
+    def figure(
+        self, metric: str, scope: str, tolerance: float = TOLERANCE, judged: bool = True
+    ) -> Figure:
+        """`deviation_figure` of these picks."""
+        n, k = self.n, self.k
+        expected, se = self.expected()
+        worst, at = 0.0, 0
+        for pos in range(k):
+            dev = abs(self.at.get(pos, 0) / n - expected[pos])
+            if dev > worst:
+                worst, at = dev, pos
+        limit = 1.0
+        if judged and n >= MIN_JUDGED and k >= 2:
+            limit = max(tolerance, 3 * max(se))
+        detail = None
+        if worst > limit:
+            detail = f"position {at + 1} of {k} holds {self.at.get(at, 0)} of {n} correct answers"
+            if abs(expected[at] - 1 / k) > 1e-9:
+                detail += f", {expected[at]:.1%} expected"
+        return Figure(metric, scope, round(worst, 6), round(limit, 6), n, detail)
+
+
+def _shares(picks: Iterable[Pick]) -> Shares:
+    acc = Shares()
+    for pick in picks:
+        acc.add(*pick)
+    return acc
 
 
 def expected_shares(picks: Sequence[Pick]) -> tuple[list[float], list[float]]:
     """Per position: the share a fair layout gives it, and that share's standard error. A pick
     (position, k, f) could only be at positions 0..f-1 (1/f each); (position, k) at any."""
-    n = len(picks)
-    k = max((p[1] for p in picks), default=0)
-    mean, var = [0.0] * k, [0.0] * k
-    for pick in picks:
-        f = pick[2] if len(pick) > 2 else pick[1]  # type: ignore[misc]
-        for pos in range(f):
-            mean[pos] += 1 / f
-            var[pos] += (1 / f) * (1 - 1 / f)
-    return [m / n for m in mean], [math.sqrt(v) / n for v in var]
+    return _shares(picks).expected()
 
 
 def deviation_figure(
@@ -100,24 +181,7 @@ def deviation_figure(
 ) -> Figure:
     """Largest |share - expected share| over the positions 0..k-1, from (position, k) picks
     (expected 1/k) or (position, k, feasible) picks; `judged=False`: shown (max 100 %)."""
-    n = len(picks)
-    k = max((p[1] for p in picks), default=0)
-    shares = Counter(p[0] for p in picks)
-    expected, se = expected_shares(picks)
-    worst, at = 0.0, 0
-    for pos in range(k):
-        dev = abs(shares.get(pos, 0) / n - expected[pos])
-        if dev > worst:
-            worst, at = dev, pos
-    limit = 1.0
-    if judged and n >= MIN_JUDGED and k >= 2:
-        limit = max(tolerance, 3 * max(se))
-    detail = None
-    if worst > limit:
-        detail = f"position {at + 1} of {k} holds {shares.get(at, 0)} of {n} correct answers"
-        if abs(expected[at] - 1 / k) > 1e-9:
-            detail += f", {expected[at]:.1%} expected"
-    return Figure(metric, scope, round(worst, 6), round(limit, 6), n, detail)
+    return _shares(picks).figure(metric, scope, tolerance, judged)
 
 
 # -- questions ---------------------------------------------------------------------------------
@@ -176,45 +240,63 @@ def scopes(row: dict[str, Any]) -> list[str]:
     return out
 
 
+class QuestionChecks:
+    """Structural validity, and letter and value-rank uniformity per scope, fed one question
+    row at a time (running counts per scope, not the rows). A stage-1 value rank is read from
+    numeric options and judged against the ranks its value can take; a composed question's
+    is given (the operator's own number line, see composition_checks) and every rank is open
+    to it."""
+
+    def __init__(self, n_options: int, tolerance: float = TOLERANCE) -> None:
+        self.n_options, self.tolerance = n_options, tolerance
+        self.n = 0
+        self.invalid = Tally()
+        self.letters: dict[str, Shares] = {}
+        self.ranks: dict[str, Shares] = {}
+        self.raw: dict[str, Shares] = {}  # the same ranks against 1/k
+
+    def add(self, row: dict[str, Any], stage2_rank: int | None = None) -> None:
+        self.n += 1
+        problem = mcq_problem(row, self.n_options)
+        if problem:
+            self.invalid.add(f"question {row['question_id']}: {problem}")
+            return
+        k = len(row["options"])
+        if row["stage"] == 2:
+            rank, feasible = stage2_rank, k
+        else:
+            rank, feasible = value_rank(row), feasible_ranks(row)
+        for scope in scopes(row):
+            self.letters.setdefault(scope, Shares()).add(LETTERS.index(row["answer"]), k)
+            if rank is not None:
+                self.ranks.setdefault(scope, Shares()).add(rank, k, feasible)
+                self.raw.setdefault(scope, Shares()).add(rank, k)
+
+    def figures(self) -> list[Figure]:
+        out = [self.invalid.figure("mcq_invalid", "all", self.n)]
+        for scope, acc in sorted(self.letters.items(), key=lambda kv: _scope_order(kv[0])):
+            out.append(acc.figure("letter_deviation", scope, self.tolerance))
+        ranks = sorted(self.ranks.items(), key=lambda kv: _scope_order(kv[0]))
+        for scope, acc in ranks:
+            out.append(acc.figure("value_rank_deviation", scope, self.tolerance))
+        for scope, acc in ranks:
+            if acc.closed:  # some ranks were closed: the raw skew, shown
+                raw = self.raw[scope]
+                out.append(raw.figure("value_rank_raw_deviation", scope, judged=False))
+        return out
+
+
 def question_figures(
     questions: Iterable[dict[str, Any]],
     n_options: int,
     stage2_ranks: Mapping[str, int] | None = None,
     tolerance: float = TOLERANCE,
 ) -> list[Figure]:
-    """Structural validity, and letter and value-rank uniformity per scope. A stage-1 value
-    rank is read from numeric options and judged against the ranks its value can take; a
-    composed question's comes from `stage2_ranks` (the operator's own number line, see
-    composition_checks) and every rank is open to it."""
-    invalid = []
-    letters: dict[str, list[Pick]] = {}
-    ranks: dict[str, list[Pick]] = {}
-    n = 0
-    for row in questions:  # one pass: a stream of rows will do
-        n += 1
-        problem = mcq_problem(row, n_options)
-        if problem:
-            invalid.append(f"question {row['question_id']}: {problem}")
-            continue
-        k = len(row["options"])
-        if row["stage"] == 2:
-            rank, feasible = (stage2_ranks or {}).get(row["question_id"]), k
-        else:
-            rank, feasible = value_rank(row), feasible_ranks(row)
-        for scope in scopes(row):
-            letters.setdefault(scope, []).append((LETTERS.index(row["answer"]), k))
-            if rank is not None:
-                ranks.setdefault(scope, []).append((rank, k, feasible))
-    out = [count_figure("mcq_invalid", "all", n, invalid)]
-    for scope, picks in sorted(letters.items(), key=lambda kv: _scope_order(kv[0])):
-        out.append(deviation_figure("letter_deviation", scope, picks, tolerance))
-    for scope, picks in sorted(ranks.items(), key=lambda kv: _scope_order(kv[0])):
-        out.append(deviation_figure("value_rank_deviation", scope, picks, tolerance))
-    for scope, picks in sorted(ranks.items(), key=lambda kv: _scope_order(kv[0])):
-        if any(p[2] < p[1] for p in picks):  # some ranks were closed: the raw skew, shown
-            raw = [(p[0], p[1]) for p in picks]
-            out.append(deviation_figure("value_rank_raw_deviation", scope, raw, judged=False))
-    return out
+    """`QuestionChecks` over a stream of question rows; `stage2_ranks` by question id."""
+    checks = QuestionChecks(n_options, tolerance)
+    for row in questions:
+        checks.add(row, (stage2_ranks or {}).get(row.get("question_id") or ""))
+    return checks.figures()
 
 
 def _scope_order(scope: str) -> tuple[int, str]:
@@ -243,36 +325,44 @@ class TraceChecks:
     """SFT rows end with their question's verified answer; DPO pairs have a right chosen and a
     wrong rejected trace; no trace (SFT target, DPO side) cites the reasoner's text context.
     Rows are fed one at a time, so a release's traces need not fit in memory; `answers` are
-    the verified letters by question id (the questions split)."""
+    the verified letters by question id (the questions split), given a bucket at a time
+    (`next_bucket`: a row's question and traces share its image's bucket)."""
 
-    def __init__(self, answers: dict[str, str]) -> None:
-        self.answers = answers
+    def __init__(self, answers: dict[str, str] | None = None) -> None:
+        self.answers = answers or {}
         self.sft_rows, self.dpo_rows = 0, 0
-        self.sft_bad: list[str] = []
-        self.dpo_bad: list[str] = []
+        self.sft_bad: dict[str, Tally] = {}  # by split: the first problems in split order
+        self.dpo_bad: dict[str, Tally] = {}
         self.seen: set[tuple[str, str]] = set()  # (trace id, text hash): each text judged once
-        self.leaked: list[str] = []
+        self.judged = 0  # texts judged in the buckets before this one
+        self.leaked = Tally(least=True)
 
-    def sft(self, row: dict[str, Any]) -> None:
+    def next_bucket(self, answers: dict[str, str]) -> None:
+        """The next bucket's answers; the last one's texts are done with."""
+        self.judged += len(self.seen)
+        self.answers, self.seen = answers, set()
+
+    def sft(self, row: dict[str, Any], split: str = "sft") -> None:
         self.sft_rows += 1
         want = self.answers.get(row["question_id"], row["answer"])
         text = reply(row["messages"])
         got = final_letter(text)
         if got != want or row["answer"] != want:
-            self.sft_bad.append(
+            self.sft_bad.setdefault(split, Tally()).add(
                 f"sft row {row['row_id']}: ends with {got!r}, the answer is {want!r}"
             )
         self._trace(row["trace_id"], text)
 
-    def dpo(self, row: dict[str, Any]) -> None:
+    def dpo(self, row: dict[str, Any], split: str = "dpo") -> None:
         self.dpo_rows += 1
         want = self.answers.get(row["question_id"], row["answer"])
         chosen, rejected = reply(row["chosen"]), reply(row["rejected"])
         right, wrong = final_letter(chosen), final_letter(rejected)
+        bad = self.dpo_bad.setdefault(split, Tally())
         if right != want:
-            self.dpo_bad.append(f"dpo row {row['row_id']}: chosen answers {right!r}, want {want!r}")
+            bad.add(f"dpo row {row['row_id']}: chosen answers {right!r}, want {want!r}")
         elif wrong is None or wrong == want:
-            self.dpo_bad.append(f"dpo row {row['row_id']}: rejected answers {wrong!r}, not wrong")
+            bad.add(f"dpo row {row['row_id']}: rejected answers {wrong!r}, not wrong")
         self._trace(row["chosen_id"], chosen)
         self._trace(row["rejected_id"], rejected)
 
@@ -282,14 +372,25 @@ class TraceChecks:
             return
         self.seen.add(key)
         if hit := leaks(text):
-            self.leaked.append(f"trace {trace_id}: mentions {hit!r}")
+            self.leaked.add(f"trace {trace_id}: mentions {hit!r}")
 
     def figures(self) -> list[Figure]:
+        judged = self.judged + len(self.seen)
         return [
-            count_figure("sft_wrong_answer", "sft", self.sft_rows, self.sft_bad),
-            count_figure("dpo_misordered", "dpo", self.dpo_rows, self.dpo_bad),
-            count_figure("leaked_traces", "all", len(self.seen), sorted(self.leaked)),
+            _merged(self.sft_bad).figure("sft_wrong_answer", "sft", self.sft_rows),
+            _merged(self.dpo_bad).figure("dpo_misordered", "dpo", self.dpo_rows),
+            self.leaked.figure("leaked_traces", "all", judged),
         ]
+
+
+def _merged(by_split: dict[str, Tally]) -> Tally:
+    """One tally of several splits' problems, in split-name order (as a pass over the splits
+    one after the other lists them)."""
+    out = Tally()
+    for _, t in sorted(by_split.items()):
+        out.n += t.n
+        out.examples += t.examples
+    return out
 
 
 def passed(figures: Iterable[Figure]) -> bool:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -64,18 +65,18 @@ class ImageChunk:
 
 
 def iter_chunks(env: StageEnv, spec: SourceSpec, sample_size: int | None) -> Iterator[ImageChunk]:
-    """The run's images in image_id order, `CHUNK` at a time, with their context."""
-    from lgt_ops.sources import image_set
+    """The run's images in image_id order, `CHUNK` at a time, with their context (the image
+    set read a page at a time)."""
+    from lgt_ops.sources import iter_image_set
 
     with env.db.connect() as conn:
-        all_rows = image_set(conn, spec, None, sample_size)  # ids and sizes only
-    yield from chunks_of(env, all_rows)
+        yield from chunks_of(env, iter_image_set(conn, spec, sample_size))
 
 
-def chunks_of(env: StageEnv, image_rows: list[Any]) -> Iterator[ImageChunk]:
+def chunks_of(env: StageEnv, image_rows: Iterable[Any]) -> Iterator[ImageChunk]:
     """These images (rows of `image_set`), `CHUNK` at a time, with their context."""
-    for start in range(0, len(image_rows), CHUNK):
-        rows = image_rows[start : start + CHUNK]
+    stream = iter(image_rows)
+    while rows := list(islice(stream, CHUNK)):
         with env.db.connect() as conn:
             contexts = current(conn, rows, registry.stage_fingerprint("annotate", env.settings))
             locations = image_locations(conn, [r.image_id for r in rows])

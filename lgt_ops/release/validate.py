@@ -12,8 +12,10 @@ it on a published release (`lgt release validate`). The manifest's figures are s
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +28,10 @@ from lgt_ops.db.migrate import sql_dir
 from lgt_ops.db.repo import select_in
 from lgt_ops.env import StageEnv
 from lgt_ops.questions import from_row
-from lgt_ops.release import composition_checks, quality
+from lgt_ops.release import composition_checks, incremental, quality
 from lgt_ops.release.errors import ReleaseNotFound
 from lgt_ops.release.pointers import release_prefix
-from lgt_ops.release.quality import Figure, count_figure
+from lgt_ops.release.quality import Figure
 
 # The columns each check reads, per split family (no image column).
 _COLUMNS = {
@@ -92,46 +94,119 @@ def read_split(
 
 
 def measure(env: StageEnv, release_id: str, prefix: str, manifest: dict[str, Any]) -> Report:
-    """Every quality figure of the release whose parts lie under `prefix`."""
+    """Every quality figure of the release whose parts lie under `prefix`, measured a bucket
+    at a time (a row's question, traces and pairs share its image's bucket), so what is held
+    is one bucket's rows and running counts, whatever the release's size."""
     splits = manifest["splits"]
-    files = splits.get("questions", {}).get("files", [])
-    row_ids: set[str] = set()
-    answers: dict[str, str] = {}
-    composed: list[dict[str, Any]] = []
-    for q in read_split(env, prefix, files, "questions"):  # keep what the checks key on
-        row_ids.add(q["row_id"])
-        answers[q["question_id"]] = q["answer"]
-        if q["stage"] == 2:
-            composed.append(q)
     n_options = int((manifest.get("method") or {}).get("mcq_options", 4))
+    annotate_fp = (manifest.get("fingerprints") or {}).get("annotate")
+    run = _Measure(env, prefix, annotate_fp, n_options, sorted({"questions", *splits}))
     with env.db.connect() as conn:
-        stage2 = _stage2(conn, composed, (manifest.get("fingerprints") or {}).get("annotate"))
-    # A second pass, streamed, rather than every question row held at once.
-    questions = read_split(env, prefix, files, "questions")
-    figures = quality.question_figures(questions, n_options, stage2.ranks)
-    ids = {"questions": row_ids}
-    trace_checks = quality.TraceChecks(answers)
-    for split, v in sorted(splits.items()):
-        if split == "questions":
-            continue
-        feed = {"sft": trace_checks.sft, "dpo": trace_checks.dpo}.get(_family(split))
-        ids[split] = set()
-        for row in read_split(env, prefix, v["files"], split):  # streamed, part by part
-            ids[split].add(row["row_id"])
-            if feed is not None:
-                feed(row)
-    figures += stage2.figures()
-    with env.db.connect() as conn:
-        figures += lineage_figures(conn, release_id, ids)
-    return Report(release_id, figures + trace_checks.figures())
+        for bucket, files in _groups(conn, release_id, splits):
+            run.bucket(conn, files, _members(conn, release_id, bucket))
+        lineage = run.lineage.figures(conn, release_id)
+    figures = run.questions.figures() + run.stage2.figures() + lineage
+    return Report(release_id, figures + run.traces.figures())
+
+
+_PART = re.compile(r"/part-(\d+)-\d+-[0-9a-f]+\.parquet$")  # publish's part names
+
+
+def _groups(
+    conn: Connection, release_id: str, splits: dict[str, Any]
+) -> list[tuple[int | None, dict[str, list[dict[str, Any]]]]]:
+    """The release's parts by bucket (a part's name carries it), buckets in order, each one's
+    parts in path order, and every bucket holding member rows. One group (None) when a part's
+    name carries no bucket or the members are kept per release (older layouts)."""
+    whole = [(None, {s: v["files"] for s, v in splits.items()})]
+    if not incremental.shares_members(conn, release_id):
+        return whole
+    by: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    for split, v in splits.items():
+        for f in v["files"]:
+            if f.get("rows") == 0:  # an empty split's schema-only part
+                continue
+            m = _PART.search("/" + f["path"])
+            if m is None:
+                return whole
+            by.setdefault(int(m.group(1)), {}).setdefault(split, []).append(f)
+    sets = text("SELECT bucket FROM release_member_sets WHERE release_id = :r")
+    for (b,) in conn.execute(sets, {"r": release_id}):
+        by.setdefault(int(b), {})
+    return sorted(by.items())
+
+
+_BUCKET_MEMBERS = (
+    "SELECT m.split, m.row_id FROM release_member_sets s JOIN member_rows m"
+    " ON m.owner_release_id = s.owner_release_id AND m.bucket = s.bucket"
+    " WHERE s.release_id = :r AND s.bucket = :b"
+)
+
+
+def _members(conn: Connection, release_id: str, bucket: int | None) -> dict[str, set[str]]:
+    """split -> the row ids release_members lists for the release (one bucket's, if given)."""
+    if bucket is None:
+        sql, params = "SELECT split, row_id FROM release_members WHERE release_id = :r", {}
+    else:
+        sql, params = _BUCKET_MEMBERS, {"b": bucket}
+    out: dict[str, set[str]] = {}
+    for m in conn.execute(text(sql), {"r": release_id, **params}):
+        out.setdefault(m.split, set()).add(m.row_id)
+    return out
+
+
+class _Measure:
+    """The checks of one release, fed a bucket at a time."""
+
+    def __init__(
+        self,
+        env: StageEnv,
+        prefix: str,
+        annotate_fp: str | None,
+        n_options: int,
+        split_names: list[str],
+    ) -> None:
+        self.env, self.prefix, self.annotate_fp = env, prefix, annotate_fp
+        self.questions = quality.QuestionChecks(n_options)
+        self.stage2 = composition_checks.Stage2Checks()
+        self.traces = quality.TraceChecks()
+        self.lineage = _Lineage(split_names)
+
+    def bucket(
+        self, conn: Connection, files: dict[str, list[dict[str, Any]]], held: dict[str, set[str]]
+    ) -> None:
+        """One bucket's rows: its questions (with the stage-2 checks their value ranks come
+        from), then its traces and pairs against those questions' answers."""
+        rows = list(read_split(self.env, self.prefix, files.get("questions", []), "questions"))
+        self.stage2.ranks = {}
+        composed = [q for q in rows if q["stage"] == 2]
+        if composed:
+            _stage2(conn, composed, self.annotate_fp, self.stage2)
+        for q in rows:
+            self.questions.add(q, self.stage2.ranks.get(q["question_id"]))
+        self.traces.next_bucket({q["question_id"]: q["answer"] for q in rows})
+        ids = {"questions": {q["row_id"] for q in rows}}
+        for split, parts in sorted(files.items()):
+            if split == "questions":
+                continue
+            check = {"sft": self.traces.sft, "dpo": self.traces.dpo}.get(_family(split))
+            ids[split] = set()
+            for row in read_split(self.env, self.prefix, parts, split):  # part by part
+                ids[split].add(row["row_id"])
+                if check is not None:
+                    check(row, split)
+        self.lineage.add(ids, held)
 
 
 def _stage2(
-    conn: Connection, composed: list[dict[str, Any]], annotate_fp: str | None
-) -> composition_checks.Stage2Checks:
+    conn: Connection,
+    composed: list[dict[str, Any]],
+    annotate_fp: str | None,
+    checks: composition_checks.Stage2Checks,
+) -> None:
     """The stage-2 checks on the inputs the compose stage had: the parents as stored and the
     image's current object annotations (`annotations.current` under the release's annotate
-    fingerprint, as compose reads them)."""
+    fingerprint, as compose reads them); added to `checks`."""
     parent_ids = sorted({p for r in composed for p in r["parent_ids"] or []})
     parents = {
         r.question_id: from_row(r)
@@ -146,7 +221,7 @@ def _stage2(
         image_id: list(ctx.objects or ())
         for image_id, ctx in image_contexts(conn, list(images), annotate_fp).items()
     }
-    return composition_checks.stage2_checks(composed, parents, objects)
+    composition_checks.stage2_checks(composed, parents, objects, checks)
 
 
 _UNRESOLVED = """
@@ -165,39 +240,64 @@ WHERE v.release_id = :r AND (
 """
 
 
-def lineage_figures(conn: Connection, release_id: str, ids: dict[str, set[str]]) -> list[Figure]:
-    """Per split: rows that do not resolve to their question, its request, the image and (SFT)
-    the expansion and rollout requests or (DPO) the pair and both traces; a row the files
-    hold and the DB does not (or the reverse) counts as unresolved."""
-    members: dict[str, set[str]] = {}
-    for m in conn.execute(
-        text("SELECT split, row_id FROM release_members WHERE release_id = :r"), {"r": release_id}
-    ):
-        members.setdefault(m.split, set()).add(m.row_id)
-    unresolved: dict[str, list[str]] = {}
-    for u in conn.execute(text(_UNRESOLVED), {"r": release_id}):
-        unresolved.setdefault(u.split, []).append(f"row {u.row_id}: missing lineage")
-    walk = (sql_dir() / "queries" / "release_row_lineage.sql").read_text()
-    out = []
-    for split, in_files in sorted(ids.items()):
-        held = members.get(split, set())
-        problems = list(unresolved.get(split, []))
-        problems += [
-            f"row {i}: in the files, not in release_members" for i in sorted(in_files - held)
-        ]
-        problems += [
-            f"row {i}: in release_members, not in the files" for i in sorted(held - in_files)
-        ]
-        for row_id in sorted(in_files & held)[:WALKED_PER_SPLIT]:
-            hops = {
-                h.hop
-                for h in conn.execute(text(walk), {"release_id": release_id, "row_id": row_id})
-            }
-            missing = _HOPS[_family(split)] - hops
-            if missing:
-                problems.append(f"row {row_id}: the lineage walk lacks {sorted(missing)}")
-        out.append(count_figure("lineage_unresolved", split, len(in_files | held), problems))
-    return out
+class _Lineage:
+    """Per split, the files' row ids against release_members', a bucket at a time: the rows
+    seen, the rows on one side only (how many, the smallest id) and the smallest rows on both
+    sides (walked hop by hop at the end)."""
+
+    def __init__(self, split_names: list[str]) -> None:
+        self.rows = {s: 0 for s in split_names}
+        self.files_only = {s: quality.Tally(keep=1, least=True) for s in split_names}
+        self.held_only = {s: quality.Tally(keep=1, least=True) for s in split_names}
+        self.both: dict[str, list[str]] = {s: [] for s in split_names}
+
+    def add(self, in_files: dict[str, set[str]], held: dict[str, set[str]]) -> None:
+        for split in self.rows:
+            f, h = in_files.get(split, set()), held.get(split, set())
+            self.rows[split] += len(f | h)
+            for i in f - h:
+                self.files_only[split].add(i)
+            for i in h - f:
+                self.held_only[split].add(i)
+            smallest = heapq.nsmallest(WALKED_PER_SPLIT, f & h)
+            self.both[split] = sorted(self.both[split] + smallest)[:WALKED_PER_SPLIT]
+
+    def figures(self, conn: Connection, release_id: str) -> list[Figure]:
+        """Per split: rows that do not resolve to their question, its request, the image and
+        (SFT) the expansion and rollout requests or (DPO) the pair and both traces; a row the
+        files hold and the DB does not (or the reverse) counts as unresolved."""
+        unresolved: dict[str, quality.Tally] = {}
+        for u in conn.execute(text(_UNRESOLVED), {"r": release_id}):
+            unresolved.setdefault(u.split, quality.Tally(keep=1)).add(
+                f"row {u.row_id}: missing lineage"
+            )
+        walk = (sql_dir() / "queries" / "release_row_lineage.sql").read_text()
+        out = []
+        for split in sorted(self.rows):
+            sides = (self.files_only[split], self.held_only[split])
+            problems = quality.Tally(keep=1)
+            for t in (unresolved.get(split, quality.Tally()), *sides):
+                problems.n += t.n
+                problems.examples += [_said(t, sides, i) for i in t.examples]
+            for row_id in self.both[split]:
+                hops = {
+                    h.hop
+                    for h in conn.execute(text(walk), {"release_id": release_id, "row_id": row_id})
+                }
+                missing = _HOPS[_family(split)] - hops
+                if missing:
+                    problems.add(f"row {row_id}: the lineage walk lacks {sorted(missing)}")
+            out.append(problems.figure("lineage_unresolved", split, self.rows[split]))
+        return out
+
+
+def _said(t: quality.Tally, sides: tuple[quality.Tally, quality.Tally], row_id: str) -> str:
+    """A problem as the figure's detail names it (a side's tally keeps bare row ids)."""
+    if t is sides[0]:
+        return f"row {row_id}: in the files, not in release_members"
+    if t is sides[1]:
+        return f"row {row_id}: in release_members, not in the files"
+    return row_id
 
 
 def validate(env: StageEnv, release_id: str) -> Report:

@@ -13,9 +13,10 @@ apart, with the Parquet parts it wrote and the ones it reused from the previous 
 (an incremental publish: only the buckets whose lineage rows changed are rebuilt).
 
 Each run prints one table: per step its seconds, items worked (considered minus skipped),
-items/s, model requests, requests/s, this process's CPU seconds (all its threads) and the
-simulator's; under it the end-to-end model requests/s of the stages (scan to the last stage,
-the release apart), the traces/s of filter and pairs, and the run's peak RSS. The
+items/s, model requests, requests/s, this process's CPU seconds (all its threads), the
+simulator's, and the step's own peak RSS (the peak is reset before each step); under it the
+end-to-end model requests/s of the stages (scan to the last stage, the release apart), the
+traces/s of filter and pairs, and the run's peak RSS (the largest step's). The
 simulator runs in its own process (`lgt sim serve`), as a model server would;
 `--sim-in-process` runs it in a thread of this process instead (it then shares the GIL).
 Targets (2 cores): first run >= 600 model requests/s end to end at 10k images, ingest >= 1,000
@@ -175,6 +176,7 @@ def timed_run(env, params, sim) -> dict:  # noqa: ANN001
     steps: dict[str, dict] = {}
 
     def step(name: str, fn) -> None:  # noqa: ANN001
+        reset_peak_rss()  # each step's own peak: which one holds the most memory
         t, cpu, own = time.monotonic(), sim.cpu_seconds(), time.process_time()
         stats = fn()
         shards = [s for s in stats if s is not None] if isinstance(stats, list) else []
@@ -184,11 +186,11 @@ def timed_run(env, params, sim) -> dict:  # noqa: ANN001
             "items": sum(s.items_in - s.items_skipped for s in shards),
             "cpu": time.process_time() - own,
             "sim_cpu": sim.cpu_seconds() - cpu,
+            "peak_mb": peak_rss_mb(),
         }
         if getattr(stats, "manifest", None):  # the release: what it wrote and reused
             steps[name]["parts"] = stats.manifest.get("incremental", {})
 
-    reset_peak_rss()
     pipeline.start(env, params)
     scan: list = []
     step("scan", lambda: scan.append(pipeline.scan(env, params)))
@@ -202,7 +204,7 @@ def timed_run(env, params, sim) -> dict:  # noqa: ANN001
     pipeline.finish(env)
     for name in ("filter", "pairs"):  # their unit of work: the traces they judge or pair
         steps[name]["traces"] = _verdicts_made(env)
-    steps["peak_rss_mb"] = peak_rss_mb()
+    steps["peak_rss_mb"] = max(s["peak_mb"] for s in steps.values())
     return steps
 
 
@@ -227,12 +229,12 @@ def report(title: str, steps: dict) -> None:
     cpu = sum(s["cpu"] for s in stages.values())
     print(f"\n{title}")
     print(f"  {'step':<9} {'seconds':>8} {'items':>9} {'items/s':>9} {'requests':>9} "
-          f"{'requests/s':>10} {'CPU s':>6} {'sim CPU s':>9}")
+          f"{'requests/s':>10} {'CPU s':>6} {'sim CPU s':>9} {'peak MB':>7}")
     for name, s in steps.items():
         items_rate = _rate(s["items"], s["seconds"])
         print(f"  {name:<9} {s['seconds']:8.1f} {s['items']:9,} {items_rate:>9}"
               f" {s['requests']:9,} {_rate(s['requests'], s['seconds']):>10}"
-              f" {s['cpu']:6.1f} {s['sim_cpu']:9.1f}")
+              f" {s['cpu']:6.1f} {s['sim_cpu']:9.1f} {s['peak_mb']:7,.0f}")
     print(f"  end to end (stages, release apart): {requests:,} model requests in {seconds:.1f} s"
           f" = {_rate(requests, seconds)} requests/s; release {steps['release']['seconds']:.1f} s;"
           f" CPU of the stages {cpu:.1f} s, of the simulator {sim_cpu:.1f} s;"

@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, text
+from sqlalchemy import Connection, text
 
-from lgt_ops import chaos, liveness
+from lgt_ops import liveness
 from lgt_ops.abandon import close_abandoned_stages
-from lgt_ops.db.repo import chunked, insert_ignore, utcnow
+from lgt_ops.db.repo import insert_ignore, select_in, utcnow
 from lgt_ops.env import HBUCKETS, Shard, StageEnv  # noqa: F401 - re-exported
 from lgt_ops.ids import content_id
 from lgt_ops.reasons import Rejected
@@ -211,15 +211,14 @@ def done_marker(
 def already_done(
     conn: Connection, stage: str, fingerprint: str, item_ids: Iterable[str]
 ) -> set[str]:
-    stmt = text(
-        "SELECT item_id FROM stage_items WHERE stage = :s AND fingerprint = :f AND item_id IN :ids"
-    ).bindparams(bindparam("ids", expanding=True))
-    done: set[str] = set()
-    for ids in chunked(list(item_ids), 900):
-        done.update(
-            r[0] for r in conn.execute(stmt, {"s": stage, "f": fingerprint, "ids": list(ids)})
-        )
-    return done
+    rows = select_in(
+        conn,
+        "SELECT item_id FROM stage_items WHERE stage = :s AND fingerprint = :f AND item_id IN :ids",
+        list(item_ids),
+        s=stage,
+        f=fingerprint,
+    )
+    return {r[0] for r in rows}
 
 
 def commit(
@@ -248,50 +247,3 @@ def count_rejections(stats: StageStats, rejections: list[dict[str, Any]]) -> Non
     stats.items_rejected += len(rejections)
     for r in rejections:
         stats.rejected_by_reason[r["reason"]] += 1
-
-
-class ItemCommitter:
-    """Finished items' rows and done-markers, counted into the stage's stats and committed
-    in small batches (after the ledger's rows, when the stage calls models)."""
-
-    # Model stages' answers are durable through the ledger's journal meanwhile; a rule
-    # stage's commit is also its crash point in the chaos tests. 25-item batches were a third
-    # of filter's time at 10k images (a transaction and 3 statements each).
-    EVERY_ITEMS = 200
-    EVERY_SECONDS = 2.0
-
-    def __init__(
-        self,
-        env: StageEnv,
-        stage: str,
-        fingerprint: str,
-        stats: StageStats,
-        ledger: Any | None = None,
-    ) -> None:
-        self.env, self.stage, self.fingerprint = env, stage, fingerprint
-        self.stats, self.ledger = stats, ledger
-        self._buffer: dict[str, list[dict[str, Any]]] = {}
-        self._items = 0
-        self._last = time.monotonic()
-
-    def finish(self, item_id: str, rows: Rows) -> None:
-        """Buffer one finished item: its rows, and a marker so a re-run skips it."""
-        count_rejections(self.stats, rows.tables.get("rejections", []))
-        self.stats.items_out += rows.outputs
-        status = "done" if rows.outputs else "rejected"
-        marker = done_marker(self.env, self.stage, self.fingerprint, item_id, status, rows.outputs)
-        rows.add("stage_items", marker)
-        for table, table_rows in rows.tables.items():
-            self._buffer.setdefault(table, []).extend(table_rows)
-        self._items += 1
-
-    def flush_if_due(self) -> None:
-        if self._items >= self.EVERY_ITEMS or time.monotonic() - self._last > self.EVERY_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        committed = self._items
-        commit(self.env, self._buffer, self.ledger)
-        self._buffer, self._items, self._last = {}, 0, time.monotonic()
-        if committed and self.ledger is None:  # model stages count answers instead
-            chaos.point(self.stage)  # test-only crash point (no-op otherwise)

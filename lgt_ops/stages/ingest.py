@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lgt_ops import chaos, decontam, registry
@@ -105,13 +104,8 @@ def ingest_shard(
         )
         # One download pool per shard (a pool per batch started 8 threads every 50 images).
         with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
-            batches = list(chunked(todo, _COMMIT_EVERY))
-            ahead = _submit(env, pool, batches[0]) if batches else []
-            for i, batch in enumerate(batches):
-                fetched = [f.result() for f in ahead]
-                # The next batch downloads and decodes while this one is written.
-                ahead = _submit(env, pool, batches[i + 1]) if i + 1 < len(batches) else []
-                rows = _ingest_batch(env, fp, batch, fetched, stats)
+            for batch in chunked(todo, _COMMIT_EVERY):
+                rows = _ingest_batch(env, fp, batch, stats, pool)
                 with env.db.begin() as conn:
                     commit_tables(conn, rows)
                 chaos.point(STAGE)  # test-only crash point (no-op otherwise)
@@ -151,33 +145,26 @@ def _still_pending(env: StageEnv, entries: list[dict[str, Any]]) -> list[dict[st
     return out
 
 
-def _submit(
-    env: StageEnv, pool: ThreadPoolExecutor, batch: Sequence[dict[str, Any]]
-) -> list[Future[Any]]:
-    """Start fetching and validating a batch's images in the pool (in batch order)."""
-    max_pixels = env.settings.method.max_image_pixels
-    limits = env.settings.ingest
-    store = env.store_for(batch[0]["source"])
-    budget = _budget(limits.decode_pixel_budget)
-    crops = bool(decontam.index_for(env).images)  # the 80 crop hashes: only against benchmarks
-    return [pool.submit(_fetch, store, e, max_pixels, limits, budget, crops) for e in batch]
-
-
 def _ingest_batch(
     env: StageEnv,
     fp: str,
-    batch: Sequence[dict[str, Any]],
-    fetched: list[Any],
+    batch: list[dict[str, Any]],
     stats: StageStats,
+    pool: ThreadPoolExecutor,
 ) -> dict[str, list[dict[str, Any]]]:
-    """The rows of a batch, from its entries and what `_submit` fetched for them."""
     rows: dict[str, list[dict[str, Any]]] = {
         "images": [],
         "sources": [],
         "annotations": [],
         "rejections": [],
     }
+    max_pixels = env.settings.method.max_image_pixels
+    limits = env.settings.ingest
+    store = env.store_for(batch[0]["source"])
+    budget = _budget(limits.decode_pixel_budget)
     benchmarks = decontam.index_for(env)
+    crops = bool(benchmarks.images)  # the 80 crop hashes only matter against benchmark images
+    fetched = list(pool.map(lambda e: _fetch(store, e, max_pixels, limits, budget, crops), batch))
     for entry, facts in zip(batch, fetched, strict=True):
         facts = decontam.screen_image(benchmarks, facts)  # contaminated:<benchmark>, unseen
         source_row = _source_row(env, entry)

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from lgt_ops import liveness
+from lgt_ops import chaos, liveness
 from lgt_ops.abandon import close_abandoned_stages
 from lgt_ops.db.repo import insert_ignore, select_in, utcnow
 from lgt_ops.env import HBUCKETS, Shard, StageEnv  # noqa: F401 - re-exported
@@ -247,3 +247,50 @@ def count_rejections(stats: StageStats, rejections: list[dict[str, Any]]) -> Non
     stats.items_rejected += len(rejections)
     for r in rejections:
         stats.rejected_by_reason[r["reason"]] += 1
+
+
+class ItemCommitter:
+    """Finished items' rows and done-markers, counted into the stage's stats and committed
+    in small batches (after the ledger's rows, when the stage calls models)."""
+
+    # Model stages' answers are durable through the ledger's journal meanwhile; a rule
+    # stage's commit is also its crash point in the chaos tests. 25-item batches were a third
+    # of filter's time at 10k images (a transaction and 3 statements each).
+    EVERY_ITEMS = 200
+    EVERY_SECONDS = 2.0
+
+    def __init__(
+        self,
+        env: StageEnv,
+        stage: str,
+        fingerprint: str,
+        stats: StageStats,
+        ledger: Any | None = None,
+    ) -> None:
+        self.env, self.stage, self.fingerprint = env, stage, fingerprint
+        self.stats, self.ledger = stats, ledger
+        self._buffer: dict[str, list[dict[str, Any]]] = {}
+        self._items = 0
+        self._last = time.monotonic()
+
+    def finish(self, item_id: str, rows: Rows) -> None:
+        """Buffer one finished item: its rows, and a marker so a re-run skips it."""
+        count_rejections(self.stats, rows.tables.get("rejections", []))
+        self.stats.items_out += rows.outputs
+        status = "done" if rows.outputs else "rejected"
+        marker = done_marker(self.env, self.stage, self.fingerprint, item_id, status, rows.outputs)
+        rows.add("stage_items", marker)
+        for table, table_rows in rows.tables.items():
+            self._buffer.setdefault(table, []).extend(table_rows)
+        self._items += 1
+
+    def flush_if_due(self) -> None:
+        if self._items >= self.EVERY_ITEMS or time.monotonic() - self._last > self.EVERY_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        committed = self._items
+        commit(self.env, self._buffer, self.ledger)
+        self._buffer, self._items, self._last = {}, 0, time.monotonic()
+        if committed and self.ledger is None:  # model stages count answers instead
+            chaos.point(self.stage)  # test-only crash point (no-op otherwise)

@@ -27,6 +27,7 @@ from lgt_ops.llm.request import ChatRequest
 from lgt_ops.progress import Progress
 from lgt_ops.registry import Stage, stage_fingerprint
 from lgt_ops.stages.base import (
+    ItemCommitter,
     Rejecter,
     Rows,
     Shard,
@@ -37,7 +38,6 @@ from lgt_ops.stages.base import (
     recorded,
     rejection,
 )
-from lgt_ops.stages.committer import ItemCommitter, rule_committer
 from lgt_ops.storage import S3Store
 
 
@@ -228,10 +228,11 @@ def run_rule_stage(
     handle: Callable[[WorkItem, list[Outcome]], Rows],
     stats: StageStats,
 ) -> None:
-    with rule_committer(env, stage, fingerprint, stats) as committer:
-        for item in items:
-            committer.finish(item.item_id, handle(item, []))
-            committer.flush_if_due()
+    committer = ItemCommitter(env, stage, fingerprint, stats)
+    for item in items:
+        committer.finish(item.item_id, handle(item, []))
+        committer.flush_if_due()
+    committer.flush()
 
 
 def run_stage(

@@ -18,6 +18,25 @@ from lgt_ops.db.repo import select_in
 from lgt_ops.ids import content_id
 
 
+def context_input_id(image_id: str, caption_id: str | None, objects_id: str | None) -> str:
+    """Identity of what a question writer sees: changes when an annotation changes."""
+    return content_id("image-context", image_id, caption_id, objects_id)
+
+
+@dataclass(frozen=True)
+class ContextIds:
+    """An image's context by its annotation ids only: what finds the questions written
+    for it (their item ids), without reading or parsing the annotations."""
+
+    image_id: str
+    caption_id: str | None
+    objects_id: str | None
+
+    @property
+    def input_id(self) -> str:
+        return context_input_id(self.image_id, self.caption_id, self.objects_id)
+
+
 @dataclass(frozen=True)
 class ImageContext:
     image_id: str
@@ -31,7 +50,7 @@ class ImageContext:
     @property
     def input_id(self) -> str:
         """Identity of what a question writer sees: changes when an annotation changes."""
-        return content_id("image-context", self.image_id, self.caption_id, self.objects_id)
+        return context_input_id(self.image_id, self.caption_id, self.objects_id)
 
     def object_ids(self) -> set[str]:
         return {o["id"] for o in self.objects or ()}
@@ -52,11 +71,10 @@ class ImageContext:
         return "\n\n".join(parts)
 
 
-def current(
-    conn: Connection, images: list[Any], model_fingerprint: str | None = None
-) -> dict[str, ImageContext]:
-    """ImageContext for each row of `images` (rows with image_id, width, height)."""
-    ids = [r.image_id for r in images]
+def _chosen(
+    conn: Connection, ids: list[str], model_fingerprint: str | None
+) -> dict[str, dict[str, str]]:
+    """image_id -> {kind: annotation_id} of the annotations its context uses."""
     chosen: dict[str, dict[str, str]] = {i: {} for i in ids}
     for r in select_in(
         conn,
@@ -78,6 +96,28 @@ def current(
             fp=model_fingerprint,
         ):
             chosen[r.image_id].setdefault(r.kind, r.annotation_id)
+    return chosen
+
+
+def current_ids(
+    conn: Connection, images: list[Any], model_fingerprint: str | None = None
+) -> dict[str, ContextIds]:
+    """ContextIds for each row of `images` (rows with image_id): the same annotation
+    choice as `current`, for stages that only look questions up."""
+    chosen = _chosen(conn, [r.image_id for r in images], model_fingerprint)
+    return {
+        r.image_id: ContextIds(
+            r.image_id, chosen[r.image_id].get("caption"), chosen[r.image_id].get("objects")
+        )
+        for r in images
+    }
+
+
+def current(
+    conn: Connection, images: list[Any], model_fingerprint: str | None = None
+) -> dict[str, ImageContext]:
+    """ImageContext for each row of `images` (rows with image_id, width, height)."""
+    chosen = _chosen(conn, [r.image_id for r in images], model_fingerprint)
     ann_ids = [a for pick in chosen.values() for a in pick.values()]
     contents = {
         r.annotation_id: json.loads(r.content)

@@ -10,13 +10,13 @@ stages and releases work on the current ones only.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Connection
 
 from lgt_ops import registry
-from lgt_ops.annotations import ImageContext
+from lgt_ops.annotations import ContextIds, ImageContext
 from lgt_ops.db.repo import select_in
 from lgt_ops.env import StageEnv
 from lgt_ops.ids import content_id
@@ -34,17 +34,26 @@ def _rollout_fps(env: StageEnv) -> dict[str, str]:
     return {"fp1": _fp(env, "cot"), "fp2": _fp(env, "cot2")}
 
 
+# Selectors need only each context's input_id: the ids-only contexts serve as well.
+Contexts = Mapping[str, ImageContext] | Mapping[str, ContextIds]
+# The question columns that selecting, filtering by a check and ordering need (for stages
+# that use no question text: filter, pairs, tag, harden).
+KEY_COLUMNS = "question_id, image_id, stage"
+
+
 def compose_input_id(image_id: str, stage1_ids: list[str]) -> str:
     """Identity of what composition sees for an image: its current parent candidates."""
     return content_id("compose-input", image_id, sorted(stage1_ids))
 
 
-def mcq_questions(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
+def mcq_questions(
+    conn: Connection, env: StageEnv, contexts: Contexts, columns: str = "*"
+) -> list[Any]:
     """Every stage-1 question mcq made for these contexts (what the blind check reads)."""
     return select_in(
         conn,
-        "SELECT * FROM questions WHERE stage = 1 AND fingerprint = :fp AND item_id IN :ids"
-        " ORDER BY image_id, question_id",
+        f"SELECT {columns} FROM questions WHERE stage = 1 AND fingerprint = :fp"
+        " AND item_id IN :ids ORDER BY image_id, question_id",
         [c.input_id for c in contexts.values()],
         fp=_fp(env, "mcq"),
     )
@@ -66,21 +75,23 @@ def _kept(conn: Connection, env: StageEnv, stage: str, rows: list[Any]) -> list[
     return [r for r in rows if r.question_id in kept]
 
 
-def stage1(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
+def stage1(conn: Connection, env: StageEnv, contexts: Contexts, columns: str = "*") -> list[Any]:
     """Current stage-1 questions: mcq's, less those answerable without the image (when the
     blind check is on; a question it has not checked yet is not current)."""
-    rows = mcq_questions(conn, env, contexts)
+    rows = mcq_questions(conn, env, contexts, columns)
     if not registry.get("blind").enabled(env.settings):
         return rows
     return _kept(conn, env, "blind", rows)
 
 
-def compose_parents(
-    conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]
-) -> list[Any]:
+def compose_parents(conn: Connection, env: StageEnv, contexts: Contexts) -> list[Any]:
     """Stage-1 questions composition may build on: those the VLM answers (cot pass rate > 0),
     so a wrong answer key is not carried into stage 2."""
-    rows = stage1(conn, env, contexts)
+    return _answered(conn, env, stage1(conn, env, contexts))
+
+
+def _answered(conn: Connection, env: StageEnv, rows: list[Any]) -> list[Any]:
+    """The stage-1 rows the VLM answers (see compose_parents)."""
     rates = difficulty(conn, env, [r.question_id for r in rows])
     return [r for r in rows if r.question_id in rates and rates[r.question_id].pass_rate > 0]
 
@@ -92,43 +103,77 @@ def by_image(rows: list[Any]) -> dict[str, list[Any]]:
     return out
 
 
-def composed(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
+def composed(conn: Connection, env: StageEnv, contexts: Contexts) -> list[Any]:
     """Every stage-2 question compose made from the current parents (before hardening)."""
+    return _composed_of(conn, env, compose_parents(conn, env, contexts))
+
+
+def composed_keys(conn: Connection, env: StageEnv, contexts: Contexts) -> list[Any]:
+    """`composed`, KEY_COLUMNS only."""
+    parents = _answered(conn, env, stage1(conn, env, contexts, KEY_COLUMNS))
+    return _composed_of(conn, env, parents, KEY_COLUMNS)
+
+
+def _composed_of(
+    conn: Connection, env: StageEnv, parents: list[Any], columns: str = "*"
+) -> list[Any]:
+    """The stage-2 questions compose made from these parents (their current set per image)."""
     inputs = [
-        compose_input_id(img, [q.question_id for q in qs])
-        for img, qs in by_image(compose_parents(conn, env, contexts)).items()
+        compose_input_id(img, [q.question_id for q in qs]) for img, qs in by_image(parents).items()
     ]
     return select_in(
         conn,
-        "SELECT * FROM questions WHERE stage = 2 AND fingerprint = :fp AND item_id IN :ids"
-        " ORDER BY image_id, question_id",
+        f"SELECT {columns} FROM questions WHERE stage = 2 AND fingerprint = :fp"
+        " AND item_id IN :ids ORDER BY image_id, question_id",
         inputs,
         fp=_fp(env, "compose"),
     )
 
 
-def questions(conn: Connection, env: StageEnv, contexts: dict[str, ImageContext]) -> list[Any]:
+def questions(conn: Connection, env: StageEnv, contexts: Contexts, columns: str = "*") -> list[Any]:
     """Current questions of these images, ordered by image: stage 1, and the composed ones
-    the harden stage kept (harder than their parents)."""
-    first = stage1(conn, env, contexts)
-    second = _kept(conn, env, "harden", composed(conn, env, contexts))
+    the harden stage kept (harder than their parents). Stage 1 is read once: it is also
+    what the composed questions' parents come from."""
+    first = stage1(conn, env, contexts, columns)
+    parents = _answered(conn, env, first)
+    second = _kept(conn, env, "harden", _composed_of(conn, env, parents, columns))
     return sorted(first + second, key=lambda q: (q.image_id, q.stage, q.question_id))
 
 
-def rollouts(conn: Connection, env: StageEnv, question_ids: list[str]) -> list[Any]:
+def question_keys(conn: Connection, env: StageEnv, contexts: Contexts) -> list[Any]:
+    """`questions`, KEY_COLUMNS only (for stages that use no question text)."""
+    return questions(conn, env, contexts, KEY_COLUMNS)
+
+
+# What a Trace is made of (traces.Trace.from_rollout / from_expansion): not the
+# thinking, continuation or reasoning texts a full row also holds.
+TRACE_ROLLOUT_COLUMNS = (
+    "rollout_id, question_id, text, final_letter, correct, parse_error, request_key"
+)
+TRACE_EXPANSION_COLUMNS = (
+    "expansion_id, rollout_id, question_id, cue, trace, final_letter, correct, parse_error,"
+    " request_key"
+)
+
+
+def rollouts(
+    conn: Connection, env: StageEnv, question_ids: list[str], columns: str = "*"
+) -> list[Any]:
     return select_in(
         conn,
-        "SELECT * FROM rollouts WHERE fingerprint IN (:fp1, :fp2) AND question_id IN :ids"
-        " ORDER BY question_id, sample_index",
+        f"SELECT {columns} FROM rollouts WHERE fingerprint IN (:fp1, :fp2)"
+        " AND question_id IN :ids ORDER BY question_id, sample_index",
         question_ids,
         **_rollout_fps(env),
     )
 
 
-def expansions(conn: Connection, env: StageEnv, rollout_ids: list[str]) -> list[Any]:
+def expansions(
+    conn: Connection, env: StageEnv, rollout_ids: list[str], columns: str = "*"
+) -> list[Any]:
     return select_in(
         conn,
-        "SELECT * FROM expansions WHERE fingerprint = :fp AND rollout_id IN :ids"
+        f"SELECT {columns} FROM expansions WHERE fingerprint = :fp AND rollout_id IN :ids"
         " ORDER BY question_id, rollout_id, expansion_id",
         rollout_ids,
         fp=_fp(env, "expand"),
@@ -158,6 +203,21 @@ def verdicts(
     return {r.trace_id: r for r in rows}
 
 
+def question_verdicts(
+    conn: Connection, env: StageEnv, question_ids: list[str], columns: str
+) -> dict[str, Any]:
+    """trace_id -> current verdict row (`columns`, with trace_id) of these questions' traces:
+    one lookup per question (the trace_verdicts_question index) rather than per trace. It
+    may hold verdicts of traces that are no longer current; callers look their traces up."""
+    rows = select_in(
+        conn,
+        f"SELECT {columns} FROM trace_verdicts WHERE fingerprint = :fp AND question_id IN :ids",
+        question_ids,
+        fp=_fp(env, "filter"),
+    )
+    return {r.trace_id: r for r in rows}
+
+
 def pairs(conn: Connection, env: StageEnv, question_ids: list[str]) -> list[Any]:
     return select_in(
         conn,
@@ -168,7 +228,7 @@ def pairs(conn: Connection, env: StageEnv, question_ids: list[str]) -> list[Any]
     )
 
 
-Selector = Callable[[Connection, StageEnv, dict[str, ImageContext]], list[Any]]
+Selector = Callable[[Connection, StageEnv, Contexts], list[Any]]
 
 
 def shard_questions(
@@ -178,14 +238,15 @@ def shard_questions(
     shard: Any,
     sample_size: int | None,
     select: Selector = questions,
-) -> tuple[dict[str, ImageContext], list[Any]]:
-    """The image contexts of a shard and the questions `select` picks from them (by default
-    the current questions of both stages)."""
-    from lgt_ops.annotations import current as image_contexts
+) -> tuple[dict[str, ContextIds], list[Any]]:
+    """The image contexts of a shard, by their annotation ids (a question's item id is all
+    a selector looks up, so no annotation is read or parsed), and the questions `select`
+    picks from them (by default the current questions of both stages)."""
+    from lgt_ops.annotations import current_ids
     from lgt_ops.sources import image_set
 
     images = image_set(conn, spec, shard, sample_size)
-    contexts = image_contexts(conn, images, _fp(env, "annotate"))
+    contexts = current_ids(conn, images, _fp(env, "annotate"))
     return contexts, select(conn, env, contexts)
 
 
@@ -194,10 +255,10 @@ def traces_of(conn: Connection, env: StageEnv, question_ids: list[str]) -> dict[
     from lgt_ops.traces import Trace
 
     out: dict[str, list[Any]] = defaultdict(list)
-    rolls = rollouts(conn, env, question_ids)
+    rolls = rollouts(conn, env, question_ids, TRACE_ROLLOUT_COLUMNS)
     for r in rolls:
         out[r.question_id].append(Trace.from_rollout(r))
-    for e in expansions(conn, env, [r.rollout_id for r in rolls]):
+    for e in expansions(conn, env, [r.rollout_id for r in rolls], TRACE_EXPANSION_COLUMNS):
         out[e.question_id].append(Trace.from_expansion(e))
     return out
 

@@ -357,8 +357,9 @@ def degenerate(text: str, *, max_share: float = 0.3, n: int = 6) -> bool:
     words = text.lower().split()
     if len(words) < 40:
         return False
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    top = grams.most_common(1)[0][1]
+    # The n-grams from n shifted views (zip stops at the shortest: len - n + 1 of them),
+    # the same tuples without a slice per position.
+    top = max(Counter(zip(*(words[i:] for i in range(n)), strict=False)).values())
     return top * n / len(words) > max_share and top >= 5
 
 
@@ -370,9 +371,15 @@ def behaviours(text: str, cue: str | None = None) -> dict[str, int]:
     """
     counts = _behaviour_counts(text.split("</think>", 1)[0])
     if cue:
-        for name, n in _behaviour_counts(cue).items():
+        for name, n in _cue_counts(cue):
             counts[name] = max(0, counts[name] - n)
     return counts
+
+
+@functools.lru_cache(maxsize=256)
+def _cue_counts(cue: str) -> tuple[tuple[str, int], ...]:
+    """A cue's own counts: the same few cues recur on every expansion (read only)."""
+    return tuple(_behaviour_counts(cue).items())
 
 
 def _behaviour_counts(text: str) -> dict[str, int]:

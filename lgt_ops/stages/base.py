@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, text
+from sqlalchemy import Connection, text
 
 from lgt_ops import chaos, liveness
 from lgt_ops.abandon import close_abandoned_stages
-from lgt_ops.db.repo import chunked, insert_ignore, utcnow
+from lgt_ops.db.repo import insert_ignore, select_in, utcnow
 from lgt_ops.env import HBUCKETS, Shard, StageEnv  # noqa: F401 - re-exported
 from lgt_ops.ids import content_id
 from lgt_ops.reasons import Rejected
@@ -211,15 +211,14 @@ def done_marker(
 def already_done(
     conn: Connection, stage: str, fingerprint: str, item_ids: Iterable[str]
 ) -> set[str]:
-    stmt = text(
-        "SELECT item_id FROM stage_items WHERE stage = :s AND fingerprint = :f AND item_id IN :ids"
-    ).bindparams(bindparam("ids", expanding=True))
-    done: set[str] = set()
-    for ids in chunked(list(item_ids), 900):
-        done.update(
-            r[0] for r in conn.execute(stmt, {"s": stage, "f": fingerprint, "ids": list(ids)})
-        )
-    return done
+    rows = select_in(
+        conn,
+        "SELECT item_id FROM stage_items WHERE stage = :s AND fingerprint = :f AND item_id IN :ids",
+        list(item_ids),
+        s=stage,
+        f=fingerprint,
+    )
+    return {r[0] for r in rows}
 
 
 def commit(

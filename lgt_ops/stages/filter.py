@@ -119,7 +119,7 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
     """One item per question: its current traces (the item id is their set)."""
     fp = stage_fingerprint(env)
     with env.db.connect() as conn:
-        _, qs = current.shard_questions(conn, env, spec, shard, sample_size)
+        _, qs = current.shard_questions(conn, env, spec, shard, sample_size, current.question_keys)
         by_question = current.traces_of(conn, env, [q.question_id for q in qs])
         inputs = {qid: input_id(qid, [t.trace_id for t in ts]) for qid, ts in by_question.items()}
         done = already_done(conn, STAGE, fp, list(inputs.values()))

@@ -111,7 +111,9 @@ def judged(conn: Connection, env: StageEnv, questions: list[str]) -> dict[str, J
 def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
     fp = stage_fingerprint(env)
     with env.db.connect() as conn:
-        _, composed = current.shard_questions(conn, env, spec, shard, sample_size, current.composed)
+        _, composed = current.shard_questions(
+            conn, env, spec, shard, sample_size, current.composed_keys
+        )
         ready = judged(conn, env, [q.question_id for q in composed])
         done = already_done(conn, STAGE, fp, list(ready))
     out = Plan(considered=len(composed))

@@ -117,12 +117,13 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
     """One item per question whose traces all have a verdict (else it stays pending)."""
     fp = stage_fingerprint(env)
     with env.db.connect() as conn:
-        _, qs = current.shard_questions(conn, env, spec, shard, sample_size)
+        _, qs = current.shard_questions(conn, env, spec, shard, sample_size, current.question_keys)
         stage_of = {q.question_id: q.stage for q in qs}
         images = {q.question_id: q.image_id for q in qs}
         by_question = current.traces_of(conn, env, list(stage_of))
-        ids = [t.trace_id for ts in by_question.values() for t in ts]
-        verdicts = current.verdicts(conn, env, ids, "trace_id, passed, well_formed")
+        verdicts = current.question_verdicts(
+            conn, env, list(by_question), "trace_id, passed, well_formed"
+        )
         inputs = {
             qid: trace_filter.input_id(qid, [t.trace_id for t in ts])
             for qid, ts in by_question.items()

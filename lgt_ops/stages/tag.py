@@ -108,7 +108,7 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
         return Plan()
     fp = stage_fingerprint(env)
     with env.db.connect() as conn:
-        _, qs = current.shard_questions(conn, env, spec, shard, sample_size)
+        _, qs = current.shard_questions(conn, env, spec, shard, sample_size, current.question_keys)
         chosen = passed_traces(conn, env, qs)
         done = already_done(conn, STAGE, fp, [t.trace_id for t, _ in chosen])
     out = Plan(considered=len(chosen))

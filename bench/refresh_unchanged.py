@@ -2,6 +2,7 @@
 
     python bench/refresh_unchanged.py                  # 100,000 images
     python bench/refresh_unchanged.py --images 10000   # a quicker look
+    python bench/refresh_unchanged.py --images 10000 --tasks 2   # the DAG's shape on 2 cores
 
 Builds a corpus of small, distinct JPEGs with a JSONL manifest (captions and boxes) in a
 local-directory store, runs the whole pipeline once on Postgres (a database created for the
@@ -13,12 +14,24 @@ apart, with the Parquet parts it wrote and the ones it reused from the previous 
 (an incremental publish: only the buckets whose lineage rows changed are rebuilt).
 
 Each run prints one table: per step its seconds, items worked (considered minus skipped),
-items/s, model requests, requests/s, this process's CPU seconds (all its threads), the
+items/s, model requests, requests/s, the pipeline's CPU seconds (all threads), the
 simulator's, and the step's own peak RSS (the peak is reset before each step); under it the
 end-to-end model requests/s of the stages (scan to the last stage, the release apart), the
 traces/s of filter and pairs, and the run's peak RSS (the largest step's). The
 simulator runs in its own process (`lgt sim serve`), as a model server would;
 `--sim-in-process` runs it in a thread of this process instead (it then shares the GIL).
+
+`--tasks 1` (the default) runs every step in this process, shard after shard. `--tasks N`
+runs the ingest shards and each shard stage's shards as the DAG does when its mapped tasks
+run side by side (LocalExecutor parallelism, Celery worker slots): one task per shard, N at
+once in a pool of N worker processes (spawned and started before the first step; each opens
+its own StageEnv on the same settings once and runs its tasks under the run's id, one after
+another, as a Celery worker slot does); scan, plan and release, single tasks in the DAG,
+stay in this process. On 2 cores `--tasks 2` is the deployed shape. A step's figures are
+then its wall time, the CPU of this process plus each task's own (process_time in its
+worker), and the largest peak RSS of this process and of any one task (reset at task start):
+N tasks at once hold up to N times that.
+
 Targets (2 cores): first run >= 600 model requests/s end to end at 10k images, ingest >= 1,000
 small images/s, filter and pairs >= 10,000 traces/s, peak RSS flat from 10k to 100k images.
 """
@@ -29,6 +42,7 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -39,6 +53,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,26 +182,105 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed_run(env, params, sim) -> dict:  # noqa: ANN001
-    """The pipeline step by step (as the DAG runs it): per step wall time, items worked,
-    model requests and the simulator's CPU time."""
+class ShardTasks:
+    """Runs a step's shard tasks: in this process one after another (tasks=1), or, as the
+    DAG's mapped tasks run (one task per shard, `tasks` at once, each in its own process),
+    in a pool of `tasks` worker processes. Each pool task returns its StageStats, its own
+    CPU seconds and its own peak RSS; `take` hands a step those totals."""
+
+    def __init__(self, tasks: int, settings) -> None:  # noqa: ANN001
+        self.tasks = tasks
+        self.pool = None
+        if tasks > 1:  # spawn, not fork: this process has threads (the engine's, the sim's)
+            ctx = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(tasks, mp_context=ctx, initializer=_worker_init,
+                                            initargs=(settings,))
+            # Start every worker (imports, engine) before any step is timed: an Airflow
+            # worker is up before the run too. Each warm-up waits, so each takes its own worker.
+            pids = {f.result() for f in [self.pool.submit(_warm_up) for _ in range(tasks)]}
+            assert len(pids) == tasks, f"{len(pids)} workers started, not {tasks}"
+        self.cpu, self.peak_mb = 0.0, 0.0
+
+    def run(self, env, params, stage: str, work: list) -> list:  # noqa: ANN001
+        if self.pool is None:
+            return [_run_task(env, params, stage, w) for w in work]
+        futures = [self.pool.submit(_pool_task, env.run, params, stage, w) for w in work]
+        out = []
+        for f in futures:
+            stats, cpu, peak = f.result()
+            self.cpu += cpu
+            self.peak_mb = max(self.peak_mb, peak)
+            out.append(stats)
+        return out
+
+    def take(self) -> tuple[float, float]:
+        """The pool tasks' CPU seconds and largest peak RSS since the last take."""
+        taken, (self.cpu, self.peak_mb) = (self.cpu, self.peak_mb), (0.0, 0.0)
+        return taken
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+_WORKER_ENV = None  # a pool worker's StageEnv, opened once, as a worker process holds one
+
+
+def _worker_init(settings) -> None:  # noqa: ANN001
+    global _WORKER_ENV
+    from lgt_ops import pipeline  # noqa: F401 - imported before the first task, not in it
+    from lgt_ops.runctx import RunContext
+    from lgt_ops.stages.base import StageEnv
+
+    _WORKER_ENV = StageEnv.open(settings, RunContext("bench-worker"), migrate=False)
+    _WORKER_ENV.show_progress = False
+
+
+def _warm_up() -> int:
+    time.sleep(0.5)
+    return os.getpid()
+
+
+def _run_task(env, params, stage: str, work):  # noqa: ANN001, ANN202
+    """One shard task: an ingest shard file (key, index, count) or a stage's image shard."""
     from lgt_ops import pipeline
     from lgt_ops.stages import ingest
+
+    if stage == "ingest":
+        return ingest.ingest_shard(env, *work)
+    return pipeline.run_stage(env, stage, params, work)
+
+
+def _pool_task(run, params, stage: str, work) -> tuple:  # noqa: ANN001
+    """A shard task in a pool worker, under the run's id: its stats, CPU and own peak RSS."""
+    reset_peak_rss()
+    own = time.process_time()
+    stats = _run_task(_WORKER_ENV.with_run(run), params, stage, work)
+    return stats, time.process_time() - own, peak_rss_mb()
+
+
+def timed_run(env, params, sim, tasks: ShardTasks) -> dict:  # noqa: ANN001
+    """The pipeline step by step (as the DAG runs it): per step wall time, items worked,
+    model requests, CPU (this process's and its shard tasks') and the simulator's CPU."""
+    from lgt_ops import pipeline
 
     steps: dict[str, dict] = {}
 
     def step(name: str, fn) -> None:  # noqa: ANN001
         reset_peak_rss()  # each step's own peak: which one holds the most memory
+        tasks.take()
         t, cpu, own = time.monotonic(), sim.cpu_seconds(), time.process_time()
         stats = fn()
         shards = [s for s in stats if s is not None] if isinstance(stats, list) else []
+        seconds, parent_cpu = time.monotonic() - t, time.process_time() - own
+        task_cpu, task_peak = tasks.take()
         steps[name] = {
-            "seconds": time.monotonic() - t,
+            "seconds": seconds,
             "requests": sum(s.requests_sent for s in shards),
             "items": sum(s.items_in - s.items_skipped for s in shards),
-            "cpu": time.process_time() - own,
+            "cpu": parent_cpu + task_cpu,
             "sim_cpu": sim.cpu_seconds() - cpu,
-            "peak_mb": peak_rss_mb(),
+            "peak_mb": max(peak_rss_mb(), task_peak),
         }
         if getattr(stats, "manifest", None):  # the release: what it wrote and reused
             steps[name]["parts"] = stats.manifest.get("incremental", {})
@@ -195,11 +289,11 @@ def timed_run(env, params, sim) -> dict:  # noqa: ANN001
     scan: list = []
     step("scan", lambda: scan.append(pipeline.scan(env, params)))
     keys = scan[0].shard_keys
-    step("ingest", lambda: [ingest.ingest_shard(env, k, i, len(keys)) for i, k in enumerate(keys)])
+    work = [(k, i, len(keys)) for i, k in enumerate(keys)]
+    step("ingest", lambda: tasks.run(env, params, "ingest", work))
     shards = pipeline.plan(env, params)
     for stage in pipeline.SHARD_STAGES:
-        step(stage, lambda stage=stage: [pipeline.run_stage(env, stage, params, s)
-                                         for s in shards])
+        step(stage, lambda stage=stage: tasks.run(env, params, stage, shards))
     step("release", lambda: pipeline.release(env, params))
     pipeline.finish(env)
     for name in ("filter", "pairs"):  # their unit of work: the traces they judge or pair
@@ -249,6 +343,40 @@ def report(title: str, steps: dict) -> None:
               f"{parts['buckets_reused']}/{parts['buckets']}")
 
 
+def bench_settings(tmp: Path, db_name: str, sim):  # noqa: ANN001, ANN201
+    """The run's settings (cheap method: one question per image, k=1, one expansion) and
+    parameters, for the bench database and store and the simulator."""
+    from lgt_ops.config import settings_from_env
+    from lgt_ops.params import RunParams
+
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")
+    settings = settings_from_env({
+        "LGT_DATA_DIR": str(tmp), "LGT_DATABASE_URL": f"{base}/{db_name}",
+        "LGT_STORE_URL": (tmp / "store").as_uri(), "LGT_SHARD_SIZE": "500",
+    }).with_endpoint_urls({r: sim.base_url for r in ("vlm", "llm", "reasoner")})
+    settings = settings.with_method(mcq_per_image=1, compose_per_image=0,
+                                    expand_rollouts_per_question=1)
+    params = RunParams(source="sources/bench/", k_rollouts=1, mcq_per_image=1,
+                       release_name="bench", allow_simulated=True)
+    return params.apply(settings), params
+
+
+def three_runs(env, params, sim, tasks: ShardTasks, args) -> None:  # noqa: ANN001
+    """First run, unchanged refresh (it must send no request), refresh after new images."""
+    from lgt_ops.runctx import RunContext
+
+    shape = "" if tasks.pool is None else f" ({tasks.tasks} shard tasks at once, own processes)"
+    report(f"first run ({args.images:,} images){shape}", timed_run(env, params, sim, tasks))
+    sim.reset()
+    second = timed_run(env.with_run(RunContext("bench-2")), params, sim, tasks)
+    served = sim.served()
+    assert served == 0, f"the unchanged refresh sent {served} requests"
+    report(f"refresh, corpus unchanged{shape}", second)
+    make_corpus(env.store, "sources/bench/", args.images, args.new)
+    report(f"refresh, {args.new} new images{shape}",
+           timed_run(env.with_run(RunContext("bench-3")), params, sim, tasks))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -256,10 +384,10 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=100)
     parser.add_argument("--sim-in-process", action="store_true",
                         help="run the simulator in a thread of this process")
+    parser.add_argument("--tasks", type=int, default=1,
+                        help="shard tasks at once, each in its own process (1: all in this one)")
     args = parser.parse_args()
 
-    from lgt_ops.config import settings_from_env
-    from lgt_ops.params import RunParams
     from lgt_ops.runctx import RunContext
     from lgt_ops.stages.base import StageEnv
 
@@ -267,17 +395,9 @@ def main() -> int:
     db_name = f"lgt_bench_{uuid.uuid4().hex[:8]}"
     _admin(f"CREATE DATABASE {db_name}")
     sim = InProcessSim() if args.sim_in_process else ProcessSim()
+    tasks = None
     try:
-        base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://")
-        settings = settings_from_env({
-            "LGT_DATA_DIR": str(tmp), "LGT_DATABASE_URL": f"{base}/{db_name}",
-            "LGT_STORE_URL": (tmp / "store").as_uri(), "LGT_SHARD_SIZE": "500",
-        }).with_endpoint_urls({r: sim.base_url for r in ("vlm", "llm", "reasoner")})
-        settings = settings.with_method(mcq_per_image=1, compose_per_image=0,
-                                        expand_rollouts_per_question=1)
-        params = RunParams(source="sources/bench/", k_rollouts=1, mcq_per_image=1,
-                           release_name="bench", allow_simulated=True)
-        settings = params.apply(settings)
+        settings, params = bench_settings(tmp, db_name, sim)
         env = StageEnv.open(settings, RunContext("bench-1"))
         env.show_progress = False
         env.store.ensure_bucket()
@@ -286,16 +406,11 @@ def main() -> int:
         print(f"corpus of {args.images:,} images written in {time.monotonic() - t:.0f}s; "
               f"simulator {'in this process' if args.sim_in_process else 'in its own process'}",
               file=sys.stderr)
-        report(f"first run ({args.images:,} images)", timed_run(env, params, sim))
-        sim.reset()
-        second = timed_run(env.with_run(RunContext("bench-2")), params, sim)
-        served = sim.served()
-        assert served == 0, f"the unchanged refresh sent {served} requests"
-        report("refresh, corpus unchanged", second)
-        make_corpus(env.store, "sources/bench/", args.images, args.new)
-        report(f"refresh, {args.new} new images",
-               timed_run(env.with_run(RunContext("bench-3")), params, sim))
+        tasks = ShardTasks(max(1, args.tasks), settings)
+        three_runs(env, params, sim, tasks, args)
     finally:
+        if tasks is not None:
+            tasks.close()
         sim.stop()
         _admin(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
     return 0

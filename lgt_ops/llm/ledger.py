@@ -297,4 +297,7 @@ def upsert_unless_terminal(conn: Connection, rows: list[dict[str, Any]]) -> None
         # Inlined constants: an expanding IN cannot be used with executemany.
         where=text(f"model_requests.status NOT IN ({', '.join(repr(t) for t in TERMINAL)})"),
     )
+    # In key order: two shard tasks that write some of the same keys (a text-only request can
+    # recur across shards) then lock them in one order, so they wait rather than deadlock.
+    rows = sorted(rows, key=lambda r: r["request_key"])
     execute_rows(conn, stmt, rows)  # one statement per page: the keys are distinct

@@ -190,6 +190,14 @@ for _kind, _table in (("w", _LEAK_WORDS), ("n", _LEAK_NUMBERS)):
         for _x in _lits:
             _LEAK_LITERALS.setdefault(_x, []).append((_kind, _i))
 _DIGIT = re.compile(r"\d")
+# An ASCII text with its letters a-z as "a", digits as "0", "_" kept and the rest blank: an
+# object id (the last of _LEAK_NUMBERS: a lower-case letter, then `_?` and a digit) shows
+# as "a0" or "a_0". Most texts with digits have none, and that search is the slowest.
+_ID = len(_LEAK_NUMBERS) - 1
+_ID_SHAPE = bytearray(b" " * 256)
+_ID_SHAPE[ord("a") : ord("z") + 1] = b"a" * 26
+_ID_SHAPE[ord("0") : ord("9") + 1] = b"0" * 10
+_ID_SHAPE[ord("_")] = ord("_")
 _leaks_among = functools.lru_cache(maxsize=1024)(_leaks_rx)  # the same few sets recur
 
 
@@ -352,10 +360,19 @@ def leaks(text: str) -> str | None:
     found = {ki for x, kis in _LEAK_LITERALS.items() if x in low for ki in kis}
     words = tuple(sorted(i for k, i in found if k == "w"))
     numbers = tuple(sorted(i for k, i in found if k == "n")) if _DIGIT.search(text) else ()
+    if numbers and numbers[-1] == _ID and text.isascii() and not _may_hold_id(text):
+        numbers = numbers[:-1]
     if not words and not numbers:
         return None
     m = _leaks_among(words, numbers).search(text)
     return m.group(0) if m else None
+
+
+def _may_hold_id(ascii_text: str) -> bool:
+    """Whether an object id (`\\b[a-z]{1,3}_?\\d{1,4}\\b`) may occur: some letter a-z right
+    before a digit or `_` and a digit (one C pass, where the regex tries every letter)."""
+    shape = ascii_text.encode("ascii").translate(_ID_SHAPE)
+    return b"a0" in shape or b"a_0" in shape
 
 
 def degenerate(text: str, *, max_share: float = 0.3, n: int = 6) -> bool:

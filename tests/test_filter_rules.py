@@ -241,3 +241,36 @@ def test_the_literal_check_finds_a_phrasing_edited_without_its_literals():
     assert not _uncovered([("w", r"the (?:given )?TEXT (?:says|lists)", ("text ",))])
     assert not _uncovered([("n", r"[\[(]\s*\d+(?:\.\d+)?[\])]", ("[", "("))], digits=True)
     assert not _uncovered([("w", r"\bfoo\d{1,4}", ("",))])  # "" holds always: always searched
+
+
+# Pieces of behaviour phrases glued to word characters, spaces and punctuation: the counts
+# must not depend on how the rules find word starts (a phrase inside a word is no match).
+_GLUE_PIECES = [
+    "wait", "actually", "check", "double-check", "verify", "make sure", "no, ", "step 2",
+    "next,", "first,", "then i will", "rule out", "eliminate", "let me re", "think", "re",
+    "un", "x", "_", "1", " ", " ", ", ", ". ", "'", "-", "\n", "é", "by elimination",
+]  # fmt: skip
+
+
+def test_behaviour_counts_at_word_starts_only():
+    rng = random.Random(7)
+    for _ in range(4000):
+        text = "".join(rng.choice(_GLUE_PIECES) for _ in range(rng.randint(1, 30)))
+        for variant in (text, text.upper(), text.replace("é", "e")):
+            assert traces.behaviours(variant) == reference_behaviours(variant), variant
+
+
+# Pieces around object ids (c14, obj_2, O3): letters, digits and `_` glued or apart, so the
+# id check ahead of the search meets both "there may be one" and "there is none".
+_ID_PIECES = [
+    "c", "obj", "Item ", "x", "O", "abcd", "_", "1", "14", "2024", " ", ", ", ".", "(", ")",
+    "-", "step ", "the cup", "\n", "é",
+]  # fmt: skip
+
+
+def test_leaks_with_and_without_object_ids_are_those_of_the_reference():
+    rng = random.Random(11)
+    for _ in range(6000):
+        text = "".join(rng.choice(_ID_PIECES) for _ in range(rng.randint(1, 25)))
+        for variant in (text, text.replace("é", "e"), text.upper()):
+            assert traces.leaks(variant) == reference_leaks(variant), variant

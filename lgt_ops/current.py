@@ -103,15 +103,15 @@ def by_image(rows: list[Any]) -> dict[str, list[Any]]:
     return out
 
 
-def composed(conn: Connection, env: StageEnv, contexts: Contexts) -> list[Any]:
+def composed(conn: Connection, env: StageEnv, contexts: Contexts, columns: str = "*") -> list[Any]:
     """Every stage-2 question compose made from the current parents (before hardening)."""
-    return _composed_of(conn, env, compose_parents(conn, env, contexts))
+    parents = _answered(conn, env, stage1(conn, env, contexts, columns))
+    return _composed_of(conn, env, parents, columns)
 
 
 def composed_keys(conn: Connection, env: StageEnv, contexts: Contexts) -> list[Any]:
     """`composed`, KEY_COLUMNS only."""
-    parents = _answered(conn, env, stage1(conn, env, contexts, KEY_COLUMNS))
-    return _composed_of(conn, env, parents, KEY_COLUMNS)
+    return composed(conn, env, contexts, KEY_COLUMNS)
 
 
 def _composed_of(
@@ -194,13 +194,7 @@ def verdicts(
     conn: Connection, env: StageEnv, trace_ids: list[str], columns: str = "*"
 ) -> dict[str, Any]:
     """trace_id -> its current verdict row (`columns`, which must include trace_id)."""
-    rows = select_in(
-        conn,
-        f"SELECT {columns} FROM trace_verdicts WHERE fingerprint = :fp AND trace_id IN :ids",
-        trace_ids,
-        fp=_fp(env, "filter"),
-    )
-    return {r.trace_id: r for r in rows}
+    return _verdicts_by(conn, env, "trace_id", trace_ids, columns)
 
 
 def question_verdicts(
@@ -209,10 +203,17 @@ def question_verdicts(
     """trace_id -> current verdict row (`columns`, with trace_id) of these questions' traces:
     one lookup per question (the trace_verdicts_question index) rather than per trace. It
     may hold verdicts of traces that are no longer current; callers look their traces up."""
+    return _verdicts_by(conn, env, "question_id", question_ids, columns)
+
+
+def _verdicts_by(
+    conn: Connection, env: StageEnv, key: str, ids: list[str], columns: str
+) -> dict[str, Any]:
+    """trace_id -> current verdict row (`columns`) of the verdicts whose `key` is in `ids`."""
     rows = select_in(
         conn,
-        f"SELECT {columns} FROM trace_verdicts WHERE fingerprint = :fp AND question_id IN :ids",
-        question_ids,
+        f"SELECT {columns} FROM trace_verdicts WHERE fingerprint = :fp AND {key} IN :ids",
+        ids,
         fp=_fp(env, "filter"),
     )
     return {r.trace_id: r for r in rows}

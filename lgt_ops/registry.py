@@ -46,9 +46,14 @@ def _non_empty(v: tuple[str, ...]) -> tuple[str, ...]:
 # An annotated type, not a per-class validator: MethodParams inherits every stage config, and
 # same-named validators of two bases would shadow each other there. `minItems` puts the rule
 # in the JSON schema too, so the trigger form (the Param schema) refuses an empty list.
-NonEmptyStrs = Annotated[
-    tuple[str, ...], AfterValidator(_non_empty), Field(json_schema_extra={"minItems": 1})
-]
+def _non_empty_tuple(item: Any) -> Any:
+    """A tuple of `item` that must not be empty (validated, and `minItems` in the schema)."""
+    return Annotated[
+        tuple[item, ...], AfterValidator(_non_empty), Field(json_schema_extra={"minItems": 1})
+    ]
+
+
+NonEmptyStrs = _non_empty_tuple(str)
 # The operators lgt_ops.composition implements (its OPERATORS; tests/test_registry.py checks
 # they agree): an unknown name would compose nothing, silently, so it is refused.
 ComposeOperator = Literal["chain", "compare", "count_over", "conjunction"]
@@ -278,11 +283,12 @@ class Blind(Stage):
 class ComposeConfig(Seeded):
     compose_per_image: int = Field(default=4, ge=0, le=64)
     compose_per_parent: int = Field(default=2, ge=1, le=16)
-    compose_operators: Annotated[
-        tuple[ComposeOperator, ...],
-        AfterValidator(_non_empty),
-        Field(json_schema_extra={"minItems": 1}),
-    ] = ("chain", "compare", "count_over", "conjunction")
+    compose_operators: _non_empty_tuple(ComposeOperator) = (
+        "chain",
+        "compare",
+        "count_over",
+        "conjunction",
+    )
     compose_temperature: float = Field(default=0.7, ge=0, le=2)
 
 

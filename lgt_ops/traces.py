@@ -356,11 +356,37 @@ def leaks(text: str) -> str | None:
     if not text.isascii() and any(c in text for c in _FOLDS_TO_ASCII):
         m = _LEAKS.search(text)
         return m.group(0) if m else None
+    return leak_search(text, leak_hints(text))
+
+
+@dataclass(frozen=True)
+class LeakHints:
+    """What the prefilter of `leaks` found in a text. No literal, digit or id shape spans a
+    newline, so the hints of a text split after a newline are the union of its parts'."""
+
+    found: frozenset[tuple[str, int]]  # the phrasings one of whose literals occurs
+    digit: bool
+    no_id: bool  # an ASCII text where no object id can occur
+
+    def __or__(self, other: LeakHints) -> LeakHints:
+        return LeakHints(
+            self.found | other.found, self.digit or other.digit, self.no_id and other.no_id
+        )
+
+
+def leak_hints(text: str) -> LeakHints:
+    """The prefilter's findings (for a text without the characters of `_FOLDS_TO_ASCII`)."""
     low = text.lower()
-    found = {ki for x, kis in _LEAK_LITERALS.items() if x in low for ki in kis}
-    words = tuple(sorted(i for k, i in found if k == "w"))
-    numbers = tuple(sorted(i for k, i in found if k == "n")) if _DIGIT.search(text) else ()
-    if numbers and numbers[-1] == _ID and text.isascii() and not _may_hold_id(text):
+    found = frozenset(ki for x, kis in _LEAK_LITERALS.items() if x in low for ki in kis)
+    digit = _DIGIT.search(text) is not None
+    return LeakHints(found, digit, text.isascii() and not (digit and _may_hold_id(text)))
+
+
+def leak_search(text: str, hints: LeakHints) -> str | None:
+    """The first leak in `text`, searching only the phrasings its hints leave possible."""
+    words = tuple(sorted(i for k, i in hints.found if k == "w"))
+    numbers = tuple(sorted(i for k, i in hints.found if k == "n")) if hints.digit else ()
+    if numbers and numbers[-1] == _ID and hints.no_id:
         numbers = numbers[:-1]
     if not words and not numbers:
         return None
@@ -375,15 +401,23 @@ def _may_hold_id(ascii_text: str) -> bool:
     return b"a0" in shape or b"a_0" in shape
 
 
+DEGENERATE_MIN_WORDS = 40  # shorter traces are never called degenerate
+
+
 def degenerate(text: str, *, max_share: float = 0.3, n: int = 6) -> bool:
     """A trace stuck in a loop: one n-word sequence makes up too much of it."""
     words = text.lower().split()
-    if len(words) < 40:
+    if len(words) < DEGENERATE_MIN_WORDS:
         return False
     # The n-grams from n shifted views (zip stops at the shortest: len - n + 1 of them),
     # the same tuples without a slice per position.
     top = max(Counter(zip(*(words[i:] for i in range(n)), strict=False)).values())
-    return top * n / len(words) > max_share and top >= 5
+    return too_repetitive(top, len(words), n, max_share)
+
+
+def too_repetitive(top: int, n_words: int, n: int, max_share: float = 0.3) -> bool:
+    """Whether an n-gram seen `top` times makes up too much of `n_words` words."""
+    return top * n / n_words > max_share and top >= 5
 
 
 def behaviours(text: str, cue: str | None = None) -> dict[str, int]:
@@ -392,7 +426,11 @@ def behaviours(text: str, cue: str | None = None) -> dict[str, int]:
     The reflection cue the pipeline injected ("Wait,") is not the model's doing: what the cue
     alone would count is subtracted, so cues compare fairly.
     """
-    counts = _behaviour_counts(text.split("</think>", 1)[0])
+    return less_cue(behaviour_counts(text.split("</think>", 1)[0]), cue)
+
+
+def less_cue(counts: dict[str, int], cue: str | None) -> dict[str, int]:
+    """Behaviour counts less what the injected cue alone counts (in place)."""
     if cue:
         for name, n in _cue_counts(cue):
             counts[name] = max(0, counts[name] - n)
@@ -402,10 +440,11 @@ def behaviours(text: str, cue: str | None = None) -> dict[str, int]:
 @functools.lru_cache(maxsize=256)
 def _cue_counts(cue: str) -> tuple[tuple[str, int], ...]:
     """A cue's own counts: the same few cues recur on every expansion (read only)."""
-    return tuple(_behaviour_counts(cue).items())
+    return tuple(behaviour_counts(cue).items())
 
 
-def _behaviour_counts(text: str) -> dict[str, int]:
+def behaviour_counts(text: str) -> dict[str, int]:
+    """How often each behaviour phrasing occurs in a text (no cue taken off)."""
     if not text.isascii():
         return {name: len(rx.findall(text)) for name, rx in _BEHAVIOURS.items()}
     low = text.lower()

@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lgt_ops import current, registry, traces
+from lgt_ops import current, registry, trace_heads, traces
 from lgt_ops.config import MethodParams
 from lgt_ops.ids import content_id
-from lgt_ops.questions import jaccard, tokens
+from lgt_ops.questions import jaccard
 from lgt_ops.reasons import FilterReason as FR
 from lgt_ops.sources import SourceSpec
 from lgt_ops.stages.base import (
@@ -51,7 +51,9 @@ class Verdict:
     behaviours: dict[str, int]
 
 
-def _form_problem(t: Trace, m: MethodParams) -> tuple[str, str] | None:
+def _form_problem(
+    t: Trace, m: MethodParams, head: trace_heads.Head | None
+) -> tuple[str, str] | None:
     if t.parse_error:
         return FR.UNPARSEABLE, t.parse_error
     if fmt := traces.format_problem(t.text):  # an answer that counts, not a training text
@@ -61,10 +63,10 @@ def _form_problem(t: Trace, m: MethodParams) -> tuple[str, str] | None:
         return FR.TOO_SHORT, f"{n} characters < {m.trace_min_chars}"
     if n > m.trace_max_chars:
         return FR.TOO_LONG, f"{n} characters > {m.trace_max_chars}"
-    leak = traces.leaks(t.text)
+    leak = trace_heads.leaks(t.text, head)
     if leak:
         return FR.LEAKS_METADATA, f"mentions {leak!r}"
-    if traces.degenerate(t.text):
+    if trace_heads.degenerate(t.text, head):
         return FR.DEGENERATE_REPETITION, "one phrase repeats through the trace"
     return None
 
@@ -73,24 +75,32 @@ def judge(question_traces: list[Trace], m: MethodParams) -> list[Verdict]:
     """Verdicts for one question's traces, in the given (stable) order."""
     kept: list[set[str]] = []
     out: list[Verdict] = []
+    heads = _heads(question_traces)
     for t in question_traces:
-        problem = _form_problem(t, m)
+        head = heads.get(t.parent_id or t.trace_id)
+        problem = _form_problem(t, m, head)
         well_formed = problem is None
         if problem is None and not t.correct:
             problem = (FR.WRONG_ANSWER, f"answered {t.letter}")
         if problem is None:
-            words = tokens(t.text)
+            words = trace_heads.words(t.text, head)
             if any(jaccard(words, k) >= m.trace_dedup_threshold for k in kept):
                 problem = (FR.NEAR_DUPLICATE, "overlaps a kept trace of the same question")
             else:
                 kept.append(words)
         reason, detail = problem if problem else (None, None)
-        out.append(
-            Verdict(
-                t, well_formed, problem is None, reason, detail, traces.behaviours(t.text, t.cue)
-            )
-        )
+        behaviours = trace_heads.behaviours(t.text, t.cue, head)
+        out.append(Verdict(t, well_formed, problem is None, reason, detail, behaviours))
     return out
+
+
+def _heads(question_traces: list[Trace]) -> dict[str, trace_heads.Head]:
+    """rollout id -> the thinking it shares with its expansions (see lgt_ops.trace_heads)."""
+    heads = {}
+    for t in question_traces:
+        if t.kind == "rollout" and (head := trace_heads.head_of(t.text)) is not None:
+            heads[t.trace_id] = head
+    return heads
 
 
 def input_id(question_id: str, trace_ids: list[str]) -> str:

@@ -1,0 +1,38 @@
+"""Content ids are the sha256 of one canonical JSON text, however it is written: the direct
+path for plain strings must give the bytes json.dumps gives (ids are stored and compared
+across versions; a changed byte would re-do every stage)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+from lgt_ops.ids import canonical_json, content_id
+
+_CHARS = 'abcXYZ09 _-:/."\\\n\t\x00\x1f\x7f\u00e9\u2028\u2029\U0001f600'
+
+
+def _reference(kind: str, *parts: object) -> str:
+    text = json.dumps([kind, *parts], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _part(rng: random.Random) -> object:
+    pick = rng.random()
+    if pick < 0.7:
+        return "".join(rng.choice(_CHARS) for _ in range(rng.randint(0, 12)))
+    if pick < 0.8:
+        return rng.randint(-5, 5)
+    if pick < 0.9:
+        return [_part(rng) for _ in range(rng.randint(0, 3))]
+    return {"b": _part(rng), "a": None}
+
+
+def test_content_ids_are_the_sha256_of_the_canonical_json():
+    rng = random.Random(5)
+    for _ in range(20_000):
+        parts = [_part(rng) for _ in range(rng.randint(0, 5))]
+        assert content_id("kind", *parts) == _reference("kind", *parts), parts
+    assert content_id("rejection", "a" * 64, "ok") == _reference("rejection", "a" * 64, "ok")
+    assert canonical_json({"b": 1, "a": [1, "é"]}) == '{"a":[1,"é"],"b":1}'

@@ -74,6 +74,17 @@ def _unreachable_on_disconnect(engine: Engine) -> None:
             )
 
 
+def raise_unreachable(engine: Engine, exc: BaseException) -> None:
+    """For a driver error outside SQLAlchemy's statements (COPY): a lost or refused
+    connection raises `LineageDbUnreachable`, as in `_unreachable_on_disconnect`; else
+    nothing (the caller re-raises the error)."""
+    import psycopg2
+
+    if _refused(exc) or isinstance(exc, psycopg2.InterfaceError):  # cut, refused, closed
+        where = engine.url.render_as_string(hide_password=True)
+        raise lineage_db_unreachable(exc, where) from exc
+
+
 def _refused(exc: BaseException) -> bool:
     """A connection that could not be made or was cut (server down, restarting, terminated):
     psycopg2 gives these no SQLSTATE, or one of class 08 (connection) / 57P (shutdown)."""

@@ -12,6 +12,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, MetaData, Table, bindparam, text
 from sqlalchemy.dialects import postgresql, sqlite
 
+from lgt_ops.db import copy_rows
+
 _META: dict[str, MetaData] = {}
 _LOCK = threading.Lock()
 
@@ -62,6 +64,10 @@ def insert_ignore(conn: Connection, name: str, rows: Sequence[Mapping[str, Any]]
         # A batch insert takes its columns from the first row: a missing key would be lost.
         raise ValueError(f"rows for {name!r} do not all have the same columns")
     tbl = table(conn, name)
+    if len(rows) >= copy_rows.MIN_ROWS and conn.dialect.name == "postgresql":
+        values = copy_rows.copy_values(rows, list(keys))
+        if values is not None:
+            return copy_rows.insert_ignore_copy(conn, tbl, list(keys), values)
     stmt = insert_for(conn, tbl).on_conflict_do_nothing()
     return execute_rows(conn, stmt, rows, cache_as=("ignore", name))
 

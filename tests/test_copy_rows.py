@@ -12,14 +12,14 @@ import pytest
 from sqlalchemy import text
 
 from lgt_ops.db import make_engine
-from lgt_ops.db.copy_rows import MIN_ROWS
+from lgt_ops.db.copy_rows import MIN_ROWS, copy_values
 from lgt_ops.db.repo import forget_schema, insert_ignore
 
 pytestmark = pytest.mark.postgres
 
 TRICKY = [
-    "", " ", "a,b", 'say "hi"', "line\nbreak", "cr\rlf\r\n", "tab\there", "back\\slash",
-    "\\.", "NULL", "null", "é ü 漢字 🙂", "'quote'", "\\n", ",", '"', "x" * 5000,
+    " ", "a,b", 'say "hi"', "line\nbreak", "cr\rlf\r\n", "tab\there", "back\\slash",
+    "\\.", "\\N", "NULL", "null", "é ü 漢字 🙂", "'quote'", "\\n", ",", '"', "x" * 5000,
 ]  # fmt: skip
 
 
@@ -61,6 +61,7 @@ def _read(engine) -> list[dict]:
 
 def test_copy_writes_exactly_the_values(engine):
     rows = _rows(3 * MIN_ROWS)
+    assert copy_values(rows, list(rows[0])) is not None  # the batch takes the COPY path
     with engine.begin() as conn:
         assert insert_ignore(conn, "t", rows) == len(rows)
     assert _read(engine) == sorted(rows, key=lambda r: r["k"])
@@ -74,10 +75,14 @@ def test_copy_writes_exactly_the_values(engine):
 
 def test_values_copy_cannot_read_back_take_the_other_path(engine):
     rows = _rows(2 * MIN_ROWS)
-    rows[3]["s"] = "\\N"  # the CSV null marker as a real string
+    rows[3]["s"] = {"a": 1}  # not a plain value
+    with pytest.raises(Exception, match="dict"), engine.begin() as conn:
+        insert_ignore(conn, "t", rows)  # VALUES refuses it too (psycopg2 cannot adapt a dict)
+    rows[3]["s"] = ""  # CSV would read it as NULL
+    rows[4]["s"] = None
     with engine.begin() as conn:
         assert insert_ignore(conn, "t", rows) == len(rows)
-    assert _read(engine)[3]["s"] == "\\N"
+    assert [r["s"] for r in _read(engine)[3:5]] == ["", None]
 
 
 def test_a_rolled_back_batch_leaves_nothing_staged(engine):

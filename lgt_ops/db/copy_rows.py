@@ -8,8 +8,9 @@ conflict rule, in primary-key order (concurrent writers of overlapping keys then
 row locks in the same order, so they cannot deadlock on each other). The staging table is
 emptied in the same transaction, so a rolled-back batch leaves nothing behind either.
 
-Only batches of plain values take this path (strings, numbers, booleans, timestamps, NULL),
-and none may be the CSV null marker itself; anything else goes through VALUES, unchanged.
+Only batches of plain values take this path (strings and StrEnums, numbers, booleans,
+timestamps, NULL) and no empty string (CSV's NULL); anything else goes through VALUES,
+unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import csv
 import io
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from enum import StrEnum
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, Table
@@ -26,19 +30,20 @@ from lgt_ops.db.engine import raise_unreachable
 from lgt_ops.ids import sha256_hex
 
 MIN_ROWS = 64  # below this, the three extra round trips cost more than they save
-_NULL = "\\N"
-_PLAIN = (str, int, float, datetime, type(None))  # bool is an int
+_PLAIN = frozenset({str, int, float, bool, datetime, type(None)})
 
 
 def copy_values(rows: Sequence[Mapping[str, Any]], keys: list[str]) -> list[tuple] | None:
     """The rows as tuples in `keys` order, or None when one holds a value COPY would not
-    read back as the same (a dict, bytes, ..., or the text of the null marker)."""
-    out = [tuple(r[k] for k in keys) for r in rows]
-    for row in out:
-        for v in row:
-            if not isinstance(v, _PLAIN) or v == _NULL:
-                return None
-    return out
+    read back as the same: a dict, bytes, ..., or an empty string (CSV writes None and ""
+    alike, and COPY reads that as NULL). C-level passes: this runs on every batch."""
+    values = list(map(itemgetter(*keys), rows)) if len(keys) > 1 else [(r[keys[0]],) for r in rows]
+    types = set(map(type, chain.from_iterable(values)))
+    if not all(t in _PLAIN or issubclass(t, StrEnum) for t in types):  # str(member) = value
+        return None
+    if "" in chain.from_iterable(values):
+        return None
+    return values
 
 
 def insert_ignore_copy(conn: Connection, tbl: Table, keys: list[str], values: list[tuple]) -> int:
@@ -52,11 +57,9 @@ def insert_ignore_copy(conn: Connection, tbl: Table, keys: list[str], values: li
     )
     order = ", ".join(f'"{c.name}"' for c in tbl.primary_key.columns if c.name in keys) or "1"
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(
-        tuple(_NULL if v is None else v for v in row) for row in values
-    )
+    csv.writer(buf, lineterminator="\n").writerows(values)  # None: an empty unquoted field
     buf.seek(0)
-    _copy(conn, f"COPY \"{stage}\" ({cols}) FROM STDIN WITH (FORMAT csv, NULL '{_NULL}')", buf)
+    _copy(conn, f'COPY "{stage}" ({cols}) FROM STDIN WITH (FORMAT csv)', buf)
     written = conn.exec_driver_sql(
         f'INSERT INTO "{tbl.name}" ({cols}) SELECT {cols} FROM "{stage}"'
         f" ORDER BY {order} ON CONFLICT DO NOTHING"

@@ -14,6 +14,7 @@ from sqlalchemy import text
 from lgt_ops.db import make_engine
 from lgt_ops.db.copy_rows import MIN_ROWS, copy_values
 from lgt_ops.db.repo import forget_schema, insert_ignore
+from lgt_ops.db.stats import refresh_statistics
 
 pytestmark = pytest.mark.postgres
 
@@ -117,3 +118,14 @@ def test_overlapping_batches_in_opposite_orders_do_not_deadlock(engine):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_the_statistics_refresh_skips_other_sessions_staging_tables(engine):
+    with engine.connect() as holder:  # a session that keeps its staging table
+        with holder.begin():
+            insert_ignore(holder, "t", _rows(3000))
+        holder.execute(text("SELECT pg_stat_force_next_flush()"))
+        holder.commit()
+        stale = refresh_statistics(engine)
+    assert "t" in stale
+    assert not [s for s in stale if s.startswith("_lgt_copy")]

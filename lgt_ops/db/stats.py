@@ -17,9 +17,11 @@ log = logging.getLogger(__name__)
 
 # Re-analyze a table once this share of its rows changed since its last analyze.
 CHANGED_SHARE = 0.1
+# The schema's own tables only: other sessions' temporary tables (db/copy_rows.py stages
+# batches in them) are listed too, and cannot be analyzed from here.
 _STALE = text(
-    "SELECT relname FROM pg_stat_user_tables"
-    " WHERE n_mod_since_analyze > 1000 + :share * n_live_tup ORDER BY relname"
+    "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema()"
+    " AND n_mod_since_analyze > 1000 + :share * n_live_tup ORDER BY relname"
 )
 
 

@@ -3,8 +3,10 @@
 The images of every bucket to rebuild are read in (bucket, image_id) order, a run of buckets
 (about `sources.PAGE` images) per query, and visited `CHUNK` at a time, so a chunk usually
 spans several small buckets: one set of lineage queries per chunk (not per bucket), while a
-bucket is encoded as soon as the stream has moved past it. Memory stays bounded by one run of
-image rows, one chunk and the rows of the buckets it left open, whatever the release's size.
+bucket is encoded as soon as the stream has moved past it. A split of an open bucket encodes
+a part as soon as it holds `rows_per_file` rows (the part a whole bucket's encoding gives), so
+memory stays bounded by one run of image rows, one chunk and, per split of the buckets it
+left open, fewer than `rows_per_file` rows, whatever the release's size.
 """
 
 from __future__ import annotations
@@ -87,11 +89,10 @@ def build_buckets(
             keys: dict[int, list[str]] = {}
             for b in dict.fromkeys(incremental.bucket_of(i, n_buckets) for i in chunk.image_ids):
                 if b not in open_:
-                    fresh = [x for x in splits.builders(env) if x.name in names]
-                    state = incremental.BucketState(digests[b])
-                    open_[b] = _Open(fresh, state, {x.name: [] for x in fresh})
+                    open_[b] = _open(env, names, digests[b])
                 view = dataclasses.replace(outputs, questions=questions.get(b, []))
                 keys[b] = _rows(env, release_id, b, open_[b], chunk, view, members)
+                _flush(env, b, open_[b], add_part, final=False)
             _served(conn, open_, keys)
             _rejections(conn, open_, chunk.image_ids, fps, n_buckets)
         with env.db.begin() as conn:
@@ -103,6 +104,12 @@ def build_buckets(
             yield b, _close(env, b, open_.pop(b), add_part)
     for b in sorted(open_):
         yield b, _close(env, b, open_.pop(b), add_part)
+
+
+def _open(env: StageEnv, names: list[str], digest: str) -> _Open:
+    fresh = [x for x in splits.builders(env) if x.name in names]
+    state = incremental.BucketState(digest, parts={x.name: [] for x in fresh})
+    return _Open(fresh, state, {x.name: [] for x in fresh})
 
 
 def _rows(
@@ -147,15 +154,22 @@ def _rejections(
             incremental.add_counts(state.rejections.setdefault(stage, {}), reasons)
 
 
-def _close(env: StageEnv, bucket: int, o: _Open, add_part: AddPart) -> incremental.BucketState:
-    """Encode the bucket's parts (a bucket past `rows_per_file` rows gets several)."""
+def _flush(env: StageEnv, bucket: int, o: _Open, add_part: AddPart, final: bool) -> None:
+    """Encode each split's full parts of `rows_per_file` rows, and when `final` the rest: the
+    n-th part holds rows [n * rows_per_file, (n + 1) * rows_per_file) of the bucket's split,
+    the part (bytes and name) encoding them all at once gives."""
     per_file = env.settings.method.rows_per_file
     for b in o.builders:
-        rows = o.rows[b.name]
-        o.state.parts[b.name] = [
-            add_part(b, rows[i : i + per_file], f"part-{bucket:05d}-{i // per_file:02d}")
-            for i in range(0, len(rows), per_file)
-        ]
+        rows, parts = o.rows[b.name], o.state.parts[b.name]
+        while len(rows) >= per_file or (final and rows):
+            parts.append(add_part(b, rows[:per_file], f"part-{bucket:05d}-{len(parts):02d}"))
+            del rows[:per_file]  # encoded: no longer held
+
+
+def _close(env: StageEnv, bucket: int, o: _Open, add_part: AddPart) -> incremental.BucketState:
+    """Encode the bucket's last parts (a bucket past `rows_per_file` rows gets several)."""
+    _flush(env, bucket, o, add_part, final=True)
+    for b in o.builders:
         o.state.stats[b.name] = b.summary()
     o.state.served = sorted(o.served)
     return o.state

@@ -42,7 +42,7 @@ from lgt_ops.progress import Progress
 from lgt_ops.release import card, goodput, incremental, report, splits, validate
 from lgt_ops.release.build import build_buckets, todo_images
 from lgt_ops.release.errors import ReleaseError, ReleaseExists, SimulatedOutputRefused
-from lgt_ops.release.parquet import encode_part, with_hf_features
+from lgt_ops.release.parquet import encode_part, system_pool, with_hf_features
 from lgt_ops.release.pointers import mark_published, release_prefix
 from lgt_ops.release.recovery import publisher_lock, recover
 from lgt_ops.release.scope import source_rejection_counts
@@ -162,7 +162,7 @@ def publish(
     builders = [b for b in splits.builders(env) if only is None or b.name in only]
     fps = splits.fingerprints(env)
     request = publish_request(env, spec, sample_size, fps, [b.name for b in builders])
-    with publisher_lock(env, name, lock_wait_s):
+    with publisher_lock(env, name, lock_wait_s), system_pool():
         recovered = recover(env, name)
         done = _same_request_release(env, name, version, request, recovered.finished)
         if done is not None and (allow_simulated or not done.manifest["simulated"]):

@@ -30,6 +30,7 @@ from lgt_ops.env import StageEnv
 from lgt_ops.questions import from_row
 from lgt_ops.release import composition_checks, incremental, quality
 from lgt_ops.release.errors import ReleaseNotFound
+from lgt_ops.release.parquet import system_pool
 from lgt_ops.release.pointers import release_prefix
 from lgt_ops.release.quality import Figure
 
@@ -310,4 +311,5 @@ def validate(env: StageEnv, release_id: str) -> Report:
             f"release {release_id}: no manifest at {env.store.uri(key)}"
             " (`lgt release list` shows the published ones)"
         )
-    return measure(env, release_id, prefix, json.loads(env.store.get(key)))
+    with system_pool():
+        return measure(env, release_id, prefix, json.loads(env.store.get(key)))

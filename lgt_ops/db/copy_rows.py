@@ -6,7 +6,9 @@ streams the rows (CSV, no parse per value) into a session-private staging table 
 batch's columns, typed as the target's; then one INSERT ... SELECT moves them with the same
 conflict rule, in primary-key order (concurrent writers of overlapping keys then take their
 row locks in the same order, so they cannot deadlock on each other). The staging table is
-emptied in the same transaction, so a rolled-back batch leaves nothing behind either.
+emptied in the same transaction, so a rolled-back batch leaves nothing behind either. All
+four statements run in the caller's transaction, so a pooler in transaction mode (PgBouncer)
+keeps them on one server connection.
 
 Only batches of plain values take this path (strings and StrEnums, numbers, booleans,
 timestamps, NULL) and no empty string (CSV's NULL); anything else goes through VALUES,

@@ -6,6 +6,7 @@ orders must not deadlock."""
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -129,3 +130,25 @@ def test_the_statistics_refresh_skips_other_sessions_staging_tables(engine):
         stale = refresh_statistics(engine)
     assert "t" in stale
     assert not [s for s in stale if s.startswith("_lgt_copy")]
+
+
+def test_a_role_without_temporary_tables_writes_through_values(engine, pg_url):
+    from sqlalchemy.engine import make_url
+
+    name, role = make_url(pg_url).database, f"lgt_no_temp_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+        conn.execute(text(f'REVOKE TEMPORARY ON DATABASE "{name}" FROM PUBLIC'))
+        conn.execute(text(f"GRANT SELECT, INSERT ON t TO {role}"))
+    limited = make_engine(str(make_url(pg_url).set(username=role)))
+    try:
+        rows = _rows(2 * MIN_ROWS)
+        with limited.begin() as conn:
+            assert insert_ignore(conn, "t", rows) == len(rows)
+        assert len(_read(engine)) == len(rows)
+    finally:
+        limited.dispose()
+        with engine.begin() as conn:
+            conn.execute(text(f'GRANT TEMPORARY ON DATABASE "{name}" TO PUBLIC'))
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))

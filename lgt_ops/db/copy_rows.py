@@ -35,6 +35,16 @@ MIN_ROWS = 64  # below this, the three extra round trips cost more than they sav
 _PLAIN = frozenset({str, int, float, bool, datetime, type(None)})
 
 
+def can_stage(conn: Connection) -> bool:
+    """Whether this session may create its staging tables (a hardened database may revoke
+    TEMPORARY from the role: then every batch takes VALUES). Asked once per connection."""
+    allowed = conn.info.get("lgt_copy_staging")
+    if allowed is None:
+        sql = "SELECT has_database_privilege(current_database(), 'TEMPORARY')"
+        allowed = conn.info["lgt_copy_staging"] = bool(conn.exec_driver_sql(sql).scalar())
+    return allowed
+
+
 def copy_values(rows: Sequence[Mapping[str, Any]], keys: list[str]) -> list[tuple] | None:
     """The rows as tuples in `keys` order, or None when one holds a value COPY would not
     read back as the same: a dict, bytes, ..., or an empty string (CSV writes None and ""

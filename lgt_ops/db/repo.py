@@ -64,7 +64,11 @@ def insert_ignore(conn: Connection, name: str, rows: Sequence[Mapping[str, Any]]
         # A batch insert takes its columns from the first row: a missing key would be lost.
         raise ValueError(f"rows for {name!r} do not all have the same columns")
     tbl = table(conn, name)
-    if len(rows) >= copy_rows.MIN_ROWS and conn.dialect.name == "postgresql":
+    if (
+        len(rows) >= copy_rows.MIN_ROWS
+        and conn.dialect.name == "postgresql"
+        and copy_rows.can_stage(conn)
+    ):
         values = copy_rows.copy_values(rows, list(keys))
         if values is not None:
             return copy_rows.insert_ignore_copy(conn, tbl, list(keys), values)

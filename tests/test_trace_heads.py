@@ -110,7 +110,19 @@ def _questions() -> list[list[Trace]]:
     return simulated(100, seed=4) + [_random_question(rng, q) for q in range(1000)]
 
 
-def test_shared_reads_equal_the_plain_rules():
+@pytest.fixture
+def every_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Share heads of any length (the texts here are short), so the shared path is tested."""
+    monkeypatch.setattr(trace_heads, "MIN_HEAD_CHARS", 0)
+
+
+def test_short_heads_are_not_shared():
+    q = _questions()[0]
+    assert len(q[0].text) < trace_heads.MIN_HEAD_CHARS
+    assert trace_heads.head_of(q[0].text) is None
+
+
+def test_shared_reads_equal_the_plain_rules(every_head):
     shared = 0
     for q in _questions():
         heads = filter_stage._heads(q)
@@ -131,7 +143,7 @@ def test_the_random_texts_reach_every_verdict():
     assert 0 < sum(leak is not None for leak in leaks) < len(leaks)
 
 
-def test_judge_is_the_same_with_and_without_heads(monkeypatch: pytest.MonkeyPatch):
+def test_judge_is_the_same_with_and_without_heads(every_head, monkeypatch: pytest.MonkeyPatch):
     m = MethodParams()
     qs = _questions()
     with_heads = [filter_stage.judge(q, m) for q in qs]

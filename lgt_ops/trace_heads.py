@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from lgt_ops import traces
 from lgt_ops.questions import tokens
 
-NGRAM = 6  # traces.degenerate's default n
+NGRAM = traces.DEGENERATE_N
 # Sharing pays when the head is long: each rule then makes two passes (head, rest) with a fixed
 # cost each. Measured (judge, CPU): no change at ~200 and ~1,100 characters a trace, 1.9x at
 # ~3,700 (docs/performance.md, stage loop round 4).
@@ -51,9 +51,7 @@ def head_of(rollout_text: str) -> Head | None:
     short to be worth sharing."""
     if not rollout_text.isascii():
         return None
-    body, closed, _ = rollout_text.strip().partition("</think>")
-    while body.startswith("<think>"):  # as traces.parse reads the thinking
-        body = body[len("<think>") :].lstrip()
+    body, closed, _ = traces.after_prefill(rollout_text).partition("</think>")
     if not closed or len(body) < MIN_HEAD_CHARS:
         return None
     head = f"<think>\n{body.strip()}\n"
@@ -63,7 +61,7 @@ def head_of(rollout_text: str) -> Head | None:
         behaviours=traces.behaviour_counts(head),
         ngrams=Counter(_ngrams(words)),
         words=len(words),
-        last_words=words[len(words) - (NGRAM - 1) :] if len(words) >= NGRAM else words,
+        last_words=words[-(NGRAM - 1) :],
         tokens=tokens(head),
         leak_hints=traces.leak_hints(head),
     )

@@ -255,9 +255,7 @@ class Parsed:
 
 def parse(text: str, n_options: int, *, truncated: bool = False) -> Parsed:
     """Thinking and final letter of a full reply (prefill included)."""
-    body = text.strip()
-    while body.startswith("<think>"):  # the prefill, and a server that echoes it
-        body = body[len("<think>") :].lstrip()
+    body = after_prefill(text)
     closes = body.count("</think>")
     if closes > 1:
         return Parsed(None, None, TraceReason.MULTIPLE_THINK_BLOCKS)
@@ -270,6 +268,15 @@ def parse(text: str, n_options: int, *, truncated: bool = False) -> Parsed:
             thinking.strip(), None, TraceReason.TRUNCATED if truncated else TraceReason.NO_ANSWER
         )
     return _verdict(thinking.strip(), answers, n_options)
+
+
+def after_prefill(text: str) -> str:
+    """A reply, stripped, without its leading `<think>`: the prefill, and a server that
+    echoes it."""
+    body = text.strip()
+    while body.startswith("<think>"):
+        body = body[len("<think>") :].lstrip()
+    return body
 
 
 def _unclosed(body: str, n_options: int, truncated: bool) -> Parsed:
@@ -402,9 +409,10 @@ def _may_hold_id(ascii_text: str) -> bool:
 
 
 DEGENERATE_MIN_WORDS = 40  # shorter traces are never called degenerate
+DEGENERATE_N = 6  # the n of the n-grams a loop repeats
 
 
-def degenerate(text: str, *, max_share: float = 0.3, n: int = 6) -> bool:
+def degenerate(text: str, *, max_share: float = 0.3, n: int = DEGENERATE_N) -> bool:
     """A trace stuck in a loop: one n-word sequence makes up too much of it."""
     words = text.lower().split()
     if len(words) < DEGENERATE_MIN_WORDS:

@@ -69,9 +69,10 @@ def insert_ignore(conn: Connection, name: str, rows: Sequence[Mapping[str, Any]]
         and conn.dialect.name == "postgresql"
         and copy_rows.can_stage(conn)
     ):
-        values = copy_rows.copy_values(rows, list(keys))
+        columns = list(keys)
+        values = copy_rows.copy_values(rows, columns)
         if values is not None:
-            return copy_rows.insert_ignore_copy(conn, tbl, list(keys), values)
+            return copy_rows.insert_ignore_copy(conn, tbl, columns, values)
     stmt = insert_for(conn, tbl).on_conflict_do_nothing()
     return execute_rows(conn, stmt, rows, cache_as=("ignore", name))
 

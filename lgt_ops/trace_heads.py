@@ -21,6 +21,7 @@ anything else, a trace that does not start with its head, or a head shorter than
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -37,12 +38,19 @@ MIN_HEAD_CHARS = 1_000
 @dataclass(frozen=True)
 class Head:
     text: str  # `<think>\n{the rollout's thinking}\n`
-    behaviours: dict[str, int]
     ngrams: Counter[tuple[str, ...]]
     words: int  # how many words the head has
     last_words: list[str]  # its last NGRAM - 1 words (n-grams across the join start there)
     tokens: set[str]
-    leak_hints: traces.LeakHints
+
+    # Read on first use: where the filter has trace_scan's batch reads it needs neither.
+    @functools.cached_property
+    def behaviours(self) -> dict[str, int]:
+        return traces.behaviour_counts(self.text)
+
+    @functools.cached_property
+    def leak_hints(self) -> traces.LeakHints:
+        return traces.leak_hints(self.text)
 
 
 def head_of(rollout_text: str) -> Head | None:
@@ -58,12 +66,10 @@ def head_of(rollout_text: str) -> Head | None:
     words = head.lower().split()
     return Head(
         text=head,
-        behaviours=traces.behaviour_counts(head),
         ngrams=Counter(_ngrams(words)),
         words=len(words),
         last_words=words[-(NGRAM - 1) :],
         tokens=tokens(head),
-        leak_hints=traces.leak_hints(head),
     )
 
 

@@ -16,10 +16,11 @@ fails is its reason (a rejections row as well):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lgt_ops import current, registry, trace_heads, traces
+from lgt_ops import current, registry, trace_heads, trace_scan, traces
 from lgt_ops.config import MethodParams
 from lgt_ops.ids import content_id
 from lgt_ops.questions import jaccard
@@ -52,7 +53,7 @@ class Verdict:
 
 
 def _form_problem(
-    t: Trace, m: MethodParams, head: trace_heads.Head | None
+    t: Trace, m: MethodParams, head: trace_heads.Head | None, scanned: trace_scan.Scanned | None
 ) -> tuple[str, str] | None:
     if t.parse_error:
         return FR.UNPARSEABLE, t.parse_error
@@ -63,7 +64,7 @@ def _form_problem(
         return FR.TOO_SHORT, f"{n} characters < {m.trace_min_chars}"
     if n > m.trace_max_chars:
         return FR.TOO_LONG, f"{n} characters > {m.trace_max_chars}"
-    leak = trace_heads.leaks(t.text, head)
+    leak = trace_heads.leaks(t.text, head) if scanned is None or scanned.may_leak else None
     if leak:
         return FR.LEAKS_METADATA, f"mentions {leak!r}"
     if trace_heads.degenerate(t.text, head):
@@ -71,14 +72,20 @@ def _form_problem(
     return None
 
 
-def judge(question_traces: list[Trace], m: MethodParams) -> list[Verdict]:
-    """Verdicts for one question's traces, in the given (stable) order."""
+def judge(
+    question_traces: list[Trace],
+    m: MethodParams,
+    scans: Sequence[trace_scan.Scanned | None] | None = None,
+) -> list[Verdict]:
+    """Verdicts for one question's traces, in the given (stable) order. `scans`, one per
+    trace (trace_scan.scan of their texts), spares the rules it already read."""
     kept: list[set[str]] = []
     out: list[Verdict] = []
     heads = _heads(question_traces)
-    for t in question_traces:
+    scans = scans or [None] * len(question_traces)
+    for t, scanned in zip(question_traces, scans, strict=True):
         head = heads.get(t.parent_id or t.trace_id)
-        problem = _form_problem(t, m, head)
+        problem = _form_problem(t, m, head, scanned)
         well_formed = problem is None
         if problem is None and not t.correct:
             problem = (FR.WRONG_ANSWER, f"answered {t.letter}")
@@ -89,7 +96,11 @@ def judge(question_traces: list[Trace], m: MethodParams) -> list[Verdict]:
             else:
                 kept.append(words)
         reason, detail = problem if problem else (None, None)
-        behaviours = trace_heads.behaviours(t.text, t.cue, head)
+        behaviours = (
+            trace_heads.behaviours(t.text, t.cue, head)
+            if scanned is None
+            else traces.less_cue(dict(scanned.behaviours), t.cue)
+        )
         out.append(Verdict(t, well_formed, problem is None, reason, detail, behaviours))
     return out
 
@@ -135,17 +146,20 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
         done = already_done(conn, STAGE, fp, list(inputs.values()))
     images = {q.question_id: q.image_id for q in qs}
     out = Plan(considered=len(inputs))
-    for qid, ts in by_question.items():
-        if inputs[qid] in done:
-            out.skipped += 1
-        else:
-            out.items.append(WorkItem(inputs[qid], images[qid], [], ts))
+    pending = [(qid, ts) for qid, ts in by_question.items() if inputs[qid] not in done]
+    out.skipped = len(inputs) - len(pending)
+    # The batch-readable rules over all the shard's pending traces at once (one pass each)
+    scans = iter(trace_scan.scan([t.text for _, ts in pending for t in ts]))
+    for qid, ts in pending:
+        read = [next(scans) for _ in ts]
+        out.items.append(WorkItem(inputs[qid], images[qid], [], (ts, read)))
     return out
 
 
 def handle(env: StageEnv, fp: str, item: WorkItem, outcomes: list[Any]) -> Rows:
     """Verdicts (and rejections) for one question's traces."""
-    verdicts = judge(item.context, env.settings.method)
+    question_traces, scans = item.context
+    verdicts = judge(question_traces, env.settings.method, scans)
     rows = Rows(outputs=sum(v.passed for v in verdicts))
     rows.tables["trace_verdicts"] = [verdict_row(env, fp, v) for v in verdicts]
     rejected = [v for v in verdicts if v.reason]

@@ -7,7 +7,9 @@ Traces are built as the pipeline builds them from the simulator's replies (tests
 a rollout and three expansions per question, leaks planted at 30 %). Prints, in CPU time
 (time.process_time: steadier than wall time on a shared machine), the traces/s of the whole
 verdict (`stages.filter.judge`: format, length, leak, repetition, answer, near-duplicate and
-behaviour counts) and of each rule alone, best of `--repeat` passes.
+behaviour counts) and of each rule alone, best of `--repeat` passes; "judge + scan" is the
+stage's own path: `trace_scan.scan` of all the texts at once (Arrow's RE2 kernels), then
+`judge` with those scans.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lgt_ops import traces  # noqa: E402
+from lgt_ops import trace_scan, traces  # noqa: E402
 from lgt_ops.config import MethodParams  # noqa: E402
 from lgt_ops.questions import tokens  # noqa: E402
 from lgt_ops.stages.filter import judge  # noqa: E402
@@ -47,8 +49,14 @@ def main() -> None:
     texts = [t.text for g in groups for t in g]
     n = len(texts)
     m = MethodParams()
+    def judge_scanned() -> list[object]:
+        scans = iter(trace_scan.scan(texts))
+        return [judge(g, m, [next(scans) for _ in g]) for g in groups]
+
     rules: dict[str, Callable[[], object]] = {
         "judge (all rules)": lambda: [judge(g, m) for g in groups],
+        "judge + scan (the stage)": judge_scanned,
+        "scan alone": lambda: trace_scan.scan(texts),
         "leaks": lambda: [traces.leaks(t) for t in texts],
         "behaviours": lambda: [traces.behaviours(t) for t in texts],
         "degenerate": lambda: [traces.degenerate(t) for t in texts],

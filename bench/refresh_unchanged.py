@@ -46,6 +46,7 @@ import multiprocessing
 import os
 import random
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -386,6 +387,8 @@ def main() -> int:
                         help="run the simulator in a thread of this process")
     parser.add_argument("--tasks", type=int, default=1,
                         help="shard tasks at once, each in its own process (1: all in this one)")
+    parser.add_argument("--keep-db", action="store_true",
+                        help="keep the database and corpus for a look afterwards (EXPLAIN)")
     args = parser.parse_args()
 
     from lgt_ops.runctx import RunContext
@@ -412,7 +415,11 @@ def main() -> int:
         if tasks is not None:
             tasks.close()
         sim.stop()
-        _admin(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
+        if args.keep_db:
+            print(f"kept database {db_name} and corpus {tmp}", file=sys.stderr)
+        else:
+            _admin(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -98,6 +98,30 @@ def test_a_rolled_back_batch_leaves_nothing_staged(engine):
     assert len(_read(engine)) == MIN_ROWS
 
 
+def _staged_bytes(conn) -> int:
+    """The size on disk of this session's staging tables (temporary: only it sees them)."""
+    sql = (
+        "SELECT COALESCE(SUM(pg_relation_size(c.oid)), 0) FROM pg_class c"
+        " WHERE c.relname LIKE '\\_lgt\\_copy\\_%' AND c.relpersistence = 't'"
+        " AND pg_table_is_visible(c.oid)"
+    )
+    return int(conn.execute(text(sql)).scalar_one())
+
+
+def test_a_long_lived_connection_does_not_grow_its_staging_table(engine):
+    # Emptied rows would stay in a temporary table's pages (no autovacuum there): every
+    # batch would then rescan all earlier ones, and a long run slow down as it goes.
+    with engine.connect() as conn:
+        sizes = []
+        for batch in range(12):
+            insert_ignore(conn, "t", _rows(500, tag=f"-{batch}"))
+            conn.commit()
+            sizes.append(_staged_bytes(conn))
+            conn.commit()
+    assert len(_read(engine)) == 12 * 500
+    assert max(sizes) <= max(sizes[0], 8192), sizes
+
+
 def test_overlapping_batches_in_opposite_orders_do_not_deadlock(engine):
     rows = _rows(2000)
     errors: list[BaseException] = []

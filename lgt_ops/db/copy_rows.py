@@ -6,7 +6,8 @@ streams the rows (CSV, no parse per value) into a session-private staging table 
 batch's columns, typed as the target's; then one INSERT ... SELECT moves them with the same
 conflict rule, in primary-key order (concurrent writers of overlapping keys then take their
 row locks in the same order, so they cannot deadlock on each other). The staging table is
-emptied in the same transaction, so a rolled-back batch leaves nothing behind either. All
+truncated in the same transaction, so a rolled-back batch leaves nothing behind either, and
+its size stays one batch's however many batches a connection writes. All
 four statements run in the caller's transaction, so a pooler in transaction mode (PgBouncer)
 keeps them on one server connection.
 
@@ -76,7 +77,9 @@ def insert_ignore_copy(conn: Connection, tbl: Table, keys: list[str], values: li
         f'INSERT INTO "{tbl.name}" ({cols}) SELECT {cols} FROM "{stage}"'
         f" ORDER BY {order} ON CONFLICT DO NOTHING"
     ).rowcount
-    conn.exec_driver_sql(f'DELETE FROM "{stage}"')
+    # TRUNCATE, not DELETE: deleted rows stay in a temporary table's pages (autovacuum never
+    # visits one), so on a long-lived connection every batch would scan all earlier ones.
+    conn.exec_driver_sql(f'TRUNCATE "{stage}"')
     return max(written, 0)
 
 

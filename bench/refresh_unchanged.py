@@ -15,7 +15,8 @@ apart, with the Parquet parts it wrote and the ones it reused from the previous 
 
 Each run prints one table: per step its seconds, items worked (considered minus skipped),
 items/s, model requests, requests/s, the pipeline's CPU seconds (all threads), the
-simulator's, and the step's own peak RSS (the peak is reset before each step); under it the
+simulator's, the local PostgreSQL server's (its processes and the backends it reaped), and
+the step's own peak RSS (the peak is reset before each step); under it the
 end-to-end model requests/s of the stages (scan to the last stage, the release apart), the
 traces/s of filter and pairs, and the run's peak RSS (the largest step's). The
 simulator runs in its own process (`lgt sim serve`), as a model server would;
@@ -165,6 +166,18 @@ def _cpu_seconds(stat_path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def postgres_cpu_seconds() -> float:
+    """CPU of the local PostgreSQL server: its processes' own (utime, stime) and the exited
+    backends' the postmaster reaped (cutime, cstime); 0 when none runs on this machine."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            head, _, tail = stat.read_text().rpartition(")")
+            if head.endswith("(postgres"):
+                total += sum(int(f) for f in tail.split()[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def reset_peak_rss() -> None:
     """Start a new peak-RSS window (Linux: clear_refs 5), so a run's peak is its own and
     not, say, the corpus generation's."""
@@ -271,6 +284,7 @@ def timed_run(env, params, sim, tasks: ShardTasks) -> dict:  # noqa: ANN001
         reset_peak_rss()  # each step's own peak: which one holds the most memory
         tasks.take()
         t, cpu, own = time.monotonic(), sim.cpu_seconds(), time.process_time()
+        pg = postgres_cpu_seconds()
         stats = fn()
         shards = [s for s in stats if s is not None] if isinstance(stats, list) else []
         seconds, parent_cpu = time.monotonic() - t, time.process_time() - own
@@ -281,6 +295,7 @@ def timed_run(env, params, sim, tasks: ShardTasks) -> dict:  # noqa: ANN001
             "items": sum(s.items_in - s.items_skipped for s in shards),
             "cpu": parent_cpu + task_cpu,
             "sim_cpu": sim.cpu_seconds() - cpu,
+            "pg_cpu": postgres_cpu_seconds() - pg,
             "peak_mb": max(peak_rss_mb(), task_peak),
         }
         if getattr(stats, "manifest", None):  # the release: what it wrote and reused
@@ -322,17 +337,19 @@ def report(title: str, steps: dict) -> None:
     requests = sum(s["requests"] for s in stages.values())
     sim_cpu = sum(s["sim_cpu"] for s in steps.values())
     cpu = sum(s["cpu"] for s in stages.values())
+    pg_cpu = sum(s["pg_cpu"] for s in stages.values())
     print(f"\n{title}")
     print(f"  {'step':<9} {'seconds':>8} {'items':>9} {'items/s':>9} {'requests':>9} "
-          f"{'requests/s':>10} {'CPU s':>6} {'sim CPU s':>9} {'peak MB':>7}")
+          f"{'requests/s':>10} {'CPU s':>6} {'sim CPU s':>9} {'pg CPU s':>8} {'peak MB':>7}")
     for name, s in steps.items():
         items_rate = _rate(s["items"], s["seconds"])
         print(f"  {name:<9} {s['seconds']:8.1f} {s['items']:9,} {items_rate:>9}"
               f" {s['requests']:9,} {_rate(s['requests'], s['seconds']):>10}"
-              f" {s['cpu']:6.1f} {s['sim_cpu']:9.1f} {s['peak_mb']:7,.0f}")
+              f" {s['cpu']:6.1f} {s['sim_cpu']:9.1f} {s['pg_cpu']:8.1f} {s['peak_mb']:7,.0f}")
     print(f"  end to end (stages, release apart): {requests:,} model requests in {seconds:.1f} s"
           f" = {_rate(requests, seconds)} requests/s; release {steps['release']['seconds']:.1f} s;"
-          f" CPU of the stages {cpu:.1f} s, of the simulator {sim_cpu:.1f} s;"
+          f" CPU of the stages {cpu:.1f} s, of the simulator {sim_cpu:.1f} s,"
+          f" of PostgreSQL {pg_cpu:.1f} s;"
           f" peak RSS {rss:,.0f} MB")
     for name in ("filter", "pairs"):
         n, sec = steps[name]["traces"], steps[name]["seconds"]

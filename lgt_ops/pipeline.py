@@ -21,7 +21,7 @@ from sqlalchemy import text
 from lgt_ops import dryrun, registry
 from lgt_ops.abandon import close_leftover_stages
 from lgt_ops.config import Settings
-from lgt_ops.db.stats import refresh_statistics
+from lgt_ops.db.stats import GROWN_SHARE, refresh_statistics
 from lgt_ops.failures import RunFailed
 from lgt_ops.fanout import fan_out
 from lgt_ops.llm import preflight as endpoint_preflight
@@ -94,6 +94,8 @@ def run_stage(env: StageEnv, stage: str, params: RunParams, shard: Shard) -> Sta
     if not params.runs(stage) or params.dry_run:
         return None
     spec, _ = resolve_source(env, params.source)
+    # The stages before this one may have doubled tables whose statistics say empty
+    refresh_statistics(env.db, share=GROWN_SHARE)
     return run_shard(SHARD_STAGES[stage], env, spec, shard, params.sample_size)
 
 

@@ -74,6 +74,12 @@ def _image_set_sql(
     return sql, params
 
 
+def image_set_query(spec: SourceSpec, sample_size: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The whole image set (no shard, no order) as a subquery with its parameters: for a
+    query the server aggregates rather than one that returns every image."""
+    return _image_set_sql(spec, None, sample_size)
+
+
 def image_set(
     conn: Connection, spec: SourceSpec, shard: Shard | None = None, sample_size: int | None = None
 ) -> list[Any]:

@@ -103,6 +103,21 @@ def image_sums(image_ids: Iterable[str], buckets: int) -> dict[int, tuple[int, i
     return sums
 
 
+def image_sums_of(
+    conn: Connection, sql: str, params: dict[str, Any], buckets: int
+) -> dict[int, tuple[int, int]]:
+    """`image_sums` of the images an image-set query (`sources.image_set_query`) selects:
+    summed by Postgres as the lineage rows are (B rows back, not every image id; 3.8 of an
+    unchanged 100,000-image publish's 11.9 s were the ids streamed here and hashed),
+    elsewhere streamed through `image_sums`."""
+    if conn.dialect.name == "postgresql":
+        rows = _aggregate(
+            conn, f"SELECT image_id, 'image' AS ident FROM ({sql}) s", params, buckets
+        )
+        return {b: (count, total) for b, count, total in rows}
+    return image_sums((r.image_id for r in conn.execute(text(sql), params)), buckets)
+
+
 def bucket_digests(
     conn: Connection, images: dict[int, tuple[int, int]], buckets: int, fps: dict[str, str]
 ) -> dict[int, str]:

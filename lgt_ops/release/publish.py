@@ -46,7 +46,7 @@ from lgt_ops.release.parquet import encode_part, system_pool, with_hf_features
 from lgt_ops.release.pointers import mark_published, release_prefix
 from lgt_ops.release.recovery import publisher_lock, recover
 from lgt_ops.release.scope import source_rejection_counts
-from lgt_ops.sources import SourceSpec, iter_image_set
+from lgt_ops.sources import SourceSpec, image_set_query
 from lgt_ops.storage import ObjectExists
 
 SCHEMA_VERSION = 1
@@ -304,12 +304,12 @@ def _publish_locked(
 def _digests(
     env: StageEnv, spec: SourceSpec, sample_size: int | None, n_buckets: int, fps: dict[str, str]
 ) -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
-    """Per bucket: the release's images (`incremental.image_sums`, the image set read in
-    pages) and the digest of every lineage row its rows are built from. Read before any row:
-    a row written meanwhile can only force a rebuild."""
+    """Per bucket: the release's images (`incremental.image_sums_of` the image set) and the
+    digest of every lineage row its rows are built from. Read before any row: a row written
+    meanwhile can only force a rebuild."""
     with env.db.connect() as conn:
-        ids = (r.image_id for r in iter_image_set(conn, spec, sample_size))
-        sums = incremental.image_sums(ids, n_buckets)
+        sql, params = image_set_query(spec, sample_size)
+        sums = incremental.image_sums_of(conn, sql, params, n_buckets)
         return sums, incremental.bucket_digests(conn, sums, n_buckets, fps)
 
 
@@ -395,7 +395,7 @@ def _reuse_unchanged(
 ) -> tuple[dict[int, incremental.BucketState], list[tuple[int, int, str]]]:
     """The parent's states of the buckets whose digest is unchanged (their parts marked for
     reuse), and the (bucket, images, digest) of every other bucket, to rebuild; `sums` are
-    the release's images per bucket (`incremental.image_sums`)."""
+    the release's images per bucket (`incremental.image_sums_of`)."""
     states: dict[int, incremental.BucketState] = {}
     todo: list[tuple[int, int, str]] = []
     for b, (n, _) in sorted(sums.items()):

@@ -211,7 +211,12 @@ class ShardTasks:
                                             initargs=(settings,))
             # Start every worker (imports, engine) before any step is timed: an Airflow
             # worker is up before the run too. Each warm-up waits, so each takes its own worker.
-            pids = {f.result() for f in [self.pool.submit(_warm_up) for _ in range(tasks)]}
+            # (A slow start can leave one worker taking two: warm up until all have answered.)
+            pids: set[int] = set()
+            for _ in range(20):
+                pids |= {f.result() for f in [self.pool.submit(_warm_up) for _ in range(tasks)]}
+                if len(pids) == tasks:
+                    break
             assert len(pids) == tasks, f"{len(pids)} workers started, not {tasks}"
         self.cpu, self.peak_mb = 0.0, 0.0
 

@@ -45,47 +45,45 @@ class Scanned:
     may_leak: bool  # False: traces.leaks(text) is None
 
 
+def regex_tokens(pattern: str) -> Iterator[tuple[int, str, bool, int]]:
+    """(index, token, in_class, depth) of each token of a regex: an escape (the backslash and
+    the next character) or one character. `in_class`: inside a `[...]` class (not its own
+    brackets; a `]` right after the `[` is a member); `depth`: the groups around the token (a
+    group's own parentheses get the depth outside it)."""
+    i, depth, in_class = 0, 0, False
+    while i < len(pattern):
+        tok = pattern[i : i + 2] if pattern[i] == "\\" else pattern[i]
+        if in_class and tok == "]" and pattern[i - 1] != "[":
+            in_class = False
+        elif not in_class and tok == ")":
+            depth -= 1
+        yield i, tok, in_class, depth
+        if not in_class and tok == "[":
+            in_class = True
+        elif not in_class and tok == "(":
+            depth += 1
+        i += len(tok)
+
+
 def superset_pattern(pattern: str) -> str:
     """An RE2 pattern matching wherever the Python `pattern` matches in an ASCII text: its
     negative lookaheads dropped (each only forbids matches), `\\s` spelled out."""
-    out, i, in_class = [], 0, False
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\":
-            esc = pattern[i : i + 2]
-            out.append((_ASCII_SPACE if in_class else f"[{_ASCII_SPACE}]") if esc == "\\s" else esc)
-            i += 2
+    out: list[str] = []
+    dropping: int | None = None  # the depth of the lookahead being dropped
+    for i, tok, in_class, depth in regex_tokens(pattern):
+        if dropping is not None:
+            if tok == ")" and not in_class and depth == dropping:
+                dropping = None
             continue
-        if in_class:
-            in_class = ch != "]" or pattern[i - 1] == "["
-        elif ch == "[":
-            in_class = True
-        elif pattern.startswith("(?!", i):
-            i = _group_end(pattern, i)
+        if tok == "(" and not in_class and pattern.startswith("(?!", i):
+            dropping = depth
             continue
-        out.append(ch)
-        i += 1
+        if tok == "\\s":
+            tok = _ASCII_SPACE if in_class else f"[{_ASCII_SPACE}]"
+        out.append(tok)
+    if dropping is not None:
+        raise ValueError(f"unbalanced group in {pattern!r}")
     return "".join(out)
-
-
-def _group_end(pattern: str, start: int) -> int:
-    """The index just past the group opening at `start` (escapes and classes skipped)."""
-    depth, i, in_class = 0, start, False
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if in_class:
-            in_class = ch != "]" or pattern[i - 1] == "["
-        elif ch == "[":
-            in_class = True
-        elif ch in "()":
-            depth += 1 if ch == "(" else -1
-            if depth == 0:
-                return i + 1
-        i += 1
-    raise ValueError(f"unbalanced group at {start} in {pattern!r}")
 
 
 _BEHAVIOURS = {name: p for name, (p, _) in traces._BEHAVIOUR_RULES.items()}

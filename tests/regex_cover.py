@@ -18,6 +18,8 @@ from re import _constants as c  # the parser ships with `re` (sre_parse, depreca
 from re import _parser as parser
 from typing import Any
 
+from lgt_ops.trace_scan import regex_tokens
+
 CAP = 4096  # a run's strings are enumerated up to this many
 REPEATS = (c.MAX_REPEAT, c.MIN_REPEAT)
 Items = list[tuple[Any, Any]]
@@ -25,21 +27,11 @@ Items = list[tuple[Any, Any]]
 
 def alternatives(pattern: str) -> list[str]:
     """The top-level alternatives of a pattern (split at `|` outside groups and classes)."""
-    out, depth, start, i, in_class = [], 0, 0, 0, False
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\":
-            i += 1
-        elif in_class:
-            in_class = ch != "]" or pattern[i - 1] == "["
-        elif ch == "[":
-            in_class = True
-        elif ch in "()":
-            depth += 1 if ch == "(" else -1
-        elif ch == "|" and depth == 0:
+    out, start = [], 0
+    for i, tok, in_class, depth in regex_tokens(pattern):
+        if tok == "|" and not in_class and depth == 0:
             out.append(pattern[start:i])
             start = i + 1
-        i += 1
     return [*out, pattern[start:]]
 
 

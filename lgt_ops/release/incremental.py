@@ -92,36 +92,20 @@ def _row_hash(image_id: str, ident: str) -> int:
     return int(hashlib.md5(f"{image_id} {ident}".encode()).hexdigest()[:15], 16)
 
 
-def image_sums(image_ids: Iterable[str], buckets: int) -> dict[int, tuple[int, int]]:
-    """bucket -> (images, sum of their row hashes): one pass over a stream of image ids,
-    holding one entry per bucket."""
-    sums: dict[int, tuple[int, int]] = {}
-    for i in image_ids:
-        b = bucket_of(i, buckets)
-        n, total = sums.get(b, (0, 0))
-        sums[b] = (n + 1, total + _row_hash(i, "image"))
-    return sums
-
-
 def image_sums_of(
     conn: Connection, sql: str, params: dict[str, Any], buckets: int
 ) -> dict[int, tuple[int, int]]:
-    """`image_sums` of the images an image-set query (`sources.image_set_query`) selects:
-    summed by Postgres as the lineage rows are (B rows back, not every image id; 3.8 of an
-    unchanged 100,000-image publish's 11.9 s were the ids streamed here and hashed),
-    elsewhere streamed through `image_sums`."""
-    if conn.dialect.name == "postgresql":
-        rows = _aggregate(
-            conn, f"SELECT image_id, 'image' AS ident FROM ({sql}) s", params, buckets
-        )
-        return {b: (count, total) for b, count, total in rows}
-    return image_sums((r.image_id for r in conn.execute(text(sql), params)), buckets)
+    """bucket -> (images, sum of their row hashes) of the images an image-set query
+    (`sources.image_set_query`) selects, aggregated as the lineage rows are (`_aggregate`:
+    by Postgres, B rows back rather than every image id; elsewhere one streamed pass)."""
+    images = f"SELECT image_id, 'image' AS ident FROM ({sql}) s"
+    return {b: (count, total) for b, count, total in _aggregate(conn, images, params, buckets)}
 
 
 def bucket_digests(
     conn: Connection, images: dict[int, tuple[int, int]], buckets: int, fps: dict[str, str]
 ) -> dict[int, str]:
-    """bucket -> digest of its images (`image_sums`) and every lineage row their release rows
+    """bucket -> digest of its images (`image_sums_of`) and every lineage row their release rows
     depend on.
 
     Rows of images outside the release may count too: that can only force a rebuild."""

@@ -108,6 +108,25 @@ def _staged_bytes(conn) -> int:
     return int(conn.execute(text(sql)).scalar_one())
 
 
+def _staged_rows(conn) -> int:
+    """Rows in this session's staging tables, as this transaction sees them."""
+    sql = (
+        "SELECT c.relname FROM pg_class c WHERE c.relname LIKE '\\_lgt\\_copy\\_%'"
+        " AND c.relpersistence = 't' AND pg_table_is_visible(c.oid)"
+    )
+    names = conn.execute(text(sql)).scalars().all()
+    return sum(conn.execute(text(f'SELECT COUNT(*) FROM "{n}"')).scalar_one() for n in names)
+
+
+def test_a_batch_leaves_its_transaction_nothing_staged(engine):
+    # A second batch into the same table in the same transaction must not read the first's.
+    with engine.begin() as conn:
+        assert insert_ignore(conn, "t", _rows(MIN_ROWS)) == MIN_ROWS
+        assert _staged_rows(conn) == 0
+        assert insert_ignore(conn, "t", _rows(MIN_ROWS, tag="b")) == MIN_ROWS
+        assert _staged_rows(conn) == 0
+
+
 def test_a_long_lived_connection_does_not_grow_its_staging_table(engine):
     # Emptied rows would stay in a temporary table's pages (no autovacuum there): every
     # batch would then rescan all earlier ones, and a long run slow down as it goes.

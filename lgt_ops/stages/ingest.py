@@ -70,17 +70,24 @@ def _fetch(
         return Rejected(R.FILE_TOO_LARGE, f"{entry['size']} bytes > {cap}; not downloaded")
     try:
         head = store.read_prefix(entry["key"], _HEADER_BYTES)
+        if len(head) < _HEADER_BYTES:  # the whole file: inspect reads its header once
+            return _too_large(head, cap) or inspect(
+                head, max_pixels=max_pixels, budget=budget, crops=crops
+            )
         with budget.hold(decode_cost(head, entry["size"])):
-            data = head if len(head) < _HEADER_BYTES else _read_capped(store, entry["key"], cap)
-            if len(data) > cap:  # grew after the listing
-                return Rejected(R.FILE_TOO_LARGE, f"more than {cap} bytes")
-            return inspect(data, max_pixels=max_pixels, crops=crops)
+            data = _read_capped(store, entry["key"], cap)
+            return _too_large(data, cap) or inspect(data, max_pixels=max_pixels, crops=crops)
     except ObjectMissing:
         return Rejected(R.MISSING_OBJECT, "listed, then gone before it was read")
     except ObjectRefused as exc:  # became a link or a FIFO after the scan
         return Rejected(exc.reason, exc.detail)
     except Rejected as exc:
         return exc
+
+
+def _too_large(data: bytes, cap: int) -> Rejected | None:
+    """The file grew past the cap after the listing."""
+    return Rejected(R.FILE_TOO_LARGE, f"more than {cap} bytes") if len(data) > cap else None
 
 
 def _read_capped(store: ObjectStore, key: str, cap: int) -> bytes:

@@ -145,17 +145,6 @@ def question_keys(conn: Connection, env: StageEnv, contexts: Contexts) -> list[A
     return questions(conn, env, contexts, KEY_COLUMNS)
 
 
-# What a Trace is made of (traces.Trace.from_rollout / from_expansion): not the
-# thinking, continuation or reasoning texts a full row also holds.
-TRACE_ROLLOUT_COLUMNS = (
-    "rollout_id, question_id, text, final_letter, correct, parse_error, request_key"
-)
-TRACE_EXPANSION_COLUMNS = (
-    "expansion_id, rollout_id, question_id, cue, trace, final_letter, correct, parse_error,"
-    " request_key"
-)
-
-
 def rollouts(
     conn: Connection, env: StageEnv, question_ids: list[str], columns: str = "*"
 ) -> list[Any]:
@@ -256,11 +245,15 @@ def traces_of(conn: Connection, env: StageEnv, question_ids: list[str]) -> dict[
     from lgt_ops.traces import Trace
 
     out: dict[str, list[Any]] = defaultdict(list)
-    rolls = rollouts(conn, env, question_ids, TRACE_ROLLOUT_COLUMNS)
-    for r in rolls:
-        out[r.question_id].append(Trace.from_rollout(r))
-    for e in expansions(conn, env, [r.rollout_id for r in rolls], TRACE_EXPANSION_COLUMNS):
-        out[e.question_id].append(Trace.from_expansion(e))
+    rolls = [
+        Trace.from_rollout(r) for r in rollouts(conn, env, question_ids, Trace.ROLLOUT_COLUMNS)
+    ]
+    for t in rolls:
+        out[t.question_id].append(t)
+    ids = [t.trace_id for t in rolls]
+    for e in expansions(conn, env, ids, Trace.EXPANSION_COLUMNS):
+        t = Trace.from_expansion(e)
+        out[t.question_id].append(t)
     return out
 
 

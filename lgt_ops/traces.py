@@ -26,6 +26,7 @@ import functools
 import random
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -491,31 +492,46 @@ class Trace:
     request_key: str | None
     cue: str | None = None  # an expansion's injected cue
 
+    # A row of these columns is what from_rollout / from_expansion read, by position (a
+    # named lookup per field was two thirds of building a shard's traces): not the
+    # thinking, continuation or reasoning texts a full row also holds.
+    ROLLOUT_COLUMNS = (
+        "rollout_id, question_id, text, final_letter, correct, parse_error, request_key"
+    )
+    EXPANSION_COLUMNS = (
+        "expansion_id, rollout_id, question_id, cue, trace, final_letter, correct,"
+        " parse_error, request_key"
+    )
+
     @classmethod
-    def from_rollout(cls, r: Any) -> Trace:
+    def from_rollout(cls, row: Sequence[Any]) -> Trace:
+        """A Trace of a rollouts row of ROLLOUT_COLUMNS."""
+        rollout_id, question_id, text, letter, correct, parse_error, request_key = row
         return cls(
-            r.rollout_id,
+            rollout_id,
             "rollout",
-            r.question_id,
-            canonical_answer(r.text, r.final_letter),
-            r.final_letter,
-            bool(r.correct),
-            r.parse_error,
+            question_id,
+            canonical_answer(text, letter),
+            letter,
+            bool(correct),
+            parse_error,
             None,
-            r.request_key,
+            request_key,
         )
 
     @classmethod
-    def from_expansion(cls, e: Any) -> Trace:
+    def from_expansion(cls, row: Sequence[Any]) -> Trace:
+        """A Trace of an expansions row of EXPANSION_COLUMNS."""
+        expansion_id, rollout_id, question_id, cue, trace, letter, correct, parse_error, key = row
         return cls(
-            e.expansion_id,
+            expansion_id,
             "expansion",
-            e.question_id,
-            e.trace,
-            e.final_letter,
-            bool(e.correct),
-            e.parse_error,
-            e.rollout_id,
-            e.request_key,
-            getattr(e, "cue", None),
+            question_id,
+            trace,
+            letter,
+            bool(correct),
+            parse_error,
+            rollout_id,
+            key,
+            cue,
         )

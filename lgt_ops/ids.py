@@ -20,13 +20,29 @@ def canonical_json(obj: Any) -> str:
     return _CANONICAL.encode(obj)
 
 
-def _plain_strings_json(parts: tuple[str, ...]) -> str | None:
-    """canonical_json(list(parts)) written directly when every part is a string that needs
-    no escape (most ids: hex digests, names), else None."""
-    if not all(type(p) is str for p in parts):
-        return None
-    body = '","'.join(parts)
-    return None if _ESCAPED.search(body) else f'["{body}"]'
+def _direct_json(parts: tuple[Any, ...]) -> str | None:
+    """canonical_json(list(parts)) written directly when every part is a string, None or a
+    list of strings, and no string needs an escape (most ids: hex digests, names, sorted id
+    lists), else None. About twice as fast as the encoder on these, and ids are made per
+    item and per row."""
+    raw: list[str] = []
+    out: list[str] = []
+    for p in parts:
+        kind = type(p)
+        if kind is str:
+            raw.append(p)
+            out.append('"' + p + '"')
+        elif p is None:
+            out.append("null")
+        elif kind is list:
+            for x in p:
+                if type(x) is not str:
+                    return None
+            raw += p
+            out.append('["' + '","'.join(p) + '"]' if p else "[]")
+        else:
+            return None
+    return None if _ESCAPED.search("".join(raw)) else "[" + ",".join(out) + "]"
 
 
 def sha256_hex(data: bytes | str) -> str:
@@ -38,7 +54,7 @@ def sha256_hex(data: bytes | str) -> str:
 def content_id(kind: str, *parts: Any) -> str:
     """Id of an item from its kind and the canonical JSON of its defining parts."""
     everything = (kind, *parts)
-    text = _plain_strings_json(everything)
+    text = _direct_json(everything)
     return sha256_hex(canonical_json(list(everything)) if text is None else text)
 
 

@@ -94,7 +94,7 @@ def run_stage(env: StageEnv, stage: str, params: RunParams, shard: Shard) -> Sta
     if not params.runs(stage) or params.dry_run:
         return None
     spec, _ = resolve_source(env, params.source)
-    # The stages before this one may have doubled tables whose statistics say empty
+    # The stages before this one may have grown tables five-fold since their statistics
     refresh_statistics(env.db, share=GROWN_SHARE)
     return run_shard(SHARD_STAGES[stage], env, spec, shard, params.sample_size)
 

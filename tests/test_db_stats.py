@@ -71,9 +71,10 @@ def test_a_stage_task_analyzes_a_table_that_grew_from_empty(pg_url):
     assert "Seq Scan" in _lookup_plan(db, "grown")
     assert "grown" in refresh_statistics(db, share=GROWN_SHARE)
     assert "Seq Scan" not in _lookup_plan(db, "grown")  # the primary key's index
-    _grow(db, "grown", 20_000, start=100_000)  # a sixth more: not yet
+    _grow(db, "grown", 150_000, start=100_000)  # grew 2.5-fold: the statistics still hold
+    assert "Seq Scan" not in _lookup_plan(db, "grown")
     assert "grown" not in refresh_statistics(db, share=GROWN_SHARE)
-    _grow(db, "grown", 150_000, start=120_000)  # more than doubled since
+    _grow(db, "grown", 300_000, start=250_000)  # more than five-fold since
     assert "grown" in refresh_statistics(db, share=GROWN_SHARE)
 
 

@@ -127,6 +127,14 @@ def test_a_batch_leaves_its_transaction_nothing_staged(engine):
         assert _staged_rows(conn) == 0
 
 
+def test_an_autocommit_session_writes_every_row(engine):
+    # Each statement commits there, so a staging table would be empty by the INSERT.
+    rows = _rows(2 * MIN_ROWS)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        assert insert_ignore(conn, "t", rows) == len(rows)
+    assert len(_read(engine)) == len(rows)
+
+
 def test_a_long_lived_connection_does_not_grow_its_staging_table(engine):
     # Emptied rows would stay in a temporary table's pages (no autovacuum there): every
     # batch would then rescan all earlier ones, and a long run slow down as it goes.

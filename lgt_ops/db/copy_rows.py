@@ -39,7 +39,11 @@ _PLAIN = frozenset({str, int, float, bool, datetime, type(None)})
 
 def can_stage(conn: Connection) -> bool:
     """Whether this session may create its staging tables (a hardened database may revoke
-    TEMPORARY from the role: then every batch takes VALUES). Asked once per connection."""
+    TEMPORARY from the role: then every batch takes VALUES; asked once per connection), and
+    is in a transaction block: the staging table empties at every commit, and an autocommit
+    session commits after each statement, between the COPY and the INSERT."""
+    if conn.connection.dbapi_connection.autocommit:
+        return False
     allowed = conn.info.get("lgt_copy_staging")
     if allowed is None:
         sql = "SELECT has_database_privilege(current_database(), 'TEMPORARY')"

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
 from lgt_ops import registry
 from lgt_ops.annotations import ContextIds, ImageContext
@@ -255,6 +255,32 @@ def traces_of(conn: Connection, env: StageEnv, question_ids: list[str]) -> dict[
         t = Trace.from_expansion(e)
         out[t.question_id].append(t)
     return out
+
+
+def trace_ids_of(conn: Connection, env: StageEnv, question_ids: list[str]) -> dict[str, list[str]]:
+    """question_id -> the ids of its current traces (those `traces_of` reads), without texts."""
+    out: dict[str, list[str]] = defaultdict(list)
+    rolls = rollouts(conn, env, question_ids, "rollout_id, question_id")
+    for rollout_id, question_id in rolls:
+        out[question_id].append(rollout_id)
+    for expansion_id, question_id in expansions(
+        conn, env, [r[0] for r in rolls], "expansion_id, question_id"
+    ):
+        out[question_id].append(expansion_id)
+    return out
+
+
+def worked_before(conn: Connection, env: StageEnv, stage: str, fingerprint: str) -> bool:
+    """Whether an earlier run finished a shard of `stage` under `fingerprint` (a refresh, where
+    most of a shard is usually done already)."""
+    row = conn.execute(
+        text(
+            "SELECT 1 FROM stage_runs WHERE stage = :s AND fingerprint = :f AND run_id <> :r"
+            " AND status = 'success' LIMIT 1"
+        ),
+        {"s": stage, "f": fingerprint, "r": env.run.run_id},
+    ).first()
+    return row is not None
 
 
 def behaviour_tags(conn: Connection, env: StageEnv, trace_ids: list[str]) -> dict[str, Any]:

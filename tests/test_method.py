@@ -5,7 +5,7 @@ depends on them)."""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
 from lgt_ops import composition, traces
 from lgt_ops.annotations import ImageContext
@@ -234,3 +234,44 @@ def test_reasoning_content_is_kept_when_the_server_separates_it(local_env, sim):
         thinking, _, tail = r.trace.partition("</think>")
         assert r.reasoning_content.strip() in thinking  # the separated thinking, in the trace
         assert tail.strip() == f"Answer: {r.final_letter}"
+
+
+def test_a_refresh_finds_the_undone_traces_by_id_and_plans_as_a_first_run_would(local_env, sim):
+    from lgt_ops import current
+    from lgt_ops.params import RunParams
+
+    env = local_env
+    upload_sample(env.store, "sources/sample/")
+    first = _run(env, release_version="v1")
+    conf = {"source": "sources/sample/", "release_name": "method", "allow_simulated": True,
+            "k_rollouts": 4}
+    run_env = env.with_settings(RunParams.from_conf(conf).apply(env.settings))
+    later = run_env.with_run(RunContext("later"))
+    fp = trace_filter.stage_fingerprint(run_env)
+    columns = "trace_id, question_id, passed, well_formed, reason, verification, backtracking"
+    with env.db.begin() as conn:
+        qids = [r[0] for r in conn.execute(text(
+            "SELECT DISTINCT question_id FROM trace_verdicts ORDER BY question_id"))]
+        undone = qids[::3]  # forget a third of the filter's and pairs' work
+        ids = current.trace_ids_of(conn, run_env, undone)
+        items = [trace_filter.input_id(q, ts) for q, ts in ids.items()]
+        kept = conn.execute(text(f"SELECT {columns} FROM trace_verdicts ORDER BY 1")).all()
+        conn.execute(text("DELETE FROM stage_items WHERE stage IN ('filter', 'pairs')"
+                          " AND item_id IN :ids").bindparams(bindparam("ids", expanding=True)),
+                     {"ids": items})
+        conn.execute(text("DELETE FROM trace_verdicts WHERE question_id IN :ids")
+                     .bindparams(bindparam("ids", expanding=True)), {"ids": undone})
+    with env.db.connect() as conn:
+        assert not current.worked_before(conn, run_env, "filter", fp)  # its own run only
+        assert current.worked_before(conn, later, "filter", fp)
+        as_first = trace_filter.pending_traces(conn, run_env, "filter", fp, qids)
+        as_refresh = trace_filter.pending_traces(conn, later, "filter", fp, qids)
+    assert as_refresh == as_first
+    assert sorted(as_refresh.traces) == undone and as_refresh.considered == len(qids)
+
+    again = _run(later, release_version="v2")
+    assert again.stages["filter"]["items_skipped"] == len(qids) - len(undone)
+    assert again.stages["pairs"]["items_skipped"] == len(qids) - len(undone)
+    with env.db.connect() as conn:
+        assert conn.execute(text(f"SELECT {columns} FROM trace_verdicts ORDER BY 1")).all() == kept
+    assert again.release.content_sha256 == first.release.content_sha256

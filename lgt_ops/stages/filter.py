@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Connection
+
 from lgt_ops import current, registry, trace_heads, trace_scan, traces
 from lgt_ops.config import MethodParams
 from lgt_ops.ids import content_id
@@ -136,18 +138,49 @@ def verdict_row(env: StageEnv, fp: str, v: Verdict) -> dict[str, Any]:
     }
 
 
+@dataclass
+class PendingTraces:
+    """A rule stage's questions with traces: how many, and the traces and input ids of those
+    not done under its fingerprint (a question's input id: `input_id` of its traces)."""
+
+    considered: int
+    traces: dict[str, list[Trace]]
+    inputs: dict[str, str]
+
+
+def pending_traces(
+    conn: Connection, env: StageEnv, stage: str, fp: str, question_ids: list[str]
+) -> PendingTraces:
+    """The current traces of the questions `stage` has not done under `fp`. In a refresh (an
+    earlier run worked this stage and fingerprint) only ids are read to find them, then the
+    texts of the pending ones; a first run reads the texts at once (nearly all are pending)."""
+    if current.worked_before(conn, env, stage, fp):
+        ids = current.trace_ids_of(conn, env, question_ids)
+        inputs = {qid: input_id(qid, tids) for qid, tids in ids.items()}
+        done = already_done(conn, stage, fp, list(inputs.values()))
+        todo = [qid for qid, item in inputs.items() if item not in done]
+        traces = current.traces_of(conn, env, todo) if todo else {}
+        # the item ids of what was read: a trace written since the ids is judged with the rest
+        items = {qid: input_id(qid, [t.trace_id for t in ts]) for qid, ts in traces.items()}
+        return PendingTraces(len(ids), traces, items)
+    traces = current.traces_of(conn, env, question_ids)
+    inputs = {qid: input_id(qid, [t.trace_id for t in ts]) for qid, ts in traces.items()}
+    done = already_done(conn, stage, fp, list(inputs.values()))
+    pending = {qid: ts for qid, ts in traces.items() if inputs[qid] not in done}
+    return PendingTraces(len(traces), pending, {qid: inputs[qid] for qid in pending})
+
+
 def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None = None) -> Plan:
     """One item per question: its current traces (the item id is their set)."""
     fp = stage_fingerprint(env)
     with env.db.connect() as conn:
         _, qs = current.shard_questions(conn, env, spec, shard, sample_size, current.question_keys)
-        by_question = current.traces_of(conn, env, [q.question_id for q in qs])
-        inputs = {qid: input_id(qid, [t.trace_id for t in ts]) for qid, ts in by_question.items()}
-        done = already_done(conn, STAGE, fp, list(inputs.values()))
+        work = pending_traces(conn, env, STAGE, fp, [q.question_id for q in qs])
     images = {q.question_id: q.image_id for q in qs}
-    out = Plan(considered=len(inputs))
-    pending = [(qid, ts) for qid, ts in by_question.items() if inputs[qid] not in done]
-    out.skipped = len(inputs) - len(pending)
+    inputs = work.inputs
+    out = Plan(considered=work.considered)
+    pending = list(work.traces.items())
+    out.skipped = work.considered - len(pending)
     # The batch-readable rules over all the shard's pending traces at once (one pass each)
     scans = iter(trace_scan.scan([t.text for _, ts in pending for t in ts]))
     for qid, ts in pending:

@@ -27,7 +27,6 @@ from lgt_ops.stages.base import (
     Rows,
     Shard,
     StageEnv,
-    already_done,
 )
 from lgt_ops.stages.runner import Plan, WorkItem, runner_for
 from lgt_ops.traces import Trace
@@ -120,24 +119,17 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
         _, qs = current.shard_questions(conn, env, spec, shard, sample_size, current.question_keys)
         stage_of = {q.question_id: q.stage for q in qs}
         images = {q.question_id: q.image_id for q in qs}
-        by_question = current.traces_of(conn, env, list(stage_of))
+        work = trace_filter.pending_traces(conn, env, STAGE, fp, list(stage_of))
         verdicts = current.question_verdicts(
-            conn, env, list(by_question), "trace_id, passed, well_formed"
+            conn, env, list(work.traces), "trace_id, passed, well_formed"
         )
-        inputs = {
-            qid: trace_filter.input_id(qid, [t.trace_id for t in ts])
-            for qid, ts in by_question.items()
-        }
-        done = already_done(conn, STAGE, fp, list(inputs.values()))
     passed = {t for t, v in verdicts.items() if v.passed}
     formed = {t for t, v in verdicts.items() if v.well_formed}
-    out = Plan(considered=len(inputs))
-    for qid, ts in by_question.items():
-        if inputs[qid] in done:
-            out.skipped += 1
-        elif all(t.trace_id in verdicts for t in ts):  # else not filtered yet: pending
+    out = Plan(considered=work.considered, skipped=work.considered - len(work.traces))
+    for qid, ts in work.traces.items():
+        if all(t.trace_id in verdicts for t in ts):  # else not filtered yet: pending
             context = QuestionTraces(stage_of[qid], ts, passed, formed)
-            out.items.append(WorkItem(inputs[qid], images[qid], [], context))
+            out.items.append(WorkItem(work.inputs[qid], images[qid], [], context))
     return out
 
 

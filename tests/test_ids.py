@@ -24,9 +24,9 @@ def _part(rng: random.Random) -> object:
     if pick < 0.7:
         chars = rng.choice((_PLAIN, _CHARS))
         return "".join(rng.choice(chars) for _ in range(rng.randint(0, 12)))
-    if pick < 0.8:
+    if pick < 0.77:
         return rng.randint(-5, 5)
-    if pick < 0.75:
+    if pick < 0.8:
         return None
     if pick < 0.85:
         return [_part(rng) for _ in range(rng.randint(0, 3))]

@@ -147,6 +147,11 @@ class PendingTraces:
     traces: dict[str, list[Trace]]
     inputs: dict[str, str]
 
+    @property
+    def skipped(self) -> int:
+        """The questions done already under the fingerprint."""
+        return self.considered - len(self.traces)
+
 
 def pending_traces(
     conn: Connection, env: StageEnv, stage: str, fp: str, question_ids: list[str]
@@ -177,15 +182,12 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
         _, qs = current.shard_questions(conn, env, spec, shard, sample_size, current.question_keys)
         work = pending_traces(conn, env, STAGE, fp, [q.question_id for q in qs])
     images = {q.question_id: q.image_id for q in qs}
-    inputs = work.inputs
-    out = Plan(considered=work.considered)
-    pending = list(work.traces.items())
-    out.skipped = work.considered - len(pending)
+    out = Plan(considered=work.considered, skipped=work.skipped)
     # The batch-readable rules over all the shard's pending traces at once (one pass each)
-    scans = iter(trace_scan.scan([t.text for _, ts in pending for t in ts]))
-    for qid, ts in pending:
+    scans = iter(trace_scan.scan([t.text for ts in work.traces.values() for t in ts]))
+    for qid, ts in work.traces.items():
         read = [next(scans) for _ in ts]
-        out.items.append(WorkItem(inputs[qid], images[qid], [], (ts, read)))
+        out.items.append(WorkItem(work.inputs[qid], images[qid], [], (ts, read)))
     return out
 
 

@@ -125,7 +125,7 @@ def plan(env: StageEnv, spec: SourceSpec, shard: Shard, sample_size: int | None 
         )
     passed = {t for t, v in verdicts.items() if v.passed}
     formed = {t for t, v in verdicts.items() if v.well_formed}
-    out = Plan(considered=work.considered, skipped=work.considered - len(work.traces))
+    out = Plan(considered=work.considered, skipped=work.skipped)
     for qid, ts in work.traces.items():
         if all(t.trace_id in verdicts for t in ts):  # else not filtered yet: pending
             context = QuestionTraces(stage_of[qid], ts, passed, formed)

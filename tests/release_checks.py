@@ -34,14 +34,20 @@ COLUMNS = {
 _FINAL = re.compile(r"</think>\s*Answer:\s*([A-H])\s*$")
 
 
-def run_pipeline(env: Any, **params: Any) -> Any:
-    """The whole pipeline in this process on the sample prefix (a `RunSummary`)."""
+def run_params(**params: Any) -> Any:
+    """The `RunParams` of `run_pipeline`: the sample prefix, k=4, and `params` over them."""
     from lgt_ops.params import RunParams
-    from lgt_ops.pipeline import run_local
 
     conf = {"source": "sources/sample/", "release_name": "method", "allow_simulated": True,
             "k_rollouts": 4, **params}
-    p = RunParams.from_conf(conf)
+    return RunParams.from_conf(conf)
+
+
+def run_pipeline(env: Any, **params: Any) -> Any:
+    """The whole pipeline in this process on the sample prefix (a `RunSummary`)."""
+    from lgt_ops.pipeline import run_local
+
+    p = run_params(**params)
     return run_local(env.with_settings(p.apply(env.settings)), p)
 
 

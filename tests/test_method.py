@@ -238,14 +238,11 @@ def test_reasoning_content_is_kept_when_the_server_separates_it(local_env, sim):
 
 def test_a_refresh_finds_the_undone_traces_by_id_and_plans_as_a_first_run_would(local_env, sim):
     from lgt_ops import current
-    from lgt_ops.params import RunParams
 
     env = local_env
     upload_sample(env.store, "sources/sample/")
     first = _run(env, release_version="v1")
-    conf = {"source": "sources/sample/", "release_name": "method", "allow_simulated": True,
-            "k_rollouts": 4}
-    run_env = env.with_settings(RunParams.from_conf(conf).apply(env.settings))
+    run_env = env.with_settings(checks.run_params().apply(env.settings))  # as _run applies them
     later = run_env.with_run(RunContext("later"))
     fp = trace_filter.stage_fingerprint(run_env)
     columns = "trace_id, question_id, passed, well_formed, reason, verification, backtracking"

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, MetaData, Table, bindparam, text
 from sqlalchemy.dialects import postgresql, sqlite
 
-from lgt_ops.db import copy_rows
+from lgt_ops.db import array_rows
 
 _META: dict[str, MetaData] = {}
 _LOCK = threading.Lock()
@@ -64,15 +64,10 @@ def insert_ignore(conn: Connection, name: str, rows: Sequence[Mapping[str, Any]]
         # A batch insert takes its columns from the first row: a missing key would be lost.
         raise ValueError(f"rows for {name!r} do not all have the same columns")
     tbl = table(conn, name)
-    if (
-        len(rows) >= copy_rows.MIN_ROWS
-        and conn.dialect.name == "postgresql"
-        and copy_rows.can_stage(conn)
-    ):
-        columns = list(keys)
-        values = copy_rows.copy_values(rows, columns)
-        if values is not None:
-            return copy_rows.insert_ignore_copy(conn, tbl, columns, values)
+    if len(rows) >= array_rows.MIN_ROWS and conn.dialect.name == "postgresql":
+        written = array_rows.insert_ignore_arrays(conn, tbl, list(keys), rows)
+        if written is not None:
+            return written
     stmt = insert_for(conn, tbl).on_conflict_do_nothing()
     return execute_rows(conn, stmt, rows, cache_as=("ignore", name))
 

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 # doubling as the trigger cost filter an eighth of its PostgreSQL CPU in ANALYZE).
 CHANGED_SHARE = 0.1
 GROWN_SHARE = 0.8
-# The schema's own tables only: other sessions' temporary tables (db/copy_rows.py stages
-# batches in them) are listed too, and cannot be analyzed from here.
+# The schema's own tables only: other sessions' temporary tables are listed too, and cannot
+# be analyzed from here.
 _STALE = text(
     "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema()"
     " AND n_mod_since_analyze > 1000 + :share * n_live_tup ORDER BY relname"

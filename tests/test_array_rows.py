@@ -179,3 +179,14 @@ def test_overlapping_batches_in_opposite_orders_do_not_deadlock(engine):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_a_column_type_reflection_does_not_know_goes_through_values(engine):
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE x (k TEXT PRIMARY KEY, doc XML)"))
+    forget_schema(engine)
+    rows = [{"k": f"k{i}", "doc": f"<a n='{i}'/>"} for i in range(2 * MIN_ROWS)]
+    with pytest.warns(Warning, match="xml"), engine.begin() as conn:
+        assert insert_ignore(conn, "x", rows) == len(rows)  # reflected as NullType
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM x WHERE doc IS NOT NULL")).scalar() == 128

@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Table
+from sqlalchemy.exc import CompileError
 
 MIN_ROWS = 64  # below this, VALUES (its statement compiled once and cached) costs no more
 _NONE = type(None)
@@ -40,14 +41,16 @@ def insert_ignore_arrays(
 ) -> int | None:
     """Insert `rows` (each with exactly `keys`) unless their key exists; how many were new, or
     None (nothing sent) when a column holds a value this path does not take."""
+    sql = _statement(conn, tbl, keys)
+    if sql is None:
+        return None
     literals = []
     for k in keys:
         literal = column_literal([r[k] for r in rows])
         if literal is None:
             return None
         literals.append(literal)
-    written = conn.exec_driver_sql(_statement(conn, tbl, keys), tuple(literals)).rowcount
-    return max(written, 0)
+    return max(conn.exec_driver_sql(sql, tuple(literals)).rowcount, 0)
 
 
 def column_literal(values: list[Any]) -> str | None:
@@ -76,18 +79,25 @@ def _text_literal(values: list[str | None], nulls: bool) -> str | None:
     return literal.replace(f'"{_SENTINEL}"', "NULL") if nulls else literal
 
 
-def _statement(conn: Connection, tbl: Table, keys: list[str]) -> str:
-    """The INSERT ... SELECT FROM unnest(...) for these columns, cached on the reflected table
-    (a re-reflected schema is a new Table, so a migrated column type is never stale)."""
+def _statement(conn: Connection, tbl: Table, keys: list[str]) -> str | None:
+    """The INSERT ... SELECT FROM unnest(...) for these columns, or None when a column's type
+    has no SQL name here (a type reflection did not recognize). Cached on the reflected table:
+    a re-reflected schema is a new Table, so a migrated column type is never stale."""
     cache_key = ("lgt_array_insert", tuple(keys))
-    sql = tbl.info.get(cache_key)
-    if sql is None:
-        cols = ", ".join(f'"{k}"' for k in keys)
+    if cache_key not in tbl.info:
+        tbl.info[cache_key] = _build_statement(conn, tbl, keys)
+    return tbl.info[cache_key]
+
+
+def _build_statement(conn: Connection, tbl: Table, keys: list[str]) -> str | None:
+    try:
         types = [tbl.c[k].type.compile(dialect=conn.dialect) for k in keys]
-        arrays = ", ".join(f"%s::{t}[]" for t in types)
-        order = ", ".join(f'"{c.name}"' for c in tbl.primary_key.columns if c.name in keys)
-        sql = tbl.info[cache_key] = (
-            f'INSERT INTO "{tbl.name}" ({cols}) SELECT * FROM unnest({arrays}) AS b({cols})'
-            f" ORDER BY {order or '1'} ON CONFLICT DO NOTHING"
-        )
-    return sql
+    except CompileError:
+        return None
+    cols = ", ".join(f'"{k}"' for k in keys)
+    arrays = ", ".join(f"%s::{t}[]" for t in types)
+    order = ", ".join(f'"{c.name}"' for c in tbl.primary_key.columns if c.name in keys)
+    return (
+        f'INSERT INTO "{tbl.name}" ({cols}) SELECT * FROM unnest({arrays}) AS b({cols})'
+        f" ORDER BY {order or '1'} ON CONFLICT DO NOTHING"
+    )

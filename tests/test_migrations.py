@@ -56,3 +56,32 @@ def test_edited_migration_is_refused(tmp_path, sqlite_url):
 def test_split_statements_keeps_multiline_statements():
     sql = "-- comment\nCREATE TABLE a (\n  x INT\n);\nCREATE INDEX i ON a (x);\n"
     assert split_statements(sql) == ["CREATE TABLE a (\n  x INT\n)", "CREATE INDEX i ON a (x)"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_stage_items_keep_their_rows_when_rekeyed_by_item(backend, tmp_path, sqlite_url, pg_url):
+    # migration 0016 re-keys stage_items (item_id first): a deployment's skip list survives it
+    engine = make_engine(sqlite_url if backend == "sqlite" else pg_url)
+    root = tmp_path / "sql"
+    shutil.copytree(sql_dir(), root)
+    later = [p for p in (root / "migrations").glob("*.sql") if p.name >= "0016"]
+    held = {p.name: p.read_bytes() for p in later}
+    for p in later:
+        p.unlink()
+    upgrade(engine, root)
+    rows = [("cot", "fp", "a", "done", 2, "r1"), ("cot", "fp2", "a", "rejected", 0, None)]
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO stage_items (stage, fingerprint, item_id, status, outputs, run_id)"
+            " VALUES (:s, :f, :i, :st, :o, :r)"),
+            [dict(zip(("s", "f", "i", "st", "o", "r"), r, strict=True)) for r in rows])
+    for name, data in held.items():
+        (root / "migrations" / name).write_bytes(data)
+    assert "0016" in upgrade(engine, root)
+    with engine.connect() as conn:
+        kept = conn.execute(text(
+            "SELECT stage, fingerprint, item_id, status, outputs, run_id FROM stage_items"
+            " ORDER BY fingerprint")).all()
+    assert [tuple(r) for r in kept] == rows
+    assert inspect(engine).get_pk_constraint("stage_items")["constrained_columns"] == [
+        "item_id", "stage", "fingerprint"]

@@ -1,6 +1,6 @@
 """The lookups every stage's plan makes per shard read an index entry per id they ask for,
 not every row near them: the skip list (`already_done`) whatever the planner statistics say
-about the stage."""
+about the stage, and the model-made annotations without the manifest's."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 
 from sqlalchemy import event, text
 
+from lgt_ops.annotations import current_ids
 from lgt_ops.db import make_engine, upgrade
 from lgt_ops.stages.base import already_done
 
@@ -70,3 +71,30 @@ def test_sqlite_keeps_the_skip_list(sqlite_url):
     assert sorted((v, k) for k, v in pk.items() if v) == [
         (1, "item_id"), (2, "stage"), (3, "fingerprint")]
 
+
+def test_model_annotations_are_read_without_the_manifests(pg_url):
+    db = make_engine(pg_url)
+    upgrade(db)
+    with db.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO images (image_id, hbucket, width, height, format, mode, bytes)"
+            " SELECT 'img' || k, k, 8, 8, 'JPEG', 'RGB', 100 FROM generate_series(1, 20000) k"))
+        conn.execute(text(  # the manifest's caption and objects of every image
+            "INSERT INTO annotations (annotation_id, image_id, kind, source, content, fingerprint)"
+            " SELECT 'm' || kind || k, 'img' || k, kind, 'manifest', '{}', 'manifest'"
+            " FROM generate_series(1, 20000) k, (VALUES ('caption'), ('objects')) AS v(kind)"))
+        conn.execute(text(  # a model captioned one image in ten
+            "INSERT INTO annotations (annotation_id, image_id, kind, source, content, fingerprint)"
+            " SELECT 'a' || k, 'img' || k, 'caption', 'model', '{}', 'fp-annotate'"
+            " FROM generate_series(10, 20000, 10) k"))
+    with db.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE"))
+    shard = [type("Row", (), {"image_id": f"img{k}"}) for k in range(1, 501)]
+    sent = _sent(db)
+    with db.connect() as conn:
+        contexts = current_ids(conn, shard, "fp-annotate")
+    captioned = {i for i, c in contexts.items() if c.caption_id}
+    assert captioned == {f"img{k}" for k in range(10, 501, 10)}
+    [(sql, params)] = [(q, p) for q, p in sent if "source = 'model'" in q]
+    plan = _explained(db, sql, params)
+    assert "annotations_model" in plan and "annotations_image" not in plan, plan
